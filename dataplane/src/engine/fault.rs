@@ -1,0 +1,107 @@
+//! Fault-injecting engine for tests: wraps the synchronous engine and fails chosen operations
+//! with a given errno (every `every`-th op, or ops of one kind), so error paths are exercised
+//! without a broken disk.
+
+use std::os::fd::RawFd;
+
+use super::sync::{execute, SYNC_CAPACITY};
+use super::{Completion, EngineError, IoEngine, IoOp};
+
+/// Which operations fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultPlan {
+    /// Every n-th operation (1-based) fails.
+    EveryNth(u64),
+    /// Every write fails.
+    Writes,
+    /// Every flush fails.
+    Flushes,
+}
+
+/// An engine that fails operations according to a [`FaultPlan`] with `errno`.
+#[derive(Debug)]
+pub struct FaultEngine {
+    plan: FaultPlan,
+    errno: i32,
+    count: u64,
+    done: std::collections::VecDeque<Completion>,
+    /// Operations failed so far.
+    pub injected: u64,
+}
+
+impl FaultEngine {
+    /// A new engine failing per `plan` with `errno` (positive, e.g. `libc::EIO`).
+    pub fn new(plan: FaultPlan, errno: i32) -> Self {
+        FaultEngine {
+            plan,
+            errno,
+            count: 0,
+            done: std::collections::VecDeque::with_capacity(SYNC_CAPACITY),
+            injected: 0,
+        }
+    }
+
+    fn should_fail(&mut self, op: &IoOp) -> bool {
+        self.count += 1;
+        match self.plan {
+            FaultPlan::EveryNth(n) => n != 0 && self.count.is_multiple_of(n),
+            FaultPlan::Writes => matches!(op, IoOp::Writev { .. }),
+            FaultPlan::Flushes => matches!(op, IoOp::Fsync { .. }),
+        }
+    }
+}
+
+impl IoEngine for FaultEngine {
+    unsafe fn push(&mut self, op: IoOp, user_data: u64) -> Result<(), EngineError> {
+        if self.done.len() >= SYNC_CAPACITY {
+            return Err(EngineError::Full);
+        }
+        let result = if self.should_fail(&op) {
+            self.injected += 1;
+            -self.errno
+        } else {
+            // SAFETY: forwarded from the caller's contract.
+            unsafe { execute(op) }
+        };
+        self.done.push_back(Completion { user_data, result });
+        Ok(())
+    }
+
+    fn submit(&mut self) -> Result<(), EngineError> {
+        Ok(())
+    }
+
+    fn reap(&mut self, out: &mut [Completion]) -> usize {
+        let mut n = 0;
+        while n < out.len() {
+            let Some(c) = self.done.pop_front() else {
+                break;
+            };
+            out[n] = c;
+            n += 1;
+        }
+        n
+    }
+
+    fn in_flight(&self) -> usize {
+        self.done.len()
+    }
+
+    fn capacity(&self) -> usize {
+        SYNC_CAPACITY
+    }
+
+    fn has_completions(&mut self) -> bool {
+        !self.done.is_empty()
+    }
+
+    fn notify_fd(&self) -> Option<RawFd> {
+        None
+    }
+
+    fn drain_notify(&mut self) {}
+
+    fn name(&self) -> &'static str {
+        "fault"
+    }
+}

@@ -1,0 +1,139 @@
+//! I/O engines: the edge between the reactors and the kernel.
+//!
+//! One engine per reactor thread. A backend turns a validated request into [`IoOp`]s pushed to
+//! the engine; the reactor submits them in one batch and later reaps [`Completion`]s, matched
+//! by `user_data`. [`uring::UringEngine`] uses io_uring; [`sync::SyncEngine`] executes each op
+//! at push time (fallback where io_uring is unavailable, and for tests);
+//! [`fault::FaultEngine`] wraps another engine and injects errors.
+
+pub mod fault;
+pub mod sync;
+pub mod uring;
+
+use std::os::fd::RawFd;
+
+use thiserror::Error;
+
+/// Errors of the engine layer.
+#[derive(Debug, Error)]
+pub enum EngineError {
+    /// The engine has as many operations in flight as it can hold; retry after reaping.
+    #[error("engine full")]
+    Full,
+    /// Setting up or driving the kernel interface failed.
+    #[error("engine I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// One operation on a file descriptor. Offsets and lengths are in bytes.
+#[derive(Debug, Clone, Copy)]
+pub enum IoOp {
+    /// preadv(fd, iov, iov_count, offset).
+    Readv {
+        /// Target file.
+        fd: RawFd,
+        /// Scatter list; must stay valid until the completion is reaped.
+        iov: *const libc::iovec,
+        /// Entries in `iov`.
+        iov_count: u32,
+        /// File offset.
+        offset: u64,
+    },
+    /// pwritev(fd, iov, iov_count, offset).
+    Writev {
+        /// Target file.
+        fd: RawFd,
+        /// Gather list; must stay valid until the completion is reaped.
+        iov: *const libc::iovec,
+        /// Entries in `iov`.
+        iov_count: u32,
+        /// File offset.
+        offset: u64,
+    },
+    /// fdatasync(fd).
+    Fsync {
+        /// Target file.
+        fd: RawFd,
+    },
+    /// fallocate(fd, mode, offset, len): punch holes and zero ranges.
+    Fallocate {
+        /// Target file.
+        fd: RawFd,
+        /// FALLOC_FL_* flags.
+        mode: i32,
+        /// Start of the range.
+        offset: u64,
+        /// Length of the range.
+        len: u64,
+    },
+}
+
+/// A finished operation: `result` is bytes transferred (>= 0) or a negated errno.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Completion {
+    /// The value given to [`IoEngine::push`].
+    pub user_data: u64,
+    /// Bytes transferred, or -errno.
+    pub result: i32,
+}
+
+/// An I/O engine owned by one reactor thread.
+pub trait IoEngine: std::fmt::Debug {
+    /// Queues `op`; it reaches the kernel at the next [`IoEngine::submit`] (or at once for
+    /// synchronous engines). Returns [`EngineError::Full`] when `in_flight() == capacity()`.
+    ///
+    /// # Safety
+    /// Every pointer in `op` (the iovec array and the buffers it describes) must stay valid
+    /// and unaliased by Rust references until the completion carrying `user_data` is reaped.
+    unsafe fn push(&mut self, op: IoOp, user_data: u64) -> Result<(), EngineError>;
+
+    /// Hands queued operations to the kernel in one call.
+    fn submit(&mut self) -> Result<(), EngineError>;
+
+    /// Moves up to `out.len()` finished operations into `out`; returns how many.
+    fn reap(&mut self, out: &mut [Completion]) -> usize;
+
+    /// Operations pushed and not yet reaped.
+    fn in_flight(&self) -> usize;
+
+    /// The most operations that may be in flight at once.
+    fn capacity(&self) -> usize;
+
+    /// True when [`IoEngine::reap`] would return something now.
+    fn has_completions(&mut self) -> bool;
+
+    /// A file descriptor that becomes readable when completions arrive (for sleeping reactors);
+    /// `None` if completions are always immediately available.
+    fn notify_fd(&self) -> Option<RawFd>;
+
+    /// Clears the readiness of [`IoEngine::notify_fd`] before the reactor sleeps.
+    fn drain_notify(&mut self);
+
+    /// A short name for logs and stats.
+    fn name(&self) -> &'static str;
+}
+
+/// Which engine a reactor builds for itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineKind {
+    /// io_uring (default).
+    Uring,
+    /// Synchronous system calls.
+    Sync,
+}
+
+impl EngineKind {
+    /// Builds the engine; io_uring falls back to sync when the kernel refuses it.
+    pub fn build(self) -> Box<dyn IoEngine> {
+        match self {
+            EngineKind::Uring => match uring::UringEngine::new() {
+                Ok(e) => Box::new(e),
+                Err(err) => {
+                    tracing::warn!(%err, "io_uring unavailable, using the synchronous engine");
+                    Box::new(sync::SyncEngine::new())
+                }
+            },
+            EngineKind::Sync => Box::new(sync::SyncEngine::new()),
+        }
+    }
+}
