@@ -120,6 +120,8 @@ pub enum EngineKind {
     Uring,
     /// Synchronous system calls.
     Sync,
+    /// Synchronous, failing operations per plan with the errno (tests).
+    Fault(fault::FaultPlan, i32),
 }
 
 impl EngineKind {
@@ -134,6 +136,7 @@ impl EngineKind {
                 }
             },
             EngineKind::Sync => Box::new(sync::SyncEngine::new()),
+            EngineKind::Fault(plan, errno) => Box::new(fault::FaultEngine::new(plan, errno)),
         }
     }
 }
