@@ -26,6 +26,10 @@ use crate::vhost_blk::BlkDevice;
 pub const DISKS_MAX: usize = 1024;
 /// Reactor threads at most (one per CPU on the largest machines we expect).
 pub const REACTORS_MAX: usize = 256;
+/// How long the control thread waits for the rest of a vhost-user message once its first bytes
+/// arrived. The control thread serves every disk, so a frontend that stalls mid-message must
+/// not hold it longer than this; it is disconnected instead.
+pub const MESSAGE_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// epoll events handled per control-loop wake-up.
 const CONTROL_EVENTS_MAX: usize = 32;
 /// epoll token of the stop fd; disk `i` uses `1 + 2i` (listener) and `2 + 2i` (connection).
@@ -155,6 +159,8 @@ fn is_fatal(e: &VhostError) -> bool {
             | VhostError::InvalidMessage
             | VhostError::OversizedMsg
             | VhostError::IncorrectFds
+            // The socket is blocking with a read time-out: a retry means the time-out expired.
+            | VhostError::SocketRetry(_)
     )
 }
 
@@ -318,7 +324,10 @@ impl Server {
             tracing::warn!(disk = %disk.name, "refusing a second frontend while one is connected");
             return;
         }
-        if let Err(e) = stream.set_nonblocking(false) {
+        if let Err(e) = stream
+            .set_nonblocking(false)
+            .and_then(|()| stream.set_read_timeout(Some(MESSAGE_READ_TIMEOUT)))
+        {
             tracing::warn!(disk = %disk.name, err = %e, "cannot configure connection");
             return;
         }
