@@ -1,0 +1,1570 @@
+//! The datastore: mkfs, mount (journal replay), files, directories and the batched
+//! scatter-gather write path.
+//!
+//! All metadata lives in a cache of 4 KiB blocks loaded on first use (bounded by the metadata
+//! regions, which are a small fixed fraction of the volume). An operation modifies cached
+//! blocks and records them in the open physical transaction (`dirty`); a *logical*
+//! transaction is the set of blocks one operation or one file-block group dirties. [`commit`]
+//! writes the open transaction to the journal (flushing new data blocks first, so nothing is
+//! published before its data is durable), then writes the images home. Freed resources stay
+//! unallocatable until the transaction that freed them has committed.
+//!
+//! A device error in the middle of a metadata update leaves the cache ahead of the disk; the
+//! datastore then refuses every further operation (fail-stop) and the next mount replays the
+//! journal.
+//!
+//! [`commit`]: Datastore::commit
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use thiserror::Error;
+
+use crate::device::{BlockDevice, DeviceError};
+use crate::format::*;
+use crate::journal::{Journal, JournalError, ReplayReport};
+
+/// Dirty blocks at which an operation commits early, keeping every physical transaction well
+/// below the journal's per-transaction limit (an operation dirties at most a few blocks per
+/// step, so the slack of 32 is never exceeded between checks).
+const TXN_SOFT_MAX: usize = TXN_BLOCKS_MAX - 32;
+/// Directory size limit: directories are read whole into memory for each change.
+pub const DIR_BYTES_MAX: u64 = 16 << 20;
+
+/// Errors of datastore operations.
+#[derive(Debug, Error)]
+pub enum FsError {
+    /// Device failure.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    /// Journal failure.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    /// A metadata block failed validation.
+    #[error("corrupt metadata: {0}")]
+    Corrupt(#[from] FormatError),
+    /// Not a datastore, or an unusable one.
+    #[error("cannot mount: {0}")]
+    Mount(String),
+    /// No such file or directory.
+    #[error("no such file or directory: {0}")]
+    NotFound(String),
+    /// Name exists.
+    #[error("already exists: {0}")]
+    Exists(String),
+    /// Not a directory.
+    #[error("not a directory: {0}")]
+    NotDir(String),
+    /// Is a directory.
+    #[error("is a directory: {0}")]
+    IsDir(String),
+    /// Directory not empty.
+    #[error("directory not empty: {0}")]
+    NotEmpty(String),
+    /// Invalid name or argument.
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    /// Out of space (file blocks, sub-blocks, pointer blocks or inodes).
+    #[error("no space left in the datastore ({0})")]
+    NoSpace(&'static str),
+    /// The file is open (served as a disk) and the operation would pull blocks from under it.
+    #[error("file is in use: {0}")]
+    Busy(String),
+    /// An earlier device error stopped the datastore.
+    #[error("datastore stopped after an I/O error; remount to recover")]
+    Failed,
+}
+
+/// mkfs options.
+#[derive(Debug, Clone)]
+pub struct MkfsOptions {
+    /// Volume identity; random if `None`.
+    pub uuid: Option<[u8; 16]>,
+}
+
+/// Counts of space, for statfs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatFs {
+    /// File blocks in all.
+    pub fb_total: u64,
+    /// File blocks free.
+    pub fb_free: u64,
+    /// Sub-blocks in all.
+    pub sb_total: u64,
+    /// Sub-blocks free.
+    pub sb_free: u64,
+    /// Inodes in all.
+    pub fd_total: u64,
+    /// Inodes free.
+    pub fd_free: u64,
+    /// Bytes of the volume.
+    pub volume_bytes: u64,
+}
+
+/// One segment of a scatter-gather write.
+#[derive(Debug, Clone, Copy)]
+pub struct WriteSeg<'a> {
+    /// File.
+    pub ino: u64,
+    /// Offset in the file.
+    pub offset: u64,
+    /// Bytes.
+    pub data: &'a [u8],
+}
+
+/// Counters of the write path and journal.
+#[derive(Debug, Default)]
+pub struct FsStats {
+    /// Logical transactions (metadata updates of one group or one operation).
+    pub logical_txns: AtomicU64,
+    /// Physical journal transactions.
+    pub commits: AtomicU64,
+    /// Journal bytes written.
+    pub journal_bytes: AtomicU64,
+    /// File blocks allocated by writes.
+    pub blocks_allocated: AtomicU64,
+    /// Write segments that went straight to allocated blocks.
+    pub direct_segments: AtomicU64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Res {
+    Fd,
+    Pb,
+    Sb,
+    Fb,
+}
+
+struct Inner {
+    vh: VolumeHeader,
+    journal: Journal,
+    cache: HashMap<u64, Box<[u8]>>,
+    dirty: BTreeSet<u64>,
+    data_written: bool,
+    pending_free: HashSet<(Res, u64)>,
+    hints: HashMap<Res, u64>,
+    free: HashMap<Res, u64>,
+    open: HashMap<u64, u32>,
+    zero_block: Vec<u8>,
+    failed: bool,
+}
+
+/// A mounted datastore.
+pub struct Datastore {
+    dev: Arc<dyn BlockDevice>,
+    inner: Mutex<Inner>,
+    batching: AtomicBool,
+    /// Counters.
+    pub stats: FsStats,
+    replay: ReplayReport,
+}
+
+impl std::fmt::Debug for Datastore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Datastore").finish()
+    }
+}
+
+fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn blk(n: u64) -> u64 {
+    n * MD_BLOCK as u64
+}
+
+fn random_u64() -> u64 {
+    let mut x = now_ns() as u64 ^ (u64::from(std::process::id()) << 32);
+    // splitmix64 finaliser: spreads the clock's low entropy over all bits.
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d049bb133111eb);
+    x ^ (x >> 31)
+}
+
+impl Datastore {
+    /// Formats `dev` as an empty datastore (root directory only). Calls `progress(done, total)`
+    /// while it zeroes the metadata regions.
+    pub fn mkfs(
+        dev: Arc<dyn BlockDevice>,
+        opts: &MkfsOptions,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<(), FsError> {
+        let size = dev.size();
+        let layout = Layout::compute(size)
+            .ok_or_else(|| FsError::Invalid(format!("device of {size} bytes is too small")))?;
+        let uuid = opts.uuid.unwrap_or_else(|| {
+            let mut u = [0u8; 16];
+            u[..8].copy_from_slice(&random_u64().to_le_bytes());
+            u[8..].copy_from_slice(&random_u64().rotate_left(17).to_le_bytes());
+            u
+        });
+        // Zero every metadata region (bitmaps, inode table, pointer blocks, heartbeat): an
+        // all-zero block is a valid "never used" block of its kind.
+        let regions = [
+            layout.heartbeat,
+            layout.fd_bitmap,
+            layout.fd_table,
+            layout.pb_bitmap,
+            layout.pb_table,
+            layout.sb_bitmap,
+            layout.fb_bitmap,
+        ];
+        let total: u64 = regions.iter().map(|r| r.blocks).sum();
+        let chunk = vec![0u8; FILE_BLOCK as usize];
+        let mut done = 0u64;
+        for r in regions {
+            let mut b = r.start;
+            while b < r.start + r.blocks {
+                let n = (r.start + r.blocks - b).min(MD_PER_FB);
+                dev.write_at(blk(b), &chunk[..(n as usize) * MD_BLOCK])?;
+                b += n;
+                done += n;
+                progress(done, total);
+            }
+        }
+        // Heartbeat slots: formatted Free (state 0), generation 0.
+        for i in 0..u64::from(HB_SLOTS) {
+            let mut hb = vec![0u8; MD_BLOCK];
+            put_u32(&mut hb, 32, i as u32);
+            seal(&mut hb, magic::HEARTBEAT, layout.heartbeat.start + i, 0);
+            dev.write_at(blk(layout.heartbeat.start + i), &hb)?;
+        }
+        Journal::format(&*dev, layout.journal)?;
+        // A random first sequence number: journal blocks left by an earlier datastore on the
+        // same device can never carry the sequence replay expects.
+        let mut jsb = vec![0u8; MD_BLOCK];
+        put_u64(&mut jsb, 32, 1);
+        put_u64(&mut jsb, 40, (random_u64() >> 24) | 1);
+        seal(&mut jsb, magic::JSB, layout.journal.start, 0);
+        dev.write_at(blk(layout.journal.start), &jsb)?;
+        let vh = VolumeHeader {
+            uuid,
+            features_compat: 0,
+            features_incompat: 0,
+            features_ro_compat: 0,
+            volume_bytes: size,
+            layout,
+            generation: 0,
+        };
+        dev.write_at(blk(0), &vh.encode(0))?;
+        dev.write_at(blk(1), &vh.encode(1))?;
+        dev.flush()?;
+        // The root directory, through the normal transactional path.
+        let ds = Datastore::mount(dev)?;
+        {
+            let mut g = ds.lock()?;
+            let ino = g.alloc(&ds.dev, Res::Fd)?;
+            assert_eq!(ino, ROOT_INO, "the root directory is the first inode");
+            let now = now_ns();
+            let inode = Inode {
+                ino: ROOT_INO,
+                generation: 1,
+                mode: S_IFDIR | 0o755,
+                nlink: 2,
+                uid: 0,
+                gid: 0,
+                provisioning: Provisioning::Thin,
+                size: 0,
+                mtime_ns: now,
+                ctime_ns: now,
+                layout: DataLayout::Resident,
+                parent: ROOT_INO,
+                allocated: 0,
+            };
+            g.put_inode(&ds.dev, &inode)?;
+            g.commit(&ds.dev, &ds.stats)?;
+        }
+        ds.unmount()?;
+        Ok(())
+    }
+
+    /// Mounts: validates the volume header (falling back to the backup), replays the journal
+    /// and counts free space.
+    pub fn mount(dev: Arc<dyn BlockDevice>) -> Result<Datastore, FsError> {
+        let size = dev.size();
+        if size < 2 * MD_BLOCK as u64 {
+            return Err(FsError::Mount("device too small to hold a datastore".into()));
+        }
+        let mut b = vec![0u8; MD_BLOCK];
+        dev.read_at(0, &mut b)?;
+        let vh = match VolumeHeader::decode(&b, 0, size) {
+            Ok(vh) => vh,
+            Err(primary) => {
+                dev.read_at(blk(1), &mut b)?;
+                match VolumeHeader::decode(&b, 1, size) {
+                    Ok(vh) => {
+                        tracing::warn!(%primary, "primary volume header bad; using the backup");
+                        vh
+                    }
+                    Err(_) => {
+                        return Err(FsError::Mount(format!(
+                            "no valid volume header (primary: {primary})"
+                        )))
+                    }
+                }
+            }
+        };
+        let (journal, replay) = Journal::replay(&*dev, vh.layout.journal)?;
+        if replay.transactions > 0 {
+            tracing::info!(
+                transactions = replay.transactions,
+                applied = replay.blocks_applied,
+                skipped = replay.blocks_skipped,
+                "journal replayed"
+            );
+        }
+        let mut inner = Inner {
+            vh,
+            journal,
+            cache: HashMap::new(),
+            dirty: BTreeSet::new(),
+            data_written: false,
+            pending_free: HashSet::new(),
+            hints: HashMap::new(),
+            free: HashMap::new(),
+            open: HashMap::new(),
+            zero_block: vec![0u8; FILE_BLOCK as usize],
+            failed: false,
+        };
+        for r in [Res::Fd, Res::Pb, Res::Sb, Res::Fb] {
+            let n = inner.count_free(&dev, r)?;
+            inner.free.insert(r, n);
+        }
+        // Both headers carry the mount generation; rewriting them also repairs a bad one.
+        inner.vh.generation += 1;
+        dev.write_at(0, &inner.vh.encode(0))?;
+        dev.write_at(blk(1), &inner.vh.encode(1))?;
+        dev.flush()?;
+        Ok(Datastore {
+            dev,
+            inner: Mutex::new(inner),
+            batching: AtomicBool::new(true),
+            stats: FsStats::default(),
+            replay,
+        })
+    }
+
+    /// What mount-time replay did.
+    pub fn replay_report(&self) -> &ReplayReport {
+        &self.replay
+    }
+
+    /// Commits and flushes everything; the journal is left empty.
+    pub fn unmount(&self) -> Result<(), FsError> {
+        let mut g = self.lock()?;
+        g.commit(&self.dev, &self.stats)?;
+        g.journal.reset(&*self.dev)?;
+        Ok(())
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Arc<dyn BlockDevice> {
+        &self.dev
+    }
+
+    /// Turns batching of logical transactions into one physical transaction on or off (off
+    /// commits every file-block group on its own; for measurements and equivalence tests).
+    pub fn set_batching(&self, on: bool) {
+        self.batching.store(on, Ordering::Relaxed);
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, Inner>, FsError> {
+        let g = self.inner.lock().map_err(|_| FsError::Failed)?;
+        if g.failed {
+            return Err(FsError::Failed);
+        }
+        Ok(g)
+    }
+
+    /// Runs `f` under the lock; a device or journal error marks the datastore failed.
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Inner, &Arc<dyn BlockDevice>) -> Result<T, FsError>,
+    ) -> Result<T, FsError> {
+        let mut g = self.lock()?;
+        let r = f(&mut g, &self.dev);
+        if let Err(FsError::Device(_) | FsError::Journal(_)) = &r {
+            g.failed = true;
+        }
+        r
+    }
+
+    /// Commits the open transaction (journal commit; new data flushed first).
+    pub fn commit(&self) -> Result<(), FsError> {
+        self.with(|g, dev| g.commit(dev, &self.stats))
+    }
+
+    /// Makes every completed write durable: commit, then device flush.
+    pub fn sync(&self) -> Result<(), FsError> {
+        self.with(|g, dev| {
+            g.commit(dev, &self.stats)?;
+            dev.flush()?;
+            Ok(())
+        })
+    }
+
+    /// Space counts.
+    pub fn statfs(&self) -> Result<StatFs, FsError> {
+        let g = self.lock()?;
+        let l = &g.vh.layout;
+        let f = |r| g.free.get(&r).copied().unwrap_or(0);
+        Ok(StatFs {
+            fb_total: l.fb_count,
+            fb_free: f(Res::Fb),
+            sb_total: l.sb_count,
+            sb_free: f(Res::Sb),
+            fd_total: l.fd_count - 1,
+            fd_free: f(Res::Fd),
+            volume_bytes: g.vh.volume_bytes,
+        })
+    }
+
+    /// The volume layout.
+    pub fn layout(&self) -> Result<Layout, FsError> {
+        Ok(self.lock()?.vh.layout)
+    }
+
+    /// The volume uuid.
+    pub fn uuid(&self) -> Result<[u8; 16], FsError> {
+        Ok(self.lock()?.vh.uuid)
+    }
+
+    /// Resolves a path ("/a/b" or "a/b") to an inode number.
+    pub fn lookup(&self, path: &str) -> Result<u64, FsError> {
+        self.with(|g, dev| g.resolve(dev, path))
+    }
+
+    /// Reads an inode.
+    pub fn stat(&self, ino: u64) -> Result<Inode, FsError> {
+        self.with(|g, dev| g.get_inode(dev, ino))
+    }
+
+    /// Lists a directory.
+    pub fn readdir(&self, path: &str) -> Result<Vec<DirEntry>, FsError> {
+        self.with(|g, dev| {
+            let ino = g.resolve(dev, path)?;
+            let inode = g.get_inode(dev, ino)?;
+            if !inode.is_dir() {
+                return Err(FsError::NotDir(path.into()));
+            }
+            g.read_dir(dev, ino)
+        })
+    }
+
+    /// Creates a directory.
+    pub fn mkdir(&self, path: &str) -> Result<u64, FsError> {
+        self.with(|g, dev| {
+            let ino = g.create(dev, path, S_IFDIR | 0o755, Provisioning::Thin, 0)?;
+            g.end_op(dev, &self.stats)?;
+            Ok(ino)
+        })
+    }
+
+    /// Creates a regular file of `size` bytes with the given provisioning. Thick eager files
+    /// are zeroed (with `progress(done, total)` in file blocks).
+    pub fn create_file(
+        &self,
+        path: &str,
+        prov: Provisioning,
+        size: u64,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<u64, FsError> {
+        let ino = self.with(|g, dev| {
+            let ino = g.create(dev, path, S_IFREG | 0o644, prov, 0)?;
+            g.end_op(dev, &self.stats)?;
+            Ok(ino)
+        })?;
+        if size > 0 {
+            self.set_size_progress(ino, size, progress)?;
+        }
+        Ok(ino)
+    }
+
+    /// Changes a file's size. Growing a thin file only changes its size; growing a thick file
+    /// allocates (eager: zeroed, lazy: marked to-be-zeroed). Shrinking frees whole blocks past
+    /// the end; refused while the file is open, since its blocks may be in flight.
+    pub fn set_size(&self, ino: u64, size: u64) -> Result<(), FsError> {
+        self.set_size_progress(ino, size, &mut |_, _| {})
+    }
+
+    fn set_size_progress(
+        &self,
+        ino: u64,
+        size: u64,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<(), FsError> {
+        self.with(|g, dev| {
+            g.set_size(dev, &self.stats, ino, size, progress)?;
+            g.end_op(dev, &self.stats)
+        })
+    }
+
+    /// Removes a file (or an empty directory with `rmdir`).
+    pub fn unlink(&self, path: &str) -> Result<(), FsError> {
+        self.with(|g, dev| {
+            g.remove(dev, &self.stats, path, false)?;
+            g.end_op(dev, &self.stats)
+        })
+    }
+
+    /// Removes an empty directory.
+    pub fn rmdir(&self, path: &str) -> Result<(), FsError> {
+        self.with(|g, dev| {
+            g.remove(dev, &self.stats, path, true)?;
+            g.end_op(dev, &self.stats)
+        })
+    }
+
+    /// Renames `from` to `to`, replacing a file (or empty directory) at `to`.
+    pub fn rename(&self, from: &str, to: &str) -> Result<(), FsError> {
+        self.with(|g, dev| {
+            g.rename(dev, &self.stats, from, to)?;
+            g.end_op(dev, &self.stats)
+        })
+    }
+
+    /// Reads up to `buf.len()` bytes at `offset`; returns the count (short at end of file).
+    pub fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<usize, FsError> {
+        self.with(|g, dev| g.read(dev, ino, offset, buf))
+    }
+
+    /// Writes `data` at `offset`, extending the file if needed; committed on return.
+    pub fn write(&self, ino: u64, offset: u64, data: &[u8]) -> Result<(), FsError> {
+        self.with(|g, dev| {
+            g.write_any(dev, &self.stats, ino, offset, data, self.batching())?;
+            g.end_op(dev, &self.stats)
+        })
+    }
+
+    fn batching(&self) -> bool {
+        self.batching.load(Ordering::Relaxed)
+    }
+
+    /// The batched scatter-gather write path for file-block files (virtual disks): segments of
+    /// any number of guest writes, in any order. Segments on allocated blocks go straight to
+    /// the device; those needing allocation or zeroing are grouped per file block, each group's
+    /// metadata update is one logical transaction, and all of them commit as one physical
+    /// journal transaction (one per group with batching off). Segments must lie within the
+    /// file's size. Committed on return.
+    pub fn write_batch(&self, segs: &[WriteSeg<'_>]) -> Result<(), FsError> {
+        self.with(|g, dev| {
+            g.write_batch(dev, &self.stats, segs, self.batching())?;
+            g.commit(dev, &self.stats)
+        })
+    }
+
+    /// Maps a byte range of a file-block file to a device offset when it lies within one
+    /// allocated, already-zeroed file block: the fast path that needs no metadata update.
+    pub fn map_direct(&self, ino: u64, offset: u64, len: u64) -> Result<Option<u64>, FsError> {
+        self.with(|g, dev| {
+            let fbi = offset / FILE_BLOCK;
+            if len == 0 || (offset + len - 1) / FILE_BLOCK != fbi {
+                return Ok(None);
+            }
+            let inode = g.get_inode(dev, ino)?;
+            if inode.layout != DataLayout::FileBlocks || offset + len > inode.size {
+                return Ok(None);
+            }
+            match g.fb_lookup(dev, ino, fbi)? {
+                Some((fb, false)) => {
+                    Ok(Some(g.vh.layout.fb_offset(fb) + offset % FILE_BLOCK))
+                }
+                _ => Ok(None),
+            }
+        })
+    }
+
+    /// Marks a file open (served as a disk): it cannot be removed or shrunk until closed.
+    pub fn open(&self, ino: u64) -> Result<Inode, FsError> {
+        self.with(|g, dev| {
+            let inode = g.get_inode(dev, ino)?;
+            *g.open.entry(ino).or_insert(0) += 1;
+            Ok(inode)
+        })
+    }
+
+    /// Undoes one [`Datastore::open`].
+    pub fn close(&self, ino: u64) {
+        if let Ok(mut g) = self.inner.lock() {
+            if let Some(n) = g.open.get_mut(&ino) {
+                *n -= 1;
+                if *n == 0 {
+                    g.open.remove(&ino);
+                }
+            }
+        }
+    }
+}
+
+fn region_of(l: &Layout, r: Res) -> (Region, u64) {
+    match r {
+        Res::Fd => (l.fd_bitmap, l.fd_count),
+        Res::Pb => (l.pb_bitmap, l.pb_count),
+        Res::Sb => (l.sb_bitmap, l.sb_count),
+        Res::Fb => (l.fb_bitmap, l.fb_count),
+    }
+}
+
+fn res_name(r: Res) -> &'static str {
+    match r {
+        Res::Fd => "inodes",
+        Res::Pb => "pointer blocks",
+        Res::Sb => "sub-blocks",
+        Res::Fb => "file blocks",
+    }
+}
+
+fn split_path(path: &str) -> Result<Vec<&str>, FsError> {
+    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+    for p in &parts {
+        if *p == "." || *p == ".." || p.len() > NAME_MAX || p.contains('\0') {
+            return Err(FsError::Invalid(format!("bad path component '{p}'")));
+        }
+    }
+    Ok(parts)
+}
+
+impl Inner {
+    /// Expected magic for a metadata block, by region.
+    fn magic_for(&self, block: u64) -> Option<u32> {
+        let l = &self.vh.layout;
+        let within = |r: Region| block >= r.start && block < r.start + r.blocks;
+        if within(l.fd_table) {
+            Some(magic::INODE)
+        } else if within(l.pb_table) {
+            Some(magic::POINTER)
+        } else if within(l.fd_bitmap)
+            || within(l.pb_bitmap)
+            || within(l.sb_bitmap)
+            || within(l.fb_bitmap)
+        {
+            Some(magic::BITMAP)
+        } else {
+            None
+        }
+    }
+
+    fn load(&mut self, dev: &Arc<dyn BlockDevice>, block: u64) -> Result<(), FsError> {
+        if self.cache.contains_key(&block) {
+            return Ok(());
+        }
+        let m = self
+            .magic_for(block)
+            .ok_or_else(|| FsError::Invalid(format!("block {block} is not metadata")))?;
+        let mut b = vec![0u8; MD_BLOCK].into_boxed_slice();
+        dev.read_at(blk(block), &mut b)?;
+        if b.iter().any(|&x| x != 0) {
+            verify(&b, m, block)?;
+        } else {
+            put_u32(&mut b, 0, m);
+        }
+        self.cache.insert(block, b);
+        Ok(())
+    }
+
+    fn md(&mut self, dev: &Arc<dyn BlockDevice>, block: u64) -> Result<&[u8], FsError> {
+        self.load(dev, block)?;
+        self.cache
+            .get(&block)
+            .map(|b| &b[..])
+            .ok_or(FsError::Failed)
+    }
+
+    fn md_mut(&mut self, dev: &Arc<dyn BlockDevice>, block: u64) -> Result<&mut [u8], FsError> {
+        self.load(dev, block)?;
+        self.dirty.insert(block);
+        self.cache
+            .get_mut(&block)
+            .map(|b| &mut b[..])
+            .ok_or(FsError::Failed)
+    }
+
+    fn count_free(&mut self, dev: &Arc<dyn BlockDevice>, r: Res) -> Result<u64, FsError> {
+        let (bm, count) = region_of(&self.vh.layout, r);
+        let mut used = 0u64;
+        for i in 0..bm.blocks {
+            let b = self.md(dev, bm.start + i)?;
+            let bits = &b[MD_HEADER_BYTES..];
+            used += bits.iter().map(|x| u64::from(x.count_ones())).sum::<u64>();
+        }
+        Ok(count.saturating_sub(used + u64::from(r == Res::Fd)))
+    }
+
+    fn get_bit(&mut self, dev: &Arc<dyn BlockDevice>, r: Res, i: u64) -> Result<bool, FsError> {
+        let (bm, _) = region_of(&self.vh.layout, r);
+        let b = self.md(dev, bm.start + i / BITS_PER_BITMAP_BLOCK)?;
+        Ok(bit(b, i % BITS_PER_BITMAP_BLOCK))
+    }
+
+    fn put_bit(
+        &mut self,
+        dev: &Arc<dyn BlockDevice>,
+        r: Res,
+        i: u64,
+        v: bool,
+    ) -> Result<(), FsError> {
+        let (bm, _) = region_of(&self.vh.layout, r);
+        let b = self.md_mut(dev, bm.start + i / BITS_PER_BITMAP_BLOCK)?;
+        set_bit(b, i % BITS_PER_BITMAP_BLOCK, v);
+        Ok(())
+    }
+
+    /// Allocates one resource and returns its index. Inode numbers are their bitmap index;
+    /// index 0 is reserved so that 0 can mean "no inode" in directory entries.
+    fn alloc(&mut self, dev: &Arc<dyn BlockDevice>, r: Res) -> Result<u64, FsError> {
+        let (_, count) = region_of(&self.vh.layout, r);
+        if self.free.get(&r).copied().unwrap_or(0) == 0 {
+            return Err(FsError::NoSpace(res_name(r)));
+        }
+        let start = self.hints.get(&r).copied().unwrap_or(0) % count;
+        // Bounded: at most one pass over the bitmap.
+        for k in 0..count {
+            let i = (start + k) % count;
+            if r == Res::Fd && i == 0 {
+                continue;
+            }
+            if self.pending_free.contains(&(r, i)) || self.get_bit(dev, r, i)? {
+                continue;
+            }
+            self.put_bit(dev, r, i, true)?;
+            self.hints.insert(r, i + 1);
+            if let Some(f) = self.free.get_mut(&r) {
+                *f -= 1;
+            }
+            return Ok(i);
+        }
+        Err(FsError::NoSpace(res_name(r)))
+    }
+
+    /// Frees a resource; it becomes allocatable after the next commit.
+    fn release(&mut self, dev: &Arc<dyn BlockDevice>, r: Res, i: u64) -> Result<(), FsError> {
+        assert!(self.get_bit(dev, r, i)?, "freeing a free {}", res_name(r));
+        self.put_bit(dev, r, i, false)?;
+        self.pending_free.insert((r, i));
+        Ok(())
+    }
+
+    fn commit(&mut self, dev: &Arc<dyn BlockDevice>, stats: &FsStats) -> Result<(), FsError> {
+        if self.dirty.is_empty() {
+            return Ok(());
+        }
+        if self.data_written {
+            // New data blocks must be durable before the metadata that publishes them.
+            dev.flush()?;
+            self.data_written = false;
+        }
+        let mut blocks: Vec<(u64, Vec<u8>)> = Vec::with_capacity(self.dirty.len());
+        for &b in &self.dirty {
+            let img = self.cache.get(&b).ok_or(FsError::Failed)?;
+            blocks.push((b, img.to_vec()));
+        }
+        self.journal.commit(&**dev, &mut blocks)?;
+        for (b, img) in blocks {
+            dev.write_at(blk(b), &img)?;
+            self.cache.insert(b, img.into_boxed_slice());
+        }
+        self.dirty.clear();
+        let freed = self.pending_free.len() as u64;
+        for (r, _) in self.pending_free.drain() {
+            if let Some(f) = self.free.get_mut(&r) {
+                *f += 1;
+            }
+        }
+        let _ = freed;
+        stats.commits.store(self.journal.commits, Ordering::Relaxed);
+        stats.journal_bytes.store(self.journal.bytes, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// End of a namespace operation: one logical transaction, committed at once.
+    fn end_op(&mut self, dev: &Arc<dyn BlockDevice>, stats: &FsStats) -> Result<(), FsError> {
+        stats.logical_txns.fetch_add(1, Ordering::Relaxed);
+        self.commit(dev, stats)
+    }
+
+    fn maybe_commit(&mut self, dev: &Arc<dyn BlockDevice>, stats: &FsStats) -> Result<(), FsError> {
+        if self.dirty.len() >= TXN_SOFT_MAX {
+            self.commit(dev, stats)?;
+        }
+        Ok(())
+    }
+
+    // ----- inodes -----
+
+    fn check_ino(&self, ino: u64) -> Result<(), FsError> {
+        if ino == 0 || ino >= self.vh.layout.fd_count {
+            return Err(FsError::Invalid(format!("inode {ino} out of range")));
+        }
+        Ok(())
+    }
+
+    fn get_inode(&mut self, dev: &Arc<dyn BlockDevice>, ino: u64) -> Result<Inode, FsError> {
+        self.check_ino(ino)?;
+        if !self.get_bit(dev, Res::Fd, ino)? {
+            return Err(FsError::NotFound(format!("inode {ino}")));
+        }
+        let b = self.vh.layout.inode_block(ino);
+        let inode = Inode::decode(self.md(dev, b)?)?;
+        if inode.ino != ino {
+            return Err(FsError::Corrupt(FormatError::Geometry("inode number mismatch")));
+        }
+        Ok(inode)
+    }
+
+    fn put_inode(&mut self, dev: &Arc<dyn BlockDevice>, inode: &Inode) -> Result<(), FsError> {
+        self.check_ino(inode.ino)?;
+        let b = self.vh.layout.inode_block(inode.ino);
+        inode.encode_into(self.md_mut(dev, b)?);
+        Ok(())
+    }
+
+    fn alloc_ino(&mut self, dev: &Arc<dyn BlockDevice>) -> Result<(u64, u32), FsError> {
+        let ino = self.alloc(dev, Res::Fd)?;
+        let b = self.vh.layout.inode_block(ino);
+        let old_gen = get_u32(self.md(dev, b)?, 40);
+        let blockm = self.md_mut(dev, b)?;
+        blockm[MD_HEADER_BYTES..].fill(0);
+        Ok((ino, old_gen.wrapping_add(1).max(1)))
+    }
+
+    fn inode_addr(&mut self, dev: &Arc<dyn BlockDevice>, ino: u64, i: usize) -> Result<u64, FsError> {
+        let b = self.vh.layout.inode_block(ino);
+        Ok(inode_addr(self.md(dev, b)?, i))
+    }
+
+    fn set_inode_addr(
+        &mut self,
+        dev: &Arc<dyn BlockDevice>,
+        ino: u64,
+        i: usize,
+        v: u64,
+    ) -> Result<(), FsError> {
+        let b = self.vh.layout.inode_block(ino);
+        set_inode_addr(self.md_mut(dev, b)?, i, v);
+        Ok(())
+    }
+
+    // ----- file-block mapping -----
+
+    /// File block `fbi` of `ino`: (file block index, to-be-zeroed) if allocated.
+    fn fb_lookup(
+        &mut self,
+        dev: &Arc<dyn BlockDevice>,
+        ino: u64,
+        fbi: u64,
+    ) -> Result<Option<(u64, bool)>, FsError> {
+        let slot = (fbi / PB_ENTRIES as u64) as usize;
+        if slot >= INODE_ADDRS {
+            return Ok(None);
+        }
+        let pb = self.inode_addr(dev, ino, slot)?;
+        if pb == 0 {
+            return Ok(None);
+        }
+        let pbb = self.vh.layout.pb_block(pb - 1);
+        let e = pb_entry(self.md(dev, pbb)?, (fbi % PB_ENTRIES as u64) as usize);
+        if e & !PB_TBZ == 0 {
+            return Ok(None);
+        }
+        Ok(Some(((e & !PB_TBZ) - 1, e & PB_TBZ != 0)))
+    }
+
+    /// Sets the entry for file block `fbi` (allocating the pointer block if needed);
+    /// `fb = None` clears it.
+    fn fb_set(
+        &mut self,
+        dev: &Arc<dyn BlockDevice>,
+        ino: u64,
+        fbi: u64,
+        fb: Option<(u64, bool)>,
+    ) -> Result<(), FsError> {
+        let slot = (fbi / PB_ENTRIES as u64) as usize;
+        if slot >= INODE_ADDRS {
+            return Err(FsError::Invalid("file too large".into()));
+        }
+        let mut pb = self.inode_addr(dev, ino, slot)?;
+        if pb == 0 {
+            if fb.is_none() {
+                return Ok(());
+            }
+            pb = self.alloc(dev, Res::Pb)? + 1;
+            let pbb = self.vh.layout.pb_block(pb - 1);
+            self.md_mut(dev, pbb)?[MD_HEADER_BYTES..].fill(0);
+            self.set_inode_addr(dev, ino, slot, pb)?;
+        }
+        let pbb = self.vh.layout.pb_block(pb - 1);
+        let v = match fb {
+            Some((i, tbz)) => (i + 1) | if tbz { PB_TBZ } else { 0 },
+            None => 0,
+        };
+        set_pb_entry(self.md_mut(dev, pbb)?, (fbi % PB_ENTRIES as u64) as usize, v);
+        if fb.is_none() {
+            // Free the pointer block once it maps nothing.
+            let empty = (0..PB_ENTRIES).all(|i| pb_entry(&self.cache[&pbb], i) == 0);
+            if empty {
+                self.set_inode_addr(dev, ino, slot, 0)?;
+                self.release(dev, Res::Pb, pb - 1)?;
+            }
+        }
+        Ok(())
+    }
+
+    // ----- namespace -----
+
+    fn resolve(&mut self, dev: &Arc<dyn BlockDevice>, path: &str) -> Result<u64, FsError> {
+        let mut ino = ROOT_INO;
+        for part in split_path(path)? {
+            let inode = self.get_inode(dev, ino)?;
+            if !inode.is_dir() {
+                return Err(FsError::NotDir(path.into()));
+            }
+            let entries = self.read_dir(dev, ino)?;
+            let e = entries
+                .iter()
+                .find(|e| e.name == part)
+                .ok_or_else(|| FsError::NotFound(path.into()))?;
+            ino = e.ino;
+        }
+        Ok(ino)
+    }
+
+    fn parent_and_name<'p>(
+        &mut self,
+        dev: &Arc<dyn BlockDevice>,
+        path: &'p str,
+    ) -> Result<(u64, &'p str), FsError> {
+        let parts = split_path(path)?;
+        let (name, dirs) = parts
+            .split_last()
+            .ok_or_else(|| FsError::Invalid("empty path".into()))?;
+        let mut ino = ROOT_INO;
+        for d in dirs {
+            let entries = self.read_dir(dev, ino)?;
+            let e = entries
+                .iter()
+                .find(|e| e.name == *d)
+                .ok_or_else(|| FsError::NotFound(path.into()))?;
+            if e.ftype != 2 {
+                return Err(FsError::NotDir(path.into()));
+            }
+            ino = e.ino;
+        }
+        Ok((ino, name))
+    }
+
+    fn read_dir(&mut self, dev: &Arc<dyn BlockDevice>, dir: u64) -> Result<Vec<DirEntry>, FsError> {
+        let inode = self.get_inode(dev, dir)?;
+        if inode.size > DIR_BYTES_MAX {
+            return Err(FsError::Corrupt(FormatError::Geometry("directory too large")));
+        }
+        let mut buf = vec![0u8; inode.size as usize];
+        let n = self.read(dev, dir, 0, &mut buf)?;
+        let mut out = Vec::new();
+        for chunk in buf[..n].chunks_exact(DIRENT_BYTES) {
+            if let Some(e) = DirEntry::decode(chunk)? {
+                out.push(e);
+            }
+        }
+        Ok(out)
+    }
+
+    fn write_dir(
+        &mut self,
+        dev: &Arc<dyn BlockDevice>,
+        stats: &FsStats,
+        dir: u64,
+        entries: &[DirEntry],
+    ) -> Result<(), FsError> {
+        let mut buf = vec![0u8; entries.len() * DIRENT_BYTES];
+        for (e, chunk) in entries.iter().zip(buf.chunks_exact_mut(DIRENT_BYTES)) {
+            e.encode(chunk);
+        }
+        if buf.len() as u64 > DIR_BYTES_MAX {
+            return Err(FsError::NoSpace("directory entries"));
+        }
+        self.set_size(dev, stats, dir, 0, &mut |_, _| {})?;
+        self.write_any(dev, stats, dir, 0, &buf, true)?;
+        let mut inode = self.get_inode(dev, dir)?;
+        inode.mtime_ns = now_ns();
+        inode.ctime_ns = inode.mtime_ns;
+        self.put_inode(dev, &inode)
+    }
+
+    fn create(
+        &mut self,
+        dev: &Arc<dyn BlockDevice>,
+        path: &str,
+        mode: u32,
+        prov: Provisioning,
+        size: u64,
+    ) -> Result<u64, FsError> {
+        let (parent, name) = self.parent_and_name(dev, path)?;
+        let mut entries = self.read_dir(dev, parent)?;
+        if entries.iter().any(|e| e.name == name) {
+            return Err(FsError::Exists(path.into()));
+        }
+        let (ino, generation) = self.alloc_ino(dev)?;
+        let dir = mode & S_IFMT == S_IFDIR;
+        let now = now_ns();
+        let inode = Inode {
+            ino,
+            generation,
+            mode,
+            nlink: if dir { 2 } else { 1 },
+            uid: 0,
+            gid: 0,
+            provisioning: prov,
+            size,
+            mtime_ns: now,
+            ctime_ns: now,
+            // Disk files (thick, or created large) use file blocks from the start; small files
+            // start resident and grow into sub-blocks, then file blocks.
+            layout: if prov != Provisioning::Thin {
+                DataLayout::FileBlocks
+            } else {
+                DataLayout::Resident
+            },
+            parent,
+            allocated: 0,
+        };
+        self.put_inode(dev, &inode)?;
+        entries.push(DirEntry {
+            ino,
+            generation,
+            ftype: if dir { 2 } else { 1 },
+            name: name.to_string(),
+        });
+        let stats = FsStats::default();
+        self.write_dir(dev, &stats, parent, &entries)?;
+        if dir {
+            let mut p = self.get_inode(dev, parent)?;
+            p.nlink += 1;
+            self.put_inode(dev, &p)?;
+        }
+        Ok(ino)
+    }
+
+    fn remove(
+        &mut self,
+        dev: &Arc<dyn BlockDevice>,
+        stats: &FsStats,
+        path: &str,
+        want_dir: bool,
+    ) -> Result<(), FsError> {
+        let (parent, name) = self.parent_and_name(dev, path)?;
+        let mut entries = self.read_dir(dev, parent)?;
+        let pos = entries
+            .iter()
+            .position(|e| e.name == name)
+            .ok_or_else(|| FsError::NotFound(path.into()))?;
+        let ino = entries[pos].ino;
+        let inode = self.get_inode(dev, ino)?;
+        if inode.is_dir() != want_dir {
+            return Err(if want_dir {
+                FsError::NotDir(path.into())
+            } else {
+                FsError::IsDir(path.into())
+            });
+        }
+        if inode.is_dir() && !self.read_dir(dev, ino)?.is_empty() {
+            return Err(FsError::NotEmpty(path.into()));
+        }
+        if self.open.contains_key(&ino) {
+            return Err(FsError::Busy(path.into()));
+        }
+        entries.remove(pos);
+        self.write_dir(dev, stats, parent, &entries)?;
+        if inode.is_dir() {
+            let mut p = self.get_inode(dev, parent)?;
+            p.nlink -= 1;
+            self.put_inode(dev, &p)?;
+        }
+        self.free_inode(dev, stats, ino)
+    }
+
+    fn free_inode(
+        &mut self,
+        dev: &Arc<dyn BlockDevice>,
+        stats: &FsStats,
+        ino: u64,
+    ) -> Result<(), FsError> {
+        self.truncate_storage(dev, stats, ino, 0)?;
+        let b = self.vh.layout.inode_block(ino);
+        let generation = get_u32(self.md(dev, b)?, 40);
+        let blockm = self.md_mut(dev, b)?;
+        blockm[MD_HEADER_BYTES..].fill(0);
+        // Keep the generation so the next use of the slot gets a newer one.
+        put_u32(blockm, 40, generation);
+        self.release(dev, Res::Fd, ino)
+    }
+
+    fn rename(
+        &mut self,
+        dev: &Arc<dyn BlockDevice>,
+        stats: &FsStats,
+        from: &str,
+        to: &str,
+    ) -> Result<(), FsError> {
+        let (fp, fname) = self.parent_and_name(dev, from)?;
+        let (tp, tname) = self.parent_and_name(dev, to)?;
+        let fentries = self.read_dir(dev, fp)?;
+        let moving = fentries
+            .iter()
+            .find(|e| e.name == fname)
+            .cloned()
+            .ok_or_else(|| FsError::NotFound(from.into()))?;
+        if fp == tp && fname == tname {
+            return Ok(());
+        }
+        // A directory may not move below itself.
+        if moving.ftype == 2 {
+            let mut a = tp;
+            // Bounded by the tree depth (each step goes one level up to the root).
+            for _ in 0..self.vh.layout.fd_count {
+                if a == moving.ino {
+                    return Err(FsError::Invalid("cannot move a directory into itself".into()));
+                }
+                if a == ROOT_INO {
+                    break;
+                }
+                a = self.get_inode(dev, a)?.parent;
+            }
+        }
+        let tentries = self.read_dir(dev, tp)?;
+        if let Some(existing) = tentries.iter().find(|e| e.name == tname).cloned() {
+            let target = self.get_inode(dev, existing.ino)?;
+            if target.is_dir() != (moving.ftype == 2) {
+                return Err(if target.is_dir() {
+                    FsError::IsDir(to.into())
+                } else {
+                    FsError::NotDir(to.into())
+                });
+            }
+            self.remove(dev, stats, to, target.is_dir())?;
+        }
+        let mut fentries = self.read_dir(dev, fp)?;
+        fentries.retain(|e| e.name != fname);
+        self.write_dir(dev, stats, fp, &fentries)?;
+        let mut tentries = self.read_dir(dev, tp)?;
+        tentries.push(DirEntry {
+            name: tname.to_string(),
+            ..moving.clone()
+        });
+        self.write_dir(dev, stats, tp, &tentries)?;
+        if moving.ftype == 2 && fp != tp {
+            let mut d = self.get_inode(dev, moving.ino)?;
+            d.parent = tp;
+            self.put_inode(dev, &d)?;
+            let mut a = self.get_inode(dev, fp)?;
+            a.nlink -= 1;
+            self.put_inode(dev, &a)?;
+            let mut b = self.get_inode(dev, tp)?;
+            b.nlink += 1;
+            self.put_inode(dev, &b)?;
+        }
+        Ok(())
+    }
+
+    // ----- data -----
+
+    fn read(
+        &mut self,
+        dev: &Arc<dyn BlockDevice>,
+        ino: u64,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<usize, FsError> {
+        let inode = self.get_inode(dev, ino)?;
+        if offset >= inode.size {
+            return Ok(0);
+        }
+        let n = (inode.size - offset).min(buf.len() as u64) as usize;
+        let buf = &mut buf[..n];
+        match inode.layout {
+            DataLayout::Resident => {
+                let b = self.md(dev, self.vh.layout.inode_block(ino))?;
+                let o = INODE_ADDR_OFFSET + offset as usize;
+                buf.copy_from_slice(&b[o..o + n]);
+            }
+            DataLayout::SubBlocks => {
+                let mut done = 0usize;
+                while done < n {
+                    let pos = offset + done as u64;
+                    let sbi = (pos / SUB_BLOCK) as usize;
+                    let within = pos % SUB_BLOCK;
+                    let len = ((SUB_BLOCK - within) as usize).min(n - done);
+                    let a = self.inode_addr(dev, ino, sbi)?;
+                    let out = &mut buf[done..done + len];
+                    if a == 0 {
+                        out.fill(0);
+                    } else {
+                        dev.read_at(self.vh.layout.sb_offset(a - 1) + within, out)?;
+                    }
+                    done += len;
+                }
+            }
+            DataLayout::FileBlocks => {
+                let mut done = 0usize;
+                while done < n {
+                    let pos = offset + done as u64;
+                    let within = pos % FILE_BLOCK;
+                    let len = ((FILE_BLOCK - within) as usize).min(n - done);
+                    let out = &mut buf[done..done + len];
+                    match self.fb_lookup(dev, ino, pos / FILE_BLOCK)? {
+                        Some((fb, false)) => {
+                            dev.read_at(self.vh.layout.fb_offset(fb) + within, out)?
+                        }
+                        _ => out.fill(0),
+                    }
+                    done += len;
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// Writes through whatever layout the file has, converting it upwards when it outgrows
+    /// resident data or sub-blocks.
+    fn write_any(
+        &mut self,
+        dev: &Arc<dyn BlockDevice>,
+        stats: &FsStats,
+        ino: u64,
+        offset: u64,
+        data: &[u8],
+        batching: bool,
+    ) -> Result<(), FsError> {
+        let end = offset
+            .checked_add(data.len() as u64)
+            .filter(|&e| e <= FILE_BYTES_MAX)
+            .ok_or_else(|| FsError::Invalid("write past the largest file size".into()))?;
+        let mut inode = self.get_inode(dev, ino)?;
+        let needed = if end <= RESIDENT_MAX {
+            DataLayout::Resident
+        } else if end <= SB_FILE_MAX_BLOCKS * SUB_BLOCK {
+            DataLayout::SubBlocks
+        } else {
+            DataLayout::FileBlocks
+        };
+        if (needed as u8) > (inode.layout as u8) {
+            self.convert(dev, stats, ino, needed)?;
+            inode = self.get_inode(dev, ino)?;
+        }
+        if end > inode.size {
+            inode.size = end;
+        }
+        inode.mtime_ns = now_ns();
+        inode.ctime_ns = inode.mtime_ns;
+        self.put_inode(dev, &inode)?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        match inode.layout {
+            DataLayout::Resident => {
+                let b = self.md_mut(dev, self.vh.layout.inode_block(ino))?;
+                let o = INODE_ADDR_OFFSET + offset as usize;
+                b[o..o + data.len()].copy_from_slice(data);
+            }
+            DataLayout::SubBlocks => {
+                let mut done = 0usize;
+                while done < data.len() {
+                    let pos = offset + done as u64;
+                    let sbi = (pos / SUB_BLOCK) as usize;
+                    let within = pos % SUB_BLOCK;
+                    let len = ((SUB_BLOCK - within) as usize).min(data.len() - done);
+                    let mut a = self.inode_addr(dev, ino, sbi)?;
+                    if a == 0 {
+                        a = self.alloc(dev, Res::Sb)? + 1;
+                        // A fresh sub-block is written whole (zeroes around the data) before
+                        // the commit that publishes it.
+                        let z = &mut self.zero_block[..SUB_BLOCK as usize];
+                        z.fill(0);
+                        z[within as usize..within as usize + len]
+                            .copy_from_slice(&data[done..done + len]);
+                        dev.write_at(self.vh.layout.sb_offset(a - 1), z)?;
+                        self.data_written = true;
+                        self.set_inode_addr(dev, ino, sbi, a)?;
+                        let mut i2 = self.get_inode(dev, ino)?;
+                        i2.allocated += 1;
+                        self.put_inode(dev, &i2)?;
+                    } else {
+                        dev.write_at(
+                            self.vh.layout.sb_offset(a - 1) + within,
+                            &data[done..done + len],
+                        )?;
+                    }
+                    done += len;
+                }
+            }
+            DataLayout::FileBlocks => {
+                let seg = [WriteSeg { ino, offset, data }];
+                self.write_batch(dev, stats, &seg, batching)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves a file's bytes to a larger layout (resident -> sub-blocks -> file blocks).
+    fn convert(
+        &mut self,
+        dev: &Arc<dyn BlockDevice>,
+        stats: &FsStats,
+        ino: u64,
+        to: DataLayout,
+    ) -> Result<(), FsError> {
+        let inode = self.get_inode(dev, ino)?;
+        let mut content = vec![0u8; inode.size as usize];
+        self.read(dev, ino, 0, &mut content)?;
+        self.truncate_storage(dev, stats, ino, 0)?;
+        let mut i2 = self.get_inode(dev, ino)?;
+        i2.layout = to;
+        i2.size = 0;
+        self.put_inode(dev, &i2)?;
+        let b = self.md_mut(dev, self.vh.layout.inode_block(ino))?;
+        b[INODE_ADDR_OFFSET..].fill(0);
+        self.write_any(dev, stats, ino, 0, &content, true)
+    }
+
+    /// Frees storage past `size` (whole blocks) and zeroes the tail of the last partial block
+    /// in resident files, so a later extension reads zeroes.
+    fn truncate_storage(
+        &mut self,
+        dev: &Arc<dyn BlockDevice>,
+        stats: &FsStats,
+        ino: u64,
+        size: u64,
+    ) -> Result<(), FsError> {
+        let inode = self.get_inode(dev, ino)?;
+        match inode.layout {
+            DataLayout::Resident => {
+                let b = self.md_mut(dev, self.vh.layout.inode_block(ino))?;
+                b[INODE_ADDR_OFFSET + size.min(RESIDENT_MAX) as usize..].fill(0);
+            }
+            DataLayout::SubBlocks => {
+                let keep = size.div_ceil(SUB_BLOCK) as usize;
+                for i in keep..SB_FILE_MAX_BLOCKS as usize {
+                    let a = self.inode_addr(dev, ino, i)?;
+                    if a != 0 {
+                        self.release(dev, Res::Sb, a - 1)?;
+                        self.set_inode_addr(dev, ino, i, 0)?;
+                        let mut i2 = self.get_inode(dev, ino)?;
+                        i2.allocated -= 1;
+                        self.put_inode(dev, &i2)?;
+                    }
+                }
+                if size % SUB_BLOCK != 0 {
+                    let a = self.inode_addr(dev, ino, (size / SUB_BLOCK) as usize)?;
+                    if a != 0 {
+                        let tail = (SUB_BLOCK - size % SUB_BLOCK) as usize;
+                        let z = vec![0u8; tail];
+                        dev.write_at(self.vh.layout.sb_offset(a - 1) + size % SUB_BLOCK, &z)?;
+                    }
+                }
+            }
+            DataLayout::FileBlocks => {
+                let keep = size.div_ceil(FILE_BLOCK);
+                let have = inode.size.div_ceil(FILE_BLOCK);
+                for fbi in keep..have.max(keep) {
+                    if let Some((fb, _)) = self.fb_lookup(dev, ino, fbi)? {
+                        self.fb_set(dev, ino, fbi, None)?;
+                        self.release(dev, Res::Fb, fb)?;
+                        let mut i2 = self.get_inode(dev, ino)?;
+                        i2.allocated -= 1;
+                        self.put_inode(dev, &i2)?;
+                        self.maybe_commit(dev, stats)?;
+                    }
+                }
+                if size % FILE_BLOCK != 0 {
+                    if let Some((fb, false)) = self.fb_lookup(dev, ino, size / FILE_BLOCK)? {
+                        let tail = (FILE_BLOCK - size % FILE_BLOCK) as usize;
+                        self.zero_block[..tail].fill(0);
+                        let off = self.vh.layout.fb_offset(fb) + size % FILE_BLOCK;
+                        dev.write_at(off, &self.zero_block[..tail])?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn set_size(
+        &mut self,
+        dev: &Arc<dyn BlockDevice>,
+        stats: &FsStats,
+        ino: u64,
+        size: u64,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<(), FsError> {
+        if size > FILE_BYTES_MAX {
+            return Err(FsError::Invalid("size beyond the largest file".into()));
+        }
+        let mut inode = self.get_inode(dev, ino)?;
+        if size < inode.size {
+            if self.open.contains_key(&ino) {
+                return Err(FsError::Busy(format!("inode {ino} (shrink while open)")));
+            }
+            self.truncate_storage(dev, stats, ino, size)?;
+            let mut i2 = self.get_inode(dev, ino)?;
+            i2.size = size;
+            i2.ctime_ns = now_ns();
+            return self.put_inode(dev, &i2);
+        }
+        if size == inode.size {
+            return Ok(());
+        }
+        let needed = if size <= RESIDENT_MAX {
+            DataLayout::Resident
+        } else if size <= SB_FILE_MAX_BLOCKS * SUB_BLOCK {
+            DataLayout::SubBlocks
+        } else {
+            DataLayout::FileBlocks
+        };
+        if (needed as u8) > (inode.layout as u8) {
+            self.convert(dev, stats, ino, needed)?;
+            inode = self.get_inode(dev, ino)?;
+        }
+        let old = inode.size;
+        inode.size = size;
+        inode.ctime_ns = now_ns();
+        self.put_inode(dev, &inode)?;
+        if inode.layout == DataLayout::FileBlocks && inode.provisioning != Provisioning::Thin {
+            let eager = inode.provisioning == Provisioning::ThickEager;
+            let first = old.div_ceil(FILE_BLOCK);
+            let last = size.div_ceil(FILE_BLOCK);
+            let need = last - first;
+            if need > self.free.get(&Res::Fb).copied().unwrap_or(0) {
+                let mut i2 = self.get_inode(dev, ino)?;
+                i2.size = old;
+                self.put_inode(dev, &i2)?;
+                return Err(FsError::NoSpace("file blocks"));
+            }
+            for fbi in first..last {
+                if self.fb_lookup(dev, ino, fbi)?.is_some() {
+                    continue;
+                }
+                let fb = self.alloc(dev, Res::Fb)?;
+                if eager {
+                    self.zero_block.fill(0);
+                    dev.write_at(self.vh.layout.fb_offset(fb), &self.zero_block)?;
+                    self.data_written = true;
+                }
+                self.fb_set(dev, ino, fbi, Some((fb, !eager)))?;
+                let mut i2 = self.get_inode(dev, ino)?;
+                i2.allocated += 1;
+                self.put_inode(dev, &i2)?;
+                progress(fbi - first + 1, need);
+                self.maybe_commit(dev, stats)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_batch(
+        &mut self,
+        dev: &Arc<dyn BlockDevice>,
+        stats: &FsStats,
+        segs: &[WriteSeg<'_>],
+        batching: bool,
+    ) -> Result<(), FsError> {
+        // Validate first: nothing is modified if any segment is bad.
+        let mut sizes: BTreeMap<u64, u64> = BTreeMap::new();
+        for s in segs {
+            if let std::collections::btree_map::Entry::Vacant(v) = sizes.entry(s.ino) {
+                let inode = self.get_inode(dev, s.ino)?;
+                if inode.layout != DataLayout::FileBlocks {
+                    return Err(FsError::Invalid("batched writes need a file-block file".into()));
+                }
+                v.insert(inode.size);
+            }
+            let end = s.offset.checked_add(s.data.len() as u64);
+            if end.is_none_or(|e| e > sizes[&s.ino]) {
+                return Err(FsError::Invalid("write past the end of the file".into()));
+            }
+        }
+        // Split into per-file-block pieces and sort by (file, block), keeping submission
+        // order within a block so later segments overwrite earlier ones.
+        let mut pieces: Vec<(u64, u64, usize, u64, &[u8])> = Vec::new();
+        for (k, s) in segs.iter().enumerate() {
+            let mut done = 0usize;
+            while done < s.data.len() {
+                let pos = s.offset + done as u64;
+                let within = pos % FILE_BLOCK;
+                let len = ((FILE_BLOCK - within) as usize).min(s.data.len() - done);
+                pieces.push((s.ino, pos / FILE_BLOCK, k, within, &s.data[done..done + len]));
+                done += len;
+            }
+        }
+        pieces.sort_by_key(|p| (p.0, p.1, p.2));
+        // Groups: runs of pieces on the same file block.
+        let mut groups: Vec<(usize, usize)> = Vec::new();
+        let mut i = 0;
+        while i < pieces.len() {
+            let mut j = i + 1;
+            while j < pieces.len() && (pieces[j].0, pieces[j].1) == (pieces[i].0, pieces[i].1) {
+                j += 1;
+            }
+            groups.push((i, j));
+            i = j;
+        }
+        // Classify; reserve space for the dependent groups before touching anything.
+        let mut dependent = Vec::new();
+        let mut new_blocks = 0u64;
+        for &(a, b) in &groups {
+            let (ino, fbi) = (pieces[a].0, pieces[a].1);
+            match self.fb_lookup(dev, ino, fbi)? {
+                Some((fb, false)) => {
+                    let base = self.vh.layout.fb_offset(fb);
+                    for p in &pieces[a..b] {
+                        dev.write_at(base + p.3, p.4)?;
+                    }
+                    stats
+                        .direct_segments
+                        .fetch_add((b - a) as u64, Ordering::Relaxed);
+                }
+                Some((_, true)) => dependent.push((a, b)),
+                None => {
+                    new_blocks += 1;
+                    dependent.push((a, b));
+                }
+            }
+        }
+        if new_blocks > self.free.get(&Res::Fb).copied().unwrap_or(0) {
+            return Err(FsError::NoSpace("file blocks"));
+        }
+        for (a, b) in dependent {
+            let (ino, fbi) = (pieces[a].0, pieces[a].1);
+            let existing = self.fb_lookup(dev, ino, fbi)?;
+            let fb = match existing {
+                Some((fb, _)) => fb,
+                None => self.alloc(dev, Res::Fb)?,
+            };
+            // The whole block is written: the group's data over zeroes, so no byte of a
+            // previous owner can ever be read through this file.
+            self.zero_block.fill(0);
+            for p in &pieces[a..b] {
+                self.zero_block[p.3 as usize..p.3 as usize + p.4.len()].copy_from_slice(p.4);
+            }
+            dev.write_at(self.vh.layout.fb_offset(fb), &self.zero_block)?;
+            self.data_written = true;
+            self.fb_set(dev, ino, fbi, Some((fb, false)))?;
+            if existing.is_none() {
+                let mut inode = self.get_inode(dev, ino)?;
+                inode.allocated += 1;
+                self.put_inode(dev, &inode)?;
+                stats.blocks_allocated.fetch_add(1, Ordering::Relaxed);
+            }
+            stats.logical_txns.fetch_add(1, Ordering::Relaxed);
+            if batching {
+                self.maybe_commit(dev, stats)?;
+            } else {
+                self.commit(dev, stats)?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,22 @@
+//! vmfs: a journaled, VMFS-like datastore whose files are virtual disks.
+//!
+//! Map of the crate:
+//! - [`format`]: the on-disk format v1 (byte layout in `vmfs/FORMAT.md`): metadata block
+//!   header with magic, self address, LSN and crc32c; volume header and region layout; inodes,
+//!   pointer blocks, bitmaps, directory entries.
+//! - [`device`]: the [`device::BlockDevice`] trait (the only I/O surface), a file/block-device
+//!   implementation and a simulated disk that records writes and flushes and injects faults.
+//! - [`journal`]: the redo journal of whole metadata blocks, commit and idempotent replay.
+//! - [`fs`]: the [`fs::Datastore`]: mkfs, mount, files (thin, thick eager, thick lazy;
+//!   resident, sub-block and file-block layouts), directories, and the batched
+//!   scatter-gather write path.
+//! - [`fsck`]: the offline checker of every invariant.
+
+pub mod device;
+pub mod format;
+pub mod fs;
+pub mod fsck;
+pub mod journal;
+
+#[cfg(test)]
+mod fs_tests;
