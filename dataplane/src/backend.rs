@@ -67,6 +67,11 @@ pub trait BlockBackend: Send + Sync + std::fmt::Debug {
     fn block_size(&self) -> u32;
     /// Starts `req` (already validated against this backend's size and mode).
     fn start(&self, req: &ParsedRequest, engine: &mut dyn IoEngine, user_data: u64) -> Started;
+    /// Called by a reactor after it has started a batch of requests and before it submits
+    /// them: a backend that deferred requests ([`Started::Submitted`] without pushing the
+    /// operations) finishes them here, e.g. committing their metadata as one journal
+    /// transaction, and completes them with [`IoEngine::inject`] or by pushing operations.
+    fn end_batch(&self, _engine: &mut dyn IoEngine) {}
     /// Makes all completed writes durable (used at shutdown).
     fn flush_sync(&self) -> std::io::Result<()>;
     /// A one-line description for logs.

@@ -13,6 +13,8 @@
 //! - [`server`]: the control thread: listening sockets, frontend connections and reconnects,
 //!   orderly shutdown.
 //! - [`stats`]: counters shared with the control plane.
+//! - [`vmfs_backend`]: a vmfs datastore file as a backend (direct path on written space,
+//!   batched journal commits for allocating writes).
 
 pub mod backend;
 pub mod blk;
@@ -21,3 +23,4 @@ pub mod reactor;
 pub mod server;
 pub mod stats;
 pub mod vhost_blk;
+pub mod vmfs_backend;

@@ -259,6 +259,8 @@ struct ActiveQueue {
     free: Vec<u16>,
     in_flight: usize,
     needs_signal: bool,
+    /// Requests were started in this loop iteration (the backend's batch needs ending).
+    batch_touched: bool,
     stopping: Option<SyncSender<Box<QueueRun>>>,
     errors_suppressed: u64,
     error_log_next: Instant,
@@ -275,6 +277,7 @@ impl ActiveQueue {
             free,
             in_flight: 0,
             needs_signal: false,
+            batch_touched: false,
             stopping: None,
             errors_suppressed: 0,
             error_log_next: Instant::now(),
@@ -366,7 +369,16 @@ impl Reactor {
             }
             let mut work = 0usize;
             for qs in 0..self.queues.len() {
-                work += self.poll_queue(qs);
+                let taken = self.poll_queue(qs);
+                if taken > 0 {
+                    if let Some(aq) = self.queues[qs].as_mut() {
+                        aq.batch_touched = true;
+                    }
+                }
+                work += taken;
+            }
+            if work > 0 {
+                self.end_batches();
             }
             self.submit();
             work += self.reap();
@@ -506,6 +518,28 @@ impl Reactor {
         }
         bump(&self.stats.requests, taken as u64);
         taken
+    }
+
+    /// Lets each backend that received requests in this iteration finish deferred ones, once
+    /// per backend (several queues of one disk, or disks of one datastore, share a backend
+    /// batch: their metadata commits together).
+    fn end_batches(&mut self) {
+        for i in 0..self.queues.len() {
+            let Some(aq) = self.queues[i].as_mut() else {
+                continue;
+            };
+            if !aq.batch_touched {
+                continue;
+            }
+            aq.batch_touched = false;
+            let backend = aq.run.backend.clone();
+            for other in self.queues[i + 1..].iter_mut().flatten() {
+                if Arc::ptr_eq(&other.run.backend, &backend) {
+                    other.batch_touched = false;
+                }
+            }
+            backend.end_batch(&mut *self.engine);
+        }
     }
 
     fn submit(&mut self) {

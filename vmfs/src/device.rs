@@ -400,9 +400,7 @@ mod tests {
         let none = SimDisk::crash_image(&base, &log, log.len(), &mut |_| false, &mut |_| None);
         assert_eq!(&none[..512], &[1; 512]);
         assert_eq!(&none[512..1536], &[0; 1024]);
-        let torn = SimDisk::crash_image(&base, &log, log.len(), &mut |i| i == 0, &mut |_| {
-            Some(1)
-        });
+        let torn = SimDisk::crash_image(&base, &log, log.len(), &mut |i| i == 0, &mut |_| Some(1));
         assert_eq!(&torn[512..1024], &[2; 512]);
         assert_eq!(&torn[1024..1536], &[0; 512]);
         assert_eq!(&torn[2048..2560], &[0; 512]);
@@ -427,7 +425,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("ds");
         let d = FileDevice::create(&p, 1 << 20).unwrap();
-        assert!(matches!(FileDevice::open(&p, false), Err(DeviceError::Locked)));
+        assert!(matches!(
+            FileDevice::open(&p, false),
+            Err(DeviceError::Locked)
+        ));
         d.write_at(4096, b"hello").unwrap();
         let mut b = [0u8; 5];
         d.read_at(4096, &mut b).unwrap();

@@ -425,7 +425,9 @@ impl VolumeHeader {
         // The layout must be exactly what mkfs computes for this size: any other value is
         // corruption that the checksum happened not to catch.
         if Layout::compute(volume_bytes) != Some(layout) {
-            return Err(FormatError::Geometry("region table does not match the volume size"));
+            return Err(FormatError::Geometry(
+                "region table does not match the volume size",
+            ));
         }
         let mut uuid = [0u8; 16];
         uuid.copy_from_slice(&b[32..48]);

@@ -288,7 +288,9 @@ impl Datastore {
     pub fn mount(dev: Arc<dyn BlockDevice>) -> Result<Datastore, FsError> {
         let size = dev.size();
         if size < 2 * MD_BLOCK as u64 {
-            return Err(FsError::Mount("device too small to hold a datastore".into()));
+            return Err(FsError::Mount(
+                "device too small to hold a datastore".into(),
+            ));
         }
         let mut b = vec![0u8; MD_BLOCK];
         dev.read_at(0, &mut b)?;
@@ -571,9 +573,7 @@ impl Datastore {
                 return Ok(None);
             }
             match g.fb_lookup(dev, ino, fbi)? {
-                Some((fb, false)) => {
-                    Ok(Some(g.vh.layout.fb_offset(fb) + offset % FILE_BLOCK))
-                }
+                Some((fb, false)) => Ok(Some(g.vh.layout.fb_offset(fb) + offset % FILE_BLOCK)),
                 _ => Ok(None),
             }
         })
@@ -777,7 +777,9 @@ impl Inner {
         }
         let _ = freed;
         stats.commits.store(self.journal.commits, Ordering::Relaxed);
-        stats.journal_bytes.store(self.journal.bytes, Ordering::Relaxed);
+        stats
+            .journal_bytes
+            .store(self.journal.bytes, Ordering::Relaxed);
         Ok(())
     }
 
@@ -811,7 +813,9 @@ impl Inner {
         let b = self.vh.layout.inode_block(ino);
         let inode = Inode::decode(self.md(dev, b)?)?;
         if inode.ino != ino {
-            return Err(FsError::Corrupt(FormatError::Geometry("inode number mismatch")));
+            return Err(FsError::Corrupt(FormatError::Geometry(
+                "inode number mismatch",
+            )));
         }
         Ok(inode)
     }
@@ -832,7 +836,12 @@ impl Inner {
         Ok((ino, old_gen.wrapping_add(1).max(1)))
     }
 
-    fn inode_addr(&mut self, dev: &Arc<dyn BlockDevice>, ino: u64, i: usize) -> Result<u64, FsError> {
+    fn inode_addr(
+        &mut self,
+        dev: &Arc<dyn BlockDevice>,
+        ino: u64,
+        i: usize,
+    ) -> Result<u64, FsError> {
         let b = self.vh.layout.inode_block(ino);
         Ok(inode_addr(self.md(dev, b)?, i))
     }
@@ -902,7 +911,11 @@ impl Inner {
             Some((i, tbz)) => (i + 1) | if tbz { PB_TBZ } else { 0 },
             None => 0,
         };
-        set_pb_entry(self.md_mut(dev, pbb)?, (fbi % PB_ENTRIES as u64) as usize, v);
+        set_pb_entry(
+            self.md_mut(dev, pbb)?,
+            (fbi % PB_ENTRIES as u64) as usize,
+            v,
+        );
         if fb.is_none() {
             // Free the pointer block once it maps nothing.
             let empty = (0..PB_ENTRIES).all(|i| pb_entry(&self.cache[&pbb], i) == 0);
@@ -960,7 +973,9 @@ impl Inner {
     fn read_dir(&mut self, dev: &Arc<dyn BlockDevice>, dir: u64) -> Result<Vec<DirEntry>, FsError> {
         let inode = self.get_inode(dev, dir)?;
         if inode.size > DIR_BYTES_MAX {
-            return Err(FsError::Corrupt(FormatError::Geometry("directory too large")));
+            return Err(FsError::Corrupt(FormatError::Geometry(
+                "directory too large",
+            )));
         }
         let mut buf = vec![0u8; inode.size as usize];
         let n = self.read(dev, dir, 0, &mut buf)?;
@@ -1127,7 +1142,9 @@ impl Inner {
             // Bounded by the tree depth (each step goes one level up to the root).
             for _ in 0..self.vh.layout.fd_count {
                 if a == moving.ino {
-                    return Err(FsError::Invalid("cannot move a directory into itself".into()));
+                    return Err(FsError::Invalid(
+                        "cannot move a directory into itself".into(),
+                    ));
                 }
                 if a == ROOT_INO {
                     break;
@@ -1357,7 +1374,7 @@ impl Inner {
                         self.put_inode(dev, &i2)?;
                     }
                 }
-                if size % SUB_BLOCK != 0 {
+                if !size.is_multiple_of(SUB_BLOCK) {
                     let a = self.inode_addr(dev, ino, (size / SUB_BLOCK) as usize)?;
                     if a != 0 {
                         let tail = (SUB_BLOCK - size % SUB_BLOCK) as usize;
@@ -1379,7 +1396,7 @@ impl Inner {
                         self.maybe_commit(dev, stats)?;
                     }
                 }
-                if size % FILE_BLOCK != 0 {
+                if !size.is_multiple_of(FILE_BLOCK) {
                     if let Some((fb, false)) = self.fb_lookup(dev, ino, size / FILE_BLOCK)? {
                         let tail = (FILE_BLOCK - size % FILE_BLOCK) as usize;
                         self.zero_block[..tail].fill(0);
@@ -1477,7 +1494,9 @@ impl Inner {
             if let std::collections::btree_map::Entry::Vacant(v) = sizes.entry(s.ino) {
                 let inode = self.get_inode(dev, s.ino)?;
                 if inode.layout != DataLayout::FileBlocks {
-                    return Err(FsError::Invalid("batched writes need a file-block file".into()));
+                    return Err(FsError::Invalid(
+                        "batched writes need a file-block file".into(),
+                    ));
                 }
                 v.insert(inode.size);
             }
@@ -1495,7 +1514,13 @@ impl Inner {
                 let pos = s.offset + done as u64;
                 let within = pos % FILE_BLOCK;
                 let len = ((FILE_BLOCK - within) as usize).min(s.data.len() - done);
-                pieces.push((s.ino, pos / FILE_BLOCK, k, within, &s.data[done..done + len]));
+                pieces.push((
+                    s.ino,
+                    pos / FILE_BLOCK,
+                    k,
+                    within,
+                    &s.data[done..done + len],
+                ));
                 done += len;
             }
         }

@@ -50,7 +50,11 @@ fn thin_file_allocates_on_first_write() {
     assert!(ds.map_direct(ino, 5 << 20, 4096).unwrap().is_some());
     assert!(ds.map_direct(ino, 6 << 20, 4096).unwrap().is_none());
     assert!(matches!(
-        ds.write_batch(&[WriteSeg { ino, offset: 10 << 20, data: &[1] }]),
+        ds.write_batch(&[WriteSeg {
+            ino,
+            offset: 10 << 20,
+            data: &[1]
+        }]),
         Err(FsError::Invalid(_))
     ));
     ds.unmount().unwrap();
@@ -65,7 +69,12 @@ fn thick_lazy_reads_zero_and_eager_is_zeroed() {
         .create_file("lazy.img", Provisioning::ThickLazy, 4 << 20, &mut |_, _| {})
         .unwrap();
     let eager = ds
-        .create_file("eager.img", Provisioning::ThickEager, 3 << 20, &mut |_, _| {})
+        .create_file(
+            "eager.img",
+            Provisioning::ThickEager,
+            3 << 20,
+            &mut |_, _| {},
+        )
         .unwrap();
     assert_eq!(ds.statfs().unwrap().fb_free, free0 - 7);
     let mut buf = vec![9u8; 4096];
@@ -88,7 +97,10 @@ fn small_files_grow_through_layouts() {
         .create_file("notes.txt", Provisioning::Thin, 0, &mut |_, _| {})
         .unwrap();
     let mut model = Vec::new();
-    for (i, step) in [100usize, 3000, 5000, 70_000, 500_000, 1_200_000].iter().enumerate() {
+    for (i, step) in [100usize, 3000, 5000, 70_000, 500_000, 1_200_000]
+        .iter()
+        .enumerate()
+    {
         let data: Vec<u8> = (0..*step).map(|k| (k * 31 + i) as u8).collect();
         let off = model.len() as u64 / 2;
         ds.write(ino, off, &data).unwrap();
@@ -161,7 +173,12 @@ fn freed_blocks_not_reused_before_commit_and_open_files_protected() {
 #[test]
 fn batched_write_is_one_commit_and_matches_naive() {
     let segs_data: Vec<(u64, Vec<u8>)> = (0..40u64)
-        .map(|i| (((i * 7919) % 60) << 20 | (i * 512) % 4096 * 8, vec![i as u8 + 1; 8192]))
+        .map(|i| {
+            (
+                (((i * 7919) % 60) << 20) | ((i * 512) % 4096 * 8),
+                vec![i as u8 + 1; 8192],
+            )
+        })
         .collect();
     let mut images = Vec::new();
     for batching in [true, false] {
@@ -173,7 +190,11 @@ fn batched_write_is_one_commit_and_matches_naive() {
         let before = ds.stats.commits.load(std::sync::atomic::Ordering::Relaxed);
         let segs: Vec<WriteSeg<'_>> = segs_data
             .iter()
-            .map(|(o, d)| WriteSeg { ino, offset: *o, data: d })
+            .map(|(o, d)| WriteSeg {
+                ino,
+                offset: *o,
+                data: d,
+            })
             .collect();
         ds.write_batch(&segs).unwrap();
         let commits = ds.stats.commits.load(std::sync::atomic::Ordering::Relaxed) - before;
@@ -254,5 +275,9 @@ fn fsck_finds_damage() {
     disk.write_at(at, &[b[0] ^ 1]).unwrap();
     let r = fsck(&*disk).unwrap();
     assert!(!r.clean());
-    assert!(r.problems.iter().any(|p| p.contains("inode")), "{:?}", r.problems);
+    assert!(
+        r.problems.iter().any(|p| p.contains("inode")),
+        "{:?}",
+        r.problems
+    );
 }

@@ -84,7 +84,9 @@ impl Checker<'_> {
                 if idx < count {
                     bits[idx as usize] = set;
                 } else if set {
-                    self.problem(format!("{what} marks resource {idx} beyond the end as used"));
+                    self.problem(format!(
+                        "{what} marks resource {idx} beyond the end as used"
+                    ));
                 }
             }
         }
@@ -98,7 +100,9 @@ pub fn fsck(dev: &dyn BlockDevice) -> Result<FsckReport, DeviceError> {
     let mut b = vec![0u8; MD_BLOCK];
     let mut report = FsckReport::default();
     if size < 2 * MD_BLOCK as u64 {
-        report.problems.push("the device is too small to hold a datastore".into());
+        report
+            .problems
+            .push("the device is too small to hold a datastore".into());
         return Ok(report);
     }
     dev.read_at(0, &mut b)?;
@@ -115,11 +119,15 @@ pub fn fsck(dev: &dyn BlockDevice) -> Result<FsckReport, DeviceError> {
             p.clone()
         }
         (Ok(p), Err(e)) => {
-            report.problems.push(format!("the backup volume header is damaged: {e}"));
+            report
+                .problems
+                .push(format!("the backup volume header is damaged: {e}"));
             p.clone()
         }
         (Err(e), Ok(bk)) => {
-            report.problems.push(format!("the primary volume header is damaged: {e}"));
+            report
+                .problems
+                .push(format!("the primary volume header is damaged: {e}"));
             bk.clone()
         }
         (Err(e), Err(_)) => {
@@ -189,17 +197,23 @@ pub fn fsck(dev: &dyn BlockDevice) -> Result<FsckReport, DeviceError> {
     }
     for (i, (&set, &r)) in pb_bits.iter().zip(&pb_ref).enumerate() {
         if set && !r {
-            c.problem(format!("pointer block {i} is marked in use but no file uses it (leak)"));
+            c.problem(format!(
+                "pointer block {i} is marked in use but no file uses it (leak)"
+            ));
         }
     }
     for (i, (&set, &r)) in sb_bits.iter().zip(&sb_ref).enumerate() {
         if set && !r {
-            c.problem(format!("sub-block {i} is marked in use but no file uses it (leak)"));
+            c.problem(format!(
+                "sub-block {i} is marked in use but no file uses it (leak)"
+            ));
         }
     }
     for (i, (&set, &r)) in fb_bits.iter().zip(&fb_ref).enumerate() {
         if set && !r {
-            c.problem(format!("file block {i} is marked in use but no file uses it (leak)"));
+            c.problem(format!(
+                "file block {i} is marked in use but no file uses it (leak)"
+            ));
         }
     }
     c.report.pb_used = pb_ref.iter().filter(|&&x| x).count() as u64;
@@ -246,14 +260,18 @@ fn check_blocks(
     // Marks resource `i` of a kind referenced; reports out-of-range, free and shared ones.
     let claim = |c: &mut Checker<'_>, kind: &str, i: u64, bits: &[bool], refs: &mut [bool]| {
         if i as usize >= bits.len() {
-            c.problem(format!("inode {ino} points to {kind} {i}, which does not exist"));
+            c.problem(format!(
+                "inode {ino} points to {kind} {i}, which does not exist"
+            ));
             return false;
         }
         if !bits[i as usize] {
             c.problem(format!("inode {ino} uses {kind} {i}, which is marked free"));
         }
         if refs[i as usize] {
-            c.problem(format!("{kind} {i} is used by more than one file (inode {ino} too)"));
+            c.problem(format!(
+                "{kind} {i} is used by more than one file (inode {ino} too)"
+            ));
         }
         refs[i as usize] = true;
         true
@@ -261,7 +279,10 @@ fn check_blocks(
     match inode.layout {
         DataLayout::Resident => {
             if inode.size > RESIDENT_MAX {
-                c.problem(format!("inode {ino} keeps {} bytes resident (limit {RESIDENT_MAX})", inode.size));
+                c.problem(format!(
+                    "inode {ino} keeps {} bytes resident (limit {RESIDENT_MAX})",
+                    inode.size
+                ));
             }
         }
         DataLayout::SubBlocks => {
@@ -336,7 +357,7 @@ fn dir_bytes(c: &mut Checker<'_>, inode: &Inode, b: &[u8]) -> Result<Vec<u8>, De
             for (i, chunk) in out.chunks_mut(FILE_BLOCK as usize).enumerate() {
                 let slot = i / PB_ENTRIES;
                 let a = inode_addr(b, slot);
-                if a == 0 || a - 1 >= c.layout.pb_count {
+                if a == 0 || a > c.layout.pb_count {
                     continue;
                 }
                 let mut pb = vec![0u8; MD_BLOCK];
@@ -406,7 +427,10 @@ fn check_tree(
             }
             let is_dir = target.is_dir();
             if is_dir != (e.ftype == 2) {
-                c.problem(format!("entry '{}' in directory {dir} has the wrong type", e.name));
+                c.problem(format!(
+                    "entry '{}' in directory {dir} has the wrong type",
+                    e.name
+                ));
             }
             *refs.entry(e.ino).or_insert(0) += 1;
             if is_dir {
@@ -431,7 +455,9 @@ fn check_tree(
         let (inode, _) = &inodes[&ino];
         let r = refs.get(&ino).copied().unwrap_or(0);
         if ino != ROOT_INO && r == 0 {
-            c.problem(format!("inode {ino} is in use but no directory refers to it (orphan)"));
+            c.problem(format!(
+                "inode {ino} is in use but no directory refers to it (orphan)"
+            ));
             continue;
         }
         if inode.is_dir() {
@@ -445,7 +471,10 @@ fn check_tree(
         } else {
             c.report.files += 1;
             if inode.nlink != r {
-                c.problem(format!("file {ino} has link count {} but {r} links", inode.nlink));
+                c.problem(format!(
+                    "file {ino} has link count {} but {r} links",
+                    inode.nlink
+                ));
             }
         }
     }

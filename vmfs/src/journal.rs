@@ -165,7 +165,10 @@ impl Journal {
     /// Flushes home writes and restarts the log at its beginning.
     pub fn reset(&mut self, dev: &dyn BlockDevice) -> Result<(), JournalError> {
         dev.flush()?;
-        dev.write_at(blk(self.region.start), &jsb_encode(&self.region, 1, self.seq))?;
+        dev.write_at(
+            blk(self.region.start),
+            &jsb_encode(&self.region, 1, self.seq),
+        )?;
         dev.flush()?;
         self.pos = 1;
         Ok(())
@@ -205,7 +208,11 @@ impl Journal {
             let m = get_u32(image, 0);
             seal(image, m, *home, seq);
             put_u64(desc, JDESC_ENTRIES_OFFSET + i * 16, *home);
-            put_u32(desc, JDESC_ENTRIES_OFFSET + i * 16 + 8, crc32c::crc32c(image));
+            put_u32(
+                desc,
+                JDESC_ENTRIES_OFFSET + i * 16 + 8,
+                crc32c::crc32c(image),
+            );
             rest[i * MD_BLOCK..(i + 1) * MD_BLOCK].copy_from_slice(image);
         }
         seal(desc, magic::JDESC, at, seq);

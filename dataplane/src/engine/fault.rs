@@ -67,6 +67,10 @@ impl IoEngine for FaultEngine {
         Ok(())
     }
 
+    fn inject(&mut self, user_data: u64, result: i32) {
+        self.done.push_back(Completion { user_data, result });
+    }
+
     fn submit(&mut self) -> Result<(), EngineError> {
         Ok(())
     }

@@ -87,6 +87,11 @@ pub trait IoEngine: std::fmt::Debug {
     /// and unaliased by Rust references until the completion carrying `user_data` is reaped.
     unsafe fn push(&mut self, op: IoOp, user_data: u64) -> Result<(), EngineError>;
 
+    /// Queues a completion that happened outside the engine (a request a backend finished
+    /// later, e.g. after a batched journal commit), delivered by the next [`IoEngine::reap`]
+    /// like any other. Counts as in flight until reaped.
+    fn inject(&mut self, user_data: u64, result: i32);
+
     /// Hands queued operations to the kernel in one call.
     fn submit(&mut self) -> Result<(), EngineError>;
 

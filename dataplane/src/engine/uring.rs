@@ -20,6 +20,8 @@ pub struct UringEngine {
     notify: EventFd,
     in_flight: usize,
     queued: usize,
+    /// Completions injected by backends, delivered before the ring's own.
+    injected: std::collections::VecDeque<Completion>,
 }
 
 impl std::fmt::Debug for UringEngine {
@@ -42,6 +44,7 @@ impl UringEngine {
             notify,
             in_flight: 0,
             queued: 0,
+            injected: std::collections::VecDeque::with_capacity(URING_ENTRIES as usize),
         })
     }
 
@@ -99,6 +102,11 @@ impl IoEngine for UringEngine {
         Ok(())
     }
 
+    fn inject(&mut self, user_data: u64, result: i32) {
+        self.injected.push_back(Completion { user_data, result });
+        self.in_flight += 1;
+    }
+
     fn submit(&mut self) -> Result<(), EngineError> {
         if self.queued == 0 {
             return Ok(());
@@ -120,6 +128,13 @@ impl IoEngine for UringEngine {
 
     fn reap(&mut self, out: &mut [Completion]) -> usize {
         let mut n = 0;
+        while n < out.len() {
+            let Some(c) = self.injected.pop_front() else {
+                break;
+            };
+            out[n] = c;
+            n += 1;
+        }
         let mut cq = self.ring.completion();
         while n < out.len() {
             match cq.next() {
@@ -147,7 +162,7 @@ impl IoEngine for UringEngine {
     }
 
     fn has_completions(&mut self) -> bool {
-        !self.ring.completion().is_empty()
+        !self.injected.is_empty() || !self.ring.completion().is_empty()
     }
 
     fn notify_fd(&self) -> Option<RawFd> {

@@ -1,7 +1,8 @@
 //! `stratad`, the Strata storage daemon: exports virtual disks to VMs over vhost-user-blk.
 //!
 //! - `spec`: parsing of `--disk` and `--cpus` (pure, property-tested).
-//! - this file: command line, the embedded default (a data directory with a sparse image),
+//! - this file: command line, the datastore (`--datastore`), the embedded default (a data
+//!   directory with a datastore file holding a thin disk),
 //!   signal handling (SIGTERM/SIGINT through a signalfd: stop accepting, drain, flush, exit 0)
 //!   and logging. The data path lives in the `dataplane` crate.
 
@@ -16,14 +17,25 @@ use clap::Parser;
 use dataplane::backend::{BlockBackend, NullBackend, RawBackend};
 use dataplane::engine::EngineKind;
 use dataplane::server::{DiskConfig, Server, ServerConfig};
+use dataplane::vmfs_backend::VmfsBackend;
+use vmfs::device::{BlockDevice, FileDevice};
+use vmfs::format::Provisioning;
+use vmfs::fs::{Datastore, FsError, MkfsOptions};
 
 use crate::spec::{parse_cpus, parse_disk_spec, BackendSpec, DiskSpec};
 
-/// Size of the embedded default disk image (sparse: it costs no space until written).
-const DEFAULT_IMAGE_BYTES: u64 = 4 << 30;
-/// File names inside the data directory.
-const DEFAULT_IMAGE_NAME: &str = "disk0.img";
+/// Size of the embedded default datastore file (sparse: it costs no space until written).
+const DEFAULT_DATASTORE_BYTES: u64 = 8 << 30;
+/// Size of the default thin virtual disk inside it.
+const DEFAULT_DISK_BYTES: u64 = 4 << 30;
+/// Names inside the data directory and the datastore.
+const DEFAULT_DATASTORE_NAME: &str = "datastore.vmfs";
+const DEFAULT_DISK_NAME: &str = "disk0.img";
 const DEFAULT_SOCKET_NAME: &str = "disk0.sock";
+/// Queues of the default disk: QEMU's vhost-user-blk-pci asks for one queue per vCPU unless
+/// told otherwise and refuses a backend with fewer, so the default offers enough for common
+/// VMs (a frontend may use fewer).
+const DEFAULT_DISK_QUEUES: u16 = 4;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -32,9 +44,10 @@ const DEFAULT_SOCKET_NAME: &str = "disk0.sock";
     about = "Strata storage daemon: serves virtual disks to VMs over vhost-user-blk",
     after_help = "DISK SPECS:\n  \
         socket=PATH,backend=raw,path=IMAGE[,queues=N][,readonly=on][,direct=on][,name=NAME]\n  \
-        socket=PATH,backend=null,size=SIZE[,queues=N][,read-zeroes=on|off][,name=NAME]\n\n\
-        With no --disk, stratad serves a sparse default image from the data directory \
-        and prints the QEMU options that attach to it."
+        socket=PATH,backend=null,size=SIZE[,queues=N][,read-zeroes=on|off][,name=NAME]\n  \
+        socket=PATH,backend=vmfs,file=NAME[,queues=N][,readonly=on][,name=NAME]  (needs --datastore)\n\n\
+        With no --disk, stratad serves a thin disk of a datastore file in the data \
+        directory (both created on first start) and prints the QEMU options that attach to it."
 )]
 struct Args {
     /// Export a disk (repeatable); see DISK SPECS below.
@@ -45,6 +58,14 @@ struct Args {
     /// Default: one unpinned reactor.
     #[arg(long, value_name = "LIST")]
     cpus: Option<String>,
+
+    /// Datastore (file or block device) whose files `backend=vmfs` disks serve.
+    #[arg(long, value_name = "PATH")]
+    datastore: Option<PathBuf>,
+
+    /// Create the datastore at --datastore with this size (e.g. 16G) if it does not hold one.
+    #[arg(long, value_name = "SIZE", requires = "datastore")]
+    create: Option<String>,
 
     /// Data directory for the embedded default (used when no --disk is given).
     #[arg(long, value_name = "DIR", default_value = "strata-data")]
@@ -67,6 +88,10 @@ enum MainError {
     Server(#[from] dataplane::server::ServerError),
     #[error("{what}: {err}")]
     Io { what: String, err: std::io::Error },
+    #[error("datastore {path}: {err}")]
+    Datastore { path: String, err: String },
+    #[error("--disk {0}: backend=vmfs needs --datastore PATH")]
+    NoDatastore(String),
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> MainError {
@@ -113,8 +138,28 @@ fn stop_signal_fd() -> Result<OwnedFd, MainError> {
     }
 }
 
-fn open_backend(spec: &DiskSpec) -> Result<Arc<dyn BlockBackend>, MainError> {
+fn open_backend(
+    spec: &DiskSpec,
+    ds: Option<&Arc<Datastore>>,
+) -> Result<Arc<dyn BlockBackend>, MainError> {
     Ok(match &spec.backend {
+        BackendSpec::Vmfs { file, readonly } => {
+            let ds = ds.ok_or_else(|| MainError::NoDatastore(spec.socket.display().to_string()))?;
+            let ds_err = |err: String| MainError::Datastore {
+                path: file.clone(),
+                err,
+            };
+            let ino = ds.lookup(file).map_err(|e| ds_err(e.to_string()))?;
+            ds.open(ino).map_err(|e| ds_err(e.to_string()))?;
+            let b = VmfsBackend::new(ds.clone(), ino, file, *readonly);
+            match b {
+                Ok(b) => Arc::new(b),
+                Err(e) => {
+                    ds.close(ino);
+                    return Err(ds_err(e));
+                }
+            }
+        }
         BackendSpec::Raw {
             path,
             readonly,
@@ -124,29 +169,69 @@ fn open_backend(spec: &DiskSpec) -> Result<Arc<dyn BlockBackend>, MainError> {
     })
 }
 
-/// Prepares the embedded default: the data directory, a sparse image and the socket path.
-fn default_disk(data_dir: &Path) -> Result<DiskSpec, MainError> {
-    std::fs::create_dir_all(data_dir).map_err(io_err(format!("create {}", data_dir.display())))?;
-    let image = data_dir.join(DEFAULT_IMAGE_NAME);
-    if !image.exists() {
-        let f =
-            std::fs::File::create(&image).map_err(io_err(format!("create {}", image.display())))?;
-        f.set_len(DEFAULT_IMAGE_BYTES)
-            .map_err(io_err(format!("size {}", image.display())))?;
-        tracing::info!(image = %image.display(), bytes = DEFAULT_IMAGE_BYTES, "created default image");
+/// Opens (or with `create`, makes) the datastore at `path`.
+fn open_datastore(path: &Path, create: Option<u64>) -> Result<Arc<Datastore>, MainError> {
+    let err = |e: String| MainError::Datastore {
+        path: path.display().to_string(),
+        err: e,
+    };
+    let dev: Arc<dyn BlockDevice> = match create {
+        Some(size) => Arc::new(FileDevice::create(path, size).map_err(|e| err(e.to_string()))?),
+        None => Arc::new(FileDevice::open(path, false).map_err(|e| err(e.to_string()))?),
+    };
+    match Datastore::mount(dev.clone()) {
+        Ok(ds) => Ok(Arc::new(ds)),
+        Err(FsError::Mount(why)) if create.is_some() => {
+            tracing::info!(path = %path.display(), %why, "formatting a new datastore");
+            Datastore::mkfs(dev.clone(), &MkfsOptions { uuid: None }, &mut |_, _| {})
+                .map_err(|e| err(e.to_string()))?;
+            Ok(Arc::new(
+                Datastore::mount(dev).map_err(|e| err(e.to_string()))?,
+            ))
+        }
+        Err(e) => Err(err(e.to_string())),
     }
+}
+
+/// Prepares the embedded default: a datastore file in the data directory with a thin disk,
+/// and the socket path.
+fn default_disk(data_dir: &Path) -> Result<(DiskSpec, Arc<Datastore>), MainError> {
+    std::fs::create_dir_all(data_dir).map_err(io_err(format!("create {}", data_dir.display())))?;
     let abs = |p: PathBuf| std::fs::canonicalize(&p).unwrap_or(p);
     let dir = abs(data_dir.to_path_buf());
-    Ok(DiskSpec {
-        socket: dir.join(DEFAULT_SOCKET_NAME),
-        backend: BackendSpec::Raw {
-            path: dir.join(DEFAULT_IMAGE_NAME),
-            readonly: false,
-            direct: false,
+    let ds = open_datastore(
+        &dir.join(DEFAULT_DATASTORE_NAME),
+        Some(DEFAULT_DATASTORE_BYTES),
+    )?;
+    if ds.lookup(DEFAULT_DISK_NAME).is_err() {
+        ds.create_file(
+            DEFAULT_DISK_NAME,
+            Provisioning::Thin,
+            DEFAULT_DISK_BYTES,
+            &mut |_, _| {},
+        )
+        .map_err(|e| MainError::Datastore {
+            path: DEFAULT_DISK_NAME.into(),
+            err: e.to_string(),
+        })?;
+        tracing::info!(
+            disk = DEFAULT_DISK_NAME,
+            bytes = DEFAULT_DISK_BYTES,
+            "created default thin disk"
+        );
+    }
+    Ok((
+        DiskSpec {
+            socket: dir.join(DEFAULT_SOCKET_NAME),
+            backend: BackendSpec::Vmfs {
+                file: DEFAULT_DISK_NAME.into(),
+                readonly: false,
+            },
+            queues: DEFAULT_DISK_QUEUES,
+            name: Some("disk0".into()),
         },
-        queues: 1,
-        name: Some("disk0".into()),
-    })
+        ds,
+    ))
 }
 
 fn qemu_hint(spec: &DiskSpec) -> String {
@@ -167,9 +252,22 @@ fn run(args: Args) -> Result<(), MainError> {
             err,
         })?);
     }
-    let embedded = specs.is_empty();
+    let mut datastore = match &args.datastore {
+        Some(p) => {
+            let create = args
+                .create
+                .as_deref()
+                .map(|s| spec::parse_size("create", s))
+                .transpose()?;
+            Some(open_datastore(p, create)?)
+        }
+        None => None,
+    };
+    let embedded = specs.is_empty() && datastore.is_none();
     if embedded {
-        specs.push(default_disk(&args.data_dir)?);
+        let (spec, ds) = default_disk(&args.data_dir)?;
+        specs.push(spec);
+        datastore = Some(ds);
     }
     let cpus: Vec<Option<usize>> = match &args.cpus {
         Some(list) => parse_cpus(list)?.into_iter().map(Some).collect(),
@@ -183,7 +281,7 @@ fn run(args: Args) -> Result<(), MainError> {
     // Open every backend before any socket appears, so a bad spec fails cleanly.
     let mut backends = Vec::with_capacity(specs.len());
     for s in &specs {
-        backends.push(open_backend(s)?);
+        backends.push(open_backend(s, datastore.as_ref())?);
     }
     let stop = stop_signal_fd()?;
     let mut server = Server::new(&ServerConfig { cpus, engine })?;
@@ -227,6 +325,16 @@ fn run(args: Args) -> Result<(), MainError> {
             requests = r.requests,
             "reactor stats"
         );
+    }
+    drop(server);
+    if let Some(ds) = datastore {
+        if let Err(e) = ds.unmount() {
+            tracing::error!(err = %e, "datastore unmount failed");
+            return Err(MainError::Datastore {
+                path: "-".into(),
+                err: e.to_string(),
+            });
+        }
     }
     tracing::info!("stratad stopped cleanly");
     Ok(())

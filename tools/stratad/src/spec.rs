@@ -2,6 +2,7 @@
 //!
 //! `--disk socket=PATH,backend=raw,path=IMAGE[,queues=N][,readonly=on][,direct=on][,name=N]`
 //! `--disk socket=PATH,backend=null,size=SIZE[,queues=N][,read-zeroes=on|off][,name=N]`
+//! `--disk socket=PATH,backend=vmfs,file=NAME[,queues=N][,readonly=on][,name=N]`
 
 use std::path::PathBuf;
 
@@ -54,6 +55,13 @@ pub enum BackendSpec {
         readonly: bool,
         /// O_DIRECT.
         direct: bool,
+    },
+    /// A file of the datastore given with --datastore.
+    Vmfs {
+        /// Path of the file inside the datastore.
+        file: String,
+        /// Export read-only.
+        readonly: bool,
     },
     /// A null disk.
     Null {
@@ -115,7 +123,7 @@ pub fn parse_size(key: &'static str, v: &str) -> Result<u64, SpecError> {
 
 /// Parses one `--disk` value.
 pub fn parse_disk_spec(s: &str) -> Result<DiskSpec, SpecError> {
-    const KEYS: [&str; 9] = [
+    const KEYS: [&str; 10] = [
         "socket",
         "backend",
         "path",
@@ -125,8 +133,9 @@ pub fn parse_disk_spec(s: &str) -> Result<DiskSpec, SpecError> {
         "direct",
         "read-zeroes",
         "name",
+        "file",
     ];
-    let mut vals: [Option<&str>; 9] = [None; 9];
+    let mut vals: [Option<&str>; 10] = [None; 10];
     for item in s.split(',') {
         let (k, v) = item
             .split_once('=')
@@ -140,7 +149,7 @@ pub fn parse_disk_spec(s: &str) -> Result<DiskSpec, SpecError> {
         }
         vals[idx] = Some(v);
     }
-    let [socket, backend, path, size, queues, readonly, direct, read_zeroes, name] = vals;
+    let [socket, backend, path, size, queues, readonly, direct, read_zeroes, name, file] = vals;
     let socket = socket
         .filter(|s| !s.is_empty())
         .ok_or(SpecError::Missing("socket"))?;
@@ -159,6 +168,27 @@ pub fn parse_disk_spec(s: &str) -> Result<DiskSpec, SpecError> {
     };
     let na = |key, backend| SpecError::NotApplicable { key, backend };
     let backend = match backend.ok_or(SpecError::Missing("backend"))? {
+        "raw" | "null" if file.is_some() => return Err(na("file", "raw or null")),
+        "vmfs" => {
+            for (key, v) in [("path", path), ("size", size), ("direct", direct)] {
+                if v.is_some() {
+                    return Err(na(key, "vmfs"));
+                }
+            }
+            if read_zeroes.is_some() {
+                return Err(na("read-zeroes", "vmfs"));
+            }
+            BackendSpec::Vmfs {
+                file: file
+                    .filter(|f| !f.is_empty())
+                    .ok_or(SpecError::Missing("file"))?
+                    .to_string(),
+                readonly: readonly
+                    .map(|v| parse_bool("readonly", v))
+                    .transpose()?
+                    .unwrap_or(false),
+            }
+        }
         "raw" => {
             if size.is_some() {
                 return Err(na("size", "raw"));
@@ -203,7 +233,7 @@ pub fn parse_disk_spec(s: &str) -> Result<DiskSpec, SpecError> {
             return Err(SpecError::BadValue {
                 key: "backend",
                 value: other.into(),
-                why: "expected raw or null",
+                why: "expected raw, null or vmfs",
             })
         }
     };
@@ -284,6 +314,24 @@ mod tests {
                 read_zeroes: true
             }
         );
+    }
+
+    #[test]
+    fn vmfs_spec() {
+        let d = parse_disk_spec("socket=s,backend=vmfs,file=vm1.img,queues=2").unwrap();
+        assert_eq!(
+            d.backend,
+            BackendSpec::Vmfs {
+                file: "vm1.img".into(),
+                readonly: false
+            }
+        );
+        assert_eq!(
+            parse_disk_spec("socket=s,backend=vmfs"),
+            Err(SpecError::Missing("file"))
+        );
+        assert!(parse_disk_spec("socket=s,backend=vmfs,file=f,path=p").is_err());
+        assert!(parse_disk_spec("socket=s,backend=raw,path=p,file=f").is_err());
     }
 
     #[test]

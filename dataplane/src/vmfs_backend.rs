@@ -1,0 +1,304 @@
+//! A vmfs datastore file served as a virtual disk.
+//!
+//! Requests on written space (one allocated, zeroed file block) go straight to the datastore
+//! device through the reactor's engine, like a raw image: the fast path costs one block-map
+//! lookup. Writes that need allocation, zeroing or a pointer update are deferred: `start`
+//! records them, and `end_batch` (called once per reactor loop iteration) hands all of them to
+//! the datastore's batched scatter-gather path, so the metadata of every such write in the
+//! batch commits as one physical journal transaction (group commit), then completes them.
+//! Reads of holes and to-be-zeroed blocks, and requests spanning file blocks, run
+//! synchronously.
+
+use std::os::fd::RawFd;
+use std::sync::{Arc, Mutex};
+use std::thread::ThreadId;
+
+use vmfs::fs::{Datastore, WriteSeg};
+
+use crate::backend::{BlockBackend, Started};
+use crate::blk::request::{ParsedRequest, RequestKind};
+use crate::blk::SECTOR_SIZE;
+use crate::engine::{IoEngine, IoOp};
+
+/// Deferred writes kept between `start` and `end_batch` before the list has to grow: one
+/// reactor batch (POP_BATCH_MAX requests per queue) on a few queues.
+const DEFERRED_CAPACITY: usize = 256;
+/// Zero buffer for WRITE_ZEROES, written in pieces of this size.
+const ZERO_CHUNK_BYTES: usize = 1 << 20;
+
+/// A write waiting for the batch's journal commit.
+#[derive(Debug)]
+struct Deferred {
+    thread: ThreadId,
+    user_data: u64,
+    offset: u64,
+    iov: *const libc::iovec,
+    iov_count: usize,
+    len: u32,
+}
+
+// SAFETY: the iovec pointer refers to the reactor's request slot and guest memory kept mapped
+// by it until the request completes; a Deferred is only ever consumed by the reactor thread
+// that created it (`thread`), which is the thread owning that slot.
+unsafe impl Send for Deferred {}
+
+/// A datastore file as a block backend.
+#[derive(Debug)]
+pub struct VmfsBackend {
+    ds: Arc<Datastore>,
+    ino: u64,
+    name: String,
+    size: u64,
+    read_only: bool,
+    fd: Option<RawFd>,
+    deferred: Mutex<Vec<Deferred>>,
+    zeroes: Vec<u8>,
+}
+
+impl VmfsBackend {
+    /// Serves file `ino` of `ds` (already opened with [`Datastore::open`], which keeps it
+    /// from being removed or shrunk while served).
+    pub fn new(ds: Arc<Datastore>, ino: u64, name: &str, read_only: bool) -> Result<Self, String> {
+        let inode = ds.stat(ino).map_err(|e| e.to_string())?;
+        if inode.is_dir() {
+            return Err(format!("{name} is a directory"));
+        }
+        let size = inode.size - inode.size % SECTOR_SIZE;
+        if size == 0 {
+            return Err(format!("{name} is empty"));
+        }
+        let fd = ds.device().raw_fd();
+        Ok(VmfsBackend {
+            ds,
+            ino,
+            name: name.to_string(),
+            size,
+            read_only,
+            fd,
+            deferred: Mutex::new(Vec::with_capacity(DEFERRED_CAPACITY)),
+            zeroes: vec![0u8; ZERO_CHUNK_BYTES],
+        })
+    }
+
+    /// The datastore.
+    pub fn datastore(&self) -> &Arc<Datastore> {
+        &self.ds
+    }
+
+    fn errno(e: &vmfs::fs::FsError) -> i32 {
+        match e {
+            vmfs::fs::FsError::NoSpace(_) => -libc::ENOSPC,
+            _ => -libc::EIO,
+        }
+    }
+
+    /// Reads through the datastore (holes and to-be-zeroed blocks read as zeroes).
+    fn read_sync(&self, req: &ParsedRequest) -> i32 {
+        let mut offset = req.offset_bytes();
+        for iov in &req.iov[..req.iov_count] {
+            // SAFETY: the parser derived the iovec from a bounds-checked guest memory slice,
+            // kept mapped by the slot's memory snapshot for the duration of this call.
+            let buf =
+                unsafe { std::slice::from_raw_parts_mut(iov.iov_base.cast::<u8>(), iov.iov_len) };
+            if let Err(e) = self.ds.read(self.ino, offset, buf) {
+                tracing::warn!(file = %self.name, err = %e, "read failed");
+                return Self::errno(&e);
+            }
+            offset += iov.iov_len as u64;
+        }
+        i32::try_from(req.data_len).unwrap_or(i32::MAX)
+    }
+
+    fn write_zeroes(&self, req: &ParsedRequest) -> i32 {
+        let mut segs = Vec::new();
+        let mut off = req.offset_bytes();
+        let end = off + req.len_bytes();
+        while off < end {
+            let n = (end - off).min(ZERO_CHUNK_BYTES as u64) as usize;
+            segs.push(WriteSeg {
+                ino: self.ino,
+                offset: off,
+                data: &self.zeroes[..n],
+            });
+            off += n as u64;
+        }
+        match self.ds.write_batch(&segs) {
+            Ok(()) => 0,
+            Err(e) => Self::errno(&e),
+        }
+    }
+
+    /// Pushes `op` on `fd`-relative offset `dev_offset`.
+    fn push(
+        &self,
+        engine: &mut dyn IoEngine,
+        req: &ParsedRequest,
+        dev_offset: u64,
+        ud: u64,
+    ) -> Started {
+        let Some(fd) = self.fd else {
+            return Started::Done(-libc::EIO);
+        };
+        let op = if req.kind == RequestKind::Read {
+            IoOp::Readv {
+                fd,
+                iov: req.iov.as_ptr(),
+                iov_count: req.iov_count as u32,
+                offset: dev_offset,
+            }
+        } else {
+            IoOp::Writev {
+                fd,
+                iov: req.iov.as_ptr(),
+                iov_count: req.iov_count as u32,
+                offset: dev_offset,
+            }
+        };
+        // SAFETY: the iovecs live in the reactor's slot until this user_data completes; the
+        // buffers are guest memory kept mapped by the slot's snapshot; the target range lies
+        // within one allocated file block of this (open, so never freed) file.
+        match unsafe { engine.push(op, ud) } {
+            Ok(()) => Started::Submitted(1),
+            Err(_) => Started::Done(-libc::EAGAIN),
+        }
+    }
+
+    fn direct(&self, req: &ParsedRequest) -> Option<u64> {
+        self.fd?;
+        self.ds
+            .map_direct(self.ino, req.offset_bytes(), req.len_bytes())
+            .ok()
+            .flatten()
+    }
+}
+
+impl BlockBackend for VmfsBackend {
+    fn size_bytes(&self) -> u64 {
+        self.size
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn supports_discard(&self) -> bool {
+        !self.read_only
+    }
+
+    fn block_size(&self) -> u32 {
+        512
+    }
+
+    fn start(&self, req: &ParsedRequest, engine: &mut dyn IoEngine, user_data: u64) -> Started {
+        match req.kind {
+            RequestKind::Read => match self.direct(req) {
+                Some(at) => self.push(engine, req, at, user_data),
+                None => Started::Done(self.read_sync(req)),
+            },
+            RequestKind::Write => {
+                if req.len_bytes() == 0 {
+                    return Started::Done(0);
+                }
+                if let Some(at) = self.direct(req) {
+                    return self.push(engine, req, at, user_data);
+                }
+                let d = Deferred {
+                    thread: std::thread::current().id(),
+                    user_data,
+                    offset: req.offset_bytes(),
+                    iov: req.iov.as_ptr(),
+                    iov_count: req.iov_count,
+                    len: req.data_len,
+                };
+                match self.deferred.lock() {
+                    Ok(mut v) => {
+                        v.push(d);
+                        Started::Submitted(1)
+                    }
+                    Err(_) => Started::Done(-libc::EIO),
+                }
+            }
+            RequestKind::Flush => {
+                // Journal commits are durable when they return; a device flush makes the
+                // direct-path data durable too.
+                let r = match self.ds.sync() {
+                    Ok(()) => 0,
+                    Err(e) => Self::errno(&e),
+                };
+                Started::Done(r)
+            }
+            // Discard is advisory: blocks stay allocated (thin reclamation comes with UNMAP
+            // support in the datastore).
+            RequestKind::Discard => Started::Done(0),
+            RequestKind::WriteZeroes { .. } => Started::Done(self.write_zeroes(req)),
+            RequestKind::GetId => Started::Done(0),
+        }
+    }
+
+    fn end_batch(&self, engine: &mut dyn IoEngine) {
+        let me = std::thread::current().id();
+        let mine: Vec<Deferred> = match self.deferred.lock() {
+            Ok(mut v) => {
+                if v.is_empty() {
+                    return;
+                }
+                let (mine, others): (Vec<Deferred>, Vec<Deferred>) =
+                    v.drain(..).partition(|d| d.thread == me);
+                *v = others;
+                mine
+            }
+            Err(_) => return,
+        };
+        if mine.is_empty() {
+            return;
+        }
+        let mut segs = Vec::with_capacity(mine.len() * 2);
+        for d in &mine {
+            let mut off = d.offset;
+            for k in 0..d.iov_count {
+                // SAFETY: see `Deferred`: the slot (and its iovec array) and the guest buffers
+                // stay valid until this request's completion is injected below.
+                let iov = unsafe { &*d.iov.add(k) };
+                // SAFETY: as above; the parser checked the buffer lies in guest memory.
+                let data =
+                    unsafe { std::slice::from_raw_parts(iov.iov_base.cast::<u8>(), iov.iov_len) };
+                segs.push(WriteSeg {
+                    ino: self.ino,
+                    offset: off,
+                    data,
+                });
+                off += iov.iov_len as u64;
+            }
+        }
+        let result = self.ds.write_batch(&segs);
+        if let Err(e) = &result {
+            tracing::warn!(file = %self.name, err = %e, requests = mine.len(), "batched write failed");
+        }
+        for d in &mine {
+            let r = match &result {
+                Ok(()) => i32::try_from(d.len).unwrap_or(i32::MAX),
+                Err(e) => Self::errno(e),
+            };
+            engine.inject(d.user_data, r);
+        }
+    }
+
+    fn flush_sync(&self) -> std::io::Result<()> {
+        self.ds.sync().map_err(std::io::Error::other)
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "vmfs file {} ({} bytes{})",
+            self.name,
+            self.size,
+            if self.read_only { ", read-only" } else { "" }
+        )
+    }
+}
+
+impl Drop for VmfsBackend {
+    fn drop(&mut self) {
+        self.ds.close(self.ino);
+    }
+}
