@@ -123,6 +123,46 @@ pub struct ServerStats {
     pub disks: Vec<DiskStats>,
 }
 
+/// A handle that reads the counters from another thread while the server runs.
+#[derive(Clone)]
+pub struct StatsHandle {
+    reactors: Vec<(Option<usize>, Arc<crate::stats::ReactorStats>)>,
+    disks: Vec<(String, PathBuf, Arc<Mutex<BlkDevice>>)>,
+}
+
+impl std::fmt::Debug for StatsHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StatsHandle").finish()
+    }
+}
+
+impl StatsHandle {
+    /// Current counters (connection state is not tracked here).
+    pub fn stats(&self) -> ServerStats {
+        ServerStats {
+            reactors: self
+                .reactors
+                .iter()
+                .map(|(cpu, r)| (*cpu, r.snapshot()))
+                .collect(),
+            disks: self
+                .disks
+                .iter()
+                .map(|(name, socket, dev)| DiskStats {
+                    name: name.clone(),
+                    socket: socket.clone(),
+                    connected: false,
+                    connections: 0,
+                    queues: dev
+                        .lock()
+                        .map(|d| d.queue_stats().iter().map(|q| q.snapshot()).collect())
+                        .unwrap_or_default(),
+                })
+                .collect(),
+        }
+    }
+}
+
 /// The daemon's control plane and reactor pool.
 pub struct Server {
     reactors: Vec<ReactorHandle>,
@@ -405,6 +445,22 @@ impl Server {
         }
         for r in self.reactors.iter_mut() {
             r.shutdown();
+        }
+    }
+
+    /// A handle for reading counters from another thread (disks added later are not in it).
+    pub fn stats_handle(&self) -> StatsHandle {
+        StatsHandle {
+            reactors: self
+                .reactors
+                .iter()
+                .map(|r| (r.cpu, r.stats.clone()))
+                .collect(),
+            disks: self
+                .disks
+                .iter()
+                .map(|d| (d.name.clone(), d.socket.clone(), d.device.clone()))
+                .collect(),
         }
     }
 

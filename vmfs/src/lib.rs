@@ -11,7 +11,9 @@
 //!   resident, sub-block and file-block layouts), directories, and the batched
 //!   scatter-gather write path.
 //! - [`fsck`]: the offline checker of every invariant.
+//! - [`admin`]: `info` and `ls` views shared by stratactl and stratad's control socket.
 
+pub mod admin;
 pub mod device;
 pub mod format;
 pub mod fs;

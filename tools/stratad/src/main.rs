@@ -6,6 +6,7 @@
 //!   signal handling (SIGTERM/SIGINT through a signalfd: stop accepting, drain, flush, exit 0)
 //!   and logging. The data path lives in the `dataplane` crate.
 
+mod control;
 mod spec;
 
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
@@ -66,6 +67,11 @@ struct Args {
     /// Create the datastore at --datastore with this size (e.g. 16G) if it does not hold one.
     #[arg(long, value_name = "SIZE", requires = "datastore")]
     create: Option<String>,
+
+    /// JSON-RPC control socket (`stratactl --control PATH`); default: `DIR/control.sock` in
+    /// the embedded default, none otherwise.
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
 
     /// Data directory for the embedded default (used when no --disk is given).
     #[arg(long, value_name = "DIR", default_value = "strata-data")]
@@ -299,6 +305,23 @@ fn run(args: Args) -> Result<(), MainError> {
             num_queues: spec.queues,
         })?;
     }
+    let control_path = args.control.clone().or_else(|| {
+        embedded.then(|| {
+            let dir = std::fs::canonicalize(&args.data_dir).unwrap_or(args.data_dir.clone());
+            dir.join("control.sock")
+        })
+    });
+    if let Some(p) = &control_path {
+        control::spawn(
+            p,
+            control::Control {
+                stats: server.stats_handle(),
+                datastore: datastore.clone(),
+            },
+        )
+        .map_err(io_err(format!("control socket {}", p.display())))?;
+        tracing::info!(socket = %p.display(), "control socket ready");
+    }
     if embedded {
         println!("stratad: serving {}", specs[0].socket.display());
         println!("attach a VM with: {}", qemu_hint(&specs[0]));
@@ -327,6 +350,9 @@ fn run(args: Args) -> Result<(), MainError> {
         );
     }
     drop(server);
+    if let Some(p) = &control_path {
+        let _ = std::fs::remove_file(p);
+    }
     if let Some(ds) = datastore {
         if let Err(e) = ds.unmount() {
             tracing::error!(err = %e, "datastore unmount failed");

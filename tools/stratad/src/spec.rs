@@ -99,26 +99,11 @@ fn parse_bool(key: &'static str, v: &str) -> Result<bool, SpecError> {
 
 /// Parses a size with an optional K, M, G or T suffix (powers of 1024) or plain bytes.
 pub fn parse_size(key: &'static str, v: &str) -> Result<u64, SpecError> {
-    let bad = |why| SpecError::BadValue {
+    vmfs::admin::parse_size(v).map_err(|why| SpecError::BadValue {
         key,
         value: v.into(),
         why,
-    };
-    let (num, shift) = match v.as_bytes().last() {
-        Some(b'k' | b'K') => (&v[..v.len() - 1], 10),
-        Some(b'm' | b'M') => (&v[..v.len() - 1], 20),
-        Some(b'g' | b'G') => (&v[..v.len() - 1], 30),
-        Some(b't' | b'T') => (&v[..v.len() - 1], 40),
-        _ => (v, 0),
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| bad("expected a number with K/M/G/T"))?;
-    let size = n.checked_mul(1u64 << shift).ok_or(bad("too large"))?;
-    if size < 512 || !size.is_multiple_of(512) {
-        return Err(bad("must be a positive multiple of 512"));
-    }
-    Ok(size)
+    })
 }
 
 /// Parses one `--disk` value.

@@ -1,0 +1,433 @@
+//! Datastore commands: `mkfs`, `info`, `ls`, `mkdir`, `disk create|rm|resize`, `fsck`.
+//!
+//! Offline on `--datastore PATH` (the file or device is locked while in use, so this fails
+//! clearly when stratad serves it), or online through stratad's control socket
+//! (`--control PATH`) for everything but `mkfs` and `fsck`, which need the device to
+//! themselves.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use clap::{Args, Subcommand};
+use serde_json::{json, Value};
+use vmfs::device::{BlockDevice, FileDevice};
+use vmfs::fs::{Datastore, MkfsOptions};
+
+/// Errors of the datastore commands; the message is what the user sees.
+#[derive(Debug, thiserror::Error)]
+pub enum VmfsCmdError {
+    /// Bad arguments.
+    #[error("{0}")]
+    Usage(String),
+    /// The datastore operation failed.
+    #[error("{0}")]
+    Failed(String),
+    /// fsck found problems (already printed).
+    #[error("fsck found {0} problem(s)")]
+    Unclean(usize),
+}
+
+/// Where the datastore is.
+#[derive(Debug, Clone, Args)]
+pub struct Target {
+    /// Datastore file or block device (offline access).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub datastore: Option<PathBuf>,
+    /// stratad's control socket (online access while stratad serves the datastore).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+}
+
+/// Datastore subcommands.
+#[derive(Debug, Clone, Subcommand)]
+pub enum VmfsCommand {
+    /// Format PATH (a file, created sparse if missing, or a block device) as a datastore.
+    Mkfs {
+        /// File or device.
+        path: PathBuf,
+        /// Size of a new file, e.g. 4G (a device's size is its own).
+        #[arg(long)]
+        size: Option<String>,
+        /// Format even if PATH already holds a datastore.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show the volume: identity, size, free space, journal counters.
+    Info,
+    /// List a directory of the datastore.
+    Ls {
+        /// Directory (default: the root).
+        #[arg(default_value = "/")]
+        path: String,
+    },
+    /// Create a directory in the datastore.
+    Mkdir {
+        /// Path.
+        path: String,
+    },
+    /// Virtual disk files.
+    #[command(subcommand)]
+    Disk(DiskCommand),
+    /// Check every invariant of an unmounted datastore; exit status 0 only when clean.
+    Fsck,
+}
+
+/// `disk` subcommands.
+#[derive(Debug, Clone, Subcommand)]
+pub enum DiskCommand {
+    /// Create a virtual disk file.
+    Create {
+        /// Name (path inside the datastore).
+        name: String,
+        /// Size, e.g. 10G.
+        #[arg(long)]
+        size: String,
+        /// Allocate on first write (default).
+        #[arg(long, group = "prov")]
+        thin: bool,
+        /// Allocate and zero everything now (eager-zeroed thick).
+        #[arg(long, group = "prov")]
+        thick: bool,
+        /// Allocate now, zero on first write (lazy-zeroed thick).
+        #[arg(long = "lazy-zeroed", group = "prov")]
+        lazy_zeroed: bool,
+    },
+    /// Remove a virtual disk file.
+    Rm {
+        /// Name.
+        name: String,
+    },
+    /// Grow (also while served) or shrink (not while served) a virtual disk file.
+    Resize {
+        /// Name.
+        name: String,
+        /// New size.
+        #[arg(long)]
+        size: String,
+    },
+}
+
+fn size_arg(s: &str) -> Result<u64, VmfsCmdError> {
+    vmfs::admin::parse_size(s).map_err(|why| VmfsCmdError::Usage(format!("size '{s}': {why}")))
+}
+
+/// Prints `done/total` as a percentage on stderr, on one line, for long operations.
+fn progress(label: &'static str) -> impl FnMut(u64, u64) {
+    let mut last = u64::MAX;
+    move |done, total| {
+        let pct = if total == 0 { 100 } else { done * 100 / total };
+        if pct != last {
+            last = pct;
+            eprint!("\r{label}: {pct:3}%");
+            if done >= total {
+                eprintln!();
+            }
+        }
+    }
+}
+
+fn open(path: &Path) -> Result<Arc<Datastore>, VmfsCmdError> {
+    let dev = FileDevice::open(path, false).map_err(|e| {
+        VmfsCmdError::Failed(match e {
+            vmfs::device::DeviceError::Locked => format!(
+                "{} is in use (is stratad serving it? use --control SOCKET)",
+                path.display()
+            ),
+            e => format!("{}: {e}", path.display()),
+        })
+    })?;
+    let ds = Datastore::mount(Arc::new(dev))
+        .map_err(|e| VmfsCmdError::Failed(format!("{}: {e}", path.display())))?;
+    Ok(Arc::new(ds))
+}
+
+fn rpc(sock: &Path, method: &str, params: Value) -> Result<Value, VmfsCmdError> {
+    let fail = |e: std::io::Error| VmfsCmdError::Failed(format!("{}: {e}", sock.display()));
+    let mut s = UnixStream::connect(sock).map_err(fail)?;
+    let req = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
+    writeln!(s, "{req}").map_err(fail)?;
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line).map_err(fail)?;
+    let resp: Value = serde_json::from_str(&line)
+        .map_err(|e| VmfsCmdError::Failed(format!("bad response from stratad: {e}")))?;
+    if let Some(err) = resp.get("error") {
+        return Err(VmfsCmdError::Failed(
+            err.get("message")
+                .and_then(Value::as_str)
+                .unwrap_or("error")
+                .to_string(),
+        ));
+    }
+    Ok(resp.get("result").cloned().unwrap_or(Value::Null))
+}
+
+/// Where requests go: an offline datastore or a control socket.
+enum Backend {
+    Offline(Arc<Datastore>),
+    Online(PathBuf),
+}
+
+impl Backend {
+    fn call(&self, method: &str, params: Value) -> Result<Value, VmfsCmdError> {
+        let ds = match self {
+            Backend::Online(sock) => return rpc(sock, method, params),
+            Backend::Offline(ds) => ds,
+        };
+        let fail = |e: vmfs::fs::FsError| VmfsCmdError::Failed(e.to_string());
+        let js = |v: Result<Value, serde_json::Error>| {
+            v.map_err(|e| VmfsCmdError::Failed(e.to_string()))
+        };
+        let s = |k: &str| {
+            params
+                .get(k)
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string()
+        };
+        let n = |k: &str| params.get(k).and_then(Value::as_u64).unwrap_or(0);
+        match method {
+            "info" => js(serde_json::to_value(vmfs::admin::info(ds).map_err(fail)?)),
+            "ls" => js(serde_json::to_value(
+                vmfs::admin::ls(ds, &s("path")).map_err(fail)?,
+            )),
+            "mkdir" => Ok(json!({"ino": ds.mkdir(&s("path")).map_err(fail)?})),
+            "disk.create" => {
+                let prov = vmfs::admin::parse_provisioning(&s("provisioning")).map_err(fail)?;
+                let mut p = progress("zeroing");
+                let eager = prov == vmfs::format::Provisioning::ThickEager;
+                let mut none = |_, _| {};
+                let cb: &mut dyn FnMut(u64, u64) = if eager { &mut p } else { &mut none };
+                let ino = ds
+                    .create_file(&s("name"), prov, n("size"), cb)
+                    .map_err(fail)?;
+                Ok(json!({ "ino": ino }))
+            }
+            "disk.rm" => {
+                ds.unlink(&s("name")).map_err(fail)?;
+                Ok(json!({}))
+            }
+            "disk.resize" => {
+                let ino = ds.lookup(&s("name")).map_err(fail)?;
+                ds.set_size(ino, n("size")).map_err(fail)?;
+                Ok(json!({}))
+            }
+            other => Err(VmfsCmdError::Usage(format!("unknown method {other}"))),
+        }
+    }
+
+    fn close(self) -> Result<(), VmfsCmdError> {
+        if let Backend::Offline(ds) = self {
+            ds.unmount()
+                .map_err(|e| VmfsCmdError::Failed(format!("unmount: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn print_value(method: &str, v: &Value, as_json: bool) {
+    if as_json {
+        println!("{v}");
+        return;
+    }
+    match method {
+        "info" => {
+            let g = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
+            println!(
+                "uuid        {}",
+                v.get("uuid").and_then(Value::as_str).unwrap_or("")
+            );
+            println!("size        {}", human(g("volume_bytes")));
+            println!(
+                "free        {} ({} of {} file blocks)",
+                human(g("free_bytes")),
+                g("file_blocks_free"),
+                g("file_blocks_total")
+            );
+            println!(
+                "sub-blocks  {} of {} free",
+                g("sub_blocks_free"),
+                g("sub_blocks_total")
+            );
+            println!(
+                "inodes      {} of {} free",
+                g("inodes_free"),
+                g("inodes_total")
+            );
+            println!(
+                "journal     {} commits, {} since mount",
+                g("journal_commits"),
+                human(g("journal_bytes"))
+            );
+        }
+        "ls" => {
+            for e in v.as_array().into_iter().flatten() {
+                let g = |k: &str| e.get(k).and_then(Value::as_u64).unwrap_or(0);
+                let s = |k: &str| e.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+                println!(
+                    "{:<4} {:>12} {:>12} {:<12} {}",
+                    s("kind"),
+                    human(g("size")),
+                    human(g("allocated_bytes")),
+                    s("provisioning"),
+                    s("name")
+                );
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Runs a datastore command.
+pub fn run(target: &Target, cmd: &VmfsCommand, as_json: bool) -> Result<(), VmfsCmdError> {
+    match cmd {
+        VmfsCommand::Mkfs { path, size, force } => {
+            return mkfs(path, size.as_deref(), *force, as_json)
+        }
+        VmfsCommand::Fsck => return fsck(target, as_json),
+        _ => {}
+    }
+    let backend = match (&target.control, &target.datastore) {
+        (Some(sock), _) => Backend::Online(sock.clone()),
+        (None, Some(p)) => Backend::Offline(open(p)?),
+        (None, None) => {
+            return Err(VmfsCmdError::Usage(
+                "give --datastore PATH (offline) or --control SOCKET (stratad running)".into(),
+            ))
+        }
+    };
+    let (method, params) = match cmd {
+        VmfsCommand::Info => ("info", json!({})),
+        VmfsCommand::Ls { path } => ("ls", json!({ "path": path })),
+        VmfsCommand::Mkdir { path } => ("mkdir", json!({ "path": path })),
+        VmfsCommand::Disk(DiskCommand::Create {
+            name,
+            size,
+            thick,
+            lazy_zeroed,
+            ..
+        }) => {
+            let prov = if *thick {
+                "thick"
+            } else if *lazy_zeroed {
+                "lazy-zeroed"
+            } else {
+                "thin"
+            };
+            (
+                "disk.create",
+                json!({"name": name, "size": size_arg(size)?, "provisioning": prov}),
+            )
+        }
+        VmfsCommand::Disk(DiskCommand::Rm { name }) => ("disk.rm", json!({ "name": name })),
+        VmfsCommand::Disk(DiskCommand::Resize { name, size }) => (
+            "disk.resize",
+            json!({"name": name, "size": size_arg(size)?}),
+        ),
+        VmfsCommand::Mkfs { .. } | VmfsCommand::Fsck => {
+            return Err(VmfsCmdError::Usage("mkfs and fsck run offline".into()))
+        }
+    };
+    let result = backend.call(method, params);
+    let closed = backend.close();
+    let v = result?;
+    closed?;
+    print_value(method, &v, as_json);
+    Ok(())
+}
+
+fn mkfs(path: &Path, size: Option<&str>, force: bool, as_json: bool) -> Result<(), VmfsCmdError> {
+    let fail = |e: &dyn std::fmt::Display| VmfsCmdError::Failed(format!("{}: {e}", path.display()));
+    let dev: Arc<dyn BlockDevice> = match size {
+        Some(s) => Arc::new(FileDevice::create(path, size_arg(s)?).map_err(|e| fail(&e))?),
+        None if path.exists() => Arc::new(FileDevice::open(path, false).map_err(|e| fail(&e))?),
+        None => {
+            return Err(VmfsCmdError::Usage(format!(
+                "{} does not exist: give --size to create it",
+                path.display()
+            )))
+        }
+    };
+    if !force {
+        if let Ok(ds) = Datastore::mount(dev.clone()) {
+            drop(ds);
+            return Err(VmfsCmdError::Failed(format!(
+                "{} already holds a datastore (use --force to format it again)",
+                path.display()
+            )));
+        }
+    }
+    Datastore::mkfs(
+        dev.clone(),
+        &MkfsOptions { uuid: None },
+        &mut progress("mkfs"),
+    )
+    .map_err(|e| fail(&e))?;
+    let ds = Datastore::mount(dev).map_err(|e| fail(&e))?;
+    let info = vmfs::admin::info(&ds).map_err(|e| fail(&e))?;
+    ds.unmount().map_err(|e| fail(&e))?;
+    let v = serde_json::to_value(info).map_err(|e| fail(&e))?;
+    print_value("info", &v, as_json);
+    Ok(())
+}
+
+fn fsck(target: &Target, as_json: bool) -> Result<(), VmfsCmdError> {
+    let Some(path) = &target.datastore else {
+        return Err(VmfsCmdError::Usage(
+            "fsck runs offline: give --datastore PATH (and stop stratad first)".into(),
+        ));
+    };
+    let dev = FileDevice::open(path, false).map_err(|e| {
+        VmfsCmdError::Failed(match e {
+            vmfs::device::DeviceError::Locked => {
+                format!("{} is in use; fsck needs stratad stopped", path.display())
+            }
+            e => format!("{}: {e}", path.display()),
+        })
+    })?;
+    eprint!("fsck: checking {} ... ", path.display());
+    let r = vmfs::fsck::fsck(&dev).map_err(|e| VmfsCmdError::Failed(e.to_string()))?;
+    eprintln!("done");
+    if as_json {
+        println!(
+            "{}",
+            json!({"clean": r.clean(), "problems": r.problems, "files": r.files,
+                   "dirs": r.dirs, "file_blocks_used": r.fb_used,
+                   "sub_blocks_used": r.sb_used, "pointer_blocks_used": r.pb_used})
+        );
+    } else {
+        for p in &r.problems {
+            println!("problem: {p}");
+        }
+        println!(
+            "{}: {} files, {} directories, {} file blocks, {} sub-blocks, {} pointer blocks in use",
+            if r.clean() { "clean" } else { "NOT CLEAN" },
+            r.files,
+            r.dirs,
+            r.fb_used,
+            r.sb_used,
+            r.pb_used
+        );
+    }
+    if r.clean() {
+        Ok(())
+    } else {
+        Err(VmfsCmdError::Unclean(r.problems.len()))
+    }
+}

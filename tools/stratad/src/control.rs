@@ -1,0 +1,221 @@
+//! The JSON-RPC 2.0 control socket (`--control PATH`): one request per line, one response per
+//! line, on a Unix socket, served by one thread.
+//!
+//! Methods: `stats` (reactor and per-queue counters), and when a datastore is open: `info`,
+//! `ls {path}`, `mkdir {path}`, `disk.create {name, size, provisioning}`, `disk.rm {name}`,
+//! `disk.resize {name, size}`. `stratactl --control PATH ...` is the client.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dataplane::server::StatsHandle;
+use serde_json::{json, Value};
+use vmfs::fs::Datastore;
+
+/// A client must send its request line within this time; the control thread serves one client
+/// at a time and must not be held by a silent one.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest request line accepted (a request is a few hundred bytes).
+const REQUEST_BYTES_MAX: u64 = 64 << 10;
+
+/// JSON-RPC error codes.
+const INVALID_REQUEST: i64 = -32600;
+const METHOD_NOT_FOUND: i64 = -32601;
+const INVALID_PARAMS: i64 = -32602;
+const SERVER_ERROR: i64 = -32000;
+
+/// What the control thread can reach.
+#[derive(Debug, Clone)]
+pub struct Control {
+    /// Counters.
+    pub stats: StatsHandle,
+    /// The open datastore, if any.
+    pub datastore: Option<Arc<Datastore>>,
+}
+
+struct RpcError(i64, String);
+
+fn param_str<'a>(p: &'a Value, key: &str) -> Result<&'a str, RpcError> {
+    p.get(key)
+        .and_then(Value::as_str)
+        .ok_or_else(|| RpcError(INVALID_PARAMS, format!("missing string parameter '{key}'")))
+}
+
+fn param_size(p: &Value, key: &str) -> Result<u64, RpcError> {
+    match p.get(key) {
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .ok_or_else(|| RpcError(INVALID_PARAMS, format!("'{key}' must be a byte count"))),
+        Some(Value::String(s)) => {
+            crate::spec::parse_size("size", s).map_err(|e| RpcError(INVALID_PARAMS, e.to_string()))
+        }
+        _ => Err(RpcError(
+            INVALID_PARAMS,
+            format!("missing parameter '{key}'"),
+        )),
+    }
+}
+
+impl Control {
+    fn ds(&self) -> Result<&Arc<Datastore>, RpcError> {
+        self.datastore
+            .as_ref()
+            .ok_or_else(|| RpcError(SERVER_ERROR, "stratad runs without a datastore".into()))
+    }
+
+    fn call(&self, method: &str, p: &Value) -> Result<Value, RpcError> {
+        let fs_err = |e: vmfs::fs::FsError| RpcError(SERVER_ERROR, e.to_string());
+        match method {
+            "stats" => Ok(stats_json(&self.stats)),
+            "info" => {
+                let i = vmfs::admin::info(self.ds()?).map_err(fs_err)?;
+                serde_json::to_value(i).map_err(|e| RpcError(SERVER_ERROR, e.to_string()))
+            }
+            "ls" => {
+                let path = p.get("path").and_then(Value::as_str).unwrap_or("/");
+                let l = vmfs::admin::ls(self.ds()?, path).map_err(fs_err)?;
+                serde_json::to_value(l).map_err(|e| RpcError(SERVER_ERROR, e.to_string()))
+            }
+            "mkdir" => {
+                let ino = self.ds()?.mkdir(param_str(p, "path")?).map_err(fs_err)?;
+                Ok(json!({ "ino": ino }))
+            }
+            "disk.create" => {
+                let name = param_str(p, "name")?;
+                let size = param_size(p, "size")?;
+                let prov = vmfs::admin::parse_provisioning(
+                    p.get("provisioning")
+                        .and_then(Value::as_str)
+                        .unwrap_or("thin"),
+                )
+                .map_err(|e| RpcError(INVALID_PARAMS, e.to_string()))?;
+                let ino = self
+                    .ds()?
+                    .create_file(name, prov, size, &mut |_, _| {})
+                    .map_err(fs_err)?;
+                Ok(json!({ "ino": ino }))
+            }
+            "disk.rm" => {
+                self.ds()?.unlink(param_str(p, "name")?).map_err(fs_err)?;
+                Ok(json!({}))
+            }
+            "disk.resize" => {
+                let ds = self.ds()?;
+                let ino = ds.lookup(param_str(p, "name")?).map_err(fs_err)?;
+                ds.set_size(ino, param_size(p, "size")?).map_err(fs_err)?;
+                Ok(json!({}))
+            }
+            other => Err(RpcError(
+                METHOD_NOT_FOUND,
+                format!("unknown method '{other}'"),
+            )),
+        }
+    }
+
+    /// Answers one request line.
+    pub fn handle_line(&self, line: &str) -> Value {
+        let req: Value = match serde_json::from_str(line) {
+            Ok(v) => v,
+            Err(e) => {
+                return json!({"jsonrpc": "2.0", "id": null,
+                    "error": {"code": -32700, "message": format!("parse error: {e}")}})
+            }
+        };
+        let id = req.get("id").cloned().unwrap_or(Value::Null);
+        let Some(method) = req.get("method").and_then(Value::as_str) else {
+            return json!({"jsonrpc": "2.0", "id": id,
+                "error": {"code": INVALID_REQUEST, "message": "missing method"}});
+        };
+        let params = req.get("params").cloned().unwrap_or(Value::Null);
+        match self.call(method, &params) {
+            Ok(result) => json!({"jsonrpc": "2.0", "id": id, "result": result}),
+            Err(RpcError(code, message)) => {
+                json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": message}})
+            }
+        }
+    }
+
+    fn serve_client(&self, stream: UnixStream) -> std::io::Result<()> {
+        stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+        let mut writer = stream.try_clone()?;
+        let mut reader = BufReader::new(std::io::Read::take(stream, REQUEST_BYTES_MAX));
+        let mut line = String::new();
+        // One client may send several requests; bounded by REQUEST_BYTES_MAX in total.
+        loop {
+            line.clear();
+            if reader.read_line(&mut line)? == 0 {
+                return Ok(());
+            }
+            let resp = self.handle_line(line.trim());
+            writeln!(writer, "{resp}")?;
+        }
+    }
+}
+
+/// Binds `path` (replacing a stale socket) and serves it on a new thread.
+pub fn spawn(path: &Path, control: Control) -> std::io::Result<PathBuf> {
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("control socket {} is in use", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                match stream {
+                    Ok(s) => {
+                        if let Err(e) = control.serve_client(s) {
+                            tracing::debug!(err = %e, "control client");
+                        }
+                    }
+                    Err(e) => tracing::warn!(err = %e, "control accept"),
+                }
+            }
+        })?;
+    Ok(path.to_path_buf())
+}
+
+fn stats_json(h: &StatsHandle) -> Value {
+    let s = h.stats();
+    let reactors: Vec<Value> = s
+        .reactors
+        .iter()
+        .enumerate()
+        .map(|(i, (cpu, r))| {
+            json!({
+                "reactor": i, "cpu": cpu, "busy_ns": r.busy_ns, "spin_idle_ns": r.spin_idle_ns,
+                "sleep_ns": r.sleep_ns, "sleeps": r.sleeps, "requests": r.requests,
+                "submits": r.submits, "submitted_ops": r.submitted_ops, "queues": r.queues,
+            })
+        })
+        .collect();
+    let disks: Vec<Value> = s
+        .disks
+        .iter()
+        .map(|d| {
+            let queues: Vec<Value> = d
+                .queues
+                .iter()
+                .map(|q| {
+                    json!({
+                        "requests": q.requests, "read_bytes": q.read_bytes,
+                        "write_bytes": q.write_bytes, "invalid_requests": q.invalid_requests,
+                        "unsupported_requests": q.unsupported_requests, "io_errors": q.io_errors,
+                        "notifications": q.notifications,
+                    })
+                })
+                .collect();
+            json!({"name": d.name, "socket": d.socket, "queues": queues})
+        })
+        .collect();
+    json!({ "reactors": reactors, "disks": disks })
+}
