@@ -790,6 +790,15 @@ mod tests {
             .set_len(DISK_BYTES)
             .unwrap();
         let backend = Arc::new(RawBackend::open(&image, false, false).unwrap());
+        harness_with(engine, backend, dir, image)
+    }
+
+    fn harness_with(
+        engine: EngineKind,
+        backend: Arc<dyn BlockBackend>,
+        dir: tempfile::TempDir,
+        image: std::path::PathBuf,
+    ) -> Harness {
         let mem = GuestMemoryAtomic::new(
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_BYTES)]).unwrap(),
         );
@@ -935,6 +944,53 @@ mod tests {
         let s = h.request(VIRTIO_BLK_T_IN, 0, (0x20_0000, 4096, true));
         assert_eq!(s, VIRTIO_BLK_S_OK as u8);
         assert_eq!(h.stats.snapshot().io_errors, 1);
+    }
+
+    /// A vmfs file on a simulated disk (no fd: reads of holes run synchronously, allocating
+    /// writes are deferred to end_batch and completed by injection).
+    #[test]
+    fn vmfs_backend_defers_and_completes() {
+        use vmfs::device::SimDisk;
+        use vmfs::format::Provisioning;
+        use vmfs::fs::{Datastore, MkfsOptions};
+        let disk = Arc::new(SimDisk::new(96 << 20));
+        Datastore::mkfs(disk.clone(), &MkfsOptions { uuid: None }, &mut |_, _| {}).unwrap();
+        let ds = Arc::new(Datastore::mount(disk).unwrap());
+        let ino = ds
+            .create_file("d.img", Provisioning::Thin, 4 * DISK_BYTES, &mut |_, _| {})
+            .unwrap();
+        ds.open(ino).unwrap();
+        let backend = Arc::new(
+            crate::vmfs_backend::VmfsBackend::new(ds.clone(), ino, "d.img", false).unwrap(),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("unused");
+        let mut h = harness_with(EngineKind::Uring, backend, dir, image);
+        let m = h.mem.memory();
+        m.write_slice(&[0x5au8; 4096], GuestAddress(0x20_0000))
+            .unwrap();
+        drop(m);
+        assert_eq!(
+            h.request(VIRTIO_BLK_T_OUT, 16, (0x20_0000, 4096, false)),
+            VIRTIO_BLK_S_OK as u8
+        );
+        assert_eq!(
+            h.request(VIRTIO_BLK_T_IN, 16, (0x30_0000, 4096, true)),
+            VIRTIO_BLK_S_OK as u8
+        );
+        let mut got = vec![0u8; 4096];
+        h.mem
+            .memory()
+            .read_slice(&mut got, GuestAddress(0x30_0000))
+            .unwrap();
+        assert!(got.iter().all(|&b| b == 0x5a));
+        let mut direct = vec![0u8; 4096];
+        ds.read(ino, 16 * 512, &mut direct).unwrap();
+        assert_eq!(direct, got);
+        assert_eq!(
+            ds.statfs().unwrap().fb_free,
+            ds.statfs().unwrap().fb_total - 1
+        );
     }
 
     #[test]
