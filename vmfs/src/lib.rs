@@ -22,3 +22,5 @@ pub mod journal;
 
 #[cfg(test)]
 mod fs_tests;
+#[cfg(test)]
+mod crash_tests;
