@@ -55,6 +55,27 @@ pub enum Started {
 /// engine capacity free before it starts a request.
 pub const OPS_PER_REQUEST_MAX: usize = 1;
 
+/// The read or write operation for a validated Read/Write request at device offset `offset`.
+pub fn rw_op(fd: std::os::fd::RawFd, req: &ParsedRequest, offset: u64) -> IoOp {
+    let iov = req.iov.as_ptr();
+    let iov_count = req.iov_count as u32;
+    if req.kind == RequestKind::Read {
+        IoOp::Readv {
+            fd,
+            iov,
+            iov_count,
+            offset,
+        }
+    } else {
+        IoOp::Writev {
+            fd,
+            iov,
+            iov_count,
+            offset,
+        }
+    }
+}
+
 /// A virtual disk's storage.
 pub trait BlockBackend: Send + Sync + std::fmt::Debug {
     /// Size in bytes (a multiple of 512).
@@ -156,18 +177,7 @@ impl BlockBackend for RawBackend {
     fn start(&self, req: &ParsedRequest, engine: &mut dyn IoEngine, user_data: u64) -> Started {
         let fd = self.file.as_raw_fd();
         let op = match req.kind {
-            RequestKind::Read => IoOp::Readv {
-                fd,
-                iov: req.iov.as_ptr(),
-                iov_count: req.iov_count as u32,
-                offset: req.offset_bytes(),
-            },
-            RequestKind::Write => IoOp::Writev {
-                fd,
-                iov: req.iov.as_ptr(),
-                iov_count: req.iov_count as u32,
-                offset: req.offset_bytes(),
-            },
+            RequestKind::Read | RequestKind::Write => rw_op(fd, req, req.offset_bytes()),
             RequestKind::Flush => IoOp::Fsync { fd },
             RequestKind::Discard | RequestKind::WriteZeroes { unmap: true } => IoOp::Fallocate {
                 fd,

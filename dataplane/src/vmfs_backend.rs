@@ -5,7 +5,9 @@
 //! lookup. Writes that need allocation, zeroing or a pointer update are deferred: `start`
 //! records them, and `end_batch` (called once per reactor loop iteration) hands all of them to
 //! the datastore's batched scatter-gather path, so the metadata of every such write in the
-//! batch commits as one physical journal transaction (group commit), then completes them.
+//! batch joins one physical journal transaction (group commit), then completes them. The
+//! transaction commits at the guest's next FLUSH, or after [`COMMIT_INTERVAL`], or when it
+//! nears its size limit, so allocating writes do not pay two device flushes each.
 //! Reads of holes and to-be-zeroed blocks, and requests spanning file blocks, run
 //! synchronously.
 
@@ -17,10 +19,10 @@ use std::thread::ThreadId;
 use vmfs::format::FILE_BLOCK;
 use vmfs::fs::{Datastore, WriteSeg};
 
-use crate::backend::{BlockBackend, Started};
+use crate::backend::{rw_op, BlockBackend, Started};
 use crate::blk::request::{ParsedRequest, RequestKind};
 use crate::blk::SECTOR_SIZE;
-use crate::engine::{IoEngine, IoOp};
+use crate::engine::IoEngine;
 
 /// Deferred writes kept between `start` and `end_batch` before the list has to grow: one
 /// reactor batch (POP_BATCH_MAX requests per queue) on a few queues.
@@ -28,6 +30,10 @@ const DEFERRED_CAPACITY: usize = 256;
 /// File blocks whose device offsets are cached (8 bytes each): 1 Mi blocks = a 1 TiB disk in
 /// 8 MiB of memory; blocks past this are looked up in the datastore on every I/O.
 const MAP_CACHE_BLOCKS_MAX: u64 = 1 << 20;
+/// Longest time allocating writes stay uncommitted when the guest does not flush: like a
+/// filesystem's commit interval, it bounds what a crash can lose (a guest FLUSH commits at
+/// once). Committing every batch instead costs two device flushes per batch.
+pub const COMMIT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 /// Zero buffer for WRITE_ZEROES, written in pieces of this size.
 const ZERO_CHUNK_BYTES: usize = 1 << 20;
 
@@ -161,21 +167,7 @@ impl VmfsBackend {
         let Some(fd) = self.fd else {
             return Started::Done(-libc::EIO);
         };
-        let op = if req.kind == RequestKind::Read {
-            IoOp::Readv {
-                fd,
-                iov: req.iov.as_ptr(),
-                iov_count: req.iov_count as u32,
-                offset: dev_offset,
-            }
-        } else {
-            IoOp::Writev {
-                fd,
-                iov: req.iov.as_ptr(),
-                iov_count: req.iov_count as u32,
-                offset: dev_offset,
-            }
-        };
+        let op = rw_op(fd, req, dev_offset);
         // SAFETY: the iovecs live in the reactor's slot until this user_data completes; the
         // buffers are guest memory kept mapped by the slot's snapshot; the target range lies
         // within one allocated file block of this (open, so never freed) file.
@@ -310,7 +302,9 @@ impl BlockBackend for VmfsBackend {
             segs.iter()
                 .try_for_each(|s| self.ds.write(s.ino, s.offset, s.data))
         } else {
-            self.ds.write_batch(&segs)
+            self.ds
+                .write_batch_deferred(&segs)
+                .and_then(|()| self.ds.commit_if_older(COMMIT_INTERVAL))
         };
         if let Err(e) = &result {
             tracing::warn!(file = %self.name, err = %e, requests = mine.len(), "batched write failed");

@@ -149,6 +149,10 @@ struct Inner {
     open: HashMap<u64, u32>,
     zero_block: Vec<u8>,
     failed: bool,
+    /// When the open transaction got its first dirty block (for the commit interval).
+    dirty_since: Option<std::time::Instant>,
+    /// Metadata modifications so far (to tell whether a failed operation changed anything).
+    changes: u64,
 }
 
 /// A mounted datastore.
@@ -332,6 +336,8 @@ impl Datastore {
             open: HashMap::new(),
             zero_block: vec![0u8; FILE_BLOCK as usize],
             failed: false,
+            dirty_since: None,
+            changes: 0,
         };
         for r in [Res::Fd, Res::Pb, Res::Sb, Res::Fb] {
             let n = inner.count_free(&dev, r)?;
@@ -388,10 +394,50 @@ impl Datastore {
         &self,
         f: impl FnOnce(&mut Inner, &Arc<dyn BlockDevice>) -> Result<T, FsError>,
     ) -> Result<T, FsError> {
+        self.run(false, f)
+    }
+
+    /// Runs a mutating operation in a transaction of its own: whatever earlier deferred
+    /// writes left uncommitted is committed first, so that if the operation fails part-way
+    /// its changes can be rolled back without touching anybody else's.
+    fn with_op<T>(
+        &self,
+        f: impl FnOnce(&mut Inner, &Arc<dyn BlockDevice>) -> Result<T, FsError>,
+    ) -> Result<T, FsError> {
+        self.run(true, f)
+    }
+
+    /// Runs `f` under the lock. A device or journal error stops the datastore (the cache may
+    /// be ahead of the disk). Any other error after `f` changed metadata rolls the change
+    /// back (cached blocks dropped, free counts recomputed) when the transaction held nothing
+    /// else; otherwise the datastore stops rather than commit half an operation.
+    fn run<T>(
+        &self,
+        commit_first: bool,
+        f: impl FnOnce(&mut Inner, &Arc<dyn BlockDevice>) -> Result<T, FsError>,
+    ) -> Result<T, FsError> {
         let mut g = self.lock()?;
+        if commit_first {
+            if let Err(e) = g.commit(&self.dev, &self.stats) {
+                g.failed = true;
+                return Err(e);
+            }
+        }
+        let had_dirty = !g.dirty.is_empty();
+        let changes = g.changes;
         let r = f(&mut g, &self.dev);
-        if let Err(FsError::Device(_) | FsError::Journal(_)) = &r {
-            g.failed = true;
+        match &r {
+            Err(FsError::Device(_) | FsError::Journal(_) | FsError::Failed) => g.failed = true,
+            Err(e) if g.changes != changes => {
+                if had_dirty {
+                    tracing::error!(err = %e, "operation failed part-way with other changes pending; stopping the datastore");
+                    g.failed = true;
+                } else if let Err(re) = g.rollback(&self.dev) {
+                    tracing::error!(err = %re, "rollback failed; stopping the datastore");
+                    g.failed = true;
+                }
+            }
+            _ => {}
         }
         r
     }
@@ -460,7 +506,7 @@ impl Datastore {
 
     /// Creates a directory.
     pub fn mkdir(&self, path: &str) -> Result<u64, FsError> {
-        self.with(|g, dev| {
+        self.with_op(|g, dev| {
             let ino = g.create(dev, path, S_IFDIR | 0o755, Provisioning::Thin, 0)?;
             g.end_op(dev, &self.stats)?;
             Ok(ino)
@@ -476,7 +522,7 @@ impl Datastore {
         size: u64,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<u64, FsError> {
-        let ino = self.with(|g, dev| {
+        let ino = self.with_op(|g, dev| {
             let ino = g.create(dev, path, S_IFREG | 0o644, prov, 0)?;
             g.end_op(dev, &self.stats)?;
             Ok(ino)
@@ -500,7 +546,10 @@ impl Datastore {
         size: u64,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<(), FsError> {
-        self.with(|g, dev| {
+        self.with_op(|g, dev| {
+            if g.get_inode(dev, ino)?.is_dir() {
+                return Err(FsError::IsDir(format!("inode {ino}")));
+            }
             g.set_size(dev, &self.stats, ino, size, progress)?;
             g.end_op(dev, &self.stats)
         })
@@ -508,7 +557,7 @@ impl Datastore {
 
     /// Removes a file (or an empty directory with `rmdir`).
     pub fn unlink(&self, path: &str) -> Result<(), FsError> {
-        self.with(|g, dev| {
+        self.with_op(|g, dev| {
             g.remove(dev, &self.stats, path, false)?;
             g.end_op(dev, &self.stats)
         })
@@ -516,7 +565,7 @@ impl Datastore {
 
     /// Removes an empty directory.
     pub fn rmdir(&self, path: &str) -> Result<(), FsError> {
-        self.with(|g, dev| {
+        self.with_op(|g, dev| {
             g.remove(dev, &self.stats, path, true)?;
             g.end_op(dev, &self.stats)
         })
@@ -524,7 +573,7 @@ impl Datastore {
 
     /// Renames `from` to `to`, replacing a file (or empty directory) at `to`.
     pub fn rename(&self, from: &str, to: &str) -> Result<(), FsError> {
-        self.with(|g, dev| {
+        self.with_op(|g, dev| {
             g.rename(dev, &self.stats, from, to)?;
             g.end_op(dev, &self.stats)
         })
@@ -537,7 +586,10 @@ impl Datastore {
 
     /// Writes `data` at `offset`, extending the file if needed; committed on return.
     pub fn write(&self, ino: u64, offset: u64, data: &[u8]) -> Result<(), FsError> {
-        self.with(|g, dev| {
+        self.with_op(|g, dev| {
+            if g.get_inode(dev, ino)?.is_dir() {
+                return Err(FsError::IsDir(format!("inode {ino}")));
+            }
             g.write_any(dev, &self.stats, ino, offset, data, self.batching())?;
             g.end_op(dev, &self.stats)
         })
@@ -557,6 +609,26 @@ impl Datastore {
         self.with(|g, dev| {
             g.write_batch(dev, &self.stats, segs, self.batching())?;
             g.commit(dev, &self.stats)
+        })
+    }
+
+    /// [`Datastore::write_batch`] without the final commit: the metadata updates stay in the
+    /// open transaction (still one physical transaction for all of them) until the next
+    /// commit — a guest FLUSH ([`Datastore::sync`]), [`Datastore::commit_if_older`], any
+    /// namespace operation, or the transaction growing near its size limit. Until then a
+    /// crash loses these writes, which virtio-blk's volatile write cache allows (completed
+    /// writes are durable only after a flush); it never exposes other files' old bytes, since
+    /// the allocations vanish with the uncommitted transaction.
+    pub fn write_batch_deferred(&self, segs: &[WriteSeg<'_>]) -> Result<(), FsError> {
+        self.with(|g, dev| g.write_batch(dev, &self.stats, segs, self.batching()))
+    }
+
+    /// Commits the open transaction if its first change is older than `interval`, bounding
+    /// how much a crash can lose when nobody flushes.
+    pub fn commit_if_older(&self, interval: std::time::Duration) -> Result<(), FsError> {
+        self.with(|g, dev| match g.dirty_since {
+            Some(t) if t.elapsed() >= interval => g.commit(dev, &self.stats),
+            _ => Ok(()),
         })
     }
 
@@ -677,6 +749,10 @@ impl Inner {
 
     fn md_mut(&mut self, dev: &Arc<dyn BlockDevice>, block: u64) -> Result<&mut [u8], FsError> {
         self.load(dev, block)?;
+        if self.dirty.is_empty() {
+            self.dirty_since = Some(std::time::Instant::now());
+        }
+        self.changes += 1;
         self.dirty.insert(block);
         self.cache
             .get_mut(&block)
@@ -749,6 +825,22 @@ impl Inner {
         Ok(())
     }
 
+    /// Forgets the open transaction: its blocks are re-read from their home copies (the
+    /// committed state) and the free counts recomputed.
+    fn rollback(&mut self, dev: &Arc<dyn BlockDevice>) -> Result<(), FsError> {
+        for b in std::mem::take(&mut self.dirty) {
+            self.cache.remove(&b);
+        }
+        self.dirty_since = None;
+        self.pending_free.clear();
+        self.hints.clear();
+        for r in [Res::Fd, Res::Pb, Res::Sb, Res::Fb] {
+            let n = self.count_free(dev, r)?;
+            self.free.insert(r, n);
+        }
+        Ok(())
+    }
+
     fn commit(&mut self, dev: &Arc<dyn BlockDevice>, stats: &FsStats) -> Result<(), FsError> {
         if self.dirty.is_empty() {
             return Ok(());
@@ -769,6 +861,7 @@ impl Inner {
             self.cache.insert(b, img.into_boxed_slice());
         }
         self.dirty.clear();
+        self.dirty_since = None;
         let freed = self.pending_free.len() as u64;
         for (r, _) in self.pending_free.drain() {
             if let Some(f) = self.free.get_mut(&r) {
@@ -1260,18 +1353,7 @@ impl Inner {
             .checked_add(data.len() as u64)
             .filter(|&e| e <= FILE_BYTES_MAX)
             .ok_or_else(|| FsError::Invalid("write past the largest file size".into()))?;
-        let mut inode = self.get_inode(dev, ino)?;
-        let needed = if end <= RESIDENT_MAX {
-            DataLayout::Resident
-        } else if end <= SB_FILE_MAX_BLOCKS * SUB_BLOCK {
-            DataLayout::SubBlocks
-        } else {
-            DataLayout::FileBlocks
-        };
-        if (needed as u8) > (inode.layout as u8) {
-            self.convert(dev, stats, ino, needed)?;
-            inode = self.get_inode(dev, ino)?;
-        }
+        let mut inode = self.grow_layout(dev, stats, ino, end)?;
         if end > inode.size {
             inode.size = end;
         }
@@ -1324,6 +1406,30 @@ impl Inner {
             }
         }
         Ok(())
+    }
+
+    /// Converts the file to the smallest layout that holds `size` bytes if its current one
+    /// cannot; returns the (possibly updated) inode.
+    fn grow_layout(
+        &mut self,
+        dev: &Arc<dyn BlockDevice>,
+        stats: &FsStats,
+        ino: u64,
+        size: u64,
+    ) -> Result<Inode, FsError> {
+        let inode = self.get_inode(dev, ino)?;
+        let needed = if size <= RESIDENT_MAX {
+            DataLayout::Resident
+        } else if size <= SB_FILE_MAX_BLOCKS * SUB_BLOCK {
+            DataLayout::SubBlocks
+        } else {
+            DataLayout::FileBlocks
+        };
+        if (needed as u8) <= (inode.layout as u8) {
+            return Ok(inode);
+        }
+        self.convert(dev, stats, ino, needed)?;
+        self.get_inode(dev, ino)
     }
 
     /// Moves a file's bytes to a larger layout (resident -> sub-blocks -> file blocks).
@@ -1380,6 +1486,9 @@ impl Inner {
                         let tail = (SUB_BLOCK - size % SUB_BLOCK) as usize;
                         let z = vec![0u8; tail];
                         dev.write_at(self.vh.layout.sb_offset(a - 1) + size % SUB_BLOCK, &z)?;
+                        // The zeroes must be durable before the shrink commits, or a crash
+                        // could bring the cut-off bytes back on a later extension.
+                        self.data_written = true;
                     }
                 }
             }
@@ -1402,6 +1511,7 @@ impl Inner {
                         self.zero_block[..tail].fill(0);
                         let off = self.vh.layout.fb_offset(fb) + size % FILE_BLOCK;
                         dev.write_at(off, &self.zero_block[..tail])?;
+                        self.data_written = true;
                     }
                 }
             }
@@ -1434,17 +1544,7 @@ impl Inner {
         if size == inode.size {
             return Ok(());
         }
-        let needed = if size <= RESIDENT_MAX {
-            DataLayout::Resident
-        } else if size <= SB_FILE_MAX_BLOCKS * SUB_BLOCK {
-            DataLayout::SubBlocks
-        } else {
-            DataLayout::FileBlocks
-        };
-        if (needed as u8) > (inode.layout as u8) {
-            self.convert(dev, stats, ino, needed)?;
-            inode = self.get_inode(dev, ino)?;
-        }
+        inode = self.grow_layout(dev, stats, ino, size)?;
         let old = inode.size;
         inode.size = size;
         inode.ctime_ns = now_ns();
@@ -1466,8 +1566,7 @@ impl Inner {
                 }
                 let fb = self.alloc(dev, Res::Fb)?;
                 if eager {
-                    self.zero_block.fill(0);
-                    dev.write_at(self.vh.layout.fb_offset(fb), &self.zero_block)?;
+                    dev.write_zeroes(self.vh.layout.fb_offset(fb), FILE_BLOCK)?;
                     self.data_written = true;
                 }
                 self.fb_set(dev, ino, fbi, Some((fb, !eager)))?;
@@ -1568,13 +1667,14 @@ impl Inner {
                 Some((fb, _)) => fb,
                 None => self.alloc(dev, Res::Fb)?,
             };
-            // The whole block is written: the group's data over zeroes, so no byte of a
-            // previous owner can ever be read through this file.
-            self.zero_block.fill(0);
+            // The whole block is zeroed, then the group's data written over it, so no byte of
+            // a previous owner can ever be read through this file. Zeroing is a hole punch on
+            // a file-backed datastore (no 1 MiB write per allocation).
+            let base = self.vh.layout.fb_offset(fb);
+            dev.write_zeroes(base, FILE_BLOCK)?;
             for p in &pieces[a..b] {
-                self.zero_block[p.3 as usize..p.3 as usize + p.4.len()].copy_from_slice(p.4);
+                dev.write_at(base + p.3, p.4)?;
             }
-            dev.write_at(self.vh.layout.fb_offset(fb), &self.zero_block)?;
             self.data_written = true;
             self.fb_set(dev, ino, fbi, Some((fb, false)))?;
             if existing.is_none() {

@@ -74,6 +74,43 @@ fn blk(n: u64) -> u64 {
     n * MD_BLOCK as u64
 }
 
+/// Reads and validates the transaction at log position `pos` expecting sequence `seq`:
+/// descriptor, images and commit block with its crc over the body. `None` when any check
+/// fails (end of the log, or a torn transaction).
+fn read_txn(
+    dev: &dyn BlockDevice,
+    region: Region,
+    pos: u64,
+    seq: u64,
+) -> Result<Option<(Vec<u8>, Vec<u8>)>, JournalError> {
+    let at = region.start + pos;
+    let mut desc = vec![0u8; MD_BLOCK];
+    dev.read_at(blk(at), &mut desc)?;
+    if verify(&desc, magic::JDESC, at).is_err() || get_u64(&desc, 32) != seq {
+        return Ok(None);
+    }
+    let count = get_u32(&desc, 40) as usize;
+    if count == 0 || count > TXN_BLOCKS_MAX || pos + count as u64 + 2 > region.blocks {
+        return Ok(None);
+    }
+    let mut images = vec![0u8; count * MD_BLOCK];
+    dev.read_at(blk(at + 1), &mut images)?;
+    let mut commit = vec![0u8; MD_BLOCK];
+    let commit_at = at + 1 + count as u64;
+    dev.read_at(blk(commit_at), &mut commit)?;
+    if verify(&commit, magic::JCOMMIT, commit_at).is_err()
+        || get_u64(&commit, 32) != seq
+        || get_u32(&commit, 40) as usize != count
+    {
+        return Ok(None);
+    }
+    let body_crc = crc32c::crc32c_append(crc32c::crc32c(&desc), &images);
+    if get_u32(&commit, 48) != body_crc {
+        return Ok(None);
+    }
+    Ok(Some((desc, images)))
+}
+
 impl Journal {
     /// Writes an empty journal (superblock: tail 1, sequence 1).
     pub fn format(dev: &dyn BlockDevice, region: Region) -> Result<(), JournalError> {
@@ -101,34 +138,20 @@ impl Journal {
         }
         let mut pos = tail;
         let mut report = ReplayReport::default();
-        let mut desc = vec![0u8; MD_BLOCK];
         let mut home = vec![0u8; MD_BLOCK];
         // Bounded: each iteration advances pos by at least 2 within the region.
         while pos + 2 <= region.blocks {
-            let at = region.start + pos;
-            dev.read_at(blk(at), &mut desc)?;
-            if verify(&desc, magic::JDESC, at).is_err() || get_u64(&desc, 32) != seq {
+            // A transient read error (a flipped bit on the way) must not end the log early
+            // and lose committed transactions: read the transaction a second time before
+            // deciding it is torn (a torn write fails both times).
+            let txn = match read_txn(dev, region, pos, seq)? {
+                Some(t) => Some(t),
+                None => read_txn(dev, region, pos, seq)?,
+            };
+            let Some((desc, images)) = txn else {
                 break;
-            }
-            let count = get_u32(&desc, 40) as usize;
-            if count == 0 || count > TXN_BLOCKS_MAX || pos + count as u64 + 2 > region.blocks {
-                break;
-            }
-            let mut images = vec![0u8; count * MD_BLOCK];
-            dev.read_at(blk(at + 1), &mut images)?;
-            let mut commit = vec![0u8; MD_BLOCK];
-            let commit_at = at + 1 + count as u64;
-            dev.read_at(blk(commit_at), &mut commit)?;
-            if verify(&commit, magic::JCOMMIT, commit_at).is_err()
-                || get_u64(&commit, 32) != seq
-                || get_u32(&commit, 40) as usize != count
-            {
-                break;
-            }
-            let body_crc = crc32c::crc32c_append(crc32c::crc32c(&desc), &images);
-            if get_u32(&commit, 48) != body_crc {
-                break;
-            }
+            };
+            let count = images.len() / MD_BLOCK;
             for i in 0..count {
                 let home_block = get_u64(&desc, JDESC_ENTRIES_OFFSET + i * 16);
                 let image = &images[i * MD_BLOCK..(i + 1) * MD_BLOCK];
@@ -148,6 +171,17 @@ impl Journal {
             report.transactions += 1;
             pos += count as u64 + 2;
             seq += 1;
+        }
+        // A torn, never-committed transaction at the end of the log carries the sequence
+        // number the next transaction would get: skip that number, so that neither a later
+        // replay nor fsck can take the leftover for pending work. Sequence numbers only ever
+        // grow, so LSN checks stay valid.
+        if region.blocks > pos {
+            let mut d = vec![0u8; MD_BLOCK];
+            dev.read_at(blk(region.start + pos), &mut d)?;
+            if verify(&d, magic::JDESC, region.start + pos).is_ok() && get_u64(&d, 32) == seq {
+                seq += 1;
+            }
         }
         let mut j = Journal {
             region,

@@ -21,6 +21,8 @@ pub mod fsck;
 pub mod journal;
 
 #[cfg(test)]
+mod crash_tests;
+#[cfg(test)]
 mod fs_tests;
 #[cfg(test)]
-mod crash_tests;
+mod model_tests;

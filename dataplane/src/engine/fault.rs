@@ -4,7 +4,7 @@
 
 use std::os::fd::RawFd;
 
-use super::sync::{execute, SYNC_CAPACITY};
+use super::sync::SyncEngine;
 use super::{Completion, EngineError, IoEngine, IoOp};
 
 /// Which operations fail.
@@ -18,13 +18,14 @@ pub enum FaultPlan {
     Flushes,
 }
 
-/// An engine that fails operations according to a [`FaultPlan`] with `errno`.
+/// An engine that fails operations according to a [`FaultPlan`] with `errno`; the others
+/// run on a wrapped [`SyncEngine`].
 #[derive(Debug)]
 pub struct FaultEngine {
     plan: FaultPlan,
     errno: i32,
     count: u64,
-    done: std::collections::VecDeque<Completion>,
+    inner: SyncEngine,
     /// Operations failed so far.
     pub injected: u64,
 }
@@ -36,7 +37,7 @@ impl FaultEngine {
             plan,
             errno,
             count: 0,
-            done: std::collections::VecDeque::with_capacity(SYNC_CAPACITY),
+            inner: SyncEngine::new(),
             injected: 0,
         }
     }
@@ -53,50 +54,40 @@ impl FaultEngine {
 
 impl IoEngine for FaultEngine {
     unsafe fn push(&mut self, op: IoOp, user_data: u64) -> Result<(), EngineError> {
-        if self.done.len() >= SYNC_CAPACITY {
+        if self.inner.in_flight() >= self.inner.capacity() {
             return Err(EngineError::Full);
         }
-        let result = if self.should_fail(&op) {
+        if self.should_fail(&op) {
             self.injected += 1;
-            -self.errno
-        } else {
-            // SAFETY: forwarded from the caller's contract.
-            unsafe { execute(op) }
-        };
-        self.done.push_back(Completion { user_data, result });
-        Ok(())
+            self.inner.inject(user_data, -self.errno);
+            return Ok(());
+        }
+        // SAFETY: forwarded from the caller's contract.
+        unsafe { self.inner.push(op, user_data) }
     }
 
     fn inject(&mut self, user_data: u64, result: i32) {
-        self.done.push_back(Completion { user_data, result });
+        self.inner.inject(user_data, result);
     }
 
     fn submit(&mut self) -> Result<(), EngineError> {
-        Ok(())
+        self.inner.submit()
     }
 
     fn reap(&mut self, out: &mut [Completion]) -> usize {
-        let mut n = 0;
-        while n < out.len() {
-            let Some(c) = self.done.pop_front() else {
-                break;
-            };
-            out[n] = c;
-            n += 1;
-        }
-        n
+        self.inner.reap(out)
     }
 
     fn in_flight(&self) -> usize {
-        self.done.len()
+        self.inner.in_flight()
     }
 
     fn capacity(&self) -> usize {
-        SYNC_CAPACITY
+        self.inner.capacity()
     }
 
     fn has_completions(&mut self) -> bool {
-        !self.done.is_empty()
+        self.inner.has_completions()
     }
 
     fn notify_fd(&self) -> Option<RawFd> {

@@ -40,11 +40,11 @@ fn ret_to_result(ret: isize) -> i32 {
     }
 }
 
-/// Runs one op synchronously; shared with the fault-injecting engine.
+/// Runs one op synchronously.
 ///
 /// # Safety
 /// As for [`IoEngine::push`]: the iovec and buffers must be valid for the call.
-pub(crate) unsafe fn execute(op: IoOp) -> i32 {
+unsafe fn execute(op: IoOp) -> i32 {
     match op {
         IoOp::Readv {
             fd,

@@ -1,45 +1,42 @@
-//! `stratactl`, Strata's administration command line.
+//! `stratactl`: Strata's administration command line. Each subcommand group lives in its own
+//! module and owns its arguments; `main` only dispatches.
 //!
-//! Command groups, one module each:
-//! - `vmfs_cmd`: datastores and virtual disk files (`mkfs`, `info`, `ls`, `mkdir`,
-//!   `disk create|rm|resize`, `fsck`), offline on `--datastore PATH` or through stratad's
-//!   control socket (`--control PATH`).
-//!
-//! Every command prints plain text, or one JSON document with `--json`; errors go to stderr
-//! with a non-zero exit status.
-
-mod vmfs_cmd;
+//! Groups: `ns` (the iSNS name server, [`ns`]); datastores and virtual disks (`mkfs`, `info`,
+//! `ls`, `mkdir`, `disk create|rm|resize`, `fsck`, [`vmfs_cmd`]), offline on `--datastore PATH`
+//! or through stratad's control socket (`--control PATH`).
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod ns;
+mod vmfs_cmd;
+
 #[derive(Debug, Parser)]
-#[command(
-    name = "stratactl",
-    version,
-    about = "Administer Strata: datastores, disks, name server"
-)]
+#[command(name = "stratactl", version, about = "Administer Strata services")]
 struct Cli {
-    /// Print machine-readable JSON.
-    #[arg(long, global = true)]
+    /// Datastore commands: print JSON (name-server commands take `ns --json`).
+    #[arg(long)]
     json: bool,
     #[command(flatten)]
     target: vmfs_cmd::Target,
     #[command(subcommand)]
-    command: Command,
+    group: Group,
 }
 
 #[derive(Debug, Subcommand)]
-enum Command {
+enum Group {
+    /// The name server (strata-nameserver): registrations, discovery domains, policy, stats.
+    Ns(ns::NsArgs),
     #[command(flatten)]
     Vmfs(vmfs_cmd::VmfsCommand),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match &cli.command {
-        Command::Vmfs(cmd) => vmfs_cmd::run(&cli.target, cmd, cli.json).map_err(|e| e.to_string()),
+    let result = match cli.group {
+        Group::Ns(a) => ns::run(a).map_err(|e| e.to_string()),
+        Group::Vmfs(cmd) => vmfs_cmd::run(&cli.target, &cmd, cli.json).map_err(|e| e.to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
