@@ -74,6 +74,9 @@ fn blk(n: u64) -> u64 {
     n * MD_BLOCK as u64
 }
 
+/// A transaction as read from the log: its descriptor block and its block images.
+type TxnBytes = (Vec<u8>, Vec<u8>);
+
 /// Reads and validates the transaction at log position `pos` expecting sequence `seq`:
 /// descriptor, images and commit block with its crc over the body. `None` when any check
 /// fails (end of the log, or a torn transaction).
@@ -82,7 +85,7 @@ fn read_txn(
     region: Region,
     pos: u64,
     seq: u64,
-) -> Result<Option<(Vec<u8>, Vec<u8>)>, JournalError> {
+) -> Result<Option<TxnBytes>, JournalError> {
     let at = region.start + pos;
     let mut desc = vec![0u8; MD_BLOCK];
     dev.read_at(blk(at), &mut desc)?;
