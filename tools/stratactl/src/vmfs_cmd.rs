@@ -117,7 +117,7 @@ fn size_arg(s: &str) -> Result<u64, VmfsCmdError> {
 fn progress(label: &'static str) -> impl FnMut(u64, u64) {
     let mut last = u64::MAX;
     move |done, total| {
-        let pct = if total == 0 { 100 } else { done * 100 / total };
+        let pct = (done * 100).checked_div(total).unwrap_or(100);
         if pct != last {
             last = pct;
             eprint!("\r{label}: {pct:3}%");
