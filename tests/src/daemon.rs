@@ -48,9 +48,17 @@ pub struct Stratad {
 impl Stratad {
     /// Starts stratad with `args` and waits until every socket in `sockets` accepts connections.
     pub fn spawn(args: &[String], sockets: &[&Path]) -> anyhow::Result<Self> {
+        // A socket file left by a killed daemon would look ready at once: remove it, so the
+        // wait below sees the new daemon's socket (stratad replaces stale sockets itself).
+        for sock in sockets {
+            let _ = std::fs::remove_file(sock);
+        }
         let child = Command::new(stratad_bin())
             .args(args)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .spawn()
             .context("spawn stratad")?;

@@ -1,0 +1,106 @@
+//! `strata-nameserver`: runs the iSNS name server on one address and one data directory.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use fabric_nameserver::server::{start, Config};
+
+/// Durable iSNS name server (RFC 4171) with discovery-domain zoning and SCNs.
+///
+/// State (registrations, discovery domains, policy) lives in DIR: a write-ahead log fsynced
+/// before every answer (group commit) plus periodic snapshots; one server per directory.
+/// Administer it with `stratactl ns --socket DIR/control.sock ...`.
+#[derive(Debug, Parser)]
+#[command(name = "strata-nameserver", version)]
+struct Args {
+    /// iSNSP TCP address to listen on (RFC 4171's port is 3205).
+    #[arg(long, default_value = "0.0.0.0:3205")]
+    listen: SocketAddr,
+    /// Data directory (created if missing).
+    #[arg(long, value_name = "DIR")]
+    data: PathBuf,
+    /// JSON-RPC control socket (default: DIR/control.sock).
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+    /// Default discovery domain for a new data directory: nodes in no discovery domain see
+    /// each other (like open-isns's DefaultDiscoveryDomain = 1). Later changes go through
+    /// `stratactl ns policy`.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    default_dd: String,
+    /// Registration period in seconds for entities that do not ask for one; an entity not
+    /// refreshed within its period is deregistered. 0 disables expiry.
+    #[arg(long, default_value_t = 900)]
+    registration_period: u32,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let mut cfg = Config::new(args.listen, args.data);
+    cfg.control = args.control;
+    cfg.default_dd = args.default_dd == "on";
+    cfg.registration_period_secs = args.registration_period;
+    // Block SIGTERM/SIGINT before any thread starts, so every thread inherits the mask and
+    // the signals wait for sigwait below instead of killing the process.
+    let set = match block_signals() {
+        Ok(set) => set,
+        Err(e) => {
+            eprintln!("strata-nameserver: cannot block signals: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let handle = match start(cfg) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("strata-nameserver: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // SIGTERM/SIGINT: stop and exit 0. Every acknowledged change is already durable, so
+    // shutdown only has to stop accepting and finish the log writer.
+    match wait_for_signal(&set) {
+        Ok(sig) => tracing::info!(signal = sig, "shutting down"),
+        Err(e) => {
+            eprintln!("strata-nameserver: cannot wait for signals: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    handle.shutdown();
+    ExitCode::SUCCESS
+}
+
+/// Blocks SIGTERM and SIGINT in the calling thread (and threads it starts later).
+fn block_signals() -> std::io::Result<libc::sigset_t> {
+    // SAFETY: sigset_t is plain data, initialised by sigemptyset before use; sigaddset and
+    // pthread_sigmask only read/write that local set and this thread's signal mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        if rc != 0 {
+            return Err(std::io::Error::from_raw_os_error(rc));
+        }
+        Ok(set)
+    }
+}
+
+/// Waits for one of the blocked signals.
+fn wait_for_signal(set: &libc::sigset_t) -> std::io::Result<i32> {
+    let mut sig: libc::c_int = 0;
+    // SAFETY: `set` is an initialised sigset_t and `sig` a valid out-pointer.
+    let rc = unsafe { libc::sigwait(set, &mut sig) };
+    if rc != 0 {
+        return Err(std::io::Error::from_raw_os_error(rc));
+    }
+    Ok(sig)
+}

@@ -1,0 +1,25 @@
+//! Strata's SAN name server: a durable iSNS server (RFC 4171) with discovery-domain zoning
+//! and state-change notification, administered over a JSON-RPC control socket.
+//!
+//! Map of the crate:
+//! - [`wire`]: the iSNSP wire format — PDU header, TLVs, multi-PDU reassembly, reply
+//!   splitting into ≤ 8 KiB PDUs. Pure.
+//! - [`command`]: validation of a parsed request into a typed [`command::Command`]. Pure.
+//! - [`registry`]: the state (entities, portals, nodes, portal groups, DDs, DD sets, policy),
+//!   soft zoning, and the execution of commands into replies, logged mutations and SCNs.
+//! - [`store`]: the write-ahead log with group commit, snapshots and crash recovery.
+//! - [`scn`]: delivery of state-change notifications to clients' SCN ports, with retries.
+//! - [`server`]: the TCP listener and connection threads, the service that makes every
+//!   change durable before answering, expiry and snapshot housekeeping.
+//! - [`control`]: the JSON-RPC control socket behind `stratactl ns`.
+//!
+//! The binary `strata-nameserver` (src/bin) owns process concerns: command line, logging,
+//! signals.
+
+pub mod command;
+pub mod control;
+pub mod registry;
+pub mod scn;
+pub mod server;
+pub mod store;
+pub mod wire;

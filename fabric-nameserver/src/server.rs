@@ -1,0 +1,637 @@
+//! The running server: the iSNSP TCP listener with one thread per client connection, the
+//! [`Service`] that executes requests against the registry and makes their effects durable
+//! before answering, and the housekeeping thread (registration-period expiry, snapshots).
+
+use std::collections::HashMap;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::command::{parse_command, CommandError};
+use crate::registry::{Outcome, Policy, Record, Registry, RegistryError};
+use crate::scn::ScnSender;
+use crate::store::{snapshot_state, Store, StoreError};
+use crate::wire::{
+    parse_request, split_pdus, Header, Message, Reassembler, Status, TlvWriter, WireError,
+    FLAG_SERVER, HEADER_LEN, MAX_REPLY_PAYLOAD_BYTES, RESPONSE_BIT,
+};
+
+/// Most simultaneous client connections; more are accepted and closed at once.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// Most simultaneous connections from one IP address, so that one client cannot take them
+/// all.
+pub const MAX_CONNECTIONS_PER_PEER: usize = 128;
+/// A connection idle this long is closed (tgt keeps its connection and queries every 30 s).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Time allowed for the rest of a PDU once its header arrived (slow-loris bound).
+pub const PDU_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time allowed to write a reply to a client that does not read.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Housekeeping period: expiry checks and snapshot decisions.
+pub const HOUSEKEEPING_PERIOD: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot load state: {0}")]
+    Load(String),
+    #[error("cannot start thread: {0}")]
+    Thread(std::io::Error),
+    #[error("control socket {path}: {source}")]
+    Control {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Server configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// JSON-RPC control socket (default: `<data_dir>/control.sock`).
+    pub control: Option<PathBuf>,
+    /// Default-DD policy for a new data directory (a stored policy wins).
+    pub default_dd: bool,
+    /// Registration period for entities that do not ask for one (0: none).
+    pub registration_period_secs: u32,
+}
+
+impl Config {
+    pub fn new(listen: SocketAddr, data_dir: PathBuf) -> Config {
+        Config {
+            listen,
+            data_dir,
+            control: None,
+            default_dd: true,
+            registration_period_secs: 900,
+        }
+    }
+
+    pub fn control_path(&self) -> PathBuf {
+        self.control
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("control.sock"))
+    }
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Counters reported by `stats`.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub connections: AtomicU64,
+    pub connections_refused: AtomicU64,
+    pub messages: AtomicU64,
+    pub registrations: AtomicU64,
+    pub queries: AtomicU64,
+    pub deregistrations: AtomicU64,
+    pub dd_changes: AtomicU64,
+    pub scn_registrations: AtomicU64,
+    pub errors: AtomicU64,
+    pub format_errors: AtomicU64,
+    pub expired_entities: AtomicU64,
+    pub reply_pdus: AtomicU64,
+}
+
+/// A stats report (JSON for `stratactl ns stats`).
+#[derive(Debug, Serialize)]
+pub struct StatsReport {
+    pub entities: usize,
+    pub nodes: usize,
+    pub portals: usize,
+    pub dds: usize,
+    pub ddsets: usize,
+    pub default_dd: bool,
+    pub connections: u64,
+    pub connections_refused: u64,
+    pub messages: u64,
+    pub registrations: u64,
+    pub queries: u64,
+    pub deregistrations: u64,
+    pub dd_changes: u64,
+    pub scn_registrations: u64,
+    pub errors: u64,
+    pub format_errors: u64,
+    pub expired_entities: u64,
+    pub reply_pdus: u64,
+    pub scns_sent: u64,
+    pub scns_failed: u64,
+    pub scns_retried: u64,
+    pub wal_commits: u64,
+    pub wal_records: u64,
+    pub wal_bytes: u64,
+    pub snapshots: u64,
+}
+
+/// Executes requests: registry + durability + notifications.
+#[derive(Debug)]
+pub struct Service {
+    registry: Mutex<Registry>,
+    store: Arc<Store>,
+    scn: ScnSender,
+    pub stats: Stats,
+}
+
+impl Service {
+    pub fn registry(&self) -> MutexGuard<'_, Registry> {
+        // Registry operations validate before they mutate; a panic mid-operation (a bug)
+        // leaves at worst one half-applied change, better served than a dead server.
+        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs a registry operation, logs its mutations, waits until they (and everything
+    /// before them) are durable, then queues its notifications.
+    pub fn run(
+        &self,
+        op: impl FnOnce(&mut Registry) -> Result<Outcome, RegistryError>,
+    ) -> Result<Outcome, RunError> {
+        let (out, seq) = {
+            let mut reg = self.registry();
+            let out = op(&mut reg)?;
+            let mut seq = self.store.last_seq();
+            for r in &out.mutations {
+                let json = serde_json::to_vec(r).map_err(|e| RunError::Encode(e.to_string()))?;
+                seq = self.store.append(&json)?;
+            }
+            (out, seq)
+        };
+        // Queries wait too: they must not expose state that is not yet durable.
+        self.store.wait_durable(seq)?;
+        for n in &out.notifications {
+            self.scn.send(n.clone());
+        }
+        Ok(out)
+    }
+
+    /// Handles one client message; returns the reply PDUs (None for messages that take no
+    /// reply, such as responses from the client).
+    pub fn handle(&self, m: &Message) -> Option<Vec<u8>> {
+        if m.function & RESPONSE_BIT != 0 {
+            return None;
+        }
+        self.stats.messages.fetch_add(1, Ordering::Relaxed);
+        let resp_fn = m.function | RESPONSE_BIT;
+        let reply = match self.execute(m) {
+            Ok(w) => w,
+            Err(status) => {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                TlvWriter::response(status)
+            }
+        };
+        let pdus = split_pdus(resp_fn, FLAG_SERVER, m.xid, &reply, MAX_REPLY_PAYLOAD_BYTES);
+        self.stats.reply_pdus.fetch_add(
+            reply.buf.len().div_ceil(MAX_REPLY_PAYLOAD_BYTES).max(1) as u64,
+            Ordering::Relaxed,
+        );
+        Some(pdus)
+    }
+
+    fn execute(&self, m: &Message) -> Result<TlvWriter, Status> {
+        let req = parse_request(m).map_err(|e| {
+            self.stats.format_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(error = %e, "malformed message");
+            e.status()
+        })?;
+        let parsed = parse_command(&req).map_err(|e| {
+            if matches!(e, CommandError::Wire(_)) {
+                self.stats.format_errors.fetch_add(1, Ordering::Relaxed);
+            }
+            tracing::debug!(function = m.function, error = %e, "request refused");
+            e.status()
+        })?;
+        let counter = match req.function {
+            crate::wire::func::DEV_ATTR_REG => &self.stats.registrations,
+            crate::wire::func::DEV_ATTR_QRY | crate::wire::func::DEV_GET_NEXT => {
+                &self.stats.queries
+            }
+            crate::wire::func::DEV_DEREG => &self.stats.deregistrations,
+            crate::wire::func::SCN_REG | crate::wire::func::SCN_DEREG => {
+                &self.stats.scn_registrations
+            }
+            _ => &self.stats.dd_changes,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let now = unix_now();
+        match self.run(|reg| reg.execute(&parsed, now)) {
+            Ok(out) => Ok(out.reply),
+            Err(RunError::Registry(e)) => {
+                tracing::debug!(source = %parsed.source, error = %e, "request failed");
+                Err(e.status())
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "request not made durable");
+                Err(Status::Internal)
+            }
+        }
+    }
+
+    pub fn report(&self) -> StatsReport {
+        let (entities, nodes, portals, dds, ddsets) = self.registry().counts();
+        let default_dd = self.registry().policy().default_dd;
+        let st = self.store.stats();
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StatsReport {
+            entities,
+            nodes,
+            portals,
+            dds,
+            ddsets,
+            default_dd,
+            connections: g(&self.stats.connections),
+            connections_refused: g(&self.stats.connections_refused),
+            messages: g(&self.stats.messages),
+            registrations: g(&self.stats.registrations),
+            queries: g(&self.stats.queries),
+            deregistrations: g(&self.stats.deregistrations),
+            dd_changes: g(&self.stats.dd_changes),
+            scn_registrations: g(&self.stats.scn_registrations),
+            errors: g(&self.stats.errors),
+            format_errors: g(&self.stats.format_errors),
+            expired_entities: g(&self.stats.expired_entities),
+            reply_pdus: g(&self.stats.reply_pdus),
+            scns_sent: g(&self.scn.stats.sent),
+            scns_failed: g(&self.scn.stats.failed),
+            scns_retried: g(&self.scn.stats.retried),
+            wal_commits: st.commits,
+            wal_records: st.records,
+            wal_bytes: st.wal_bytes,
+            snapshots: st.snapshots,
+        }
+    }
+
+    /// Writes a snapshot now (holding the registry lock, so that it matches the log).
+    pub fn snapshot(&self) -> Result<(), RunError> {
+        let reg = self.registry();
+        let json = serde_json::to_vec(&*reg).map_err(|e| RunError::Encode(e.to_string()))?;
+        self.store.snapshot(&json)?;
+        Ok(())
+    }
+
+    fn housekeeping(&self) {
+        let now = unix_now();
+        match self.run(|reg| Ok(reg.expire(now))) {
+            Ok(out) => {
+                let n = out
+                    .mutations
+                    .iter()
+                    .filter(|r| matches!(r.mutation, crate::registry::Mutation::RemoveEntity(_)))
+                    .count();
+                self.stats
+                    .expired_entities
+                    .fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Err(e) => tracing::error!(error = %e, "expiry failed"),
+        }
+        if self.store.wants_snapshot() {
+            let t = std::time::Instant::now();
+            match self.snapshot() {
+                Ok(()) => tracing::info!(
+                    elapsed_ms = t.elapsed().as_millis() as u64,
+                    "snapshot written"
+                ),
+                Err(e) => tracing::error!(error = %e, "snapshot failed"),
+            }
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot encode record: {0}")]
+    Encode(String),
+}
+
+/// Loads the registry from a recovered store image.
+fn load(rec: crate::store::Recovered, cfg: &Config) -> Result<Registry, ServerError> {
+    let mut reg = match rec.snapshot {
+        Some((_, bytes)) => {
+            let mut r: Registry = snapshot_state(&bytes).map_err(ServerError::Load)?;
+            r.rebuild_indexes();
+            r
+        }
+        None => Registry::new(
+            Policy {
+                default_dd: cfg.default_dd,
+            },
+            cfg.registration_period_secs,
+        ),
+    };
+    reg.set_default_period(cfg.registration_period_secs);
+    for (i, bytes) in rec.records.iter().enumerate() {
+        let r: Record = serde_json::from_slice(bytes)
+            .map_err(|e| ServerError::Load(format!("log record {i}: {e}")))?;
+        reg.apply(&r);
+    }
+    reg.refresh_all(unix_now());
+    Ok(reg)
+}
+
+/// A running server.
+#[derive(Debug)]
+pub struct ServerHandle {
+    pub local_addr: SocketAddr,
+    pub control_path: PathBuf,
+    pub service: Arc<Service>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    store: Arc<Store>,
+    /// Handles on the listening sockets, to wake their accept loops at shutdown.
+    listen_wake: TcpListener,
+    control_wake: std::os::unix::net::UnixListener,
+    /// Inode of our control socket, so that shutdown never removes another server's.
+    control_ino: Option<u64>,
+}
+
+/// Makes a blocked `accept` on this socket return (Linux: shutdown of a listening socket
+/// wakes its waiters with EINVAL).
+fn wake_listener(fd: std::os::fd::RawFd) {
+    // SAFETY: `fd` belongs to a listener owned by the caller and open for the whole call;
+    // shutdown does not close it or touch memory.
+    unsafe {
+        libc::shutdown(fd, libc::SHUT_RDWR);
+    }
+}
+
+impl ServerHandle {
+    /// Stops accepting, finishes pending log writes, and joins the server's threads.
+    pub fn shutdown(mut self) {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::MetadataExt;
+        self.stop.store(true, Ordering::SeqCst);
+        wake_listener(self.listen_wake.as_raw_fd());
+        wake_listener(self.control_wake.as_raw_fd());
+        self.store.shutdown();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        let ours =
+            std::fs::metadata(&self.control_path).is_ok_and(|m| Some(m.ino()) == self.control_ino);
+        if ours {
+            let _ = std::fs::remove_file(&self.control_path);
+        }
+    }
+}
+
+/// Starts a server: recovers the data directory, then listens.
+pub fn start(cfg: Config) -> Result<ServerHandle, ServerError> {
+    let (store, rec) = Store::open(&cfg.data_dir)?;
+    let recovered = rec.records.len();
+    let reg = load(rec, &cfg)?;
+    let (e, n, p, d, s) = reg.counts();
+    tracing::info!(
+        entities = e,
+        nodes = n,
+        portals = p,
+        dds = d,
+        ddsets = s,
+        replayed_records = recovered,
+        "state recovered"
+    );
+    let store = Arc::new(store);
+    let listener = TcpListener::bind(cfg.listen).map_err(|source| ServerError::Listen {
+        addr: cfg.listen,
+        source,
+    })?;
+    let local_addr = listener
+        .local_addr()
+        .map_err(|source| ServerError::Listen {
+            addr: cfg.listen,
+            source,
+        })?;
+    let control_path = cfg.control_path();
+    let control = crate::control::bind(&control_path)?;
+    let control_ino = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&control_path).ok().map(|m| m.ino())
+    };
+    let wake_err = |source| ServerError::Control {
+        path: control_path.clone(),
+        source,
+    };
+    let listen_wake = listener.try_clone().map_err(wake_err)?;
+    let control_wake = control.try_clone().map_err(wake_err)?;
+    let service = Arc::new(Service {
+        registry: Mutex::new(reg),
+        store: store.clone(),
+        scn: ScnSender::start(unix_now),
+        stats: Stats::default(),
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut threads = Vec::new();
+    let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+        std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(f)
+            .map_err(ServerError::Thread)
+    };
+    {
+        let st = store.clone();
+        threads.push(spawn("wal-commit", Box::new(move || st.run_committer()))?);
+    }
+    {
+        let (svc, stop) = (service.clone(), stop.clone());
+        threads.push(spawn(
+            "housekeeping",
+            Box::new(move || {
+                // Short naps so that shutdown does not wait a whole period.
+                let nap = Duration::from_millis(50);
+                let mut slept = Duration::ZERO;
+                while !stop.load(Ordering::SeqCst) {
+                    std::thread::sleep(nap);
+                    slept += nap;
+                    if slept >= HOUSEKEEPING_PERIOD {
+                        slept = Duration::ZERO;
+                        svc.housekeeping();
+                    }
+                }
+            }),
+        )?);
+    }
+    {
+        let (svc, stop) = (service.clone(), stop.clone());
+        threads.push(spawn(
+            "isns-accept",
+            Box::new(move || accept_loop(&listener, &svc, &stop)),
+        )?);
+    }
+    {
+        let (svc, stop) = (service.clone(), stop.clone());
+        threads.push(spawn(
+            "control",
+            Box::new(move || crate::control::serve(&control, &svc, &stop)),
+        )?);
+    }
+    tracing::info!(%local_addr, control = %control_path.display(), "iSNS server listening");
+    Ok(ServerHandle {
+        local_addr,
+        control_path,
+        service,
+        stop,
+        threads,
+        store,
+        listen_wake,
+        control_wake,
+        control_ino,
+    })
+}
+
+/// Open connections per peer address.
+type PeerCounts = Arc<Mutex<HashMap<IpAddr, usize>>>;
+
+fn accept_loop(listener: &TcpListener, svc: &Arc<Service>, stop: &AtomicBool) {
+    let peers: PeerCounts = Arc::default();
+    let total = Arc::new(AtomicU64::new(0));
+    for conn in listener.incoming() {
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let stream = match conn {
+            Ok(s) => s,
+            Err(_) if stop.load(Ordering::SeqCst) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                // EMFILE and friends: back off instead of spinning.
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        let Ok(peer) = stream.peer_addr() else {
+            continue;
+        };
+        let admitted = {
+            let mut p = peers.lock().unwrap_or_else(|e| e.into_inner());
+            let c = p.entry(peer.ip()).or_insert(0);
+            if *c >= MAX_CONNECTIONS_PER_PEER
+                || total.load(Ordering::SeqCst) as usize >= MAX_CONNECTIONS
+            {
+                false
+            } else {
+                *c += 1;
+                total.fetch_add(1, Ordering::SeqCst);
+                true
+            }
+        };
+        if !admitted {
+            svc.stats
+                .connections_refused
+                .fetch_add(1, Ordering::Relaxed);
+            let _ = stream.shutdown(Shutdown::Both);
+            continue;
+        }
+        svc.stats.connections.fetch_add(1, Ordering::Relaxed);
+        let (svc, peers, total) = (svc.clone(), peers.clone(), total.clone());
+        let spawned = std::thread::Builder::new()
+            .name("isns-conn".into())
+            .spawn(move || {
+                if let Err(e) = serve_connection(stream, &svc) {
+                    tracing::debug!(%peer, error = %e, "connection closed");
+                }
+                let mut p = peers.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(c) = p.get_mut(&peer.ip()) {
+                    *c -= 1;
+                    if *c == 0 {
+                        p.remove(&peer.ip());
+                    }
+                }
+                total.fetch_sub(1, Ordering::SeqCst);
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start connection thread");
+        }
+    }
+}
+
+/// Reads exactly `buf.len()` bytes; `Ok(false)` on a clean end of stream before any byte.
+fn read_full(s: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<bool> {
+    let mut off = 0;
+    while off < buf.len() {
+        match s.read(&mut buf[off..]) {
+            Ok(0) if off == 0 => return Ok(false),
+            Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
+            Ok(n) => off += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+fn serve_connection(mut s: TcpStream, svc: &Service) -> std::io::Result<()> {
+    s.set_nodelay(true)?;
+    s.set_write_timeout(Some(WRITE_TIMEOUT))?;
+    let mut r = Reassembler::new();
+    let mut payload = Vec::new();
+    loop {
+        s.set_read_timeout(Some(IDLE_TIMEOUT))?;
+        let mut hb = [0u8; HEADER_LEN];
+        if !read_full(&mut s, &mut hb)? {
+            return Ok(());
+        }
+        let h = Header::decode(&hb);
+        s.set_read_timeout(Some(PDU_TIMEOUT))?;
+        payload.resize(usize::from(h.length), 0);
+        if !read_full(&mut s, &mut payload)? {
+            return Err(ErrorKind::UnexpectedEof.into());
+        }
+        match r.push(&h, &payload) {
+            Ok(None) => {}
+            Ok(Some(m)) => {
+                if let Some(reply) = svc.handle(&m) {
+                    s.write_all(&reply)?;
+                }
+            }
+            Err(e) => {
+                svc.stats.format_errors.fetch_add(1, Ordering::Relaxed);
+                svc.stats.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(error = %e, "bad PDU");
+                let w = TlvWriter::response(e.status());
+                let reply = split_pdus(
+                    h.function | RESPONSE_BIT,
+                    FLAG_SERVER,
+                    h.xid,
+                    &w,
+                    MAX_REPLY_PAYLOAD_BYTES,
+                );
+                if h.function & RESPONSE_BIT == 0 {
+                    s.write_all(&reply)?;
+                }
+                // After a framing error the byte stream cannot be trusted to be in step:
+                // close (RFC 4171 §5.1: out-of-order or unparseable PDUs end the message;
+                // a version mismatch means we cannot speak with this client at all).
+                if matches!(
+                    e,
+                    WireError::OutOfOrder { .. }
+                        | WireError::MissingFirst(_)
+                        | WireError::MessageTooLarge
+                        | WireError::TooManyPdus
+                        | WireError::Version(_)
+                ) {
+                    let _ = s.shutdown(Shutdown::Both);
+                    return Ok(());
+                }
+            }
+        }
+    }
+}

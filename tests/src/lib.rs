@@ -1,0 +1,11 @@
+//! Test support shared by Strata's cross-crate and end-to-end tests.
+//!
+//! - [`daemon`]: builds and spawns `stratad` (release build, so guest and blkio tests run at a
+//!   realistic speed), waits for its sockets and stops it with SIGTERM.
+//! - [`guest`]: re-export of `strata-guest` (tools/guest), which boots the cached test guest
+//!   under QEMU TCG with shared memfd memory and vhost-user devices, runs a script in it and
+//!   reads the results from the serial console with a hard time-out.
+
+pub mod daemon;
+pub use strata_guest as guest;
+pub mod vmfs;

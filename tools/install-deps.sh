@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Installs, on Debian 12 (as root or through sudo, non-interactively), what Strata's tests and
+# quick start need beyond the Rust toolchain, and only what is missing:
+#
+#   qemu-system-x86_64        the test guest's VMM            (qemu-system-x86)
+#   qemu-storage-daemon, qemu-img   reference vhost-user back-end and image tool (qemu-utils)
+#   fio                       copied into the guest           (fio)
+#   busybox (static), cpio, depmod/modprobe   guest build     (busybox-static, cpio, kmod)
+#   isnsadm, tgtd/tgtadm, iscsi-inq   name server's real clients (open-isns-utils, tgt,
+#                             libiscsi-bin; isnsd from open-isns-server as reference server)
+#
+# QEMU's packages must come from one release: this project's machines ship qemu-utils from
+# bookworm-backports, and bookworm's own qemu-system-x86 would replace it with an older
+# qemu-utils-less set. So when the installed qemu-utils is a backport, QEMU is installed from
+# bookworm-backports too (the suite is added to apt's sources if no source names it).
+set -euo pipefail
+
+export DEBIAN_FRONTEND=noninteractive
+SUDO=()
+if [[ $(id -u) -ne 0 ]]; then
+    SUDO=(sudo -n)
+fi
+
+log() { printf 'install-deps: %s\n' "$*" >&2; }
+
+APT_UPDATED=0
+apt_update() {
+    if [[ $APT_UPDATED -eq 0 ]]; then
+        log "apt-get update"
+        "${SUDO[@]}" apt-get update -qq
+        APT_UPDATED=1
+    fi
+}
+
+# apt_install [-t SUITE] PKG...
+apt_install() {
+    local opts=()
+    if [[ "${1:-}" == -t ]]; then
+        opts=(-t "$2")
+        shift 2
+    fi
+    [[ $# -gt 0 ]] || return 0
+    apt_update
+    log "apt-get install ${opts[*]} $*"
+    local out
+    out=$(mktemp)
+    if ! "${SUDO[@]}" apt-get install -y -qq --no-install-recommends -o Dpkg::Use-Pty=0 \
+        "${opts[@]}" "$@" >"$out" 2>&1; then
+        cat "$out" >&2
+        rm -f "$out"
+        log "error: apt-get install $* failed"
+        exit 1
+    fi
+    rm -f "$out"
+}
+
+have() { command -v "$1" >/dev/null 2>&1; }
+
+# --- QEMU ---------------------------------------------------------------------------------------
+qemu_pkgs=()
+have qemu-system-x86_64 || qemu_pkgs+=(qemu-system-x86)
+{ have qemu-storage-daemon && have qemu-img; } || qemu_pkgs+=(qemu-utils)
+if [[ ${#qemu_pkgs[@]} -gt 0 ]]; then
+    utils_version=$(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null || true)
+    if [[ "$utils_version" == *bpo12* ]]; then
+        if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+            log "adding bookworm-backports to apt's sources (installed qemu-utils is $utils_version)"
+            echo "deb http://deb.debian.org/debian bookworm-backports main" |
+                "${SUDO[@]}" tee /etc/apt/sources.list.d/strata-backports.list >/dev/null
+            APT_UPDATED=0
+        fi
+        # Both packages, so that apt keeps them at the same (backports) version.
+        apt_install -t bookworm-backports qemu-system-x86 qemu-utils
+    else
+        apt_install "${qemu_pkgs[@]}"
+    fi
+fi
+
+# --- guest build --------------------------------------------------------------------------------
+pkgs=()
+have fio || pkgs+=(fio)
+have cpio || pkgs+=(cpio)
+{ have depmod && have modprobe; } || pkgs+=(kmod)
+have flock || pkgs+=(util-linux)
+dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'install ok installed' ||
+    pkgs+=(busybox-static)
+apt_install "${pkgs[@]}"
+
+# --- name server clients (fabric-nameserver's tests) -------------------------------------------
+pkgs=()
+have isnsadm || pkgs+=(open-isns-utils)
+have isnsd || pkgs+=(open-isns-server)
+{ have tgtd && have tgtadm; } || pkgs+=(tgt)
+have iscsi-inq || pkgs+=(libiscsi-bin)
+apt_install "${pkgs[@]}"
+
+for tool in qemu-system-x86_64 qemu-storage-daemon qemu-img fio cpio depmod \
+    isnsadm isnsd tgtd tgtadm iscsi-inq; do
+    have "$tool" || { log "error: $tool still missing"; exit 1; }
+done

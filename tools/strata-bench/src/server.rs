@@ -1,0 +1,452 @@
+//! Starting, measuring and stopping the servers under test (stratad and qemu-storage-daemon).
+//!
+//! Every server is started fresh for one measurement, pinned to the server CPU (the equivalent
+//! of `taskset -c CPU`, done with `sched_setaffinity` between fork and exec) and tied to this
+//! process with `PR_SET_PDEATHSIG`, so that no server outlives the bench even when the bench is
+//! killed. Its CPU time is read from `/proc/PID/stat` (utime + stime of all its threads).
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use crate::STOP;
+
+/// How long a server may take to create its socket: QSD and stratad both listen within a few
+/// milliseconds, this only bounds a hang.
+const SOCKET_WAIT_MAX: Duration = Duration::from_secs(30);
+/// How long a server may take to drain and exit after SIGTERM before it is killed.
+const STOP_WAIT_MAX: Duration = Duration::from_secs(10);
+/// Poll interval while waiting for a socket or an exit.
+const WAIT_STEP: Duration = Duration::from_millis(5);
+/// Size of the null device on both servers: 1 GiB, as in the anchor figures.
+pub const NULL_SIZE: u64 = 1 << 30;
+/// Room for one `/proc/PID/stat` line (its 52 fields are well under 1 KiB, even with a 16-byte
+/// command name).
+const STAT_BUF: usize = 1024;
+
+/// Which server implementation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum System {
+    /// Strata's daemon.
+    Stratad,
+    /// qemu-storage-daemon's vhost-user-blk export.
+    Qsd,
+}
+
+impl System {
+    pub fn name(self) -> &'static str {
+        match self {
+            System::Stratad => "stratad",
+            System::Qsd => "qsd",
+        }
+    }
+}
+
+/// Which storage behind the export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// No storage: reads return zeroes, writes are dropped (QSD `null-co,read-zeroes=on`).
+    Null,
+    /// A raw image file through the page cache (QSD `file,cache.direct=off`).
+    Raw,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Null => "null",
+            Backend::Raw => "raw",
+        }
+    }
+}
+
+/// QSD's file AIO engine for the raw backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QsdAio {
+    /// A worker thread pool doing preadv/pwritev (QEMU's default).
+    Threads,
+    /// Linux io_uring (stratad's engine too).
+    #[value(name = "io_uring")]
+    IoUring,
+}
+
+/// Everything needed to start one server.
+#[derive(Debug, Clone)]
+pub struct ServerSpec<'a> {
+    pub system: System,
+    pub backend: Backend,
+    /// Raw image (only for `Backend::Raw`).
+    pub image: &'a Path,
+    pub queues: u32,
+    pub cpu: usize,
+    pub stratad_bin: &'a Path,
+    pub qsd_bin: &'a Path,
+    pub qsd_aio: QsdAio,
+    /// Null backend: reads fill the buffer with zeroes (both servers get the same setting).
+    pub read_zeroes: bool,
+    pub sock: PathBuf,
+    pub log: PathBuf,
+}
+
+impl ServerSpec<'_> {
+    fn command(&self) -> Command {
+        let sock = self.sock.display();
+        match self.system {
+            System::Stratad => {
+                let disk = match self.backend {
+                    Backend::Null => format!(
+                        "socket={sock},backend=null,size={NULL_SIZE},queues={},read-zeroes={}",
+                        self.queues,
+                        on_off(self.read_zeroes)
+                    ),
+                    Backend::Raw => format!(
+                        "socket={sock},backend=raw,path={},queues={}",
+                        self.image.display(),
+                        self.queues
+                    ),
+                };
+                let mut cmd = Command::new(self.stratad_bin);
+                cmd.arg("--cpus")
+                    .arg(self.cpu.to_string())
+                    .arg("--disk")
+                    .arg(disk);
+                if std::env::var_os("RUST_LOG").is_none() {
+                    cmd.env("RUST_LOG", "warn");
+                }
+                cmd
+            }
+            System::Qsd => {
+                let blockdev = match self.backend {
+                    Backend::Null => format!(
+                        "driver=null-co,node-name=n0,size={NULL_SIZE},read-zeroes={}",
+                        on_off(self.read_zeroes)
+                    ),
+                    Backend::Raw => format!(
+                        "driver=file,node-name=n0,filename={},cache.direct=off,aio={}",
+                        self.image.display(),
+                        match self.qsd_aio {
+                            QsdAio::Threads => "threads",
+                            QsdAio::IoUring => "io_uring",
+                        }
+                    ),
+                };
+                let export = format!(
+                    "type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path={sock},\
+                     writable=on,num-queues={}",
+                    self.queues
+                );
+                let mut cmd = Command::new(self.qsd_bin);
+                cmd.arg("--blockdev")
+                    .arg(blockdev)
+                    .arg("--export")
+                    .arg(export);
+                cmd
+            }
+        }
+    }
+}
+
+fn on_off(b: bool) -> &'static str {
+    if b {
+        "on"
+    } else {
+        "off"
+    }
+}
+
+/// A running server; killed on drop unless stopped before.
+#[derive(Debug)]
+pub struct Server {
+    child: Option<Child>,
+    pid: u32,
+    system: System,
+    log: PathBuf,
+}
+
+impl Server {
+    /// Starts the server pinned to `spec.cpu` and waits until its socket exists.
+    pub fn start(spec: &ServerSpec<'_>) -> anyhow::Result<Self> {
+        if spec.sock.exists() {
+            std::fs::remove_file(&spec.sock).context("remove stale socket")?;
+        }
+        let log = File::create(&spec.log).context("create server log")?;
+        let log_err = log.try_clone().context("clone server log")?;
+        let mut cmd = spec.command();
+        cmd.stdin(Stdio::null()).stdout(log).stderr(log_err);
+        let cpu = spec.cpu;
+        // SAFETY: the closure runs in the child between fork and exec and only makes the
+        // async-signal-safe system calls prctl(2) and sched_setaffinity(2) on plain stack data.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                pin_current(cpu)
+            });
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("spawn {}", spec.system.name()))?;
+        let mut server = Server {
+            pid: child.id(),
+            child: Some(child),
+            system: spec.system,
+            log: spec.log.clone(),
+        };
+        let deadline = Instant::now() + SOCKET_WAIT_MAX;
+        while !spec.sock.exists() {
+            if let Some(status) = server.try_wait()? {
+                bail!(
+                    "{} exited early with {status}; log:\n{}",
+                    spec.system.name(),
+                    server.log_tail()
+                );
+            }
+            if STOP.load(Ordering::Relaxed) {
+                bail!("interrupted");
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "socket {} did not appear; log:\n{}",
+                    spec.sock.display(),
+                    server.log_tail()
+                );
+            }
+            std::thread::sleep(WAIT_STEP);
+        }
+        Ok(server)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    fn try_wait(&mut self) -> anyhow::Result<Option<ExitStatus>> {
+        match self.child.as_mut() {
+            Some(c) => Ok(c.try_wait()?),
+            None => Ok(None),
+        }
+    }
+
+    /// The last lines of the server's log, for error messages.
+    pub fn log_tail(&self) -> String {
+        /// Lines of server log quoted in an error.
+        const TAIL_LINES: usize = 20;
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(TAIL_LINES)..].join("\n")
+    }
+
+    /// SIGTERM, then wait for the exit (SIGKILL after `STOP_WAIT_MAX`).
+    pub fn stop(mut self) -> anyhow::Result<ExitStatus> {
+        let mut child = self.child.take().context("already stopped")?;
+        let pid = libc::pid_t::try_from(child.id()).context("pid")?;
+        // SAFETY: kill(2) on our own child's pid with a valid signal has no memory effects.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + STOP_WAIT_MAX;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "{} did not exit within {STOP_WAIT_MAX:?} of SIGTERM",
+                    self.system.name()
+                );
+            }
+            std::thread::sleep(WAIT_STEP);
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Pins the calling thread (and so its future children) to one CPU.
+pub fn pin_current(cpu: usize) -> io::Result<()> {
+    // SAFETY: cpu_set_t is a plain bit array for which all-zeroes is a valid (empty) value.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: CPU_SET writes one bit inside `set`; it checks `cpu` against the set's size.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: `set` is a valid, initialised cpu_set_t of the size passed; pid 0 is this thread.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Reads a process's CPU time (user + system, all threads) from `/proc/PID/stat` without
+/// allocating: the file is opened once and re-read with pread.
+#[derive(Debug)]
+pub struct CpuClock {
+    file: File,
+    buf: [u8; STAT_BUF],
+    ticks_per_sec: u64,
+}
+
+impl CpuClock {
+    pub fn open(pid: u32) -> anyhow::Result<Self> {
+        let file = File::open(format!("/proc/{pid}/stat")).context("open /proc/PID/stat")?;
+        // SAFETY: sysconf has no memory effects.
+        let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        let ticks_per_sec = u64::try_from(tck)
+            .ok()
+            .filter(|&t| t > 0)
+            .context("CLK_TCK")?;
+        Ok(CpuClock {
+            file,
+            buf: [0; STAT_BUF],
+            ticks_per_sec,
+        })
+    }
+
+    /// utime + stime.
+    pub fn read(&mut self) -> anyhow::Result<Duration> {
+        let n = self
+            .file
+            .read_at(&mut self.buf, 0)
+            .context("read /proc/PID/stat")?;
+        let text = std::str::from_utf8(&self.buf[..n]).context("stat is not UTF-8")?;
+        // The command name (field 2) is in parentheses and may contain spaces: fields after the
+        // last ')' start with field 3 (state); utime and stime are fields 14 and 15.
+        let rest = text
+            .rsplit_once(')')
+            .map(|(_, r)| r)
+            .context("malformed stat")?;
+        let mut fields = rest.split_ascii_whitespace().skip(11);
+        let utime: u64 = fields
+            .next()
+            .context("no utime")?
+            .parse()
+            .context("utime")?;
+        let stime: u64 = fields
+            .next()
+            .context("no stime")?
+            .parse()
+            .context("stime")?;
+        let ticks = utime + stime;
+        Ok(Duration::from_micros(
+            ticks * 1_000_000 / self.ticks_per_sec,
+        ))
+    }
+}
+
+/// CPU time of this process (user + system), from getrusage(2).
+pub fn self_cpu_time() -> Duration {
+    // SAFETY: rusage is plain data for which all-zeroes is valid.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `ru` is a valid, writable rusage.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| {
+        Duration::from_secs(u64::try_from(t.tv_sec).unwrap_or(0))
+            + Duration::from_micros(u64::try_from(t.tv_usec).unwrap_or(0))
+    };
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// Room for the head of `/proc/stat`: the per-CPU lines come first and fit easily (the long
+/// `intr` line after them is not needed).
+const PROC_STAT_HEAD: usize = 8192;
+
+/// Busy and steal time of the benchmark's CPUs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuSample {
+    /// user + nice + system + irq + softirq, summed over the CPUs.
+    pub busy: Duration,
+    /// Time the hypervisor ran something else, summed over the CPUs.
+    pub steal: Duration,
+}
+
+/// Reads the busy time of the server and client CPUs from `/proc/stat`, so a run can report how
+/// much CPU went to neither the server nor the load generator (builds, guests, kernel threads):
+/// on a shared 2-core machine that is the main source of noise.
+#[derive(Debug)]
+pub struct SystemCpu {
+    file: File,
+    buf: Box<[u8]>,
+    cpus: Vec<usize>,
+    ticks_per_sec: u64,
+}
+
+impl SystemCpu {
+    pub fn open(cpus: &[usize]) -> anyhow::Result<Self> {
+        let file = File::open("/proc/stat").context("open /proc/stat")?;
+        // SAFETY: sysconf has no memory effects.
+        let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        let ticks_per_sec = u64::try_from(tck)
+            .ok()
+            .filter(|&t| t > 0)
+            .context("CLK_TCK")?;
+        let mut cpus = cpus.to_vec();
+        cpus.sort_unstable();
+        cpus.dedup();
+        Ok(SystemCpu {
+            file,
+            buf: vec![0; PROC_STAT_HEAD].into_boxed_slice(),
+            cpus,
+            ticks_per_sec,
+        })
+    }
+
+    /// Number of distinct CPUs measured.
+    pub fn cpu_count(&self) -> usize {
+        self.cpus.len()
+    }
+
+    pub fn read(&mut self) -> anyhow::Result<CpuSample> {
+        let n = self
+            .file
+            .read_at(&mut self.buf, 0)
+            .context("read /proc/stat")?;
+        let text = std::str::from_utf8(&self.buf[..n]).unwrap_or("");
+        let (mut busy, mut steal, mut found) = (0u64, 0u64, 0usize);
+        for line in text.lines() {
+            let mut f = line.split_ascii_whitespace();
+            let Some(name) = f.next() else { continue };
+            let Some(idx) = name
+                .strip_prefix("cpu")
+                .and_then(|i| i.parse::<usize>().ok())
+            else {
+                continue;
+            };
+            if !self.cpus.contains(&idx) {
+                continue;
+            }
+            // user nice system idle iowait irq softirq steal ...
+            let v: Vec<u64> = f.take(8).map(|x| x.parse().unwrap_or(0)).collect();
+            if v.len() < 8 {
+                bail!("short /proc/stat line: {line}");
+            }
+            busy += v[0] + v[1] + v[2] + v[5] + v[6];
+            steal += v[7];
+            found += 1;
+        }
+        if found != self.cpus.len() {
+            bail!("/proc/stat lacks some of CPUs {:?}", self.cpus);
+        }
+        let d = |t: u64| Duration::from_micros(t * 1_000_000 / self.ticks_per_sec);
+        Ok(CpuSample {
+            busy: d(busy),
+            steal: d(steal),
+        })
+    }
+}

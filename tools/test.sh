@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Strata's full check, as CI runs it (.ci/run) and as the README's test command:
+#   1. installs what the tests need (tools/install-deps.sh: QEMU, fio, guest build tools),
+#   2. builds the cached test guest (tools/guest/build-guest.sh; a no-op once built),
+#   3. cargo fmt --check, clippy (-D warnings), the release stratad, and every test in release
+#      mode (the guest and blkio tests drive the release stratad).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "installing dependencies"
+bash tools/install-deps.sh
+
+step "building the test guest"
+bash tools/guest/build-guest.sh
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "cargo build --release -p stratad"
+cargo build --release -p stratad
+
+step "cargo test --workspace --release"
+cargo test --workspace --release --no-fail-fast
