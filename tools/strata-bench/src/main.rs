@@ -124,6 +124,11 @@ struct Cli {
     /// machine's DAMON pageout scheme evicts parts of it from the page cache mid-run).
     #[arg(long)]
     no_pin_image: bool,
+
+    /// With the `vmfs` system: write every block of the thin disk before each run, so the
+    /// run measures written space (default: never-written space, the allocation path).
+    #[arg(long)]
+    vmfs_prefill: bool,
     /// Size of a created raw image, in MiB.
     #[arg(long, default_value_t = 1024)]
     image_mib: u64,
@@ -252,7 +257,12 @@ fn run() -> anyhow::Result<()> {
         Some(p) => p.clone(),
         None => default_stratad()?,
     };
-    if cli.compare.contains(&System::Stratad) && !stratad_bin.is_file() {
+    if cli.compare.contains(&System::Vmfs) && cli.backend != BackendChoice::Raw {
+        bail!("the vmfs system serves a disk as large as the raw image: use --backend raw");
+    }
+    if (cli.compare.contains(&System::Stratad) || cli.compare.contains(&System::Vmfs))
+        && !stratad_bin.is_file()
+    {
         bail!(
             "stratad not found at {} (build it with `cargo build --release -p stratad` or pass \
              --stratad)",
@@ -432,6 +442,7 @@ impl Bench<'_> {
             read_zeroes: cli.read_zeroes,
             sock: self.dir.join(format!("run{run_no}.sock")),
             log: self.dir.join(format!("run{run_no}.log")),
+            vmfs_prefill: cli.vmfs_prefill,
         };
         let server = Server::start(&spec)?;
         let mut meters = Meters {
@@ -483,6 +494,7 @@ fn cli_json(cli: &Cli) -> serde_json::Value {
         "read_zeroes": cli.read_zeroes,
         "image_mib": cli.image_mib,
         "pin_image": !cli.no_pin_image,
+        "vmfs_prefill": cli.vmfs_prefill,
         "server_cpu": cli.server_cpu,
         "client_cpu": cli.client_cpu,
         "seed": cli.seed,

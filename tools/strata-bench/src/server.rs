@@ -39,6 +39,9 @@ pub enum System {
     Stratad,
     /// qemu-storage-daemon's vhost-user-blk export.
     Qsd,
+    /// Strata's daemon serving a thin file of a vmfs datastore, as large as the raw image
+    /// (with `--backend raw`; compare with `stratad` for vmfs against a raw file).
+    Vmfs,
 }
 
 impl System {
@@ -46,6 +49,7 @@ impl System {
         match self {
             System::Stratad => "stratad",
             System::Qsd => "qsd",
+            System::Vmfs => "vmfs",
         }
     }
 }
@@ -96,6 +100,8 @@ pub struct ServerSpec<'a> {
     pub read_zeroes: bool,
     pub sock: PathBuf,
     pub log: PathBuf,
+    /// vmfs: write every block of the thin disk before the run (measure written space).
+    pub vmfs_prefill: bool,
 }
 
 impl ServerSpec<'_> {
@@ -120,6 +126,22 @@ impl ServerSpec<'_> {
                     .arg(self.cpu.to_string())
                     .arg("--disk")
                     .arg(disk);
+                if std::env::var_os("RUST_LOG").is_none() {
+                    cmd.env("RUST_LOG", "warn");
+                }
+                cmd
+            }
+            System::Vmfs => {
+                let mut cmd = Command::new(self.stratad_bin);
+                cmd.arg("--cpus")
+                    .arg(self.cpu.to_string())
+                    .arg("--datastore")
+                    .arg(self.datastore())
+                    .arg("--disk")
+                    .arg(format!(
+                        "socket={sock},backend=vmfs,file={VMFS_DISK},queues={}",
+                        self.queues
+                    ));
                 if std::env::var_os("RUST_LOG").is_none() {
                     cmd.env("RUST_LOG", "warn");
                 }
@@ -156,6 +178,64 @@ impl ServerSpec<'_> {
     }
 }
 
+/// Name of the thin disk file inside the benchmark's datastore.
+const VMFS_DISK: &str = "disk.img";
+/// Datastore space beyond the disk: the fixed metadata regions (journal, tables) of a
+/// volume of a few GiB fit in this.
+const VMFS_SLACK_BYTES: u64 = 256 << 20;
+
+impl ServerSpec<'_> {
+    fn datastore(&self) -> PathBuf {
+        self.log.with_extension("vmfs")
+    }
+
+    /// Makes a fresh datastore with a thin disk as large as the raw image; with
+    /// `vmfs_prefill`, writes every block of it first.
+    fn prepare_vmfs(&self) -> anyhow::Result<()> {
+        use std::sync::Arc;
+        use vmfs::fs::{Datastore, MkfsOptions, WriteSeg};
+        let disk_bytes = std::fs::metadata(self.image)
+            .context("raw image (vmfs disks take its size)")?
+            .len();
+        let path = self.datastore();
+        let _ = std::fs::remove_file(&path);
+        let dev = Arc::new(
+            vmfs::device::FileDevice::create(
+                &path,
+                disk_bytes + disk_bytes / 16 + VMFS_SLACK_BYTES,
+            )
+            .context("create datastore")?,
+        );
+        Datastore::mkfs(dev.clone(), &MkfsOptions { uuid: None }, &mut |_, _| {})
+            .context("mkfs")?;
+        let ds = Datastore::mount(dev).context("mount")?;
+        let ino = ds
+            .create_file(
+                VMFS_DISK,
+                vmfs::format::Provisioning::Thin,
+                disk_bytes,
+                &mut |_, _| {},
+            )
+            .context("create thin disk")?;
+        if self.vmfs_prefill {
+            let block = vec![0x5au8; vmfs::format::FILE_BLOCK as usize];
+            let mut off = 0;
+            while off < disk_bytes {
+                let n = (disk_bytes - off).min(block.len() as u64) as usize;
+                ds.write_batch(&[WriteSeg {
+                    ino,
+                    offset: off,
+                    data: &block[..n],
+                }])
+                .context("prefill")?;
+                off += n as u64;
+            }
+        }
+        ds.unmount().context("unmount")?;
+        Ok(())
+    }
+}
+
 fn on_off(b: bool) -> &'static str {
     if b {
         "on"
@@ -178,6 +258,9 @@ impl Server {
     pub fn start(spec: &ServerSpec<'_>) -> anyhow::Result<Self> {
         if spec.sock.exists() {
             std::fs::remove_file(&spec.sock).context("remove stale socket")?;
+        }
+        if spec.system == System::Vmfs {
+            spec.prepare_vmfs()?;
         }
         let log = File::create(&spec.log).context("create server log")?;
         let log_err = log.try_clone().context("clone server log")?;
