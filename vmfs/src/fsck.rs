@@ -96,6 +96,15 @@ impl Checker<'_> {
 
 /// Checks the datastore on `dev`. `Err` only when the device cannot be read at all.
 pub fn fsck(dev: &dyn BlockDevice) -> Result<FsckReport, DeviceError> {
+    fsck_with_progress(dev, &mut |_, _| {})
+}
+
+/// [`fsck`], calling `progress(done, total)` as it goes through the inode table (the long
+/// part on a large datastore).
+pub fn fsck_with_progress(
+    dev: &dyn BlockDevice,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<FsckReport, DeviceError> {
     let size = dev.size();
     let mut b = vec![0u8; MD_BLOCK];
     let mut report = FsckReport::default();
@@ -154,6 +163,7 @@ pub fn fsck(dev: &dyn BlockDevice) -> Result<FsckReport, DeviceError> {
     let mut fb_ref = vec![false; l.fb_count as usize];
     let mut inodes: HashMap<u64, (Inode, Vec<u8>)> = HashMap::new();
     for ino in 1..l.fd_count {
+        progress(ino, l.fd_count - 1);
         if !fd_bits[ino as usize] {
             continue;
         }

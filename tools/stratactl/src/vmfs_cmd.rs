@@ -401,9 +401,8 @@ fn fsck(target: &Target, as_json: bool) -> Result<(), VmfsCmdError> {
             e => format!("{}: {e}", path.display()),
         })
     })?;
-    eprint!("fsck: checking {} ... ", path.display());
-    let r = vmfs::fsck::fsck(&dev).map_err(|e| VmfsCmdError::Failed(e.to_string()))?;
-    eprintln!("done");
+    let r = vmfs::fsck::fsck_with_progress(&dev, &mut progress("fsck"))
+        .map_err(|e| VmfsCmdError::Failed(e.to_string()))?;
     if as_json {
         println!(
             "{}",
