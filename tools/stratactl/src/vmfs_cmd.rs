@@ -116,7 +116,12 @@ fn size_arg(s: &str) -> Result<u64, VmfsCmdError> {
 /// Prints `done/total` as a percentage on stderr, on one line, for long operations.
 fn progress(label: &'static str) -> impl FnMut(u64, u64) {
     let mut last = u64::MAX;
+    // Only for a person watching: scripts and logs get no carriage-return noise.
+    let shown = std::io::IsTerminal::is_terminal(&std::io::stderr());
     move |done, total| {
+        if !shown {
+            return;
+        }
         let pct = (done * 100).checked_div(total).unwrap_or(100);
         if pct != last {
             last = pct;
