@@ -96,13 +96,17 @@ impl ObjType {
 /// An IP address attribute, IPv4 normalised to the v4-mapped form RFC 4171 §6.3.1 asks for
 /// (open-isns sends the IPv4-compatible `::a.b.c.d` form; both denote the same portal).
 fn ip(t: &Tlv) -> Result<Ipv6Addr, CommandError> {
-    let a = t.as_ip()?;
+    Ok(normalize_ip(t.as_ip()?))
+}
+
+/// Normalises an IPv4-compatible address (`::a.b.c.d`) to the v4-mapped form. Pure.
+pub fn normalize_ip(a: Ipv6Addr) -> Ipv6Addr {
     let s = a.segments();
     if s[..6] == [0; 6] && !a.is_unspecified() && !a.is_loopback() {
         let o = a.octets();
-        return Ok(std::net::Ipv4Addr::new(o[12], o[13], o[14], o[15]).to_ipv6_mapped());
+        return std::net::Ipv4Addr::new(o[12], o[13], o[14], o[15]).to_ipv6_mapped();
     }
-    Ok(a)
+    a
 }
 
 fn string(t: &Tlv) -> Result<String, CommandError> {

@@ -8,6 +8,8 @@
 //! - [`registry`]: the state (entities, portals, nodes, portal groups, DDs, DD sets, policy),
 //!   soft zoning, and the execution of commands into replies, logged mutations and SCNs.
 //! - [`store`]: the write-ahead log with group commit, snapshots and crash recovery.
+//! - [`esi`]: Entity Status Inquiry: probing portals that asked for it, deciding which
+//!   are dead (pure message codec and schedule; the server thread applies the verdicts).
 //! - [`scn`]: delivery of state-change notifications to clients' SCN ports, with retries.
 //! - [`server`]: the TCP listener and connection threads, the service that makes every
 //!   change durable before answering, expiry and snapshot housekeeping.
@@ -18,6 +20,7 @@
 
 pub mod command;
 pub mod control;
+pub mod esi;
 pub mod registry;
 pub mod scn;
 pub mod server;

@@ -119,6 +119,15 @@ pub struct Entity {
     pub refreshed_secs: u64,
 }
 
+impl Portal {
+    /// Whether the server probes this portal with ESI: it registered an ESI port and did not
+    /// ask for interval 0 ("no ESI", RFC 4171 §6.3.5). Without an interval the minimum one
+    /// is used.
+    pub fn esi_monitored(&self) -> bool {
+        self.esi_port.is_some_and(|p| p & 0xffff != 0) && self.esi_interval_secs != Some(0)
+    }
+}
+
 impl Entity {
     fn children(&self) -> usize {
         self.portals.len() + self.nodes.len() + self.pgs.len()
@@ -233,6 +242,11 @@ pub enum RegistryError {
     Full(&'static str),
     #[error("reply larger than {MAX_REPLY_BYTES} bytes")]
     ReplyTooLarge,
+    #[error(
+        "ESI monitoring is at its limit of {} portals",
+        crate::esi::MAX_ESI_PORTALS
+    )]
+    EsiNotAvailable,
 }
 
 impl RegistryError {
@@ -244,6 +258,7 @@ impl RegistryError {
             RegistryError::InvalidQuery(_) => Status::InvalidQuery,
             RegistryError::Full(_) => Status::Busy,
             RegistryError::ReplyTooLarge => Status::Internal,
+            RegistryError::EsiNotAvailable => Status::EsiNotAvailable,
         }
     }
 }
@@ -286,6 +301,9 @@ pub struct Registry {
     active_dds: HashSet<u32>,
     #[serde(skip)]
     subscribers: BTreeSet<String>,
+    /// Portals monitored by ESI (an ESI port and a non-zero interval), to their entity.
+    #[serde(skip)]
+    esi_portals: BTreeMap<(Ipv6Addr, u32), String>,
     /// Registration period given to entities that do not ask for one (configuration).
     #[serde(skip)]
     default_period_secs: u32,
@@ -312,6 +330,7 @@ impl Registry {
         self.node_eid.clear();
         self.portal_eid.clear();
         self.subscribers.clear();
+        self.esi_portals.clear();
         for e in self.entities.values() {
             for n in &e.nodes {
                 self.node_eid.insert(n.name.clone(), e.eid.clone());
@@ -321,6 +340,9 @@ impl Registry {
             }
             for p in &e.portals {
                 self.portal_eid.insert((p.ip, p.port), e.eid.clone());
+                if p.esi_monitored() {
+                    self.esi_portals.insert((p.ip, p.port), e.eid.clone());
+                }
             }
         }
         self.member_dds.clear();
@@ -409,6 +431,9 @@ impl Registry {
                 }
                 for p in &e.portals {
                     self.portal_eid.insert((p.ip, p.port), e.eid.clone());
+                    if p.esi_monitored() {
+                        self.esi_portals.insert((p.ip, p.port), e.eid.clone());
+                    }
                 }
                 self.entities.insert(e.eid.clone(), e.clone());
             }
@@ -450,6 +475,7 @@ impl Registry {
         }
         for p in &old.portals {
             self.portal_eid.remove(&(p.ip, p.port));
+            self.esi_portals.remove(&(p.ip, p.port));
         }
         Some(old)
     }
@@ -863,6 +889,14 @@ impl Registry {
         if self.node_eid.len() + new_nodes > MAX_NODES {
             return Err(RegistryError::Full("nodes"));
         }
+        let new_esi = e
+            .portals
+            .iter()
+            .filter(|p| p.esi_monitored() && !self.esi_portals.contains_key(&(p.ip, p.port)))
+            .count();
+        if new_esi > 0 && self.esi_portals.len() + new_esi > crate::esi::MAX_ESI_PORTALS {
+            return Err(RegistryError::EsiNotAvailable);
+        }
         // SCN: removed (by REPLACE), added and updated nodes.
         let mut out = Outcome::default();
         let old_nodes: Vec<Node> = old.as_ref().map(|o| o.nodes.clone()).unwrap_or_default();
@@ -977,6 +1011,68 @@ impl Registry {
         for eid in expired {
             tracing::info!(%eid, "registration period elapsed, entity removed");
             self.remove_entity(&mut out, &eid);
+        }
+        out
+    }
+
+    /// How many portals ESI monitors.
+    pub fn esi_portal_count(&self) -> usize {
+        self.esi_portals.len()
+    }
+
+    /// The portals to probe with ESI, with their effective intervals.
+    pub fn esi_targets(&self, cfg: &crate::esi::EsiConfig) -> Vec<crate::esi::EsiTarget> {
+        self.esi_portals
+            .iter()
+            .filter_map(|((ip, port), eid)| {
+                let e = self.entities.get(eid)?;
+                let p = e.portals.iter().find(|p| p.ip == *ip && p.port == *port)?;
+                let esi_port = u16::try_from(p.esi_port? & 0xffff).ok()?;
+                let addr = match ip.to_ipv4_mapped() {
+                    Some(v4) => std::net::IpAddr::V4(v4),
+                    None => std::net::IpAddr::V6(*ip),
+                };
+                Some(crate::esi::EsiTarget {
+                    eid: eid.clone(),
+                    ip: *ip,
+                    port: *port,
+                    addr: SocketAddr::new(addr, esi_port),
+                    interval_secs: cfg.effective_interval_secs(p.esi_interval_secs.unwrap_or(0)),
+                })
+            })
+            .collect()
+    }
+
+    /// Refreshes an entity's registration period (it answered an ESI).
+    pub fn touch_entity(&mut self, eid: &str, now_secs: u64) {
+        if let Some(e) = self.entities.get_mut(eid) {
+            e.refreshed_secs = now_secs;
+        }
+    }
+
+    /// Deregisters a portal that stopped answering ESI (with its portal groups). An entity
+    /// left without any ESI-monitored portal is deregistered with its nodes (open-isns does
+    /// the same); otherwise its nodes' subscribers are told the nodes were updated.
+    pub fn esi_drop_portal(&mut self, eid: &str, ip: Ipv6Addr, port: u32) -> Outcome {
+        let mut out = Outcome::default();
+        let Some(mut e) = self.entities.get(eid).cloned() else {
+            return out;
+        };
+        if !e.portals.iter().any(|p| p.ip == ip && p.port == port) {
+            return out;
+        }
+        e.portals.retain(|p| !(p.ip == ip && p.port == port));
+        e.pgs.retain(|g| !(g.ip == ip && g.port == port));
+        if !e.portals.iter().any(Portal::esi_monitored) {
+            tracing::info!(%eid, %ip, port, "ESI not answered, entity removed");
+            self.remove_entity(&mut out, eid);
+        } else {
+            tracing::info!(%eid, %ip, port, "ESI not answered, portal removed");
+            let nodes = e.nodes.clone();
+            self.commit(&mut out, Mutation::PutEntity(e));
+            for n in &nodes {
+                self.object_event(&mut out, n, scn::OBJECT_UPDATED);
+            }
         }
         out
     }
@@ -1916,4 +2012,86 @@ fn ddset_matches(s: &DdSet, keys: &[Tlv]) -> bool {
     let mut w = TlvWriter::new();
     encode_ddset(&mut w, s, None);
     tlvs_match(&w, keys)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::command::{NodeAttrs, PortalAttrs};
+
+    fn reg_entity(r: &mut Registry, eid: &str, node: &str, esi_port: Option<u32>, now: u64) {
+        let ip: Ipv6Addr = "::ffff:127.0.0.1".parse().unwrap();
+        let objects = vec![
+            RegObject::Portal(PortalAttrs {
+                ip: Some(ip),
+                port: Some(3260 + r.entities.len() as u32),
+                esi_port,
+                esi_interval_secs: esi_port.map(|_| 30),
+                scn_port: Some(5000),
+                ..Default::default()
+            }),
+            RegObject::Node(NodeAttrs {
+                name: node.into(),
+                node_type: Some(NODE_TARGET),
+                ..Default::default()
+            }),
+        ];
+        let attrs = EntityAttrs {
+            period_secs: Some(10),
+            ..Default::default()
+        };
+        r.register(node, &RegKey::Eid(eid.into()), false, &attrs, &objects, now)
+            .unwrap();
+    }
+
+    #[test]
+    fn registration_period_expiry_removes_entity_with_scn() {
+        let mut r = Registry::new(Policy::default(), 900);
+        reg_entity(&mut r, "e1", "iqn.a", None, 1000);
+        reg_entity(&mut r, "e2", "iqn.b", None, 1000);
+        r.scn_register("iqn.b", Some(scn::OBJECT_REMOVED)).unwrap();
+        // e2 is refreshed (a message from its node), e1 is not.
+        r.touch("iqn.b", 1008);
+        assert!(r.expire(1010).mutations.is_empty());
+        let out = r.expire(1011);
+        assert_eq!(
+            out.mutations
+                .iter()
+                .map(|m| &m.mutation)
+                .collect::<Vec<_>>(),
+            vec![&Mutation::RemoveEntity("e1".into())]
+        );
+        assert_eq!(out.notifications.len(), 1);
+        assert_eq!(out.notifications[0].dest, "iqn.b");
+        assert_eq!(out.notifications[0].subject, Subject::Node("iqn.a".into()));
+        assert_eq!(out.notifications[0].bitmap, scn::OBJECT_REMOVED);
+    }
+
+    #[test]
+    fn esi_index_follows_registrations_and_drop_removes_entity() {
+        let mut r = Registry::new(Policy::default(), 900);
+        reg_entity(&mut r, "e1", "iqn.a", Some(7000), 1000);
+        reg_entity(&mut r, "e2", "iqn.b", None, 1000);
+        r.scn_register("iqn.b", Some(scn::OBJECT_REMOVED)).unwrap();
+        let cfg = crate::esi::EsiConfig::default();
+        let t = r.esi_targets(&cfg);
+        assert_eq!(t.len(), 1);
+        assert_eq!(
+            (t[0].eid.as_str(), t[0].addr.port(), t[0].interval_secs),
+            ("e1", 7000, 30)
+        );
+        // An ESI answer refreshes the registration period.
+        r.touch_entity("e1", 1009);
+        assert!(r.expire(1011).mutations.len() == 1, "only e2 expires");
+        let out = r.esi_drop_portal("e1", t[0].ip, t[0].port);
+        assert_eq!(out.mutations.len(), 1);
+        assert_eq!(r.esi_portal_count(), 0);
+        assert_eq!(r.counts().0, 0);
+        // Snapshot/replay rebuilds the index.
+        reg_entity(&mut r, "e3", "iqn.c", Some(7001), 2000);
+        let json = serde_json::to_vec(&r).unwrap();
+        let mut back: Registry = serde_json::from_slice(&json).unwrap();
+        back.rebuild_indexes();
+        assert_eq!(back.esi_portal_count(), 1);
+    }
 }

@@ -1,6 +1,7 @@
 //! The running server: the iSNSP TCP listener with one thread per client connection, the
 //! [`Service`] that executes requests against the registry and makes their effects durable
-//! before answering, and the housekeeping thread (registration-period expiry, snapshots).
+//! before answering, the housekeeping thread (registration-period expiry, snapshots) and the
+//! ESI monitor thread (see [`crate::esi`]).
 
 use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
@@ -68,6 +69,8 @@ pub struct Config {
     pub default_dd: bool,
     /// Registration period for entities that do not ask for one (0: none).
     pub registration_period_secs: u32,
+    /// Entity Status Inquiry timing.
+    pub esi: crate::esi::EsiConfig,
 }
 
 impl Config {
@@ -78,6 +81,7 @@ impl Config {
             control: None,
             default_dd: true,
             registration_period_secs: 900,
+            esi: crate::esi::EsiConfig::default(),
         }
     }
 
@@ -109,6 +113,9 @@ pub struct Stats {
     pub format_errors: AtomicU64,
     pub expired_entities: AtomicU64,
     pub reply_pdus: AtomicU64,
+    pub esi_sent: AtomicU64,
+    pub esi_failed: AtomicU64,
+    pub esi_removed_portals: AtomicU64,
 }
 
 /// A stats report (JSON for `stratactl ns stats`).
@@ -132,12 +139,19 @@ pub struct StatsReport {
     pub format_errors: u64,
     pub expired_entities: u64,
     pub reply_pdus: u64,
+    pub esi_monitored_portals: usize,
+    pub esi_sent: u64,
+    pub esi_failed: u64,
+    pub esi_removed_portals: u64,
     pub scns_sent: u64,
     pub scns_failed: u64,
     pub scns_retried: u64,
     pub wal_commits: u64,
     pub wal_records: u64,
     pub wal_bytes: u64,
+    /// Mean and longest time of one group commit (write + fdatasync), microseconds.
+    pub wal_commit_avg_us: u64,
+    pub wal_commit_max_us: u64,
     pub snapshots: u64,
 }
 
@@ -246,6 +260,7 @@ impl Service {
     pub fn report(&self) -> StatsReport {
         let (entities, nodes, portals, dds, ddsets) = self.registry().counts();
         let default_dd = self.registry().policy().default_dd;
+        let esi_monitored_portals = self.registry().esi_portal_count();
         let st = self.store.stats();
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         StatsReport {
@@ -267,12 +282,18 @@ impl Service {
             format_errors: g(&self.stats.format_errors),
             expired_entities: g(&self.stats.expired_entities),
             reply_pdus: g(&self.stats.reply_pdus),
+            esi_monitored_portals,
+            esi_sent: g(&self.stats.esi_sent),
+            esi_failed: g(&self.stats.esi_failed),
+            esi_removed_portals: g(&self.stats.esi_removed_portals),
             scns_sent: g(&self.scn.stats.sent),
             scns_failed: g(&self.scn.stats.failed),
             scns_retried: g(&self.scn.stats.retried),
             wal_commits: st.commits,
             wal_records: st.records,
             wal_bytes: st.wal_bytes,
+            wal_commit_avg_us: st.commit_nanos / st.commits.max(1) / 1000,
+            wal_commit_max_us: st.max_commit_nanos / 1000,
             snapshots: st.snapshots,
         }
     }
@@ -283,6 +304,36 @@ impl Service {
         let json = serde_json::to_vec(&*reg).map_err(|e| RunError::Encode(e.to_string()))?;
         self.store.snapshot(&json)?;
         Ok(())
+    }
+
+    /// One ESI round: probes the due portals (outside the registry lock), refreshes the
+    /// entities that answered, deregisters the portals that stopped answering.
+    fn esi_round(&self, m: &mut crate::esi::Monitor, cfg: &crate::esi::EsiConfig) {
+        let targets = self.registry().esi_targets(cfg);
+        if targets.is_empty() {
+            let _ = m.round(&[], std::time::Instant::now(), unix_now());
+            return;
+        }
+        let r = m.round(&targets, std::time::Instant::now(), unix_now());
+        self.stats.esi_sent.fetch_add(r.sent, Ordering::Relaxed);
+        self.stats.esi_failed.fetch_add(r.failed, Ordering::Relaxed);
+        if !r.answered.is_empty() {
+            let now = unix_now();
+            let mut reg = self.registry();
+            for eid in &r.answered {
+                reg.touch_entity(eid, now);
+            }
+        }
+        for (eid, ip, port) in &r.dead {
+            match self.run(|reg| Ok(reg.esi_drop_portal(eid, *ip, *port))) {
+                Ok(_) => {
+                    self.stats
+                        .esi_removed_portals
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => tracing::error!(error = %e, "ESI deregistration failed"),
+            }
+        }
     }
 
     fn housekeeping(&self) {
@@ -465,6 +516,19 @@ pub fn start(cfg: Config) -> Result<ServerHandle, ServerError> {
                         slept = Duration::ZERO;
                         svc.housekeeping();
                     }
+                }
+            }),
+        )?);
+    }
+    {
+        let (svc, stop, esi) = (service.clone(), stop.clone(), cfg.esi);
+        threads.push(spawn(
+            "esi",
+            Box::new(move || {
+                let mut m = crate::esi::Monitor::new(esi);
+                while !stop.load(Ordering::SeqCst) {
+                    std::thread::sleep(m.tick());
+                    svc.esi_round(&mut m, &esi);
                 }
             }),
         )?);

@@ -79,6 +79,8 @@ pub struct Recovered {
 #[derive(Debug)]
 struct Shared {
     batch: Vec<u8>,
+    /// Records in `batch`.
+    batch_records: u64,
     last_seq: u64,
     durable_seq: u64,
     failed: bool,
@@ -92,6 +94,9 @@ pub struct StoreStats {
     pub records: u64,
     pub snapshots: u64,
     pub wal_bytes: u64,
+    /// Time spent in write + fdatasync of batches, and the longest one (nanoseconds).
+    pub commit_nanos: u64,
+    pub max_commit_nanos: u64,
 }
 
 /// The write-ahead log of one data directory.
@@ -221,6 +226,7 @@ impl Store {
             dir: dir.to_owned(),
             shared: Mutex::new(Shared {
                 batch: Vec::new(),
+                batch_records: 0,
                 last_seq,
                 durable_seq: last_seq,
                 failed: false,
@@ -256,6 +262,7 @@ impl Store {
         s.last_seq += 1;
         let seq = s.last_seq;
         encode_record(seq, payload, &mut s.batch);
+        s.batch_records += 1;
         drop(s);
         self.work.notify_one();
         Ok(seq)
@@ -285,7 +292,7 @@ impl Store {
     /// The committer loop: run on its own thread until [`Store::shutdown`].
     pub fn run_committer(&self) {
         loop {
-            let (batch, last) = {
+            let (batch, nrec, last) = {
                 let mut s = self.shared();
                 while s.batch.is_empty() && !s.shutdown {
                     s = self.work.wait(s).unwrap_or_else(|p| p.into_inner());
@@ -293,13 +300,17 @@ impl Store {
                 if s.batch.is_empty() && s.shutdown {
                     return;
                 }
-                (std::mem::take(&mut s.batch), s.last_seq)
+                let n = std::mem::take(&mut s.batch_records);
+                (std::mem::take(&mut s.batch), n, s.last_seq)
             };
             let result = {
                 let mut w = self.wal();
-                let nrec = decode_records(&batch).0.len() as u64;
+                let t = std::time::Instant::now();
                 let r = w.0.write_all(&batch).and_then(|()| w.0.sync_data());
+                let nanos = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
                 if r.is_ok() {
+                    w.1.commit_nanos = w.1.commit_nanos.saturating_add(nanos);
+                    w.1.max_commit_nanos = w.1.max_commit_nanos.max(nanos);
                     w.1.commits += 1;
                     w.1.records += nrec;
                     w.1.wal_bytes += batch.len() as u64;
@@ -342,6 +353,7 @@ impl Store {
                 return Err(StoreError::Failed);
             }
             s.batch.clear();
+            s.batch_records = 0;
             s.last_seq
         };
         let mut w = self.wal();

@@ -33,6 +33,14 @@ struct Args {
     /// refreshed within its period is deregistered. 0 disables expiry.
     #[arg(long, default_value_t = 900)]
     registration_period: u32,
+    /// Smallest ESI interval honoured, in seconds (RFC 4171: 20); portals that register an
+    /// ESI port are probed once per interval.
+    #[arg(long, default_value_t = fabric_nameserver::esi::RFC_MIN_ESI_INTERVAL_SECS)]
+    esi_min_interval: u32,
+    /// Unanswered ESI probes in a row after which a portal (and an entity left without
+    /// ESI-monitored portals) is deregistered; 0 disables ESI.
+    #[arg(long, default_value_t = fabric_nameserver::esi::DEFAULT_ESI_RETRIES)]
+    esi_retries: u32,
 }
 
 fn main() -> ExitCode {
@@ -48,6 +56,8 @@ fn main() -> ExitCode {
     cfg.control = args.control;
     cfg.default_dd = args.default_dd == "on";
     cfg.registration_period_secs = args.registration_period;
+    cfg.esi.min_interval_secs = args.esi_min_interval;
+    cfg.esi.retries = args.esi_retries;
     // Block SIGTERM/SIGINT before any thread starts, so every thread inherits the mask and
     // the signals wait for sigwait below instead of killing the process.
     let set = match block_signals() {
