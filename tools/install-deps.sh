@@ -8,6 +8,11 @@
 #   busybox (static), cpio, depmod/modprobe   guest build     (busybox-static, cpio, kmod)
 #   isnsadm, tgtd/tgtadm, iscsi-inq   name server's real clients (open-isns-utils, tgt,
 #                             libiscsi-bin; isnsd from open-isns-server as reference server)
+#   clang, linux/bpf.h + bpf/bpf_helpers.h   the XDP programs of ebpf/ (clang, libbpf-dev)
+#   ip, ping                  namespaces and veth pairs of the steering tests (iproute2,
+#                             iputils-ping)
+#   libdpdk (pkg-config), libclang   dataplane's `dpdk` feature: DPDK 22.11 headers, PMDs and
+#                             bindgen (libdpdk-dev, dpdk, libclang-dev, pkg-config)
 #
 # QEMU's packages must come from one release: this project's machines ship qemu-utils from
 # bookworm-backports, and bookworm's own qemu-system-x86 would replace it with an older
@@ -94,7 +99,18 @@ have isnsd || pkgs+=(open-isns-server)
 have iscsi-inq || pkgs+=(libiscsi-bin)
 apt_install "${pkgs[@]}"
 
+# --- packet path (ebpf/ build, steering tests, pps benchmark) ----------------------------------
+pkgs=()
+have clang || pkgs+=(clang)
+[[ -f /usr/include/bpf/bpf_helpers.h ]] || pkgs+=(libbpf-dev)
+have ip || pkgs+=(iproute2)
+have ping || pkgs+=(iputils-ping)
+have pkg-config || pkgs+=(pkg-config)
+pkg-config --exists libdpdk 2>/dev/null || pkgs+=(libdpdk-dev dpdk)
+compgen -G '/usr/lib/llvm-*/lib/libclang.so' >/dev/null || pkgs+=(libclang-dev)
+apt_install "${pkgs[@]}"
+
 for tool in qemu-system-x86_64 qemu-storage-daemon qemu-img fio cpio depmod \
-    isnsadm isnsd tgtd tgtadm iscsi-inq; do
+    isnsadm isnsd tgtd tgtadm iscsi-inq clang ip ping; do
     have "$tool" || { log "error: $tool still missing"; exit 1; }
 done

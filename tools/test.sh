@@ -27,3 +27,6 @@ cargo build --release -p stratad
 
 step "cargo test --workspace --release"
 cargo test --workspace --release --no-fail-fast
+
+step "cargo test -p dataplane --features dpdk (DPDK backend: net_ring and net_null vdevs)"
+cargo test --release -p dataplane --features dpdk --lib net::dpdk

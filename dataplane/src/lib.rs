@@ -13,12 +13,14 @@
 //! - [`server`]: the control thread: listening sockets, frontend connections and reconnects,
 //!   orderly shutdown.
 //! - [`stats`]: counters shared with the control plane.
+//! - [`net`]: packet I/O ([`net::PacketIo`]: AF_XDP, packet socket) and storage classifier.
 //! - [`vmfs_backend`]: a vmfs datastore file as a backend (direct path on written space,
 //!   batched journal commits for allocating writes).
 
 pub mod backend;
 pub mod blk;
 pub mod engine;
+pub mod net;
 pub mod reactor;
 pub mod server;
 pub mod stats;

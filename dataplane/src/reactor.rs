@@ -28,6 +28,7 @@ use crate::backend::{BlockBackend, Started, OPS_PER_REQUEST_MAX};
 use crate::blk::request::{parse_request, ParsedRequest, RequestError, RequestKind};
 use crate::blk::{DiskGeometry, ID_BYTES};
 use crate::engine::{Completion, EngineKind, IoEngine};
+use crate::net::poller::PacketPoller;
 use crate::stats::{bump, QueueStats, ReactorStats};
 
 /// How long a reactor keeps polling without finding work before it sleeps. 100 µs covers the
@@ -53,6 +54,8 @@ const EPOLL_EVENTS_MAX: usize = 64;
 const TOKEN_WAKE: u64 = u64::MAX;
 /// epoll token of the engine's completion fd.
 const TOKEN_ENGINE: u64 = u64::MAX - 1;
+/// Epoll token of packet queues' wake fds (net::poller).
+const TOKEN_PACKET: u64 = u64::MAX - 2;
 
 /// Errors of the reactor layer.
 #[derive(Debug, Error)]
@@ -112,6 +115,8 @@ pub enum Command {
     },
     /// Drain everything and exit the thread.
     Shutdown,
+    /// Poll a packet queue in every iteration, next to the virtqueues (net::poller).
+    AddPacketQueue(Box<dyn PacketPoller>),
 }
 
 /// A cloneable way to send commands to one reactor.
@@ -312,6 +317,8 @@ struct Reactor {
     stats: Arc<ReactorStats>,
     completions: Box<[Completion]>,
     exiting: bool,
+    /// Packet queues (net::poller), polled each iteration and slept on through their fds.
+    packets: Vec<Box<dyn PacketPoller>>,
 }
 
 fn user_data(queue_slot: usize, slot: u16) -> u64 {
@@ -355,6 +362,7 @@ impl Reactor {
             stats,
             completions: vec![Completion::default(); REAP_BATCH_MAX].into_boxed_slice(),
             exiting: false,
+            packets: Vec::new(),
         })
     }
 
@@ -378,7 +386,12 @@ impl Reactor {
                 work += taken;
             }
             if work > 0 {
+                bump(&self.stats.pop_batches, 1);
                 self.end_batches();
+            }
+            // Packet queues: one bounded burst each, counted as work like virtqueue requests.
+            for p in &mut self.packets {
+                work += p.poll();
             }
             self.submit();
             work += self.reap();
@@ -426,6 +439,18 @@ impl Reactor {
                             q.stopping = Some(tx);
                         }
                     }
+                }
+                Ok(Command::AddPacketQueue(p)) => {
+                    // Level-triggered EPOLLIN: a frame waiting when the reactor goes to sleep
+                    // wakes it at once, so no re-check is needed after arming.
+                    let fd = p.wake_fd();
+                    if fd >= 0 {
+                        let ev = EpollEvent::new(EventSet::IN, TOKEN_PACKET);
+                        if let Err(e) = self.epoll.ctl(ControlOperation::Add, fd, ev) {
+                            tracing::error!(%e, "cannot watch a packet queue; polling it only");
+                        }
+                    }
+                    self.packets.push(p);
                 }
                 Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => break,
             }
@@ -555,6 +580,10 @@ impl Reactor {
     /// Reaps engine completions and completes their requests. Returns the number reaped.
     fn reap(&mut self) -> usize {
         let n = self.engine.reap(&mut self.completions);
+        if n > 0 {
+            bump(&self.stats.reap_batches, 1);
+            bump(&self.stats.reaped, n as u64);
+        }
         for i in 0..n {
             let c = self.completions[i];
             let (qs, slot_id) = split_user_data(c.user_data);
@@ -633,6 +662,10 @@ impl Reactor {
             if aq.stopping.is_none() && aq.run.queue.enable_notification(&*mem).unwrap_or(true) {
                 pending = true;
             }
+        }
+        // A poll-only packet queue (no fd, e.g. DPDK) keeps the reactor spinning.
+        if self.packets.iter().any(|p| p.wake_fd() < 0) {
+            pending = true;
         }
         if !pending && !self.exiting {
             let mut events = [EpollEvent::default(); EPOLL_EVENTS_MAX];

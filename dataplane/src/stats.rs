@@ -84,6 +84,13 @@ pub struct ReactorStats {
     pub submitted_ops: AtomicU64,
     /// Virtqueues currently served.
     pub queues: AtomicU64,
+    /// Loop iterations that took at least one request from the rings
+    /// (requests / pop_batches = descriptors drained per poll).
+    pub pop_batches: AtomicU64,
+    /// Engine reaps that returned at least one completion.
+    pub reap_batches: AtomicU64,
+    /// Completions returned by those reaps (reaped / reap_batches = completions per reap).
+    pub reaped: AtomicU64,
 }
 
 /// A plain copy of [`ReactorStats`].
@@ -105,6 +112,12 @@ pub struct ReactorStatsSnapshot {
     pub submitted_ops: u64,
     /// See [`ReactorStats::queues`].
     pub queues: u64,
+    /// See [`ReactorStats::pop_batches`].
+    pub pop_batches: u64,
+    /// See [`ReactorStats::reap_batches`].
+    pub reap_batches: u64,
+    /// See [`ReactorStats::reaped`].
+    pub reaped: u64,
 }
 
 impl ReactorStats {
@@ -120,6 +133,9 @@ impl ReactorStats {
             submits: l(&self.submits),
             submitted_ops: l(&self.submitted_ops),
             queues: l(&self.queues),
+            pop_batches: l(&self.pop_batches),
+            reap_batches: l(&self.reap_batches),
+            reaped: l(&self.reaped),
         }
     }
 }

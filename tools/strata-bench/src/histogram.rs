@@ -101,6 +101,25 @@ impl Histogram {
         self.max
     }
 
+    /// The cumulative distribution: one `[latency_us, fraction ≤ it]` point per non-empty
+    /// bucket (bucket midpoints, the last capped at the maximum), for the CDF plots.
+    pub fn cdf(&self) -> Vec<[f64; 2]> {
+        let mut out = Vec::new();
+        if self.total == 0 {
+            return out;
+        }
+        let mut seen = 0u64;
+        for (idx, &c) in self.counts.iter().enumerate() {
+            if c == 0 {
+                continue;
+            }
+            seen += c;
+            let v = Self::value_at(idx).min(self.max);
+            out.push([v as f64 / 1000.0, seen as f64 / self.total as f64]);
+        }
+        out
+    }
+
     /// p50/p90/p99/p99.9/max in microseconds.
     pub fn summary(&self) -> LatencySummary {
         let us = |ns: u64| ns as f64 / 1000.0;
@@ -160,8 +179,14 @@ mod tests {
         assert!((p50 / 5_000_000.0 - 1.0).abs() < 0.04, "{p50}");
         assert!((p99 / 9_900_000.0 - 1.0).abs() < 0.04, "{p99}");
         assert_eq!(h.quantile(1.0), 10_000_000);
+        let cdf = h.cdf();
+        assert!(cdf
+            .windows(2)
+            .all(|w| w[0][0] < w[1][0] && w[0][1] <= w[1][1]));
+        assert_eq!(cdf.last().map(|p| p[1]), Some(1.0));
         h.reset();
         assert_eq!(h.total, 0);
+        assert!(h.cdf().is_empty());
         assert_eq!(h.quantile(0.5), 0);
     }
 }

@@ -1,5 +1,5 @@
-//! The load generator: one libblkio `virtio-blk-vhost-user` connection, `queues` queues with `qd`
-//! requests each, all driven by this (pinned) thread.
+//! The load generator: one libblkio `virtio-blk-vhost-user` connection per disk, `queues` queues
+//! with `qd` requests each per connection, all driven by this (pinned) thread.
 //!
 //! Every buffer lives in one memory region allocated and mapped before the run; every request
 //! slot has a fixed buffer and a fixed submit-timestamp cell; completions land in a preallocated
@@ -9,7 +9,7 @@
 
 use std::mem::MaybeUninit;
 use std::os::fd::RawFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -17,7 +17,9 @@ use anyhow::{bail, Context};
 use blkio::{Blkio, Blkioq, Completion, ReqFlags};
 
 use crate::histogram::Histogram;
-use crate::server::{self_cpu_time, CpuClock, CpuSample, SystemCpu};
+use crate::server::{
+    self_cpu_time, Counters, CpuClock, CpuSample, MetricsProbe, ProcStatus, SystemCpu,
+};
 use crate::STOP;
 
 /// Request size: 4 KiB, the usual random-I/O unit.
@@ -75,7 +77,8 @@ impl Workload {
 /// One measurement's parameters.
 #[derive(Debug, Clone)]
 pub struct LoadSpec<'a> {
-    pub sock: &'a Path,
+    /// One socket per disk; the client opens one connection to each.
+    pub socks: &'a [PathBuf],
     pub workload: Workload,
     pub qd: u32,
     pub queues: u32,
@@ -98,6 +101,11 @@ pub struct LoadResult {
     /// Number of CPUs `machine` covers.
     pub cpus: usize,
     pub capacity: u64,
+    /// stratad's own counters over the measured interval (stratad and vmfs systems only).
+    pub counters: Option<Counters>,
+    /// Server resident memory (KiB) and thread count at the end of the measured interval.
+    pub rss_kib: u64,
+    pub threads: u64,
 }
 
 /// xorshift64*: a tiny, allocation-free PRNG, plenty for picking offsets.
@@ -153,6 +161,10 @@ pub struct Meters {
     pub server: CpuClock,
     /// Busy and steal time of the two CPUs.
     pub system: SystemCpu,
+    /// stratad's `--metrics` endpoint, when the server is stratad.
+    pub metrics: Option<MetricsProbe>,
+    /// The server's `/proc/PID/status` (RSS, threads).
+    pub status: ProcStatus,
 }
 
 /// Phase of a run.
@@ -164,7 +176,7 @@ enum Phase {
     Drain,
 }
 
-/// Connects to `spec.sock`, runs warm-up then the measured interval, drains and disconnects.
+/// Connects to every socket of `spec.socks`, runs warm-up then the measured interval, drains and disconnects.
 /// `hist` receives the latencies of the measured interval (it is reset first).
 pub fn run(
     spec: &LoadSpec<'_>,
@@ -173,68 +185,16 @@ pub fn run(
 ) -> anyhow::Result<LoadResult> {
     let qd = spec.qd as usize;
     let nq = spec.queues as usize;
-    let mut bio = Blkio::new("virtio-blk-vhost-user").map_err(blkio_err("new"))?;
-    let path = spec.sock.to_str().context("socket path is not UTF-8")?;
-    bio.set_str("path", path).map_err(blkio_err("set path"))?;
-    bio.connect().map_err(blkio_err("connect"))?;
-    let capacity = bio.get_u64("capacity").map_err(blkio_err("capacity"))?;
+    let mut conns = Vec::with_capacity(spec.socks.len());
+    let mut lanes: Vec<Lane> = Vec::with_capacity(spec.socks.len() * nq);
+    for sock in spec.socks {
+        let mut conn = Connection::open(sock, spec.qd, spec.queues, spec.mode)?;
+        lanes.extend(conn.lanes(qd)?);
+        conns.push(conn);
+    }
+    let capacity = conns.iter().map(|c| c.capacity).min().unwrap_or(0);
     let blocks = capacity / BLOCK as u64;
-    if blocks == 0 {
-        bail!("device capacity {capacity} is below one {BLOCK}-byte block");
-    }
-    let nq_i32 = i32::try_from(nq).context("queues")?;
-    let (plain, polled) = match spec.mode {
-        ClientMode::Sleep => (nq_i32, 0),
-        ClientMode::Poll => (0, nq_i32),
-    };
-    bio.set_i32("num-queues", plain)
-        .map_err(blkio_err("num-queues"))?;
-    bio.set_i32("num-poll-queues", polled)
-        .map_err(blkio_err("num-poll-queues"))?;
-    let needed = (spec.qd * DESCS_PER_REQUEST).next_power_of_two();
-    if needed > DEFAULT_QUEUE_SIZE {
-        let size = i32::try_from(needed).context("queue size")?;
-        bio.set_i32("queue-size", size)
-            .map_err(blkio_err("queue-size"))?;
-    }
-    let started = bio.start().map_err(blkio_err("start"))?;
-    let queues = match spec.mode {
-        ClientMode::Sleep => started.queues,
-        ClientMode::Poll => started.poll_queues,
-    };
-    if queues.len() != nq {
-        bail!("libblkio started {} queues, wanted {nq}", queues.len());
-    }
-
-    let align = usize::try_from(
-        bio.get_u64("mem-region-alignment")
-            .map_err(blkio_err("align"))?,
-    )
-    .context("alignment")?
-    .max(1);
-    let len = (nq * qd * BLOCK).div_ceil(align) * align;
-    let region = bio
-        .alloc_mem_region(len)
-        .map_err(blkio_err("alloc_mem_region"))?;
-    bio.map_mem_region(&region)
-        .map_err(blkio_err("map_mem_region"))?;
-    // SAFETY: the region is `len` bytes of fresh, writable shared memory mapped by libblkio at
-    // `region.addr`; no request uses it yet.
-    unsafe { std::ptr::write_bytes(region.addr as *mut u8, WRITE_PATTERN, len) };
-
-    let mut lanes: Vec<Lane> = queues
-        .into_iter()
-        .enumerate()
-        .map(|(i, q)| Lane {
-            q,
-            buf_base: region.addr + i * qd * BLOCK,
-            submitted_ns: vec![0; qd],
-            completions: std::iter::repeat_with(MaybeUninit::uninit)
-                .take(qd)
-                .collect(),
-            in_flight: 0,
-        })
-        .collect();
+    let nq = lanes.len();
     let mut fds: Vec<libc::pollfd> = Vec::with_capacity(nq);
     if spec.mode == ClientMode::Sleep {
         for lane in &mut lanes {
@@ -287,6 +247,8 @@ pub fn run(
     let (mut srv0, mut srv1) = (Duration::ZERO, Duration::ZERO);
     let (mut cli0, mut cli1) = (Duration::ZERO, Duration::ZERO);
     let (mut sys0, mut sys1) = (CpuSample::default(), CpuSample::default());
+    let (mut counters0, mut counters) = (None, None);
+    let (mut rss_kib, mut threads) = (0, 0);
 
     loop {
         let mut reaped = 0usize;
@@ -330,6 +292,10 @@ pub fn run(
                 phase = Phase::Measure;
                 hist.reset();
                 measured_ios = 0;
+                counters0 = match meters.metrics.as_mut() {
+                    Some(m) => Some(m.read()?),
+                    None => None,
+                };
                 sys0 = meters.system.read()?;
                 srv0 = meters.server.read()?;
                 cli0 = self_cpu_time();
@@ -340,6 +306,10 @@ pub fn run(
                 srv1 = meters.server.read()?;
                 cli1 = self_cpu_time();
                 sys1 = meters.system.read()?;
+                if let (Some(m), Some(c0)) = (meters.metrics.as_mut(), counters0.as_ref()) {
+                    counters = Some(m.read()?.since(c0));
+                }
+                (rss_kib, threads) = meters.status.read()?;
                 phase = Phase::Drain;
             }
         }
@@ -365,7 +335,7 @@ pub fn run(
     }
     // Dropping the queues and the instance disconnects; libblkio frees the region.
     drop(lanes);
-    drop(bio);
+    drop(conns);
     Ok(LoadResult {
         ios: measured_ios,
         elapsed: Duration::from_nanos(t1.saturating_sub(t0)),
@@ -377,7 +347,112 @@ pub fn run(
         },
         cpus: meters.system.cpu_count(),
         capacity,
+        counters,
+        rss_kib,
+        threads,
     })
+}
+
+/// One started libblkio connection with its queues and buffer region.
+pub struct Connection {
+    bio: Blkio,
+    queues: Vec<Blkioq>,
+    /// Base address of the connection's buffer region (`queues * qd` blocks).
+    region_addr: usize,
+    pub capacity: u64,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("capacity", &self.capacity)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Connection {
+    /// Connects to `sock`, starts `queues` queues (poll queues with `ClientMode::Poll`) deep
+    /// enough for `qd` requests, and maps a buffer region of `queues * qd` blocks.
+    pub fn open(sock: &Path, qd: u32, queues: u32, mode: ClientMode) -> anyhow::Result<Self> {
+        let mut bio = Blkio::new("virtio-blk-vhost-user").map_err(blkio_err("new"))?;
+        let path = sock.to_str().context("socket path is not UTF-8")?;
+        bio.set_str("path", path).map_err(blkio_err("set path"))?;
+        bio.connect().map_err(blkio_err("connect"))?;
+        let capacity = bio.get_u64("capacity").map_err(blkio_err("capacity"))?;
+        if capacity < BLOCK as u64 {
+            bail!("device capacity {capacity} is below one {BLOCK}-byte block");
+        }
+        let nq_i32 = i32::try_from(queues).context("queues")?;
+        let (plain, polled) = match mode {
+            ClientMode::Sleep => (nq_i32, 0),
+            ClientMode::Poll => (0, nq_i32),
+        };
+        bio.set_i32("num-queues", plain)
+            .map_err(blkio_err("num-queues"))?;
+        bio.set_i32("num-poll-queues", polled)
+            .map_err(blkio_err("num-poll-queues"))?;
+        let needed = (qd * DESCS_PER_REQUEST).next_power_of_two();
+        if needed > DEFAULT_QUEUE_SIZE {
+            let size = i32::try_from(needed).context("queue size")?;
+            bio.set_i32("queue-size", size)
+                .map_err(blkio_err("queue-size"))?;
+        }
+        let started = bio.start().map_err(blkio_err("start"))?;
+        let queues_v = match mode {
+            ClientMode::Sleep => started.queues,
+            ClientMode::Poll => started.poll_queues,
+        };
+        if queues_v.len() != queues as usize {
+            bail!(
+                "libblkio started {} queues, wanted {queues}",
+                queues_v.len()
+            );
+        }
+        let align = usize::try_from(
+            bio.get_u64("mem-region-alignment")
+                .map_err(blkio_err("align"))?,
+        )
+        .context("alignment")?
+        .max(1);
+        let len = (queues as usize * qd as usize * BLOCK).div_ceil(align) * align;
+        let region = bio
+            .alloc_mem_region(len)
+            .map_err(blkio_err("alloc_mem_region"))?;
+        bio.map_mem_region(&region)
+            .map_err(blkio_err("map_mem_region"))?;
+        // SAFETY: the region is `len` bytes of fresh, writable shared memory mapped by libblkio
+        // at `region.addr`; no request uses it yet.
+        unsafe { std::ptr::write_bytes(region.addr as *mut u8, WRITE_PATTERN, len) };
+        Ok(Connection {
+            bio,
+            queues: queues_v,
+            region_addr: region.addr,
+            capacity,
+        })
+    }
+
+    /// Hands the queues out as lanes of `qd` slots each (the connection keeps the instance).
+    fn lanes(&mut self, qd: usize) -> anyhow::Result<Vec<Lane>> {
+        let base = self.region_addr;
+        Ok(std::mem::take(&mut self.queues)
+            .into_iter()
+            .enumerate()
+            .map(|(i, q)| Lane {
+                q,
+                buf_base: base + i * qd * BLOCK,
+                submitted_ns: vec![0; qd],
+                completions: std::iter::repeat_with(MaybeUninit::uninit)
+                    .take(qd)
+                    .collect(),
+                in_flight: 0,
+            })
+            .collect())
+    }
+
+    /// Keeps the connection open, for the idle measurement.
+    pub fn instance(&self) -> &Blkio {
+        &self.bio
+    }
 }
 
 /// Sleeps until a completion eventfd fires (or the poll timeout), then clears the fired ones.

@@ -12,6 +12,13 @@
 //! - [`histogram`]: preallocated log-linear latency histogram.
 //! - [`image`]: creates the raw image and pins it in the page cache (mmap + mlock) for the run.
 //! - [`report`]: medians, ratios, the printed table and the JSON file.
+//! - [`plot`]: the `--plot` SVG (IOPS and server CPU per I/O against qd, latency CDFs).
+//!
+//! Sweeps: `--qd`, `--queues` and `--disks` take comma-separated lists; every combination is
+//! one table cell. For stratad each run also scrapes its `--metrics` endpoint (a free loopback
+//! port) before and after the measured interval: busy µs per I/O and batch sizes from its own
+//! counters, and RSS and thread count from `/proc/PID/status`. `--idle-seconds` adds the idle
+//! cost (server CPU with `--idle-disks` connected but idle disks).
 //!
 //! Method (see shared/reference/vhost-user-blk.md, "Anchor figures"): server on one core, load
 //! generator on the other, each server started fresh per measurement, runs alternating A B A B,
@@ -27,6 +34,7 @@
 mod histogram;
 mod image;
 mod load;
+mod plot;
 mod report;
 mod server;
 
@@ -41,7 +49,9 @@ use clap::Parser;
 use crate::histogram::Histogram;
 use crate::load::{ClientMode, LoadSpec, Meters, Workload};
 use crate::report::{Cell, Run};
-use crate::server::{Backend, CpuClock, QsdAio, Server, ServerSpec, System, SystemCpu};
+use crate::server::{
+    Backend, CpuClock, MetricsProbe, ProcStatus, QsdAio, Server, ServerSpec, System, SystemCpu,
+};
 
 /// Set by SIGINT/SIGTERM/SIGHUP: loops notice it and unwind, so servers and the temp dir are
 /// cleaned up by their destructors.
@@ -55,6 +65,11 @@ const MAX_QUEUES: u32 = 64;
 /// Length of one idle probe before a run (see `Bench::wait_quiet`): long enough to see a
 /// compiler or guest, short enough to add little to a run.
 const QUIET_PROBE: Duration = Duration::from_millis(500);
+/// Most disks on one server: one connection each from this single-threaded client.
+const MAX_DISKS: u32 = 256;
+/// Time the idle clients are left connected before the idle measurement starts, so that
+/// connection set-up and the servers' initial polling are over.
+const IDLE_SETTLE: Duration = Duration::from_secs(1);
 /// Exit status after SIGINT/SIGTERM/SIGHUP (128 + SIGINT, as shells report it).
 const EXIT_INTERRUPTED: u8 = 130;
 
@@ -80,12 +95,30 @@ struct Cli {
     /// Workloads, comma-separated.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "randread")]
     workload: Vec<Workload>,
-    /// Requests in flight per queue.
+    /// Requests in flight per queue, comma-separated for a sweep (e.g. `1,4,16,32,128`). With
+    /// several disks the depth is spread over them: each disk's queues get qd / disks (at
+    /// least 1).
+    #[arg(long, value_delimiter = ',', default_value = "32")]
+    qd: Vec<u32>,
+    /// Number of virtqueues per disk (server and client), comma-separated for a sweep.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    queues: Vec<u32>,
+    /// Disks on the one server, comma-separated for a sweep (e.g. `1,8,32`); the client opens
+    /// one connection per disk. Several disks need `--backend null`.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    disks: Vec<u32>,
+    /// Write an SVG with IOPS and server CPU per I/O against queue depth and latency CDFs
+    /// (at qd 1 and 32 when swept, else the smallest and largest qd).
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
+    /// Idle cost: after the runs, start each system with --idle-disks null disks, connect a
+    /// client to every disk that does nothing, and measure the server's CPU over this many
+    /// seconds (0: skip).
+    #[arg(long, default_value_t = 0.0)]
+    idle_seconds: f64,
+    /// Disks of the idle-cost measurement.
     #[arg(long, default_value_t = 32)]
-    qd: u32,
-    /// Number of virtqueues (server and client).
-    #[arg(long, default_value_t = 1)]
-    queues: u32,
+    idle_disks: u32,
     /// Measured seconds per run.
     #[arg(long, default_value_t = 5.0)]
     seconds: f64,
@@ -241,11 +274,17 @@ fn run() -> anyhow::Result<()> {
     if cli.compare.len() != 2 {
         bail!("--compare takes exactly two systems, e.g. stratad,qsd");
     }
-    if cli.qd == 0 || cli.qd > MAX_QD {
+    if cli.qd.iter().any(|&q| q == 0 || q > MAX_QD) {
         bail!("--qd must be in 1..={MAX_QD}");
     }
-    if cli.queues == 0 || cli.queues > MAX_QUEUES {
+    if cli.queues.iter().any(|&q| q == 0 || q > MAX_QUEUES) {
         bail!("--queues must be in 1..={MAX_QUEUES}");
+    }
+    if cli.disks.iter().any(|&d| d == 0 || d > MAX_DISKS) || cli.idle_disks > MAX_DISKS {
+        bail!("--disks and --idle-disks must be in 1..={MAX_DISKS}");
+    }
+    if cli.disks.iter().any(|&d| d > 1) && cli.backend != BackendChoice::Null {
+        bail!("several disks share no raw image or datastore here: use --backend null");
     }
     if cli.seconds <= 0.0 || cli.warmup < 0.0 || cli.quiet_wait < 0.0 || cli.rounds == 0 {
         bail!("--seconds and --rounds must be positive, --warmup and --quiet-wait not negative");
@@ -310,7 +349,14 @@ fn run() -> anyhow::Result<()> {
     };
 
     let labels = report::labels(&cli.compare);
-    let total = backends.len() * modes.len() * cli.workload.len() * cli.rounds as usize * 2;
+    let total = backends.len()
+        * modes.len()
+        * cli.workload.len()
+        * cli.qd.len()
+        * cli.queues.len()
+        * cli.disks.len()
+        * cli.rounds as usize
+        * 2;
     let mut runs: Vec<Run> = Vec::with_capacity(total);
     let mut hist = Histogram::new();
     let mut run_no = 0u64;
@@ -324,34 +370,44 @@ fn run() -> anyhow::Result<()> {
     for &backend in backends {
         for &mode in modes {
             for &workload in &cli.workload {
-                let cell = Cell {
-                    backend,
-                    mode,
-                    workload,
-                    qd: cli.qd,
-                    queues: cli.queues,
-                };
-                for round in 0..cli.rounds {
-                    for (side, &system) in cli.compare.iter().enumerate() {
-                        let mut retries = 0;
-                        let run = loop {
-                            bench.wait_quiet()?;
-                            run_no += 1;
-                            let label = &labels[side];
-                            let run =
-                                bench.measure(&cell, system, label, round, run_no, &mut hist)?;
-                            eprintln!("[{}/{total}] {}", runs.len() + 1, run.one_line());
-                            if run.other_cpu_pct <= cli.max_other || retries >= cli.retries {
-                                break run;
-                            }
-                            retries += 1;
-                            eprintln!(
-                                "    disturbed: {:.1}% of the CPUs went to other work (limit \
+                let mut cells = Vec::new();
+                for &queues in &cli.queues {
+                    for &disks in &cli.disks {
+                        for &qd in &cli.qd {
+                            cells.push(Cell {
+                                backend,
+                                mode,
+                                workload,
+                                qd,
+                                queues,
+                                disks,
+                            });
+                        }
+                    }
+                }
+                for cell in cells {
+                    for round in 0..cli.rounds {
+                        for (side, &system) in cli.compare.iter().enumerate() {
+                            let mut retries = 0;
+                            let run = loop {
+                                bench.wait_quiet()?;
+                                run_no += 1;
+                                let label = &labels[side];
+                                let run = bench
+                                    .measure(&cell, system, label, round, run_no, &mut hist)?;
+                                eprintln!("[{}/{total}] {}", runs.len() + 1, run.one_line());
+                                if run.other_cpu_pct <= cli.max_other || retries >= cli.retries {
+                                    break run;
+                                }
+                                retries += 1;
+                                eprintln!(
+                                    "    disturbed: {:.1}% of the CPUs went to other work (limit \
                                  {}%), measuring again ({retries}/{})",
-                                run.other_cpu_pct, cli.max_other, cli.retries
-                            );
-                        };
-                        runs.push(run);
+                                    run.other_cpu_pct, cli.max_other, cli.retries
+                                );
+                            };
+                            runs.push(run);
+                        }
                     }
                 }
             }
@@ -361,12 +417,13 @@ fn run() -> anyhow::Result<()> {
     let rows = report::summarize(&runs, &labels);
     println!();
     println!(
-        "strata-bench: {} vs {}, 4 KiB, qd {} x {} queue(s), {} s (+{} s warm-up) x {} rounds, \
-         server CPU {} / client CPU {}",
+        "strata-bench: {} vs {}, 4 KiB, qd {:?} x {:?} queue(s) x {:?} disk(s), {} s (+{} s \
+         warm-up) x {} rounds, server CPU {} / client CPU {}",
         labels[0],
         labels[1],
         cli.qd,
         cli.queues,
+        cli.disks,
         cli.seconds,
         cli.warmup,
         cli.rounds,
@@ -374,8 +431,33 @@ fn run() -> anyhow::Result<()> {
         cli.client_cpu
     );
     print!("{}", report::table(&rows, &labels, cli.max_other));
+    let mut idle = Vec::new();
+    if cli.idle_seconds > 0.0 {
+        let mut systems = cli.compare.clone();
+        systems.dedup();
+        for &system in &systems {
+            bench.wait_quiet()?;
+            run_no += 1;
+            let r = bench.idle(system, run_no)?;
+            println!(
+                "idle: {} with {} attached idle disks: {:.2}% of a core over {:.0} s, RSS {:.1} \
+                 MiB, {} threads",
+                system.name(),
+                r.disks,
+                r.server_cpu_pct,
+                r.seconds,
+                r.rss_kib as f64 / 1024.0,
+                r.threads
+            );
+            idle.push(r);
+        }
+    }
+    if let Some(path) = &cli.plot {
+        plot::write_svg(path, &runs, &rows, &labels)?;
+        eprintln!("plots written to {}", path.display());
+    }
     if let Some(path) = &cli.json {
-        report::write_json(path, &cli_json(&cli), &runs, &rows)?;
+        report::write_json(path, &cli_json(&cli), &runs, &rows, &idle)?;
         eprintln!("raw figures written to {}", path.display());
     }
     Ok(())
@@ -430,30 +512,22 @@ impl Bench<'_> {
         hist: &mut Histogram,
     ) -> anyhow::Result<Run> {
         let cli = self.cli;
-        let spec = ServerSpec {
-            system,
-            backend: cell.backend,
-            image: self.image,
-            queues: cli.queues,
-            cpu: cli.server_cpu,
-            stratad_bin: self.stratad_bin,
-            qsd_bin: self.qsd_bin,
-            qsd_aio: cli.qsd_aio,
-            read_zeroes: cli.read_zeroes,
-            sock: self.dir.join(format!("run{run_no}.sock")),
-            log: self.dir.join(format!("run{run_no}.log")),
-            vmfs_prefill: cli.vmfs_prefill,
-        };
+        let spec = self.server_spec(system, cell.backend, cell.queues, cell.disks, run_no)?;
         let server = Server::start(&spec)?;
         let mut meters = Meters {
             server: CpuClock::open(server.pid())?,
             system: SystemCpu::open(&[cli.server_cpu, cli.client_cpu])?,
+            metrics: match spec.metrics {
+                Some(addr) => Some(MetricsProbe::connect(addr)?),
+                None => None,
+            },
+            status: ProcStatus::new(server.pid()),
         };
         let load = LoadSpec {
-            sock: &spec.sock,
+            socks: &spec.socks,
             workload: cell.workload,
-            qd: cli.qd,
-            queues: cli.queues,
+            qd: (cell.qd / cell.disks).max(1),
+            queues: cell.queues,
             mode: cell.mode,
             warmup: Duration::from_secs_f64(cli.warmup),
             seconds: Duration::from_secs_f64(cli.seconds),
@@ -480,6 +554,101 @@ impl Bench<'_> {
     }
 }
 
+impl Bench<'_> {
+    /// The spec of one server with `disks` disks of `queues` queues each.
+    fn server_spec(
+        &self,
+        system: System,
+        backend: Backend,
+        queues: u32,
+        disks: u32,
+        run_no: u64,
+    ) -> anyhow::Result<ServerSpec<'_>> {
+        let cli = self.cli;
+        if system == System::Vmfs && disks > 1 {
+            bail!("the vmfs system serves one disk");
+        }
+        let socks = (0..disks)
+            .map(|d| self.dir.join(format!("run{run_no}-d{d}.sock")))
+            .collect();
+        let metrics = match system {
+            System::Stratad | System::Vmfs => Some(server::free_loopback_addr()?),
+            System::Qsd => None,
+        };
+        Ok(ServerSpec {
+            system,
+            backend,
+            image: self.image,
+            queues,
+            cpu: cli.server_cpu,
+            stratad_bin: self.stratad_bin,
+            qsd_bin: self.qsd_bin,
+            qsd_aio: cli.qsd_aio,
+            read_zeroes: cli.read_zeroes,
+            socks,
+            metrics,
+            log: self.dir.join(format!("run{run_no}.log")),
+            vmfs_prefill: cli.vmfs_prefill,
+        })
+    }
+
+    /// Idle cost: `--idle-disks` null disks with a connected client each that submits nothing;
+    /// the server's CPU over `--idle-seconds`.
+    fn idle(&self, system: System, run_no: u64) -> anyhow::Result<IdleResult> {
+        let cli = self.cli;
+        let spec = self.server_spec(system, Backend::Null, 1, cli.idle_disks, run_no)?;
+        let server = Server::start(&spec)?;
+        let conns = spec
+            .socks
+            .iter()
+            .map(|s| load::Connection::open(s, 1, 1, ClientMode::Sleep))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        std::thread::sleep(IDLE_SETTLE);
+        let mut clock = CpuClock::open(server.pid())?;
+        let t0 = Instant::now();
+        let c0 = clock.read()?;
+        let seconds = Duration::from_secs_f64(cli.idle_seconds);
+        while t0.elapsed() < seconds {
+            if STOP.load(Ordering::Relaxed) {
+                bail!("interrupted");
+            }
+            std::thread::sleep(QUIET_PROBE);
+        }
+        let c1 = clock.read()?;
+        let elapsed = t0.elapsed().as_secs_f64();
+        let (rss_kib, threads) = ProcStatus::new(server.pid()).read()?;
+        let connected = conns
+            .iter()
+            .filter(|c| c.instance().get_u64("capacity").is_ok())
+            .count();
+        drop(conns);
+        server.stop()?;
+        Ok(IdleResult {
+            system,
+            disks: cli.idle_disks,
+            connected,
+            seconds: elapsed,
+            server_cpu_pct: 100.0 * c1.saturating_sub(c0).as_secs_f64() / elapsed,
+            rss_kib,
+            threads,
+        })
+    }
+}
+
+/// Idle cost of one system.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct IdleResult {
+    pub system: System,
+    pub disks: u32,
+    /// Clients still connected at the end.
+    pub connected: usize,
+    pub seconds: f64,
+    /// Server CPU in percent of one core.
+    pub server_cpu_pct: f64,
+    pub rss_kib: u64,
+    pub threads: u64,
+}
+
 /// The settings recorded in the JSON file.
 fn cli_json(cli: &Cli) -> serde_json::Value {
     serde_json::json!({
@@ -495,6 +664,9 @@ fn cli_json(cli: &Cli) -> serde_json::Value {
         "image_mib": cli.image_mib,
         "pin_image": !cli.no_pin_image,
         "vmfs_prefill": cli.vmfs_prefill,
+        "disks": cli.disks,
+        "idle_seconds": cli.idle_seconds,
+        "idle_disks": cli.idle_disks,
         "server_cpu": cli.server_cpu,
         "client_cpu": cli.client_cpu,
         "seed": cli.seed,

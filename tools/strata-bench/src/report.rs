@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::histogram::{Histogram, LatencySummary};
 use crate::load::{ClientMode, LoadResult, Workload};
-use crate::server::{Backend, System};
+use crate::server::{Backend, Counters, System};
 
 /// One table cell: everything but the system.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -18,8 +18,11 @@ pub struct Cell {
     #[serde(rename = "client")]
     pub mode: ClientMode,
     pub workload: Workload,
+    /// Requests in flight per queue of each disk.
     pub qd: u32,
     pub queues: u32,
+    /// Disks served by the one server (the client connects to each).
+    pub disks: u32,
 }
 
 /// Raw figures of one measurement.
@@ -44,6 +47,47 @@ pub struct Run {
     pub steal_pct: f64,
     pub capacity: u64,
     pub server_exit_code: Option<i32>,
+    /// Server resident memory (KiB) and threads at the end of the measured interval.
+    pub server_rss_kib: u64,
+    pub server_threads: u64,
+    /// stratad's own counters over the measured interval (stratad and vmfs only).
+    pub counters: Option<Counters>,
+    /// stratad's busy time per I/O (its counters), in µs: CPU spent in loop iterations that
+    /// found work, without the idle spinning that /proc counts as CPU time.
+    pub busy_us_per_io: Option<f64>,
+    /// Requests taken per loop iteration that found some, operations per io_uring submit,
+    /// completions per reap, requests per guest notification.
+    pub batch: Option<Batches>,
+    /// Latency CDF points `[µs, fraction]` of the measured interval.
+    pub cdf: Vec<[f64; 2]>,
+}
+
+/// Average batch sizes from stratad's counters.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Batches {
+    pub requests_per_poll: f64,
+    pub ops_per_submit: f64,
+    pub completions_per_reap: f64,
+    pub requests_per_notification: f64,
+}
+
+fn per(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        0.0
+    }
+}
+
+impl Batches {
+    fn new(c: &Counters) -> Self {
+        Batches {
+            requests_per_poll: per(c.requests, c.pop_batches),
+            ops_per_submit: per(c.submitted_ops, c.submits),
+            completions_per_reap: per(c.reaped, c.reap_batches),
+            requests_per_notification: per(c.requests, c.notifications),
+        }
+    }
 }
 
 impl Run {
@@ -93,17 +137,26 @@ impl Run {
             steal_pct: pct(r.machine.steal),
             capacity: r.capacity,
             server_exit_code: exit,
+            server_rss_kib: r.rss_kib,
+            server_threads: r.threads,
+            counters: r.counters,
+            busy_us_per_io: r.counters.map(|c| per(c.busy_s * 1e6, r.ios as f64)),
+            batch: r.counters.as_ref().map(Batches::new),
+            cdf: hist.cdf(),
         }
     }
 
     /// Progress line printed after each run.
     pub fn one_line(&self) -> String {
         format!(
-            "{} {} {} round {}: {:<8} {:>9.1} kIOPS  p50 {:>8.1} us  p99 {:>8.1} us  srv {:>6.2} \
+            "{} {} {} qd {} q {} disks {} round {}: {:<8} {:>9.1} kIOPS  p50 {:>8.1} us  p99 {:>8.1} us  srv {:>6.2} \
              us/IO  cli {:>6.2} us/IO  other {:>4.1}%  steal {:>4.1}%  exit {:?}",
             self.cell.backend.name(),
             self.cell.mode.name(),
             self.cell.workload.name(),
+            self.cell.qd,
+            self.cell.queues,
+            self.cell.disks,
             self.round + 1,
             self.label,
             self.iops / 1e3,
@@ -130,6 +183,10 @@ pub struct SideSummary {
     pub server_cpu_us_per_io_median: f64,
     pub client_cpu_us_per_io_median: f64,
     pub other_cpu_pct_max: f64,
+    /// stratad's busy µs per I/O from its counters (0 for QSD, which has none).
+    pub busy_us_per_io_median: f64,
+    pub rss_kib_max: u64,
+    pub threads_max: u64,
 }
 
 /// One cell's two sides and their ratios (A / B).
@@ -180,6 +237,9 @@ fn side(runs: &[&Run]) -> SideSummary {
         server_cpu_us_per_io_median: median(col(|r| r.server_cpu_us_per_io)),
         client_cpu_us_per_io_median: median(col(|r| r.client_cpu_us_per_io)),
         other_cpu_pct_max: runs.iter().map(|r| r.other_cpu_pct).fold(0.0, f64::max),
+        busy_us_per_io_median: median(col(|r| r.busy_us_per_io.unwrap_or(0.0))),
+        rss_kib_max: runs.iter().map(|r| r.server_rss_kib).max().unwrap_or(0),
+        threads_max: runs.iter().map(|r| r.server_threads).max().unwrap_or(0),
     }
 }
 
@@ -231,12 +291,13 @@ pub fn table(rows: &[Row], labels: &[String; 2], max_other: f64) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<5} {:<6} {:<10} {:>4} {:>2}  {:<11} {:>9} {:>19} {:>9} {:>9} {:>10} {:>10} {:>7}",
+        "{:<5} {:<6} {:<10} {:>4} {:>2} {:>3}  {:<11} {:>9} {:>19} {:>9} {:>9} {:>10} {:>10} {:>9} {:>7} {:>4} {:>7}",
         "back",
         "client",
         "workload",
         "qd",
         "q",
+        "dsk",
         "system",
         "kIOPS",
         "(min-max)",
@@ -244,6 +305,9 @@ pub fn table(rows: &[Row], labels: &[String; 2], max_other: f64) -> String {
         "p99 us",
         "srv us/IO",
         "cli us/IO",
+        "busy us/IO",
+        "RSS MiB",
+        "thr",
         "other%"
     );
     for row in rows {
@@ -251,12 +315,13 @@ pub fn table(rows: &[Row], labels: &[String; 2], max_other: f64) -> String {
         for (label, s) in [(&labels[0], &row.a), (&labels[1], &row.b)] {
             let _ = writeln!(
                 out,
-                "{:<5} {:<6} {:<10} {:>4} {:>2}  {:<11} {:>9.1} {:>19} {:>9.1} {:>9.1} {:>10.2} {:>10.2} {:>7.1}",
+                "{:<5} {:<6} {:<10} {:>4} {:>2} {:>3}  {:<11} {:>9.1} {:>19} {:>9.1} {:>9.1} {:>10.2} {:>10.2} {:>9} {:>7.1} {:>4} {:>7.1}",
                 c.backend.name(),
                 c.mode.name(),
                 c.workload.name(),
                 c.qd,
                 c.queues,
+                c.disks,
                 label,
                 s.iops_median / 1e3,
                 format!("({:.1}-{:.1})", s.iops_min / 1e3, s.iops_max / 1e3),
@@ -264,12 +329,19 @@ pub fn table(rows: &[Row], labels: &[String; 2], max_other: f64) -> String {
                 s.p99_us_median,
                 s.server_cpu_us_per_io_median,
                 s.client_cpu_us_per_io_median,
+                if s.busy_us_per_io_median > 0.0 {
+                    format!("{:.3}", s.busy_us_per_io_median)
+                } else {
+                    "-".to_string()
+                },
+                s.rss_kib_max as f64 / 1024.0,
+                s.threads_max,
                 s.other_cpu_pct_max,
             );
         }
         let _ = writeln!(
             out,
-            "{:<32}  {:<11} {:>9.2} {:>19} {:>9.2} {:>9.2} {:>10.2}",
+            "{:<36}  {:<11} {:>9.2} {:>19} {:>9.2} {:>9.2} {:>10.2}",
             "",
             format!("{}/{}", short(&labels[0]), short(&labels[1])),
             row.ratio_iops,
@@ -316,8 +388,11 @@ pub fn write_json(
     settings: &serde_json::Value,
     runs: &[Run],
     rows: &[Row],
+    idle: &[crate::IdleResult],
 ) -> anyhow::Result<()> {
-    let doc = serde_json::json!({ "settings": settings, "runs": runs, "summary": rows });
+    let doc = serde_json::json!({
+        "settings": settings, "runs": runs, "summary": rows, "idle": idle,
+    });
     let text = serde_json::to_string_pretty(&doc).context("serialise results")?;
     std::fs::write(path, text + "\n").with_context(|| format!("write {}", path.display()))
 }

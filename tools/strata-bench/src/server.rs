@@ -7,6 +7,8 @@
 
 use std::fs::File;
 use std::io;
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::FileExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -98,7 +100,10 @@ pub struct ServerSpec<'a> {
     pub qsd_aio: QsdAio,
     /// Null backend: reads fill the buffer with zeroes (both servers get the same setting).
     pub read_zeroes: bool,
-    pub sock: PathBuf,
+    /// One socket per disk (several disks only with the null backend).
+    pub socks: Vec<PathBuf>,
+    /// stratad's `--metrics` address (stratad and vmfs systems).
+    pub metrics: Option<SocketAddr>,
     pub log: PathBuf,
     /// vmfs: write every block of the thin disk before the run (measure written space).
     pub vmfs_prefill: bool,
@@ -106,26 +111,34 @@ pub struct ServerSpec<'a> {
 
 impl ServerSpec<'_> {
     fn command(&self) -> Command {
-        let sock = self.sock.display();
+        let sock = self
+            .socks
+            .first()
+            .map(|s| s.display().to_string())
+            .unwrap_or_default();
         match self.system {
             System::Stratad => {
-                let disk = match self.backend {
-                    Backend::Null => format!(
-                        "socket={sock},backend=null,size={NULL_SIZE},queues={},read-zeroes={}",
-                        self.queues,
-                        on_off(self.read_zeroes)
-                    ),
-                    Backend::Raw => format!(
-                        "socket={sock},backend=raw,path={},queues={}",
-                        self.image.display(),
-                        self.queues
-                    ),
-                };
                 let mut cmd = Command::new(self.stratad_bin);
-                cmd.arg("--cpus")
-                    .arg(self.cpu.to_string())
-                    .arg("--disk")
-                    .arg(disk);
+                cmd.arg("--cpus").arg(self.cpu.to_string());
+                for sock in &self.socks {
+                    let sock = sock.display();
+                    let disk = match self.backend {
+                        Backend::Null => format!(
+                            "socket={sock},backend=null,size={NULL_SIZE},queues={},read-zeroes={}",
+                            self.queues,
+                            on_off(self.read_zeroes)
+                        ),
+                        Backend::Raw => format!(
+                            "socket={sock},backend=raw,path={},queues={}",
+                            self.image.display(),
+                            self.queues
+                        ),
+                    };
+                    cmd.arg("--disk").arg(disk);
+                }
+                if let Some(addr) = self.metrics {
+                    cmd.arg("--metrics").arg(addr.to_string());
+                }
                 if std::env::var_os("RUST_LOG").is_none() {
                     cmd.env("RUST_LOG", "warn");
                 }
@@ -142,36 +155,42 @@ impl ServerSpec<'_> {
                         "socket={sock},backend=vmfs,file={VMFS_DISK},queues={}",
                         self.queues
                     ));
+                if let Some(addr) = self.metrics {
+                    cmd.arg("--metrics").arg(addr.to_string());
+                }
                 if std::env::var_os("RUST_LOG").is_none() {
                     cmd.env("RUST_LOG", "warn");
                 }
                 cmd
             }
             System::Qsd => {
-                let blockdev = match self.backend {
-                    Backend::Null => format!(
-                        "driver=null-co,node-name=n0,size={NULL_SIZE},read-zeroes={}",
-                        on_off(self.read_zeroes)
-                    ),
-                    Backend::Raw => format!(
-                        "driver=file,node-name=n0,filename={},cache.direct=off,aio={}",
-                        self.image.display(),
-                        match self.qsd_aio {
-                            QsdAio::Threads => "threads",
-                            QsdAio::IoUring => "io_uring",
-                        }
-                    ),
-                };
-                let export = format!(
-                    "type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path={sock},\
-                     writable=on,num-queues={}",
-                    self.queues
-                );
                 let mut cmd = Command::new(self.qsd_bin);
-                cmd.arg("--blockdev")
-                    .arg(blockdev)
-                    .arg("--export")
-                    .arg(export);
+                for (i, sock) in self.socks.iter().enumerate() {
+                    let sock = sock.display();
+                    let blockdev = match self.backend {
+                        Backend::Null => format!(
+                            "driver=null-co,node-name=n{i},size={NULL_SIZE},read-zeroes={}",
+                            on_off(self.read_zeroes)
+                        ),
+                        Backend::Raw => format!(
+                            "driver=file,node-name=n{i},filename={},cache.direct=off,aio={}",
+                            self.image.display(),
+                            match self.qsd_aio {
+                                QsdAio::Threads => "threads",
+                                QsdAio::IoUring => "io_uring",
+                            }
+                        ),
+                    };
+                    let export = format!(
+                        "type=vhost-user-blk,id=e{i},node-name=n{i},addr.type=unix,\
+                         addr.path={sock},writable=on,num-queues={}",
+                        self.queues
+                    );
+                    cmd.arg("--blockdev")
+                        .arg(blockdev)
+                        .arg("--export")
+                        .arg(export);
+                }
                 cmd
             }
         }
@@ -256,8 +275,10 @@ pub struct Server {
 impl Server {
     /// Starts the server pinned to `spec.cpu` and waits until its socket exists.
     pub fn start(spec: &ServerSpec<'_>) -> anyhow::Result<Self> {
-        if spec.sock.exists() {
-            std::fs::remove_file(&spec.sock).context("remove stale socket")?;
+        for sock in &spec.socks {
+            if sock.exists() {
+                std::fs::remove_file(sock).context("remove stale socket")?;
+            }
         }
         if spec.system == System::Vmfs {
             spec.prepare_vmfs()?;
@@ -287,7 +308,9 @@ impl Server {
             log: spec.log.clone(),
         };
         let deadline = Instant::now() + SOCKET_WAIT_MAX;
-        while !spec.sock.exists() {
+        // Servers create their sockets in order: the last one appearing means all are there.
+        let last = spec.socks.last().context("no socket")?;
+        while !last.exists() {
             if let Some(status) = server.try_wait()? {
                 bail!(
                     "{} exited early with {status}; log:\n{}",
@@ -301,7 +324,7 @@ impl Server {
             if Instant::now() > deadline {
                 bail!(
                     "socket {} did not appear; log:\n{}",
-                    spec.sock.display(),
+                    last.display(),
                     server.log_tail()
                 );
             }
@@ -531,5 +554,171 @@ impl SystemCpu {
             busy: d(busy),
             steal: d(steal),
         })
+    }
+}
+
+/// How long a server's metrics endpoint may take to answer after its sockets appeared.
+const METRICS_WAIT_MAX: Duration = Duration::from_secs(5);
+/// Timeout of one metrics scrape (a scrape takes well under a millisecond).
+const METRICS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A free TCP port on the loopback for stratad's `--metrics` (bound, read, released: another
+/// process could take it in between, which would only make the server fail to start).
+pub fn free_loopback_addr() -> anyhow::Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0").context("bind a loopback port")?;
+    l.local_addr().context("local_addr")
+}
+
+/// stratad's counters summed over reactors and queues (from its Prometheus endpoint).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct Counters {
+    pub busy_s: f64,
+    pub spin_idle_s: f64,
+    pub sleep_s: f64,
+    pub sleeps: f64,
+    pub requests: f64,
+    pub pop_batches: f64,
+    pub submits: f64,
+    pub submitted_ops: f64,
+    pub reap_batches: f64,
+    pub reaped: f64,
+    pub notifications: f64,
+}
+
+impl Counters {
+    /// The difference `self - earlier`.
+    pub fn since(&self, e: &Counters) -> Counters {
+        Counters {
+            busy_s: self.busy_s - e.busy_s,
+            spin_idle_s: self.spin_idle_s - e.spin_idle_s,
+            sleep_s: self.sleep_s - e.sleep_s,
+            sleeps: self.sleeps - e.sleeps,
+            requests: self.requests - e.requests,
+            pop_batches: self.pop_batches - e.pop_batches,
+            submits: self.submits - e.submits,
+            submitted_ops: self.submitted_ops - e.submitted_ops,
+            reap_batches: self.reap_batches - e.reap_batches,
+            reaped: self.reaped - e.reaped,
+            notifications: self.notifications - e.notifications,
+        }
+    }
+
+    /// Sums the samples of the families it knows in a Prometheus text exposition.
+    pub fn parse(text: &str) -> Counters {
+        let mut c = Counters::default();
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let Some((name_labels, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let name = name_labels.split('{').next().unwrap_or("");
+            let Ok(v) = value.parse::<f64>() else {
+                continue;
+            };
+            let field = match name {
+                "strata_reactor_busy_seconds_total" => &mut c.busy_s,
+                "strata_reactor_spin_idle_seconds_total" => &mut c.spin_idle_s,
+                "strata_reactor_sleep_seconds_total" => &mut c.sleep_s,
+                "strata_reactor_sleeps_total" => &mut c.sleeps,
+                "strata_reactor_requests_total" => &mut c.requests,
+                "strata_reactor_pop_batches_total" => &mut c.pop_batches,
+                "strata_reactor_submits_total" => &mut c.submits,
+                "strata_reactor_submitted_ops_total" => &mut c.submitted_ops,
+                "strata_reactor_reap_batches_total" => &mut c.reap_batches,
+                "strata_reactor_reaped_total" => &mut c.reaped,
+                "strata_queue_notifications_total" => &mut c.notifications,
+                _ => continue,
+            };
+            *field += v;
+        }
+        c
+    }
+}
+
+/// Scrapes stratad's `--metrics` endpoint.
+#[derive(Debug)]
+pub struct MetricsProbe {
+    addr: SocketAddr,
+}
+
+impl MetricsProbe {
+    /// Waits until the endpoint answers.
+    pub fn connect(addr: SocketAddr) -> anyhow::Result<Self> {
+        let probe = MetricsProbe { addr };
+        let deadline = Instant::now() + METRICS_WAIT_MAX;
+        loop {
+            match probe.read() {
+                Ok(_) => return Ok(probe),
+                Err(e) if Instant::now() > deadline => return Err(e),
+                Err(_) => std::thread::sleep(WAIT_STEP),
+            }
+        }
+    }
+
+    pub fn read(&self) -> anyhow::Result<Counters> {
+        let mut s = TcpStream::connect_timeout(&self.addr, METRICS_TIMEOUT)
+            .with_context(|| format!("connect to metrics {}", self.addr))?;
+        s.set_read_timeout(Some(METRICS_TIMEOUT))?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+            .context("send scrape")?;
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).context("read scrape")?;
+        if !resp.starts_with("HTTP/1.0 200") {
+            bail!(
+                "metrics endpoint answered: {}",
+                resp.lines().next().unwrap_or("")
+            );
+        }
+        Ok(Counters::parse(resp.split("\r\n\r\n").nth(1).unwrap_or("")))
+    }
+}
+
+/// Reads VmRSS and Threads from `/proc/PID/status`.
+#[derive(Debug)]
+pub struct ProcStatus {
+    path: PathBuf,
+}
+
+impl ProcStatus {
+    pub fn new(pid: u32) -> Self {
+        ProcStatus {
+            path: PathBuf::from(format!("/proc/{pid}/status")),
+        }
+    }
+
+    /// (resident KiB, threads).
+    pub fn read(&self) -> anyhow::Result<(u64, u64)> {
+        let text = std::fs::read_to_string(&self.path).context("read /proc/PID/status")?;
+        let field = |key: &str| -> u64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.split_ascii_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        Ok((field("VmRSS:"), field("Threads:")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_sum_over_reactors_and_queues() {
+        let text = "# TYPE strata_reactor_requests_total counter\n\
+            strata_reactor_requests_total{reactor=\"0\",cpu=\"1\"} 10\n\
+            strata_reactor_requests_total{reactor=\"1\",cpu=\"\"} 5\n\
+            strata_reactor_busy_seconds_total{reactor=\"0\",cpu=\"1\"} 0.25\n\
+            strata_queue_notifications_total{disk=\"a b\",queue=\"0\"} 3\n\
+            strata_queue_requests_total{disk=\"a\",queue=\"0\"} 99\n";
+        let c = Counters::parse(text);
+        assert_eq!(c.requests, 15.0);
+        assert_eq!(c.busy_s, 0.25);
+        assert_eq!(c.notifications, 3.0);
+        let d = c.since(&Counters {
+            requests: 5.0,
+            ..Counters::default()
+        });
+        assert_eq!(d.requests, 10.0);
     }
 }

@@ -7,6 +7,7 @@
 //!   and logging. The data path lives in the `dataplane` crate.
 
 mod control;
+mod metrics;
 mod spec;
 
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
@@ -72,6 +73,11 @@ struct Args {
     /// the embedded default, none otherwise.
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
+
+    /// Serve Prometheus text metrics (reactor and queue counters) over HTTP at this address,
+    /// e.g. `127.0.0.1:9187`; off by default.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
 
     /// Data directory for the embedded default (used when no --disk is given).
     #[arg(long, value_name = "DIR", default_value = "strata-data")]
@@ -321,6 +327,11 @@ fn run(args: Args) -> Result<(), MainError> {
         )
         .map_err(io_err(format!("control socket {}", p.display())))?;
         tracing::info!(socket = %p.display(), "control socket ready");
+    }
+    if let Some(addr) = &args.metrics {
+        let bound = metrics::spawn(addr, server.stats_handle())
+            .map_err(io_err(format!("metrics endpoint {addr}")))?;
+        tracing::info!(%bound, "metrics endpoint ready");
     }
     if embedded {
         println!("stratad: serving {}", specs[0].socket.display());
