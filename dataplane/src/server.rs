@@ -448,6 +448,11 @@ impl Server {
         }
     }
 
+    /// Links to every reactor (for handing them other work, e.g. packet queues).
+    pub fn reactor_links(&self) -> Vec<crate::reactor::ReactorLink> {
+        self.reactors.iter().map(|r| r.link()).collect()
+    }
+
     /// A handle for reading counters from another thread (disks added later are not in it).
     pub fn stats_handle(&self) -> StatsHandle {
         StatsHandle {

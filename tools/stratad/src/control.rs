@@ -34,6 +34,8 @@ pub struct Control {
     pub stats: StatsHandle,
     /// The open datastore, if any.
     pub datastore: Option<Arc<Datastore>>,
+    /// Packet queues (`--port`): interface, queue, counters.
+    pub packet_queues: Vec<(String, u32, Arc<dataplane::net::poller::QueueStats>)>,
 }
 
 struct RpcError(i64, String);
@@ -69,7 +71,21 @@ impl Control {
     fn call(&self, method: &str, p: &Value) -> Result<Value, RpcError> {
         let fs_err = |e: vmfs::fs::FsError| RpcError(SERVER_ERROR, e.to_string());
         match method {
-            "stats" => Ok(stats_json(&self.stats)),
+            "stats" => {
+                let mut v = stats_json(&self.stats);
+                let l =
+                    |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+                let ports: Vec<Value> = self
+                    .packet_queues
+                    .iter()
+                    .map(|(iface, q, st)| {
+                        json!({"iface": iface, "queue": q, "rx_frames": l(&st.rx_frames),
+                               "rx_bytes": l(&st.rx_bytes), "errors": l(&st.errors)})
+                    })
+                    .collect();
+                v["packet_queues"] = Value::Array(ports);
+                Ok(v)
+            }
             "info" => {
                 let i = vmfs::admin::info(self.ds()?).map_err(fs_err)?;
                 serde_json::to_value(i).map_err(|e| RpcError(SERVER_ERROR, e.to_string()))

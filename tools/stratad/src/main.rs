@@ -8,6 +8,7 @@
 
 mod control;
 mod metrics;
+mod ports;
 mod spec;
 
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
@@ -56,6 +57,11 @@ struct Args {
     #[arg(long = "disk", value_name = "SPEC")]
     disks: Vec<String>,
 
+    /// Serve packet queues of a NIC port (repeatable):
+    /// `iface=NAME[,queues=N][,backend=af_xdp|dpdk|socket][,steer=3260,4420]`.
+    #[arg(long = "port", value_name = "SPEC")]
+    ports: Vec<String>,
+
     /// CPUs for the reactor (polling) threads, one thread per CPU, e.g. `1` or `0-1`.
     /// Default: one unpinned reactor.
     #[arg(long, value_name = "LIST")]
@@ -102,6 +108,8 @@ enum MainError {
     Io { what: String, err: std::io::Error },
     #[error("datastore {path}: {err}")]
     Datastore { path: String, err: String },
+    #[error("{0}")]
+    Port(String),
     #[error("--disk {0}: backend=vmfs needs --datastore PATH")]
     NoDatastore(String),
 }
@@ -275,7 +283,14 @@ fn run(args: Args) -> Result<(), MainError> {
         }
         None => None,
     };
-    let embedded = specs.is_empty() && datastore.is_none();
+    let mut port_specs = Vec::with_capacity(args.ports.len());
+    for p in &args.ports {
+        port_specs.push(
+            dataplane::net::port::parse_port_spec(p)
+                .map_err(|e| MainError::Port(format!("--port {p}: {e}")))?,
+        );
+    }
+    let embedded = specs.is_empty() && datastore.is_none() && port_specs.is_empty();
     if embedded {
         let (spec, ds) = default_disk(&args.data_dir)?;
         specs.push(spec);
@@ -311,6 +326,7 @@ fn run(args: Args) -> Result<(), MainError> {
             num_queues: spec.queues,
         })?;
     }
+    let ports = ports::start(&port_specs, &server.reactor_links()).map_err(MainError::Port)?;
     let control_path = args.control.clone().or_else(|| {
         embedded.then(|| {
             let dir = std::fs::canonicalize(&args.data_dir).unwrap_or(args.data_dir.clone());
@@ -323,6 +339,7 @@ fn run(args: Args) -> Result<(), MainError> {
             control::Control {
                 stats: server.stats_handle(),
                 datastore: datastore.clone(),
+                packet_queues: ports.queues.clone(),
             },
         )
         .map_err(io_err(format!("control socket {}", p.display())))?;
@@ -361,6 +378,11 @@ fn run(args: Args) -> Result<(), MainError> {
         );
     }
     drop(server);
+    for (iface, c) in ports.steering_counters() {
+        tracing::info!(%iface, steered = c[0], passed = c[1], malformed = c[2], unbound = c[3], "XDP steering stats");
+    }
+    // Detaches the steering programs, after the reactors have stopped polling the sockets.
+    drop(ports);
     if let Some(p) = &control_path {
         let _ = std::fs::remove_file(p);
     }
