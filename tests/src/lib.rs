@@ -7,5 +7,6 @@
 //!   reads the results from the serial console with a hard time-out.
 
 pub mod daemon;
+pub mod e2e;
 pub use strata_guest as guest;
 pub mod vmfs;

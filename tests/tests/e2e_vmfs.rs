@@ -23,17 +23,14 @@
 
 use std::mem::MaybeUninit;
 use std::path::Path;
-use std::sync::{mpsc, Mutex};
 use std::time::Duration;
 
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
-use strata_guest::{FioJob, GuestRun, ScratchDir, VmConfig};
+use strata_guest::{FioJob, ScratchDir, VmConfig};
 use strata_tests::daemon::Stratad;
+use strata_tests::e2e::{exited, run_ok, stop_cleanly, with_deadline};
 use strata_tests::vmfs::{kill9, spawn_after_crash, BackgroundGuest, Provisioning, TestDatastore};
 
-/// Hard limit for one whole test: up to two boots (~7 s each under TCG), the fio jobs (tens of
-/// seconds) and a few stratad start/stop cycles; generous for a loaded 2-core CI machine.
-const TEST_TIMEOUT: Duration = Duration::from_secs(600);
 /// Hard limit for one guest run (QEMU is killed after it).
 const VM_TIMEOUT: Duration = Duration::from_secs(240);
 /// Size of the datastore file (sparse).
@@ -43,88 +40,12 @@ const DISK_SIZE: u64 = 256 << 20;
 /// Name of the disk file in the datastore.
 const DISK: &str = "disk0.img";
 
-/// One guest at a time (see the module doc).
-static ONE_GUEST_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-/// Runs `body` on its own thread and fails the test if it takes longer than [`TEST_TIMEOUT`].
-fn with_deadline(body: impl FnOnce() + Send + 'static) {
-    let _serial = ONE_GUEST_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let (done_tx, done_rx) = mpsc::channel();
-    let worker = std::thread::spawn(move || {
-        body();
-        let _ = done_tx.send(());
-    });
-    match done_rx.recv_timeout(TEST_TIMEOUT) {
-        Ok(()) => {
-            if let Err(panic) = worker.join() {
-                std::panic::resume_unwind(panic);
-            }
-        }
-        // The body panicked (the sender was dropped without sending): report its panic.
-        Err(mpsc::RecvTimeoutError::Disconnected) => {
-            if let Err(panic) = worker.join() {
-                std::panic::resume_unwind(panic);
-            }
-            panic!("test body ended without reporting");
-        }
-        Err(mpsc::RecvTimeoutError::Timeout) => {
-            panic!("test did not finish within {TEST_TIMEOUT:?}")
-        }
-    }
-}
-
 /// A fresh datastore in `dir` holding a thin [`DISK_SIZE`] file [`DISK`].
 fn thin_datastore(dir: &ScratchDir) -> TestDatastore {
     let ds = TestDatastore::mkfs(&dir.join("ds.vmfs"), DATASTORE_SIZE).expect("mkfs");
     ds.disk_create(DISK, &format!("{}M", DISK_SIZE >> 20), Provisioning::Thin)
         .expect("disk create");
     ds
-}
-
-/// Stops stratad with SIGTERM and asserts a clean exit (status 0).
-fn stop_cleanly(daemon: Stratad) {
-    let status = daemon.stop().expect("stop stratad");
-    assert!(
-        status.success(),
-        "stratad exited with {status} after SIGTERM"
-    );
-}
-
-/// Whether process `pid` has exited (a zombie counts as exited: it is no longer serving).
-fn exited(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the parenthesised command name: "pid (comm) S ...".
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_none_or(|state| state == "Z" || state == "X"),
-        Err(_) => true,
-    }
-}
-
-/// Runs `script` in a guest attached to `daemon`, failing the test (with the logs) unless it
-/// exits 0. If stratad exits meanwhile, the run is cut short.
-fn run_ok(cfg: &VmConfig, daemon: &Stratad, script: &str) -> GuestRun {
-    let pid = daemon.pid();
-    let run = cfg
-        .run_script_watched(script, || {
-            if exited(pid) {
-                Err(format!("stratad (pid {pid}) exited during the guest run"))
-            } else {
-                Ok(())
-            }
-        })
-        .and_then(|run| run.expect_success())
-        .unwrap_or_else(|e| panic!("guest run failed: {e}"));
-    eprintln!(
-        "guest ran in {:.1} s (boot {:.1} s)\n{}",
-        run.elapsed.as_secs_f64(),
-        run.boot_time.map(|t| t.as_secs_f64()).unwrap_or(f64::NAN),
-        run.output
-    );
-    run
 }
 
 // ---------------------------------------------------------------------------------------------
