@@ -76,6 +76,30 @@ pub fn rw_op(fd: std::os::fd::RawFd, req: &ParsedRequest, offset: u64) -> IoOp {
     }
 }
 
+/// Writes a validated Write request at device offset `offset` with pwritev on the calling
+/// thread; returns bytes written or -errno.
+///
+/// Buffered writes to the page cache are done this way rather than through io_uring: io_uring
+/// cannot complete a buffered write without blocking, punts it to its io-wq worker threads,
+/// and on the 2-core measurement machine that cost 45–50 µs of CPU per 4 KiB write (19.7 k
+/// IOPS) against 19 µs inline (50.5 k IOPS; QSD 29–33 k) — `strata-bench --backend raw
+/// --workload randwrite`.
+pub fn pwritev_now(fd: std::os::fd::RawFd, req: &ParsedRequest, offset: u64) -> i32 {
+    let Ok(off) = libc::off_t::try_from(offset) else {
+        return -libc::EINVAL;
+    };
+    // SAFETY: the iovecs come from the parser (bounds-checked guest memory, kept mapped by the
+    // caller's memory snapshot for the duration of this call); iov_count ≤ SEG_MAX.
+    let r = unsafe { libc::pwritev(fd, req.iov.as_ptr(), req.iov_count as i32, off) };
+    if r < 0 {
+        -std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO)
+    } else {
+        i32::try_from(r).unwrap_or(i32::MAX)
+    }
+}
+
 /// A virtual disk's storage.
 pub trait BlockBackend: Send + Sync + std::fmt::Debug {
     /// Size in bytes (a multiple of 512).
@@ -176,6 +200,9 @@ impl BlockBackend for RawBackend {
 
     fn start(&self, req: &ParsedRequest, engine: &mut dyn IoEngine, user_data: u64) -> Started {
         let fd = self.file.as_raw_fd();
+        if req.kind == RequestKind::Write && !self.direct && req.len_bytes() > 0 {
+            return Started::Done(pwritev_now(fd, req, req.offset_bytes()));
+        }
         let op = match req.kind {
             RequestKind::Read | RequestKind::Write => rw_op(fd, req, req.offset_bytes()),
             RequestKind::Flush => IoOp::Fsync { fd },

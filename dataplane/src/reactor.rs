@@ -774,8 +774,8 @@ mod tests {
     use std::io::{Read, Seek, SeekFrom, Write};
 
     use virtio_bindings::virtio_blk::{
-        VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_GET_ID,
-        VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+        VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH,
+        VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
     };
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::split::Descriptor;
@@ -971,8 +971,10 @@ mod tests {
 
     #[test]
     fn engine_faults_become_ioerr() {
-        let mut h = harness(EngineKind::Fault(FaultPlan::Writes, libc::EIO));
-        let s = h.request(VIRTIO_BLK_T_OUT, 0, (0x20_0000, 4096, false));
+        // Buffered writes run inline (pwritev_now), so the engine's faults are exercised with
+        // flushes (an empty data descriptor is allowed in a FLUSH chain).
+        let mut h = harness(EngineKind::Fault(FaultPlan::Flushes, libc::EIO));
+        let s = h.request(VIRTIO_BLK_T_FLUSH, 0, (0x20_0000, 0, false));
         assert_eq!(s, VIRTIO_BLK_S_IOERR as u8);
         let s = h.request(VIRTIO_BLK_T_IN, 0, (0x20_0000, 4096, true));
         assert_eq!(s, VIRTIO_BLK_S_OK as u8);
