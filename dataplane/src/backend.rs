@@ -85,19 +85,10 @@ pub fn rw_op(fd: std::os::fd::RawFd, req: &ParsedRequest, offset: u64) -> IoOp {
 /// IOPS) against 19 µs inline (50.5 k IOPS; QSD 29–33 k) — `strata-bench --backend raw
 /// --workload randwrite`.
 pub fn pwritev_now(fd: std::os::fd::RawFd, req: &ParsedRequest, offset: u64) -> i32 {
-    let Ok(off) = libc::off_t::try_from(offset) else {
-        return -libc::EINVAL;
-    };
+    debug_assert_eq!(req.kind, RequestKind::Write);
     // SAFETY: the iovecs come from the parser (bounds-checked guest memory, kept mapped by the
     // caller's memory snapshot for the duration of this call); iov_count ≤ SEG_MAX.
-    let r = unsafe { libc::pwritev(fd, req.iov.as_ptr(), req.iov_count as i32, off) };
-    if r < 0 {
-        -std::io::Error::last_os_error()
-            .raw_os_error()
-            .unwrap_or(libc::EIO)
-    } else {
-        i32::try_from(r).unwrap_or(i32::MAX)
-    }
+    unsafe { crate::engine::sync::execute(rw_op(fd, req, offset)) }
 }
 
 /// A virtual disk's storage.

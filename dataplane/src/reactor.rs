@@ -549,21 +549,22 @@ impl Reactor {
     /// per backend (several queues of one disk, or disks of one datastore, share a backend
     /// batch: their metadata commits together).
     fn end_batches(&mut self) {
-        for i in 0..self.queues.len() {
-            let Some(aq) = self.queues[i].as_mut() else {
+        let Reactor { queues, engine, .. } = self;
+        for i in 0..queues.len() {
+            let (head, tail) = queues.split_at_mut(i + 1);
+            let Some(aq) = head[i].as_mut() else {
                 continue;
             };
             if !aq.batch_touched {
                 continue;
             }
             aq.batch_touched = false;
-            let backend = aq.run.backend.clone();
-            for other in self.queues[i + 1..].iter_mut().flatten() {
-                if Arc::ptr_eq(&other.run.backend, &backend) {
+            for other in tail.iter_mut().flatten() {
+                if Arc::ptr_eq(&other.run.backend, &aq.run.backend) {
                     other.batch_touched = false;
                 }
             }
-            backend.end_batch(&mut *self.engine);
+            aq.run.backend.end_batch(&mut **engine);
         }
     }
 

@@ -134,6 +134,22 @@ impl VmfsBackend {
         i32::try_from(req.data_len).unwrap_or(i32::MAX)
     }
 
+    /// Writes segments through the datastore: small files one segment at a time through the
+    /// general path; file-block files through the batched path, either committed now or, when
+    /// `deferred`, left in the open transaction (committed at FLUSH or after the interval).
+    fn write_segs(&self, segs: &[WriteSeg<'_>], deferred: bool) -> Result<(), vmfs::fs::FsError> {
+        if self.small {
+            segs.iter()
+                .try_for_each(|s| self.ds.write(s.ino, s.offset, s.data))
+        } else if deferred {
+            self.ds
+                .write_batch_deferred(segs)
+                .and_then(|()| self.ds.commit_if_older(COMMIT_INTERVAL))
+        } else {
+            self.ds.write_batch(segs)
+        }
+    }
+
     fn write_zeroes(&self, req: &ParsedRequest) -> i32 {
         let mut segs = Vec::new();
         let mut off = req.offset_bytes();
@@ -147,13 +163,7 @@ impl VmfsBackend {
             });
             off += n as u64;
         }
-        let r = if self.small {
-            segs.iter()
-                .try_for_each(|s| self.ds.write(s.ino, s.offset, s.data))
-        } else {
-            self.ds.write_batch(&segs)
-        };
-        match r {
+        match self.write_segs(&segs, false) {
             Ok(()) => 0,
             Err(e) => Self::errno(&e),
         }
@@ -305,14 +315,7 @@ impl BlockBackend for VmfsBackend {
                 off += iov.iov_len as u64;
             }
         }
-        let result = if self.small {
-            segs.iter()
-                .try_for_each(|s| self.ds.write(s.ino, s.offset, s.data))
-        } else {
-            self.ds
-                .write_batch_deferred(&segs)
-                .and_then(|()| self.ds.commit_if_older(COMMIT_INTERVAL))
-        };
+        let result = self.write_segs(&segs, true);
         if let Err(e) = &result {
             tracing::warn!(file = %self.name, err = %e, requests = mine.len(), "batched write failed");
         }

@@ -40,11 +40,11 @@ fn ret_to_result(ret: isize) -> i32 {
     }
 }
 
-/// Runs one op synchronously.
+/// Runs one op synchronously on the calling thread; returns bytes or -errno.
 ///
 /// # Safety
 /// As for [`IoEngine::push`]: the iovec and buffers must be valid for the call.
-unsafe fn execute(op: IoOp) -> i32 {
+pub(crate) unsafe fn execute(op: IoOp) -> i32 {
     match op {
         IoOp::Readv {
             fd,

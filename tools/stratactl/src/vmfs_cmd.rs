@@ -180,46 +180,11 @@ impl Backend {
             Backend::Online(sock) => return rpc(sock, method, params),
             Backend::Offline(ds) => ds,
         };
-        let fail = |e: vmfs::fs::FsError| VmfsCmdError::Failed(e.to_string());
-        let js = |v: Result<Value, serde_json::Error>| {
-            v.map_err(|e| VmfsCmdError::Failed(e.to_string()))
-        };
-        let s = |k: &str| {
-            params
-                .get(k)
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string()
-        };
-        let n = |k: &str| params.get(k).and_then(Value::as_u64).unwrap_or(0);
-        match method {
-            "info" => js(serde_json::to_value(vmfs::admin::info(ds).map_err(fail)?)),
-            "ls" => js(serde_json::to_value(
-                vmfs::admin::ls(ds, &s("path")).map_err(fail)?,
-            )),
-            "mkdir" => Ok(json!({"ino": ds.mkdir(&s("path")).map_err(fail)?})),
-            "disk.create" => {
-                let prov = vmfs::admin::parse_provisioning(&s("provisioning")).map_err(fail)?;
-                let mut p = progress("zeroing");
-                let eager = prov == vmfs::format::Provisioning::ThickEager;
-                let mut none = |_, _| {};
-                let cb: &mut dyn FnMut(u64, u64) = if eager { &mut p } else { &mut none };
-                let ino = ds
-                    .create_file(&s("name"), prov, n("size"), cb)
-                    .map_err(fail)?;
-                Ok(json!({ "ino": ino }))
-            }
-            "disk.rm" => {
-                ds.unlink(&s("name")).map_err(fail)?;
-                Ok(json!({}))
-            }
-            "disk.resize" => {
-                let ino = ds.lookup(&s("name")).map_err(fail)?;
-                ds.set_size(ino, n("size")).map_err(fail)?;
-                Ok(json!({}))
-            }
-            other => Err(VmfsCmdError::Usage(format!("unknown method {other}"))),
-        }
+        let mut bar = progress("allocating");
+        vmfs::admin::call(ds, method, &params, &mut bar).map_err(|e| match e {
+            vmfs::admin::AdminError::Fs(e) => VmfsCmdError::Failed(e.to_string()),
+            e => VmfsCmdError::Usage(e.to_string()),
+        })
     }
 
     fn close(self) -> Result<(), VmfsCmdError> {

@@ -40,27 +40,6 @@ pub struct Control {
 
 struct RpcError(i64, String);
 
-fn param_str<'a>(p: &'a Value, key: &str) -> Result<&'a str, RpcError> {
-    p.get(key)
-        .and_then(Value::as_str)
-        .ok_or_else(|| RpcError(INVALID_PARAMS, format!("missing string parameter '{key}'")))
-}
-
-fn param_size(p: &Value, key: &str) -> Result<u64, RpcError> {
-    match p.get(key) {
-        Some(Value::Number(n)) => n
-            .as_u64()
-            .ok_or_else(|| RpcError(INVALID_PARAMS, format!("'{key}' must be a byte count"))),
-        Some(Value::String(s)) => {
-            crate::spec::parse_size("size", s).map_err(|e| RpcError(INVALID_PARAMS, e.to_string()))
-        }
-        _ => Err(RpcError(
-            INVALID_PARAMS,
-            format!("missing parameter '{key}'"),
-        )),
-    }
-}
-
 impl Control {
     fn ds(&self) -> Result<&Arc<Datastore>, RpcError> {
         self.datastore
@@ -69,7 +48,6 @@ impl Control {
     }
 
     fn call(&self, method: &str, p: &Value) -> Result<Value, RpcError> {
-        let fs_err = |e: vmfs::fs::FsError| RpcError(SERVER_ERROR, e.to_string());
         match method {
             "stats" => {
                 let mut v = stats_json(&self.stats);
@@ -86,48 +64,14 @@ impl Control {
                 v["packet_queues"] = Value::Array(ports);
                 Ok(v)
             }
-            "info" => {
-                let i = vmfs::admin::info(self.ds()?).map_err(fs_err)?;
-                serde_json::to_value(i).map_err(|e| RpcError(SERVER_ERROR, e.to_string()))
-            }
-            "ls" => {
-                let path = p.get("path").and_then(Value::as_str).unwrap_or("/");
-                let l = vmfs::admin::ls(self.ds()?, path).map_err(fs_err)?;
-                serde_json::to_value(l).map_err(|e| RpcError(SERVER_ERROR, e.to_string()))
-            }
-            "mkdir" => {
-                let ino = self.ds()?.mkdir(param_str(p, "path")?).map_err(fs_err)?;
-                Ok(json!({ "ino": ino }))
-            }
-            "disk.create" => {
-                let name = param_str(p, "name")?;
-                let size = param_size(p, "size")?;
-                let prov = vmfs::admin::parse_provisioning(
-                    p.get("provisioning")
-                        .and_then(Value::as_str)
-                        .unwrap_or("thin"),
-                )
-                .map_err(|e| RpcError(INVALID_PARAMS, e.to_string()))?;
-                let ino = self
-                    .ds()?
-                    .create_file(name, prov, size, &mut |_, _| {})
-                    .map_err(fs_err)?;
-                Ok(json!({ "ino": ino }))
-            }
-            "disk.rm" => {
-                self.ds()?.unlink(param_str(p, "name")?).map_err(fs_err)?;
-                Ok(json!({}))
-            }
-            "disk.resize" => {
-                let ds = self.ds()?;
-                let ino = ds.lookup(param_str(p, "name")?).map_err(fs_err)?;
-                ds.set_size(ino, param_size(p, "size")?).map_err(fs_err)?;
-                Ok(json!({}))
-            }
-            other => Err(RpcError(
-                METHOD_NOT_FOUND,
-                format!("unknown method '{other}'"),
-            )),
+            method => vmfs::admin::call(self.ds()?, method, p, &mut |_, _| {}).map_err(|e| {
+                let code = match e {
+                    vmfs::admin::AdminError::UnknownMethod(_) => METHOD_NOT_FOUND,
+                    vmfs::admin::AdminError::Params(_) => INVALID_PARAMS,
+                    vmfs::admin::AdminError::Fs(_) => SERVER_ERROR,
+                };
+                RpcError(code, e.to_string())
+            }),
         }
     }
 
