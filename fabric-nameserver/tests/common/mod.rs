@@ -194,6 +194,13 @@ impl Proc {
             assert!(Instant::now() < deadline, "server did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
+        // The control socket comes up separately (after the listener, replacing the one a
+        // killed predecessor left behind): wait until it accepts too.
+        let control = data.join("control.sock");
+        while std::os::unix::net::UnixStream::connect(&control).is_err() {
+            assert!(Instant::now() < deadline, "control socket did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
         Proc {
             child,
             addr,
