@@ -13,6 +13,10 @@
 #                             iputils-ping)
 #   libdpdk (pkg-config), libclang   dataplane's `dpdk` feature: DPDK 22.11 headers, PMDs and
 #                             bindgen (libdpdk-dev, dpdk, libclang-dev, pkg-config)
+#   libcap-ng, libseccomp     the file server (virtiofsd crate: capng) and the reference
+#                             virtiofsd 1.14 of tools/install-virtiofsd.sh (libcap-ng-dev,
+#                             libseccomp-dev)
+#   setfacl, getfacl          copied into the fs test guest, build-guest.sh --fs (acl)
 #
 # QEMU's packages must come from one release: this project's machines ship qemu-utils from
 # bookworm-backports, and bookworm's own qemu-system-x86 would replace it with an older
@@ -110,7 +114,15 @@ pkg-config --exists libdpdk 2>/dev/null || pkgs+=(libdpdk-dev dpdk)
 compgen -G '/usr/lib/llvm-*/lib/libclang.so' >/dev/null || pkgs+=(libclang-dev)
 apt_install "${pkgs[@]}"
 
+# --- file server (libcap-ng for the workspace, libseccomp for virtiofsd, acl for the fs guest) --
+pkgs=()
+for p in libcap-ng-dev libseccomp-dev; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || pkgs+=("$p")
+done
+{ have setfacl && have getfacl; } || pkgs+=(acl)
+apt_install "${pkgs[@]}"
+
 for tool in qemu-system-x86_64 qemu-storage-daemon qemu-img fio cpio depmod \
-    isnsadm isnsd tgtd tgtadm iscsi-inq clang ip ping; do
+    isnsadm isnsd tgtd tgtadm iscsi-inq clang ip ping setfacl getfacl; do
     have "$tool" || { log "error: $tool still missing"; exit 1; }
 done

@@ -1,4 +1,5 @@
-//! Strata's data plane: virtual disks served to VMs over vhost-user-blk.
+//! Strata's data plane: virtual disks (vhost-user-blk) and shared folders (vhost-user-fs)
+//! served to VMs by polling reactors.
 //!
 //! Map of the crate:
 //! - [`blk`]: virtio-blk features, limits and config space; [`blk::request`] parses and
@@ -8,8 +9,10 @@
 //! - [`engine`]: the [`engine::IoEngine`] trait with io_uring, synchronous and
 //!   fault-injecting engines; one engine per reactor.
 //! - [`reactor`]: the fixed pool of polling threads that run every disk's virtqueues.
-//! - [`vhost_blk`]: the vhost-user protocol state of one device (memory table, vrings,
-//!   features, config space), handing started vrings to reactors.
+//! - [`vhost_device`]: the vhost-user protocol state of one device (memory table, vrings,
+//!   features, config space), handing started vrings to reactors through a
+//!   [`vhost_device::DeviceKind`]: [`vhost_blk`] (virtio-blk) or [`vhost_fs`] (virtio-fs,
+//!   whose FUSE requests go to a [`vhost_fs::FsRequestHandler`] such as the file server).
 //! - [`server`]: the control thread: listening sockets, frontend connections and reconnects,
 //!   orderly shutdown.
 //! - [`stats`]: counters shared with the control plane.
@@ -25,4 +28,6 @@ pub mod reactor;
 pub mod server;
 pub mod stats;
 pub mod vhost_blk;
+pub mod vhost_device;
+pub mod vhost_fs;
 pub mod vmfs_backend;

@@ -28,7 +28,6 @@ use crate::backend::{BlockBackend, Started, OPS_PER_REQUEST_MAX};
 use crate::blk::request::{parse_request, ParsedRequest, RequestError, RequestKind};
 use crate::blk::{DiskGeometry, ID_BYTES};
 use crate::engine::{Completion, EngineKind, IoEngine};
-use crate::net::poller::PacketPoller;
 use crate::stats::{bump, QueueStats, ReactorStats};
 
 /// How long a reactor keeps polling without finding work before it sleeps. 100 µs covers the
@@ -115,8 +114,41 @@ pub enum Command {
     },
     /// Drain everything and exit the thread.
     Shutdown,
-    /// Poll a packet queue in every iteration, next to the virtqueues (net::poller).
-    AddPacketQueue(Box<dyn PacketPoller>),
+    /// Poll something in every iteration, next to the virtqueues (packet or virtio-fs queue).
+    AddPoller(Box<dyn Poller>),
+    /// Remove the poller whose [`Poller::key`] is (device, index) and send it back. Pollers
+    /// finish each request within `poll`, so there is nothing in flight to wait for.
+    RemovePoller {
+        /// Device name.
+        device: Arc<str>,
+        /// Queue index.
+        index: u16,
+        /// Where the removed poller goes.
+        reply: SyncSender<Box<dyn Poller>>,
+    },
+}
+
+/// What a reactor polls besides virtio-blk queues: packet queues (net::poller) and virtio-fs
+/// queues (vhost_fs). Polled once per loop iteration; slept on through [`Poller::wake_fd`]
+/// (level-triggered EPOLLIN).
+pub trait Poller: Send + std::fmt::Debug {
+    /// Does at most one bounded burst of work; returns the items handled (0: idle).
+    fn poll(&mut self) -> usize;
+    /// The descriptor to sleep on (EPOLLIN when work waits); negative: poll-only.
+    fn wake_fd(&self) -> RawFd;
+    /// Called before the reactor sleeps: re-arm notifications and report whether work is
+    /// already pending (then the reactor does not sleep).
+    fn prepare_sleep(&mut self) -> bool {
+        false
+    }
+    /// Identity for [`Command::RemovePoller`]: (device, queue index). Packet queues have none.
+    fn key(&self) -> Option<(&str, u16)> {
+        None
+    }
+    /// The virtqueue a removed poller served, handed back to the control thread.
+    fn take_queue(&mut self) -> Option<virtio_queue::Queue> {
+        None
+    }
 }
 
 /// A cloneable way to send commands to one reactor.
@@ -138,6 +170,21 @@ impl ReactorLink {
         self.tx.send(cmd).map_err(|_| ReactorError::Gone(self.id))?;
         self.wake.write(1).map_err(ReactorError::Setup)?;
         Ok(())
+    }
+
+    /// Removes `device`'s poller for queue `index` and returns it.
+    pub fn remove_poller(
+        &self,
+        device: Arc<str>,
+        index: u16,
+    ) -> Result<Box<dyn Poller>, ReactorError> {
+        let (reply, rx) = mpsc::sync_channel(1);
+        self.send(Command::RemovePoller {
+            device,
+            index,
+            reply,
+        })?;
+        rx.recv().map_err(|_| ReactorError::Gone(self.id))
     }
 
     /// Stops `device`'s queue `index` and waits until its in-flight requests have completed.
@@ -318,7 +365,7 @@ struct Reactor {
     completions: Box<[Completion]>,
     exiting: bool,
     /// Packet queues (net::poller), polled each iteration and slept on through their fds.
-    packets: Vec<Box<dyn PacketPoller>>,
+    packets: Vec<Box<dyn Poller>>,
 }
 
 fn user_data(queue_slot: usize, slot: u16) -> u64 {
@@ -440,7 +487,7 @@ impl Reactor {
                         }
                     }
                 }
-                Ok(Command::AddPacketQueue(p)) => {
+                Ok(Command::AddPoller(p)) => {
                     // Level-triggered EPOLLIN: a frame waiting when the reactor goes to sleep
                     // wakes it at once, so no re-check is needed after arming.
                     let fd = p.wake_fd();
@@ -451,6 +498,31 @@ impl Reactor {
                         }
                     }
                     self.packets.push(p);
+                }
+                Ok(Command::RemovePoller {
+                    device,
+                    index,
+                    reply,
+                }) => {
+                    let pos = self
+                        .packets
+                        .iter()
+                        .position(|p| p.key() == Some((&*device, index)));
+                    match pos {
+                        Some(i) => {
+                            let p = self.packets.swap_remove(i);
+                            let fd = p.wake_fd();
+                            if fd >= 0 {
+                                let _ = self.epoll.ctl(
+                                    ControlOperation::Delete,
+                                    fd,
+                                    EpollEvent::default(),
+                                );
+                            }
+                            let _ = reply.send(p);
+                        }
+                        None => tracing::error!(%device, index, "remove for a poller not here"),
+                    }
                 }
                 Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => break,
             }
@@ -664,9 +736,11 @@ impl Reactor {
                 pending = true;
             }
         }
-        // A poll-only packet queue (no fd, e.g. DPDK) keeps the reactor spinning.
-        if self.packets.iter().any(|p| p.wake_fd() < 0) {
-            pending = true;
+        for p in self.packets.iter_mut() {
+            // A poll-only packet queue (no fd, e.g. DPDK) keeps the reactor spinning.
+            if p.prepare_sleep() || p.wake_fd() < 0 {
+                pending = true;
+            }
         }
         if !pending && !self.exiting {
             let mut events = [EpollEvent::default(); EPOLL_EVENTS_MAX];

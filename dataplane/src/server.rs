@@ -19,8 +19,10 @@ use crate::backend::BlockBackend;
 use crate::blk::{serial_from, DiskGeometry, NUM_QUEUES_MAX, SECTOR_SIZE};
 use crate::engine::EngineKind;
 use crate::reactor::{ReactorError, ReactorHandle};
+use crate::stats::QueueStats;
 use crate::stats::{QueueStatsSnapshot, ReactorStatsSnapshot};
 use crate::vhost_blk::BlkDevice;
+use crate::vhost_fs::{FsDevice, FsRequestHandler, REQUEST_QUEUES_MAX};
 
 /// Disks one daemon serves; bounds the epoll token space and start-up work.
 pub const DISKS_MAX: usize = 1024;
@@ -90,12 +92,85 @@ pub struct DiskConfig {
     pub num_queues: u16,
 }
 
+/// One exported shared folder (vhost-user-fs).
+#[derive(Debug)]
+pub struct ShareConfig {
+    /// Name (logs, stats).
+    pub name: String,
+    /// vhost-user socket path.
+    pub socket: PathBuf,
+    /// Mount tag offered in the config space.
+    pub tag: String,
+    /// Request queues offered (besides the high-priority queue).
+    pub request_queues: u16,
+    /// Serves the FUSE requests.
+    pub handler: Arc<dyn FsRequestHandler>,
+}
+
+/// A device of either type; the control loop treats both alike.
+#[derive(Clone)]
+enum Device {
+    Blk(Arc<Mutex<BlkDevice>>),
+    Fs(Arc<Mutex<FsDevice>>),
+}
+
+enum Conn {
+    Blk(BackendReqHandler<Mutex<BlkDevice>>),
+    Fs(BackendReqHandler<Mutex<FsDevice>>),
+}
+
+impl Conn {
+    fn handle_request(&mut self) -> Result<(), VhostError> {
+        match self {
+            Conn::Blk(c) => c.handle_request(),
+            Conn::Fs(c) => c.handle_request(),
+        }
+    }
+
+    fn fd(&self) -> RawFd {
+        match self {
+            Conn::Blk(c) => c.as_raw_fd(),
+            Conn::Fs(c) => c.as_raw_fd(),
+        }
+    }
+}
+
+impl Device {
+    fn connect(&self, stream: UnixStream) -> Conn {
+        match self {
+            Device::Blk(d) => Conn::Blk(BackendReqHandler::from_stream(stream, d.clone())),
+            Device::Fs(d) => Conn::Fs(BackendReqHandler::from_stream(stream, d.clone())),
+        }
+    }
+
+    fn disconnect(&self) -> bool {
+        match self {
+            Device::Blk(d) => d.lock().map(|mut d| d.disconnect()).is_ok(),
+            Device::Fs(d) => d.lock().map(|mut d| d.disconnect()).is_ok(),
+        }
+    }
+
+    fn queue_stats(&self) -> Vec<Arc<QueueStats>> {
+        match self {
+            Device::Blk(d) => d.lock().map(|d| d.queue_stats()).unwrap_or_default(),
+            Device::Fs(d) => d.lock().map(|d| d.queue_stats()).unwrap_or_default(),
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Device::Blk(_) => "blk",
+            Device::Fs(_) => "fs",
+        }
+    }
+}
+
 struct Disk {
     name: String,
     socket: PathBuf,
     listener: Option<UnixListener>,
-    device: Arc<Mutex<BlkDevice>>,
-    conn: Option<BackendReqHandler<Mutex<BlkDevice>>>,
+    device: Device,
+    conn: Option<Conn>,
     connections: u64,
 }
 
@@ -104,6 +179,8 @@ struct Disk {
 pub struct DiskStats {
     /// Disk name.
     pub name: String,
+    /// Device type: "blk" (disk) or "fs" (shared folder).
+    pub kind: &'static str,
     /// Socket path.
     pub socket: PathBuf,
     /// Whether a frontend is connected.
@@ -127,7 +204,7 @@ pub struct ServerStats {
 #[derive(Clone)]
 pub struct StatsHandle {
     reactors: Vec<(Option<usize>, Arc<crate::stats::ReactorStats>)>,
-    disks: Vec<(String, PathBuf, Arc<Mutex<BlkDevice>>)>,
+    disks: Vec<(String, PathBuf, Device)>,
 }
 
 impl std::fmt::Debug for StatsHandle {
@@ -150,13 +227,11 @@ impl StatsHandle {
                 .iter()
                 .map(|(name, socket, dev)| DiskStats {
                     name: name.clone(),
+                    kind: dev.kind(),
                     socket: socket.clone(),
                     connected: false,
                     connections: 0,
-                    queues: dev
-                        .lock()
-                        .map(|d| d.queue_stats().iter().map(|q| q.snapshot()).collect())
-                        .unwrap_or_default(),
+                    queues: dev.queue_stats().iter().map(|q| q.snapshot()).collect(),
                 })
                 .collect(),
         }
@@ -281,19 +356,13 @@ impl Server {
             .map(|q| self.reactors[(self.next_reactor + q) % n].link())
             .collect();
         self.next_reactor = (self.next_reactor + 1) % n;
-        let device = BlkDevice::new(&cfg.name, geom, cfg.backend.clone(), links).map_err(|e| {
-            ServerError::InvalidDisk {
-                name: cfg.name.clone(),
-                reason: e.to_string(),
-            }
-        })?;
-        let listener = bind_socket(&cfg.socket)?;
-        let i = self.disks.len();
-        self.epoll.ctl(
-            ControlOperation::Add,
-            listener.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, listener_token(i)),
-        )?;
+        let device =
+            BlkDevice::new_blk(&cfg.name, geom, cfg.backend.clone(), links).map_err(|e| {
+                ServerError::InvalidDisk {
+                    name: cfg.name.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
         tracing::info!(
             disk = %cfg.name,
             socket = %cfg.socket.display(),
@@ -301,11 +370,71 @@ impl Server {
             queues = cfg.num_queues,
             "disk exported"
         );
+        self.listen(
+            cfg.name,
+            cfg.socket,
+            Device::Blk(Arc::new(Mutex::new(device))),
+        )
+    }
+
+    /// Adds a shared folder (vhost-user-fs) and starts listening on its socket; its queues
+    /// are spread over the reactors like a disk's.
+    pub fn add_share(&mut self, cfg: ShareConfig) -> Result<(), ServerError> {
+        let invalid = |reason: String| ServerError::InvalidDisk {
+            name: cfg.name.clone(),
+            reason,
+        };
+        if self.disks.len() >= DISKS_MAX {
+            return Err(invalid(format!("at most {DISKS_MAX} devices")));
+        }
+        if cfg.request_queues == 0 || cfg.request_queues > REQUEST_QUEUES_MAX {
+            return Err(invalid(format!(
+                "request queues must be 1..={REQUEST_QUEUES_MAX}"
+            )));
+        }
+        if self.disks.iter().any(|d| d.socket == cfg.socket) {
+            return Err(ServerError::SocketInUse(cfg.socket.clone()));
+        }
+        let n = self.reactors.len();
+        let links = (0..usize::from(cfg.request_queues + 1).min(n))
+            .map(|q| self.reactors[(self.next_reactor + q) % n].link())
+            .collect();
+        self.next_reactor = (self.next_reactor + 1) % n;
+        let device = FsDevice::new_fs(
+            &cfg.name,
+            &cfg.tag,
+            cfg.request_queues,
+            cfg.handler.clone(),
+            links,
+        )
+        .map_err(|e| invalid(e.to_string()))?;
+        tracing::info!(
+            share = %cfg.name,
+            socket = %cfg.socket.display(),
+            tag = %cfg.tag,
+            queues = cfg.request_queues,
+            "share exported"
+        );
+        self.listen(
+            cfg.name,
+            cfg.socket,
+            Device::Fs(Arc::new(Mutex::new(device))),
+        )
+    }
+
+    fn listen(&mut self, name: String, socket: PathBuf, device: Device) -> Result<(), ServerError> {
+        let listener = bind_socket(&socket)?;
+        let i = self.disks.len();
+        self.epoll.ctl(
+            ControlOperation::Add,
+            listener.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, listener_token(i)),
+        )?;
         self.disks.push(Disk {
-            name: cfg.name,
-            socket: cfg.socket,
+            name,
+            socket,
             listener: Some(listener),
-            device: Arc::new(Mutex::new(device)),
+            device,
             conn: None,
             connections: 0,
         });
@@ -371,10 +500,10 @@ impl Server {
             tracing::warn!(disk = %disk.name, err = %e, "cannot configure connection");
             return;
         }
-        let conn = BackendReqHandler::from_stream(stream, disk.device.clone());
+        let conn = disk.device.connect(stream);
         if let Err(e) = self.epoll.ctl(
             ControlOperation::Add,
-            conn.as_raw_fd(),
+            conn.fd(),
             EpollEvent::new(EventSet::IN | EventSet::HANG_UP, conn_token(i)),
         ) {
             tracing::warn!(disk = %disk.name, err = %e, "cannot watch connection");
@@ -409,15 +538,12 @@ impl Server {
     fn disconnect(&mut self, i: usize) {
         let disk = &mut self.disks[i];
         if let Some(conn) = disk.conn.take() {
-            let _ = self.epoll.ctl(
-                ControlOperation::Delete,
-                conn.as_raw_fd(),
-                EpollEvent::default(),
-            );
+            let _ = self
+                .epoll
+                .ctl(ControlOperation::Delete, conn.fd(), EpollEvent::default());
         }
-        match disk.device.lock() {
-            Ok(mut d) => d.disconnect(),
-            Err(_) => tracing::error!(disk = %disk.name, "device state poisoned"),
+        if !disk.device.disconnect() {
+            tracing::error!(disk = %disk.name, "device state poisoned");
         }
     }
 
@@ -437,9 +563,11 @@ impl Server {
         for i in 0..self.disks.len() {
             self.disconnect(i);
             let disk = &self.disks[i];
-            if let Ok(d) = disk.device.lock() {
-                if let Err(e) = d.backend().flush_sync() {
-                    tracing::error!(disk = %disk.name, err = %e, "flush at shutdown failed");
+            if let Device::Blk(d) = &disk.device {
+                if let Ok(d) = d.lock() {
+                    if let Err(e) = d.backend().flush_sync() {
+                        tracing::error!(disk = %disk.name, err = %e, "flush at shutdown failed");
+                    }
                 }
             }
         }
@@ -482,14 +610,16 @@ impl Server {
                 .iter()
                 .map(|d| DiskStats {
                     name: d.name.clone(),
+                    kind: d.device.kind(),
                     socket: d.socket.clone(),
                     connected: d.conn.is_some(),
                     connections: d.connections,
                     queues: d
                         .device
-                        .lock()
-                        .map(|dev| dev.queue_stats().iter().map(|q| q.snapshot()).collect())
-                        .unwrap_or_default(),
+                        .queue_stats()
+                        .iter()
+                        .map(|q| q.snapshot())
+                        .collect(),
                 })
                 .collect(),
         }

@@ -1,586 +1,94 @@
-//! The vhost-user protocol side of one virtio-blk device.
-//!
-//! [`BlkDevice`] implements the `vhost` crate's `VhostUserBackendReqHandlerMut`: the control
-//! thread feeds it the frontend's messages (memory table, vring setup, features, config space).
-//! It does not process virtqueues itself: when a vring becomes ready (addresses, kick fd and
-//! enable all present) its queue is moved to the device's reactor for that queue, and moved
-//! back, drained, when the frontend stops it (GET_VRING_BASE, disable, reset, disconnect).
-//!
-//! We use `vhost`'s message layer rather than `vhost-user-backend`'s daemon because the daemon
-//! spawns worker threads per backend; our reactors are a fixed pool shared by all disks.
+//! virtio-blk as a [`DeviceKind`]: features and config space from the disk's geometry; a
+//! started vring becomes a [`QueueRun`] on a reactor, which parses and executes its requests.
 
-use std::fs::File;
-use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use vhost::vhost_user::message::{
-    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
-    VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
-    VhostUserSharedMsg, VhostUserSingleMemoryRegion, VhostUserVirtioFeatures,
-    VhostUserVringAddrFlags, VhostUserVringState,
-};
-use vhost::vhost_user::VhostUserBackendReqHandlerMut;
-use vhost::vhost_user::{Error as VhostError, GpuBackend, Result as VhostResult};
-use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{
-    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap,
-};
-use vmm_sys_util::eventfd::EventFd;
+use vhost::vhost_user::Result as VhostResult;
+use virtio_queue::Queue;
 
 use crate::backend::BlockBackend;
-use crate::blk::{DiskGeometry, QUEUE_SIZE_MAX};
-use crate::reactor::{QueueRun, ReactorLink};
-use crate::stats::QueueStats;
-
-/// Memory slots offered with CONFIGURE_MEM_SLOTS (the KVM limit vhost-user-backend uses too).
-pub const MEM_SLOTS_MAX: u64 = 509;
-
-#[derive(Debug, Clone, Copy)]
-struct AddrMapping {
-    vmm_addr: u64,
-    size: u64,
-    gpa_base: u64,
-}
-
-/// One vring's control-side state.
-struct Vring {
-    /// The queue while it is stopped; `None` while a reactor runs it.
-    queue: Option<Queue>,
-    kick: Option<EventFd>,
-    call: Arc<Mutex<Option<EventFd>>>,
-    enabled: bool,
-    addresses_set: bool,
-    stats: Arc<QueueStats>,
-}
-
-impl Vring {
-    fn new() -> VhostResult<Self> {
-        Ok(Vring {
-            queue: Some(Queue::new(QUEUE_SIZE_MAX).map_err(|_| VhostError::InvalidParam)?),
-            kick: None,
-            call: Arc::new(Mutex::new(None)),
-            enabled: false,
-            addresses_set: false,
-            stats: Arc::new(QueueStats::default()),
-        })
-    }
-
-    fn running(&self) -> bool {
-        self.queue.is_none()
-    }
-}
+use crate::blk::DiskGeometry;
+use crate::reactor::{Command, QueueRun, ReactorError, ReactorLink};
+use crate::vhost_device::{DeviceKind, StartedVring, VhostDevice};
 
 /// A virtio-blk device as seen by one vhost-user frontend.
-pub struct BlkDevice {
+pub type BlkDevice = VhostDevice<BlkKind>;
+
+/// The virtio-blk specifics of a [`BlkDevice`].
+#[derive(Debug)]
+pub struct BlkKind {
     name: Arc<str>,
     geom: Arc<DiskGeometry>,
     backend: Arc<dyn BlockBackend>,
-    links: Vec<ReactorLink>,
-    vrings: Vec<Vring>,
-    mem: GuestMemoryAtomic<GuestMemoryMmap>,
-    mappings: Vec<AddrMapping>,
-    owned: bool,
-    acked_features: u64,
-    acked_protocol_features: u64,
 }
 
-impl std::fmt::Debug for BlkDevice {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BlkDevice")
-            .field("name", &self.name)
-            .finish()
+impl DeviceKind for BlkKind {
+    // Nothing logs dirty pages (no live migration), so no bitmap on the per-I/O path.
+    type Bitmap = ();
+
+    fn name(&self) -> &Arc<str> {
+        &self.name
     }
-}
 
-fn other<E: std::fmt::Display>(e: E) -> VhostError {
-    VhostError::ReqHandlerError(io::Error::other(e.to_string()))
-}
-
-fn file_to_eventfd(file: File) -> VhostResult<EventFd> {
-    let fd = file.into_raw_fd();
-    // SAFETY: fd was just released from a File we owned, so EventFd takes sole ownership.
-    let efd = unsafe { EventFd::from_raw_fd(fd) };
-    // Reactors read kick fds until EAGAIN; they must never block.
-    // SAFETY: fcntl on an fd we own has no memory effects.
-    unsafe {
-        let flags = libc::fcntl(efd.as_raw_fd(), libc::F_GETFL);
-        if flags >= 0 {
-            libc::fcntl(efd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
-        }
+    fn features(&self) -> u64 {
+        self.geom.features()
     }
-    Ok(efd)
+
+    fn num_queues(&self) -> u16 {
+        self.geom.num_queues
+    }
+
+    fn read_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        self.geom.read_config(offset, size)
+    }
+
+    fn start(
+        &self,
+        index: u16,
+        vring: StartedVring<()>,
+        link: &ReactorLink,
+    ) -> Result<(), ReactorError> {
+        link.send(Command::Start(Box::new(QueueRun {
+            device: self.name.clone(),
+            index,
+            queue: vring.queue,
+            mem: vring.mem,
+            kick: vring.kick,
+            call: vring.call,
+            backend: self.backend.clone(),
+            geom: self.geom.clone(),
+            stats: vring.stats,
+        })))
+    }
+
+    fn stop(&self, index: u16, link: &ReactorLink) -> Result<Queue, ReactorError> {
+        Ok(link.stop_queue(self.name.clone(), index)?.queue)
+    }
 }
 
 impl BlkDevice {
-    /// A device named `name` on `backend`, its queue `i` served by `links[i % links.len()]`.
-    pub fn new(
+    /// A disk named `name` on `backend`, its queue `i` served by `links[i % links.len()]`.
+    pub fn new_blk(
         name: &str,
         geom: DiskGeometry,
         backend: Arc<dyn BlockBackend>,
         links: Vec<ReactorLink>,
     ) -> VhostResult<Self> {
-        assert!(!links.is_empty(), "a device needs at least one reactor");
-        assert!(geom.num_queues >= 1);
-        let vrings = (0..geom.num_queues)
-            .map(|_| Vring::new())
-            .collect::<VhostResult<Vec<_>>>()?;
-        Ok(BlkDevice {
+        let kind = BlkKind {
             name: name.into(),
             geom: Arc::new(geom),
             backend,
-            links,
-            vrings,
-            mem: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-            mappings: Vec::new(),
-            owned: false,
-            acked_features: 0,
-            acked_protocol_features: 0,
-        })
-    }
-
-    /// Device name.
-    pub fn name(&self) -> &str {
-        &self.name
+        };
+        VhostDevice::new(kind, links)
     }
 
     /// The backend.
     pub fn backend(&self) -> &Arc<dyn BlockBackend> {
-        &self.backend
+        &self.kind().backend
     }
 
     /// The geometry offered to guests.
     pub fn geometry(&self) -> &DiskGeometry {
-        &self.geom
-    }
-
-    /// Counters per queue.
-    pub fn queue_stats(&self) -> Vec<Arc<QueueStats>> {
-        self.vrings.iter().map(|v| v.stats.clone()).collect()
-    }
-
-    fn link(&self, index: usize) -> &ReactorLink {
-        &self.links[index % self.links.len()]
-    }
-
-    fn vring_index(&self, index: u32) -> VhostResult<usize> {
-        let i = index as usize;
-        if i < self.vrings.len() {
-            Ok(i)
-        } else {
-            Err(VhostError::InvalidParam)
-        }
-    }
-
-    fn event_idx(&self) -> bool {
-        self.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0
-    }
-
-    fn vmm_va_to_gpa(&self, va: u64) -> VhostResult<u64> {
-        self.mappings
-            .iter()
-            .find(|m| va >= m.vmm_addr && va - m.vmm_addr < m.size)
-            .map(|m| va - m.vmm_addr + m.gpa_base)
-            .ok_or(VhostError::InvalidParam)
-    }
-
-    /// Hands vring `i` to its reactor if it is fully set up and enabled.
-    fn start_if_ready(&mut self, i: usize) -> VhostResult<()> {
-        let event_idx = self.event_idx();
-        let v = &mut self.vrings[i];
-        if v.running() || !v.enabled || !v.addresses_set {
-            return Ok(());
-        }
-        let Some(kick) = v.kick.as_ref() else {
-            return Ok(());
-        };
-        let mem = self.mem.memory();
-        let Some(queue) = v.queue.as_mut() else {
-            return Ok(());
-        };
-        queue.set_event_idx(event_idx);
-        queue.set_ready(true);
-        if !queue.is_valid(&*mem) {
-            queue.set_ready(false);
-            tracing::warn!(device = %self.name, queue = i, "vring addresses outside guest memory");
-            return Err(VhostError::InvalidParam);
-        }
-        let kick = kick.try_clone().map_err(other)?;
-        let Some(queue) = v.queue.take() else {
-            return Ok(());
-        };
-        let run = Box::new(QueueRun {
-            device: self.name.clone(),
-            index: i as u16,
-            queue,
-            mem: self.mem.clone(),
-            kick,
-            call: v.call.clone(),
-            backend: self.backend.clone(),
-            geom: self.geom.clone(),
-            stats: v.stats.clone(),
-        });
-        let link = &self.links[i % self.links.len()];
-        if let Err(e) = link.send(crate::reactor::Command::Start(run)) {
-            tracing::error!(device = %self.name, queue = i, err = %e, "cannot start queue");
-            return Err(other(e));
-        }
-        tracing::debug!(device = %self.name, queue = i, reactor = link.id(), "vring started");
-        Ok(())
-    }
-
-    /// Takes vring `i` back from its reactor after its in-flight requests completed.
-    fn stop(&mut self, i: usize) -> VhostResult<()> {
-        if !self.vrings[i].running() {
-            return Ok(());
-        }
-        let run = self
-            .link(i)
-            .stop_queue(self.name.clone(), i as u16)
-            .map_err(other)?;
-        let mut queue = run.queue;
-        queue.set_ready(false);
-        self.vrings[i].queue = Some(queue);
-        Ok(())
-    }
-
-    /// Stops every vring (draining in-flight requests).
-    pub fn stop_all(&mut self) {
-        for i in 0..self.vrings.len() {
-            if let Err(e) = self.stop(i) {
-                tracing::error!(device = %self.name, queue = i, err = %e, "stop failed");
-            }
-        }
-    }
-
-    /// Forgets the frontend: stops the vrings and drops memory, fds and negotiated features,
-    /// ready for the next connection.
-    pub fn disconnect(&mut self) {
-        self.stop_all();
-        for v in self.vrings.iter_mut() {
-            if let Some(q) = v.queue.as_mut() {
-                q.reset();
-            }
-            v.kick = None;
-            if let Ok(mut c) = v.call.lock() {
-                *c = None;
-            }
-            v.enabled = false;
-            v.addresses_set = false;
-        }
-        if let Ok(g) = self.mem.lock() {
-            g.replace(GuestMemoryMmap::new());
-        }
-        self.mappings.clear();
-        self.owned = false;
-        self.acked_features = 0;
-        self.acked_protocol_features = 0;
-    }
-}
-
-impl VhostUserBackendReqHandlerMut for BlkDevice {
-    fn set_owner(&mut self) -> VhostResult<()> {
-        if self.owned {
-            return Err(VhostError::InvalidOperation("already claimed"));
-        }
-        self.owned = true;
-        Ok(())
-    }
-
-    fn reset_owner(&mut self) -> VhostResult<()> {
-        self.disconnect();
-        Ok(())
-    }
-
-    fn reset_device(&mut self) -> VhostResult<()> {
-        self.stop_all();
-        for v in self.vrings.iter_mut() {
-            v.enabled = false;
-        }
-        self.acked_features = 0;
-        Ok(())
-    }
-
-    fn get_features(&mut self) -> VhostResult<u64> {
-        Ok(self.geom.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits())
-    }
-
-    fn set_features(&mut self, features: u64) -> VhostResult<()> {
-        let offered = self.geom.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        if features & !offered != 0 {
-            return Err(VhostError::InvalidParam);
-        }
-        self.acked_features = features;
-        // Without PROTOCOL_FEATURES the rings are enabled as soon as they start (vhost-user
-        // spec, "Ring states").
-        if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
-            for i in 0..self.vrings.len() {
-                self.vrings[i].enabled = true;
-                self.start_if_ready(i)?;
-            }
-        }
-        Ok(())
-    }
-
-    fn set_mem_table(
-        &mut self,
-        ctx: &[VhostUserMemoryRegion],
-        files: Vec<File>,
-    ) -> VhostResult<()> {
-        let mut regions = Vec::with_capacity(ctx.len());
-        let mut mappings = Vec::with_capacity(ctx.len());
-        for (region, file) in ctx.iter().zip(files) {
-            let r = GuestRegionMmap::new(
-                region.mmap_region(file)?,
-                GuestAddress(region.guest_phys_addr),
-            )
-            .ok_or(VhostError::InvalidParam)?;
-            mappings.push(AddrMapping {
-                vmm_addr: region.user_addr,
-                size: region.memory_size,
-                gpa_base: region.guest_phys_addr,
-            });
-            regions.push(r);
-        }
-        let mem = GuestMemoryMmap::from_regions(regions).map_err(other)?;
-        // Running reactors pick the new table up at their next poll; requests in flight keep
-        // the old mappings alive through their snapshot.
-        self.mem.lock().map_err(other)?.replace(mem);
-        self.mappings = mappings;
-        Ok(())
-    }
-
-    fn set_vring_num(&mut self, index: u32, num: u32) -> VhostResult<()> {
-        let i = self.vring_index(index)?;
-        self.stop(i)?;
-        let size = u16::try_from(num).map_err(|_| VhostError::InvalidParam)?;
-        if size == 0 || size > QUEUE_SIZE_MAX {
-            return Err(VhostError::InvalidParam);
-        }
-        let q = self.vrings[i]
-            .queue
-            .as_mut()
-            .ok_or(VhostError::InvalidParam)?;
-        q.try_set_size(size).map_err(|_| VhostError::InvalidParam)?;
-        Ok(())
-    }
-
-    fn set_vring_addr(
-        &mut self,
-        index: u32,
-        _flags: VhostUserVringAddrFlags,
-        descriptor: u64,
-        used: u64,
-        available: u64,
-        _log: u64,
-    ) -> VhostResult<()> {
-        let i = self.vring_index(index)?;
-        self.stop(i)?;
-        let desc = self.vmm_va_to_gpa(descriptor)?;
-        let avail = self.vmm_va_to_gpa(available)?;
-        let used = self.vmm_va_to_gpa(used)?;
-        let mem = self.mem.memory();
-        let v = &mut self.vrings[i];
-        let q = v.queue.as_mut().ok_or(VhostError::InvalidParam)?;
-        q.try_set_desc_table_address(GuestAddress(desc))
-            .map_err(|_| VhostError::InvalidParam)?;
-        q.try_set_avail_ring_address(GuestAddress(avail))
-            .map_err(|_| VhostError::InvalidParam)?;
-        q.try_set_used_ring_address(GuestAddress(used))
-            .map_err(|_| VhostError::InvalidParam)?;
-        // After a guest driver reset the used index restarts from what the ring holds (as
-        // libvhost-user and vhost-user-backend do).
-        if let Ok(idx) = q.used_idx(&*mem, std::sync::atomic::Ordering::Acquire) {
-            q.set_next_used(idx.0);
-        }
-        v.addresses_set = true;
-        drop(mem);
-        self.start_if_ready(i)
-    }
-
-    fn set_vring_base(&mut self, index: u32, base: u32) -> VhostResult<()> {
-        let i = self.vring_index(index)?;
-        self.stop(i)?;
-        let base = u16::try_from(base).map_err(|_| VhostError::InvalidParam)?;
-        let q = self.vrings[i]
-            .queue
-            .as_mut()
-            .ok_or(VhostError::InvalidParam)?;
-        q.set_next_avail(base);
-        Ok(())
-    }
-
-    fn get_vring_base(&mut self, index: u32) -> VhostResult<VhostUserVringState> {
-        let i = self.vring_index(index)?;
-        // "stop ring upon receiving VHOST_USER_GET_VRING_BASE": drain, then report.
-        self.stop(i)?;
-        let v = &mut self.vrings[i];
-        v.kick = None;
-        if let Ok(mut c) = v.call.lock() {
-            *c = None;
-        }
-        let next_avail = v.queue.as_ref().map(|q| q.next_avail()).unwrap_or(0);
-        Ok(VhostUserVringState::new(index, u32::from(next_avail)))
-    }
-
-    fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VhostResult<()> {
-        let i = self.vring_index(u32::from(index))?;
-        self.stop(i)?;
-        self.vrings[i].kick = match fd {
-            Some(f) => Some(file_to_eventfd(f)?),
-            None => None,
-        };
-        self.start_if_ready(i)
-    }
-
-    fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VhostResult<()> {
-        let i = self.vring_index(u32::from(index))?;
-        let efd = match fd {
-            Some(f) => Some(file_to_eventfd(f)?),
-            None => None,
-        };
-        // Swapped in place: QEMU changes call fds of running rings (interrupt masking).
-        *self.vrings[i].call.lock().map_err(other)? = efd;
-        Ok(())
-    }
-
-    fn set_vring_err(&mut self, index: u8, _fd: Option<File>) -> VhostResult<()> {
-        self.vring_index(u32::from(index))?;
-        Ok(())
-    }
-
-    fn get_protocol_features(&mut self) -> VhostResult<VhostUserProtocolFeatures> {
-        Ok(VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS)
-    }
-
-    fn set_protocol_features(&mut self, features: u64) -> VhostResult<()> {
-        self.acked_protocol_features = features;
-        Ok(())
-    }
-
-    fn get_queue_num(&mut self) -> VhostResult<u64> {
-        Ok(u64::from(self.geom.num_queues))
-    }
-
-    fn set_vring_enable(&mut self, index: u32, enable: bool) -> VhostResult<()> {
-        let i = self.vring_index(index)?;
-        self.vrings[i].enabled = enable;
-        if enable {
-            self.start_if_ready(i)
-        } else {
-            self.stop(i)
-        }
-    }
-
-    fn get_config(
-        &mut self,
-        offset: u32,
-        size: u32,
-        _flags: VhostUserConfigFlags,
-    ) -> VhostResult<Vec<u8>> {
-        Ok(self.geom.read_config(offset, size))
-    }
-
-    fn set_config(
-        &mut self,
-        _offset: u32,
-        _buf: &[u8],
-        _flags: VhostUserConfigFlags,
-    ) -> VhostResult<()> {
-        // Nothing in our config space is writable (CONFIG_WCE is not offered).
-        Err(VhostError::InvalidOperation("config space is read-only"))
-    }
-
-    fn set_gpu_socket(&mut self, _gpu_backend: GpuBackend) -> VhostResult<()> {
-        Err(VhostError::InvalidOperation("not a GPU device"))
-    }
-
-    fn get_shared_object(&mut self, _uuid: VhostUserSharedMsg) -> VhostResult<File> {
-        Err(VhostError::InvalidOperation("shared objects not supported"))
-    }
-
-    fn get_inflight_fd(
-        &mut self,
-        _inflight: &VhostUserInflight,
-    ) -> VhostResult<(VhostUserInflight, File)> {
-        Err(VhostError::InvalidOperation(
-            "inflight tracking not offered",
-        ))
-    }
-
-    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> VhostResult<()> {
-        Err(VhostError::InvalidOperation(
-            "inflight tracking not offered",
-        ))
-    }
-
-    fn get_max_mem_slots(&mut self) -> VhostResult<u64> {
-        Ok(MEM_SLOTS_MAX)
-    }
-
-    fn add_mem_region(
-        &mut self,
-        region: &VhostUserSingleMemoryRegion,
-        fd: File,
-    ) -> VhostResult<()> {
-        if self.mappings.len() as u64 >= MEM_SLOTS_MAX {
-            return Err(VhostError::InvalidParam);
-        }
-        let r = Arc::new(
-            GuestRegionMmap::new(
-                region.mmap_region(fd)?,
-                GuestAddress(region.guest_phys_addr),
-            )
-            .ok_or(VhostError::InvalidParam)?,
-        );
-        let mem = self.mem.memory().insert_region(r).map_err(other)?;
-        self.mem.lock().map_err(other)?.replace(mem);
-        self.mappings.push(AddrMapping {
-            vmm_addr: region.user_addr,
-            size: region.memory_size,
-            gpa_base: region.guest_phys_addr,
-        });
-        Ok(())
-    }
-
-    fn remove_mem_region(&mut self, region: &VhostUserSingleMemoryRegion) -> VhostResult<()> {
-        let (mem, _) = self
-            .mem
-            .memory()
-            .remove_region(GuestAddress(region.guest_phys_addr), region.memory_size)
-            .map_err(other)?;
-        self.mem.lock().map_err(other)?.replace(mem);
-        self.mappings
-            .retain(|m| m.gpa_base != region.guest_phys_addr);
-        Ok(())
-    }
-
-    fn set_device_state_fd(
-        &mut self,
-        _direction: VhostTransferStateDirection,
-        _phase: VhostTransferStatePhase,
-        _fd: File,
-    ) -> VhostResult<Option<File>> {
-        Err(VhostError::InvalidOperation(
-            "device state transfer not offered",
-        ))
-    }
-
-    fn check_device_state(&mut self) -> VhostResult<()> {
-        Err(VhostError::InvalidOperation(
-            "device state transfer not offered",
-        ))
-    }
-
-    fn get_shmem_config(&mut self) -> VhostResult<VhostUserShMemConfig> {
-        Err(VhostError::InvalidOperation("no shared memory regions"))
-    }
-
-    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VhostResult<()> {
-        Err(VhostError::InvalidOperation("dirty logging not offered"))
+        &self.kind().geom
     }
 }

@@ -1,4 +1,4 @@
-//! Packet queues on a reactor (`Command::AddPacketQueue`): frames are polled next to the
+//! Packet queues on a reactor (`Command::AddPoller`): frames are polled next to the
 //! virtqueues, and a sleeping reactor is woken by the queue's fd when frames arrive.
 
 use std::collections::VecDeque;
@@ -62,9 +62,7 @@ fn sleeping_reactor_wakes_for_frames() {
         Box::new(move |f: &[u8]| tx.send(f.to_vec()).unwrap()),
         Arc::clone(&stats),
     );
-    r.link()
-        .send(Command::AddPacketQueue(Box::new(poller)))
-        .unwrap();
+    r.link().send(Command::AddPoller(Box::new(poller))).unwrap();
     for round in 0..3u8 {
         // Nothing else wakes the reactor: 50 ms after the last frame (its spin limit is 100 µs)
         // it is blocked in epoll, so the frames below reach it only through the queue's fd.

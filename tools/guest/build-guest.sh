@@ -19,6 +19,25 @@
 #     "STRATA-GUEST-EXIT=<code>" after it, then powers off;
 #   - kernel parameter strata.disks=N makes the init wait until N virtio disks are present.
 #
+# Variant `build-guest.sh --fs` (the file-server tests; also built on demand by the harness when a
+# VM has vhost-user-fs devices): builds the base guest above, then $GUEST_DIR/fs/ holding
+#     initrd.img   the base initramfs with a second newc archive appended (the kernel unpacks
+#                  both; later entries win), which adds:
+#                    /usr/bin/pjdfstest      pjdfstest 0.2.2, static (tools/guest/build-pjdfstest.sh)
+#                    /etc/pjdfstest.toml     its config: posix_fallocate, utimensat, utime_now,
+#                                            naptime 0.01, dummy users nobody/nobody, tests/tests
+#                    /etc/passwd, /etc/group root; nobody 65534 (group nobody 65534); tests 1100;
+#                                            alice 1000 and bob 1001 (own groups 1000/1001),
+#                                            group team 2000 {alice}, group shared 2001 {alice,bob}
+#                    /usr/bin/setfacl, getfacl   Debian's acl tools (package acl) with
+#                                            libacl.so.1 (+ libc and ld-linux, as for fio): POSIX
+#                                            ACLs by text, default ACLs and mask recalculation
+#                                            included (busybox has no setfacl)
+#                    /usr/bin/strata-fsutil  tools/guest/fsutil.rs, static (rustc, std only):
+#                                            `now` (ns clock) and `meta DIR N` (metadata benchmark)
+#     manifest     the fs recipe, the base manifest's and the inputs' checksums (cache key)
+# The kernel is the base guest's vmlinuz. Needs cargo/rustc and crates.io (pjdfstest) once.
+#
 # Environment:
 #   STRATA_GUEST_DIR          cache directory (default $HOME/.cache/strata/guest)
 #   STRATA_GUEST_KERNEL_PKG   kernel package (default: what linux-image-amd64 depends on)
@@ -30,8 +49,135 @@ RECIPE="strata-guest-recipe-1"
 
 GUEST_DIR="${STRATA_GUEST_DIR:-${HOME:-/root}/.cache/strata/guest}"
 
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
 log() { printf 'build-guest: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
+
+# --- fs variant (--fs) --------------------------------------------------------------------------
+FS_RECIPE="strata-guest-fs-recipe-1"
+
+fs_inputs_key() {
+    echo "recipe=$FS_RECIPE"
+    echo "base_manifest_sha256=$(sha256sum <"$GUEST_DIR/manifest" | cut -d' ' -f1)"
+    echo "fsutil_sha256=$(sha256sum <"$HERE/fsutil.rs" | cut -d' ' -f1)"
+    echo "pjdfstest_script_sha256=$(sha256sum <"$HERE/build-pjdfstest.sh" | cut -d' ' -f1)"
+}
+
+fs_cache_complete() {
+    local fs_dir="$GUEST_DIR/fs" line
+    [[ -f "$fs_dir/manifest" && -f "$fs_dir/initrd.img" ]] || return 1
+    while read -r line; do
+        grep -qxF "$line" "$fs_dir/manifest" || return 1
+    done < <(fs_inputs_key)
+}
+
+build_fs_variant() {
+    local fs_dir="$GUEST_DIR/fs"
+    if [[ "${STRATA_GUEST_REBUILD:-0}" != 1 ]] && fs_cache_complete; then
+        return 0
+    fi
+    exec 8>"$GUEST_DIR.fs.lock"
+    flock 8
+    if [[ "${STRATA_GUEST_REBUILD:-0}" != 1 ]] && fs_cache_complete; then
+        return 0
+    fi
+    log "building the fs variant in $fs_dir"
+    local pjd
+    pjd=$(bash "$HERE/build-pjdfstest.sh") || die "build-pjdfstest.sh failed"
+    if ! command -v setfacl >/dev/null || ! command -v getfacl >/dev/null; then
+        [[ $(id -u) -eq 0 ]] || die "need root to apt-get install acl"
+        log "installing acl"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends acl \
+            >/dev/null 2>&1 || {
+            apt-get update -qq
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends acl \
+                >/dev/null
+        }
+    fi
+    command -v rustc >/dev/null || die "rustc not found (install the Rust toolchain)"
+
+    local work
+    work=$(mktemp -d "${GUEST_DIR}.fsbuild.XXXXXX")
+    # shellcheck disable=SC2064
+    trap "rm -rf '$work'" EXIT
+    local root="$work/root"
+    mkdir -p "$root"/{etc,usr/bin,mnt}
+    cp "$pjd" "$root/usr/bin/pjdfstest"
+    rustc --edition 2021 -O -C target-feature=+crt-static -C strip=symbols \
+        -o "$root/usr/bin/strata-fsutil" "$HERE/fsutil.rs" ||
+        die "rustc fsutil.rs failed"
+    local bin lib
+    for bin in setfacl getfacl; do
+        cp -L "$(command -v "$bin")" "$root/usr/bin/$bin"
+        { ldd "$(command -v "$bin")" 2>/dev/null || true; } |
+            awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}' |
+            while read -r lib; do
+                mkdir -p "$root$(dirname "$lib")"
+                cp -L "$lib" "$root$lib"
+            done
+    done
+    cat >"$root/etc/passwd" <<'EOF'
+root:x:0:0:root:/root:/bin/sh
+alice:x:1000:1000:alice:/tmp:/bin/sh
+bob:x:1001:1001:bob:/tmp:/bin/sh
+tests:x:1100:1100:pjdfstest:/tmp:/bin/sh
+nobody:x:65534:65534:nobody:/nonexistent:/bin/false
+EOF
+    cat >"$root/etc/group" <<'EOF'
+root:x:0:
+alice:x:1000:
+bob:x:1001:
+tests:x:1100:
+team:x:2000:alice
+shared:x:2001:alice,bob
+nobody:x:65534:
+EOF
+    printf 'passwd: files\ngroup: files\nshadow: files\n' >"$root/etc/nsswitch.conf"
+    cat >"$root/etc/pjdfstest.toml" <<'EOF'
+# pjdfstest 0.2.2 configuration for Strata's fs guest (schema: src/config.rs of the crate).
+[features]
+posix_fallocate = {}
+utimensat = {}
+utime_now = {}
+
+[settings]
+naptime = 0.01
+allow_remount = false
+
+[dummy_auth]
+entries = [
+    ["nobody", "nobody"],
+    ["tests", "tests"],
+]
+EOF
+    (cd "$root" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --quiet -R 0:0) \
+        >"$work/overlay.cpio"
+    cat "$GUEST_DIR/initrd.img" "$work/overlay.cpio" >"$work/initrd.img"
+    {
+        fs_inputs_key
+        echo "pjdfstest=$("$pjd" --version 2>/dev/null | head -1)"
+        echo "acl=$(dpkg-query -W -f='${Version}' acl 2>/dev/null || echo unknown)"
+        echo "initrd_bytes=$(stat -c %s "$work/initrd.img")"
+    } >"$work/manifest"
+    mkdir -p "$fs_dir"
+    rm -f "$fs_dir/manifest"
+    mv "$work/initrd.img" "$fs_dir/initrd.img"
+    mv "$work/manifest" "$fs_dir/manifest"
+    rm -rf "$work"
+    trap - EXIT
+    log "fs variant done: $(tr '\n' ' ' <"$fs_dir/manifest")"
+}
+
+case "${1:-}" in
+    "") ;;
+    --fs)
+        bash "${BASH_SOURCE[0]}" # the base guest first (a no-op when cached)
+        build_fs_variant
+        exit 0
+        ;;
+    *) die "unknown argument $1 (usage: build-guest.sh [--fs])" ;;
+esac
 
 cache_complete() {
     [[ -f "$GUEST_DIR/manifest" && -f "$GUEST_DIR/vmlinuz" && -f "$GUEST_DIR/initrd.img" ]] &&

@@ -74,6 +74,11 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
     fn raw_fd(&self) -> Option<RawFd> {
         None
     }
+    /// The file holding the datastore, when there is one, so a server can pread/pwrite the
+    /// device extents of [`crate::ns::Extent::Device`] directly.
+    fn as_file(&self) -> Option<&File> {
+        None
+    }
 }
 
 fn check_range(size: u64, offset: u64, len: usize) -> Result<(), DeviceError> {
@@ -210,6 +215,10 @@ impl BlockDevice for FileDevice {
 
     fn raw_fd(&self) -> Option<RawFd> {
         Some(self.file.as_raw_fd())
+    }
+
+    fn as_file(&self) -> Option<&File> {
+        Some(&self.file)
     }
 }
 

@@ -64,6 +64,10 @@ pub mod magic {
     pub const INODE: u32 = u32::from_le_bytes(*b"SFD_");
     /// Pointer block "SPTR".
     pub const POINTER: u32 = u32::from_le_bytes(*b"SPTR");
+    /// Directory block "SDIR" (a 4 KiB piece of a sealed directory's file blocks).
+    pub const DIR: u32 = u32::from_le_bytes(*b"SDIR");
+    /// Extended-attribute block "SXAT" (lives in the pointer-block table).
+    pub const XATTR: u32 = u32::from_le_bytes(*b"SXAT");
 }
 
 /// Errors decoding on-disk structures.
@@ -230,9 +234,28 @@ fn bitmap_blocks(n: u64) -> u64 {
     n.div_ceil(BITS_PER_BITMAP_BLOCK)
 }
 
+/// Space per inode of new volumes: 256 KiB, since file-server shares hold many small files
+/// (the inode table then takes 1/64 of the volume).
+pub const BYTES_PER_INODE: u64 = 256 << 10;
+/// Space per inode of volumes made before shares existed (virtual disks only); still mounted.
+pub const BYTES_PER_INODE_V1: u64 = 4 << 20;
+
 impl Layout {
-    /// Lays out a volume of `volume_bytes`. Returns `None` if it is too small (< 64 MiB).
+    /// Lays out a volume of `volume_bytes` with [`BYTES_PER_INODE`]. Returns `None` if it is
+    /// too small (< 64 MiB).
     pub fn compute(volume_bytes: u64) -> Option<Layout> {
+        Self::compute_with(volume_bytes, BYTES_PER_INODE)
+    }
+
+    /// Whether `l` is what mkfs computes for `volume_bytes` at either inode density.
+    pub fn is_valid_for(l: &Layout, volume_bytes: u64) -> bool {
+        [BYTES_PER_INODE, BYTES_PER_INODE_V1]
+            .iter()
+            .any(|&d| Self::compute_with(volume_bytes, d).as_ref() == Some(l))
+    }
+
+    /// Lays out a volume of `volume_bytes` with one inode per `bytes_per_inode`.
+    pub fn compute_with(volume_bytes: u64, bytes_per_inode: u64) -> Option<Layout> {
         /// Below this the fixed regions would leave almost no data space.
         const VOLUME_BYTES_MIN: u64 = 64 << 20;
         if volume_bytes < VOLUME_BYTES_MIN {
@@ -243,9 +266,8 @@ impl Layout {
         // Journal: 1/64 of the volume, 4..64 MiB; a transaction (<= 255 blocks) is always
         // less than half of it.
         let journal_bytes = (volume_bytes / 64).clamp(4 << 20, 64 << 20);
-        // One inode per 4 MiB of space, at least 256: virtual disks are large files; the file
-        // server's small files use sub-blocks and resident data.
-        let fd_count = (approx_fb / 4).clamp(256, 1 << 20);
+        // One inode per `bytes_per_inode`, at least 256; at most 4 Mi (a 16 GiB table).
+        let fd_count = (volume_bytes / bytes_per_inode.max(MD_BLOCK as u64)).clamp(256, 1 << 22);
         // Pointer blocks: enough to map every file block, plus one per 4 inodes of slack for
         // partly used pointer blocks.
         let pb_count = approx_fb / PB_ENTRIES as u64 + fd_count / 4 + 16;
@@ -424,7 +446,7 @@ impl VolumeHeader {
         };
         // The layout must be exactly what mkfs computes for this size: any other value is
         // corruption that the checksum happened not to catch.
-        if Layout::compute(volume_bytes) != Some(layout) {
+        if !Layout::is_valid_for(&layout, volume_bytes) {
             return Err(FormatError::Geometry(
                 "region table does not match the volume size",
             ));
@@ -471,6 +493,31 @@ pub const S_IFMT: u32 = 0o170000;
 pub const S_IFREG: u32 = 0o100000;
 /// Directory.
 pub const S_IFDIR: u32 = 0o040000;
+/// Symbolic link.
+pub const S_IFLNK: u32 = 0o120000;
+/// Character device.
+pub const S_IFCHR: u32 = 0o020000;
+/// Block device.
+pub const S_IFBLK: u32 = 0o060000;
+/// FIFO (named pipe).
+pub const S_IFIFO: u32 = 0o010000;
+/// Unix-domain socket.
+pub const S_IFSOCK: u32 = 0o140000;
+
+/// Directory-entry `ftype` of a mode's type bits (documented in FORMAT.md §10); 0 for an
+/// unknown type.
+pub fn ftype_of(mode: u32) -> u8 {
+    match mode & S_IFMT {
+        S_IFREG => 1,
+        S_IFDIR => 2,
+        S_IFLNK => 3,
+        S_IFCHR => 4,
+        S_IFBLK => 5,
+        S_IFIFO => 6,
+        S_IFSOCK => 7,
+        _ => 0,
+    }
+}
 
 /// An inode (file descriptor) without its address array.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -501,6 +548,15 @@ pub struct Inode {
     pub parent: u64,
     /// Blocks of data allocated (file blocks, sub-blocks) — checked by fsck.
     pub allocated: u64,
+    /// Access time, ns since the epoch.
+    pub atime_ns: i64,
+    /// Device number of character and block devices (0 otherwise).
+    pub rdev: u32,
+    /// Bumped on every change of mode, uid, gid or any extended attribute, so a permission
+    /// cache can key its entries on (ino, attr_gen).
+    pub attr_gen: u64,
+    /// Pointer-block index + 1 of the inode's extended-attribute block; 0 = none.
+    pub xattr_block: u64,
 }
 
 impl Inode {
@@ -524,6 +580,10 @@ impl Inode {
         b[96] = self.layout as u8;
         put_u64(b, 104, self.parent);
         put_u64(b, 112, self.allocated);
+        put_u64(b, 120, self.atime_ns as u64);
+        put_u64(b, 128, self.attr_gen);
+        put_u64(b, 136, self.xattr_block);
+        put_u32(b, 144, self.rdev);
     }
 
     /// Reads the fields from a verified inode block.
@@ -554,6 +614,10 @@ impl Inode {
             layout,
             parent: get_u64(b, 104),
             allocated: get_u64(b, 112),
+            atime_ns: get_u64(b, 120) as i64,
+            attr_gen: get_u64(b, 128),
+            xattr_block: get_u64(b, 136),
+            rdev: get_u32(b, 144),
         })
     }
 }
@@ -602,7 +666,8 @@ pub struct DirEntry {
     pub ino: u64,
     /// Target generation.
     pub generation: u32,
-    /// 1 file, 2 directory.
+    /// Type of the target ([`ftype_of`]): 1 file, 2 directory, 3 symlink, 4 char device,
+    /// 5 block device, 6 FIFO, 7 socket.
     pub ftype: u8,
     /// Name.
     pub name: String,

@@ -29,7 +29,7 @@ use crate::journal::{Journal, JournalError, ReplayReport};
 /// Dirty blocks at which an operation commits early, keeping every physical transaction well
 /// below the journal's per-transaction limit (an operation dirties at most a few blocks per
 /// step, so the slack of 32 is never exceeded between checks).
-const TXN_SOFT_MAX: usize = TXN_BLOCKS_MAX - 32;
+pub(crate) const TXN_SOFT_MAX: usize = TXN_BLOCKS_MAX - 32;
 /// Directory size limit: directories are read whole into memory for each change.
 pub const DIR_BYTES_MAX: u64 = 16 << 20;
 
@@ -75,6 +75,62 @@ pub enum FsError {
     /// An earlier device error stopped the datastore.
     #[error("datastore stopped after an I/O error; remount to recover")]
     Failed,
+    /// A bad name: empty, `.`, `..`, containing `/` or NUL.
+    #[error("invalid name: {0}")]
+    InvalidName(String),
+    /// A name longer than [`NAME_MAX`] bytes (or a symlink target longer than
+    /// [`crate::ns::SYMLINK_MAX`]).
+    #[error("name too long: {0}")]
+    NameTooLong(String),
+    /// The inode already has [`crate::ns::LINK_MAX`] links.
+    #[error("too many links: inode {0}")]
+    TooManyLinks(u64),
+    /// Operation not permitted (hard link to a directory, ...).
+    #[error("operation not permitted: {0}")]
+    NotPermitted(String),
+    /// No such extended attribute.
+    #[error("no such extended attribute")]
+    NoXattr,
+    /// The extended attributes do not fit the inode's xattr block.
+    #[error("extended attribute too big")]
+    XattrTooBig,
+    /// SEEK_DATA/SEEK_HOLE at or past the end of the file.
+    #[error("no data at or after offset {0}")]
+    NoData(u64),
+    /// The datastore or inode is read-only.
+    #[error("read-only: {0}")]
+    ReadOnly(String),
+    /// The operation would cross datastores.
+    #[error("cross-device operation")]
+    CrossDevice,
+}
+
+impl FsError {
+    /// The libc errno a POSIX server returns for this error.
+    pub fn errno(&self) -> i32 {
+        match self {
+            FsError::Device(_) | FsError::Journal(_) | FsError::Failed | FsError::Mount(_) => {
+                libc::EIO
+            }
+            FsError::Corrupt(_) => libc::EUCLEAN,
+            FsError::NotFound(_) => libc::ENOENT,
+            FsError::Exists(_) => libc::EEXIST,
+            FsError::NotDir(_) => libc::ENOTDIR,
+            FsError::IsDir(_) => libc::EISDIR,
+            FsError::NotEmpty(_) => libc::ENOTEMPTY,
+            FsError::Invalid(_) | FsError::InvalidName(_) => libc::EINVAL,
+            FsError::NoSpace(_) => libc::ENOSPC,
+            FsError::Busy(_) => libc::EBUSY,
+            FsError::NameTooLong(_) => libc::ENAMETOOLONG,
+            FsError::TooManyLinks(_) => libc::EMLINK,
+            FsError::NotPermitted(_) => libc::EPERM,
+            FsError::NoXattr => libc::ENODATA,
+            FsError::XattrTooBig => libc::E2BIG,
+            FsError::NoData(_) => libc::ENXIO,
+            FsError::ReadOnly(_) => libc::EROFS,
+            FsError::CrossDevice => libc::EXDEV,
+        }
+    }
 }
 
 /// mkfs options.
@@ -130,36 +186,63 @@ pub struct FsStats {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-enum Res {
+pub(crate) enum Res {
     Fd,
     Pb,
     Sb,
     Fb,
 }
 
-struct Inner {
-    vh: VolumeHeader,
-    journal: Journal,
-    cache: HashMap<u64, Box<[u8]>>,
-    dirty: BTreeSet<u64>,
-    data_written: bool,
-    pending_free: HashSet<(Res, u64)>,
-    hints: HashMap<Res, u64>,
-    free: HashMap<Res, u64>,
-    open: HashMap<u64, u32>,
-    zero_block: Vec<u8>,
-    failed: bool,
+pub(crate) struct Inner {
+    pub(crate) vh: VolumeHeader,
+    pub(crate) journal: Journal,
+    pub(crate) cache: HashMap<u64, Box<[u8]>>,
+    pub(crate) dirty: BTreeSet<u64>,
+    pub(crate) data_written: bool,
+    pub(crate) pending_free: HashSet<(Res, u64)>,
+    pub(crate) hints: HashMap<Res, u64>,
+    pub(crate) free: HashMap<Res, u64>,
+    pub(crate) open: HashMap<u64, u32>,
+    pub(crate) zero_block: Vec<u8>,
+    pub(crate) failed: bool,
     /// When the open transaction got its first dirty block (for the commit interval).
-    dirty_since: Option<std::time::Instant>,
+    pub(crate) dirty_since: Option<std::time::Instant>,
     /// Metadata modifications so far (to tell whether a failed operation changed anything).
-    changes: u64,
+    pub(crate) changes: u64,
+    /// Savepoint of the running deferred operation, so a failure can be undone without
+    /// touching the other uncommitted changes in the open transaction.
+    pub(crate) undo: Option<Undo>,
+    /// Inodes whose mtime/ctime [`Datastore::note_data_write`] already updated in the open
+    /// transaction (at most one update per inode per commit).
+    pub(crate) noted: HashSet<u64>,
+    /// In-memory directory indexes (see `ns.rs`), dropped on rollback.
+    pub(crate) dir_index: HashMap<u64, crate::ns::DirIndex>,
+    /// File blocks freed from sealed directories: their blocks may still be in the journal,
+    /// and replaying those images over a new owner's data would corrupt it, so they are not
+    /// reallocated until the journal has been reset (`revoke_epoch` = journal resets then).
+    pub(crate) revoked: HashSet<u64>,
+    pub(crate) revoke_epoch: u64,
+}
+
+/// Pre-images and allocator state at the start of a deferred operation.
+pub(crate) struct Undo {
+    pub(crate) blocks: HashMap<u64, Box<[u8]>>,
+    pub(crate) dirty: BTreeSet<u64>,
+    pub(crate) pending_free: HashSet<(Res, u64)>,
+    pub(crate) free: HashMap<Res, u64>,
+    pub(crate) hints: HashMap<Res, u64>,
+    pub(crate) dirty_since: Option<std::time::Instant>,
+    pub(crate) commits: u64,
 }
 
 /// A mounted datastore.
 pub struct Datastore {
-    dev: Arc<dyn BlockDevice>,
-    inner: Mutex<Inner>,
+    pub(crate) dev: Arc<dyn BlockDevice>,
+    pub(crate) inner: Mutex<Inner>,
     batching: AtomicBool,
+    /// Namespace operations leave their metadata in the open transaction (see
+    /// [`Datastore::set_deferred_commit`]).
+    pub(crate) deferred: AtomicBool,
     /// Counters.
     pub stats: FsStats,
     replay: ReplayReport,
@@ -171,7 +254,7 @@ impl std::fmt::Debug for Datastore {
     }
 }
 
-fn now_ns() -> i64 {
+pub(crate) fn now_ns() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
@@ -279,6 +362,10 @@ impl Datastore {
                 layout: DataLayout::Resident,
                 parent: ROOT_INO,
                 allocated: 0,
+                atime_ns: now,
+                rdev: 0,
+                attr_gen: 1,
+                xattr_block: 0,
             };
             g.put_inode(&ds.dev, &inode)?;
             g.commit(&ds.dev, &ds.stats)?;
@@ -338,6 +425,11 @@ impl Datastore {
             failed: false,
             dirty_since: None,
             changes: 0,
+            undo: None,
+            noted: HashSet::new(),
+            dir_index: HashMap::new(),
+            revoked: HashSet::new(),
+            revoke_epoch: 0,
         };
         for r in [Res::Fd, Res::Pb, Res::Sb, Res::Fb] {
             let n = inner.count_free(&dev, r)?;
@@ -348,13 +440,20 @@ impl Datastore {
         dev.write_at(0, &inner.vh.encode(0))?;
         dev.write_at(blk(1), &inner.vh.encode(1))?;
         dev.flush()?;
-        Ok(Datastore {
+        let ds = Datastore {
             dev,
             inner: Mutex::new(inner),
             batching: AtomicBool::new(true),
+            deferred: AtomicBool::new(false),
             stats: FsStats::default(),
             replay,
-        })
+        };
+        // Files unlinked while open and not closed before a crash or unmount.
+        let n = ds.reclaim_orphans()?;
+        if n > 0 {
+            tracing::info!(orphans = n, "reclaimed orphan inodes");
+        }
+        Ok(ds)
     }
 
     /// What mount-time replay did.
@@ -381,7 +480,7 @@ impl Datastore {
         self.batching.store(on, Ordering::Relaxed);
     }
 
-    fn lock(&self) -> Result<MutexGuard<'_, Inner>, FsError> {
+    pub(crate) fn lock(&self) -> Result<MutexGuard<'_, Inner>, FsError> {
         let g = self.inner.lock().map_err(|_| FsError::Failed)?;
         if g.failed {
             return Err(FsError::Failed);
@@ -390,7 +489,7 @@ impl Datastore {
     }
 
     /// Runs `f` under the lock; a device or journal error marks the datastore failed.
-    fn with<T>(
+    pub(crate) fn with<T>(
         &self,
         f: impl FnOnce(&mut Inner, &Arc<dyn BlockDevice>) -> Result<T, FsError>,
     ) -> Result<T, FsError> {
@@ -400,7 +499,7 @@ impl Datastore {
     /// Runs a mutating operation in a transaction of its own: whatever earlier deferred
     /// writes left uncommitted is committed first, so that if the operation fails part-way
     /// its changes can be rolled back without touching anybody else's.
-    fn with_op<T>(
+    pub(crate) fn with_op<T>(
         &self,
         f: impl FnOnce(&mut Inner, &Arc<dyn BlockDevice>) -> Result<T, FsError>,
     ) -> Result<T, FsError> {
@@ -595,7 +694,7 @@ impl Datastore {
         })
     }
 
-    fn batching(&self) -> bool {
+    pub(crate) fn batching(&self) -> bool {
         self.batching.load(Ordering::Relaxed)
     }
 
@@ -662,12 +761,20 @@ impl Datastore {
 
     /// Undoes one [`Datastore::open`].
     pub fn close(&self, ino: u64) {
+        let mut last = false;
         if let Ok(mut g) = self.inner.lock() {
             if let Some(n) = g.open.get_mut(&ino) {
                 *n -= 1;
                 if *n == 0 {
                     g.open.remove(&ino);
+                    last = true;
                 }
+            }
+        }
+        // The last close of an unlinked file frees it.
+        if last {
+            if let Err(e) = self.reclaim_if_orphan(ino) {
+                tracing::warn!(ino, err = %e, "freeing an orphan at close failed");
             }
         }
     }
@@ -703,13 +810,16 @@ fn split_path(path: &str) -> Result<Vec<&str>, FsError> {
 
 impl Inner {
     /// Expected magic for a metadata block, by region.
-    fn magic_for(&self, block: u64) -> Option<u32> {
+    pub(crate) fn magic_for(&self, block: u64) -> Option<u32> {
         let l = &self.vh.layout;
         let within = |r: Region| block >= r.start && block < r.start + r.blocks;
         if within(l.fd_table) {
             Some(magic::INODE)
         } else if within(l.pb_table) {
             Some(magic::POINTER)
+        } else if within(l.fb_region) {
+            // The only metadata in the file-block region: blocks of sealed directories.
+            Some(magic::DIR)
         } else if within(l.fd_bitmap)
             || within(l.pb_bitmap)
             || within(l.sb_bitmap)
@@ -721,7 +831,7 @@ impl Inner {
         }
     }
 
-    fn load(&mut self, dev: &Arc<dyn BlockDevice>, block: u64) -> Result<(), FsError> {
+    pub(crate) fn load(&mut self, dev: &Arc<dyn BlockDevice>, block: u64) -> Result<(), FsError> {
         if self.cache.contains_key(&block) {
             return Ok(());
         }
@@ -731,6 +841,12 @@ impl Inner {
         let mut b = vec![0u8; MD_BLOCK].into_boxed_slice();
         dev.read_at(blk(block), &mut b)?;
         if b.iter().any(|&x| x != 0) {
+            // The pointer-block table also holds extended-attribute blocks.
+            let m = if m == magic::POINTER && get_u32(&b, 0) == magic::XATTR {
+                magic::XATTR
+            } else {
+                m
+            };
             verify(&b, m, block)?;
         } else {
             put_u32(&mut b, 0, m);
@@ -739,7 +855,7 @@ impl Inner {
         Ok(())
     }
 
-    fn md(&mut self, dev: &Arc<dyn BlockDevice>, block: u64) -> Result<&[u8], FsError> {
+    pub(crate) fn md(&mut self, dev: &Arc<dyn BlockDevice>, block: u64) -> Result<&[u8], FsError> {
         self.load(dev, block)?;
         self.cache
             .get(&block)
@@ -747,12 +863,23 @@ impl Inner {
             .ok_or(FsError::Failed)
     }
 
-    fn md_mut(&mut self, dev: &Arc<dyn BlockDevice>, block: u64) -> Result<&mut [u8], FsError> {
+    pub(crate) fn md_mut(
+        &mut self,
+        dev: &Arc<dyn BlockDevice>,
+        block: u64,
+    ) -> Result<&mut [u8], FsError> {
         self.load(dev, block)?;
         if self.dirty.is_empty() {
             self.dirty_since = Some(std::time::Instant::now());
         }
         self.changes += 1;
+        if let Some(u) = self.undo.as_mut() {
+            if let std::collections::hash_map::Entry::Vacant(v) = u.blocks.entry(block) {
+                if let Some(img) = self.cache.get(&block) {
+                    v.insert(img.clone());
+                }
+            }
+        }
         self.dirty.insert(block);
         self.cache
             .get_mut(&block)
@@ -760,7 +887,11 @@ impl Inner {
             .ok_or(FsError::Failed)
     }
 
-    fn count_free(&mut self, dev: &Arc<dyn BlockDevice>, r: Res) -> Result<u64, FsError> {
+    pub(crate) fn count_free(
+        &mut self,
+        dev: &Arc<dyn BlockDevice>,
+        r: Res,
+    ) -> Result<u64, FsError> {
         let (bm, count) = region_of(&self.vh.layout, r);
         let mut used = 0u64;
         for i in 0..bm.blocks {
@@ -771,13 +902,18 @@ impl Inner {
         Ok(count.saturating_sub(used + u64::from(r == Res::Fd)))
     }
 
-    fn get_bit(&mut self, dev: &Arc<dyn BlockDevice>, r: Res, i: u64) -> Result<bool, FsError> {
+    pub(crate) fn get_bit(
+        &mut self,
+        dev: &Arc<dyn BlockDevice>,
+        r: Res,
+        i: u64,
+    ) -> Result<bool, FsError> {
         let (bm, _) = region_of(&self.vh.layout, r);
         let b = self.md(dev, bm.start + i / BITS_PER_BITMAP_BLOCK)?;
         Ok(bit(b, i % BITS_PER_BITMAP_BLOCK))
     }
 
-    fn put_bit(
+    pub(crate) fn put_bit(
         &mut self,
         dev: &Arc<dyn BlockDevice>,
         r: Res,
@@ -792,7 +928,7 @@ impl Inner {
 
     /// Allocates one resource and returns its index. Inode numbers are their bitmap index;
     /// index 0 is reserved so that 0 can mean "no inode" in directory entries.
-    fn alloc(&mut self, dev: &Arc<dyn BlockDevice>, r: Res) -> Result<u64, FsError> {
+    pub(crate) fn alloc(&mut self, dev: &Arc<dyn BlockDevice>, r: Res) -> Result<u64, FsError> {
         let (_, count) = region_of(&self.vh.layout, r);
         if self.free.get(&r).copied().unwrap_or(0) == 0 {
             return Err(FsError::NoSpace(res_name(r)));
@@ -804,7 +940,10 @@ impl Inner {
             if r == Res::Fd && i == 0 {
                 continue;
             }
-            if self.pending_free.contains(&(r, i)) || self.get_bit(dev, r, i)? {
+            if self.pending_free.contains(&(r, i))
+                || (r == Res::Fb && self.revoked.contains(&i))
+                || self.get_bit(dev, r, i)?
+            {
                 continue;
             }
             self.put_bit(dev, r, i, true)?;
@@ -818,7 +957,12 @@ impl Inner {
     }
 
     /// Frees a resource; it becomes allocatable after the next commit.
-    fn release(&mut self, dev: &Arc<dyn BlockDevice>, r: Res, i: u64) -> Result<(), FsError> {
+    pub(crate) fn release(
+        &mut self,
+        dev: &Arc<dyn BlockDevice>,
+        r: Res,
+        i: u64,
+    ) -> Result<(), FsError> {
         assert!(self.get_bit(dev, r, i)?, "freeing a free {}", res_name(r));
         self.put_bit(dev, r, i, false)?;
         self.pending_free.insert((r, i));
@@ -827,10 +971,12 @@ impl Inner {
 
     /// Forgets the open transaction: its blocks are re-read from their home copies (the
     /// committed state) and the free counts recomputed.
-    fn rollback(&mut self, dev: &Arc<dyn BlockDevice>) -> Result<(), FsError> {
+    pub(crate) fn rollback(&mut self, dev: &Arc<dyn BlockDevice>) -> Result<(), FsError> {
         for b in std::mem::take(&mut self.dirty) {
             self.cache.remove(&b);
         }
+        self.dir_index.clear();
+        self.noted.clear();
         self.dirty_since = None;
         self.pending_free.clear();
         self.hints.clear();
@@ -841,7 +987,11 @@ impl Inner {
         Ok(())
     }
 
-    fn commit(&mut self, dev: &Arc<dyn BlockDevice>, stats: &FsStats) -> Result<(), FsError> {
+    pub(crate) fn commit(
+        &mut self,
+        dev: &Arc<dyn BlockDevice>,
+        stats: &FsStats,
+    ) -> Result<(), FsError> {
         if self.dirty.is_empty() {
             return Ok(());
         }
@@ -856,11 +1006,16 @@ impl Inner {
             blocks.push((b, img.to_vec()));
         }
         self.journal.commit(&**dev, &mut blocks)?;
+        if self.journal.resets != self.revoke_epoch {
+            self.revoked.clear();
+            self.revoke_epoch = self.journal.resets;
+        }
         for (b, img) in blocks {
             dev.write_at(blk(b), &img)?;
             self.cache.insert(b, img.into_boxed_slice());
         }
         self.dirty.clear();
+        self.noted.clear();
         self.dirty_since = None;
         let freed = self.pending_free.len() as u64;
         for (r, _) in self.pending_free.drain() {
@@ -877,12 +1032,20 @@ impl Inner {
     }
 
     /// End of a namespace operation: one logical transaction, committed at once.
-    fn end_op(&mut self, dev: &Arc<dyn BlockDevice>, stats: &FsStats) -> Result<(), FsError> {
+    pub(crate) fn end_op(
+        &mut self,
+        dev: &Arc<dyn BlockDevice>,
+        stats: &FsStats,
+    ) -> Result<(), FsError> {
         stats.logical_txns.fetch_add(1, Ordering::Relaxed);
         self.commit(dev, stats)
     }
 
-    fn maybe_commit(&mut self, dev: &Arc<dyn BlockDevice>, stats: &FsStats) -> Result<(), FsError> {
+    pub(crate) fn maybe_commit(
+        &mut self,
+        dev: &Arc<dyn BlockDevice>,
+        stats: &FsStats,
+    ) -> Result<(), FsError> {
         if self.dirty.len() >= TXN_SOFT_MAX {
             self.commit(dev, stats)?;
         }
@@ -891,14 +1054,18 @@ impl Inner {
 
     // ----- inodes -----
 
-    fn check_ino(&self, ino: u64) -> Result<(), FsError> {
+    pub(crate) fn check_ino(&self, ino: u64) -> Result<(), FsError> {
         if ino == 0 || ino >= self.vh.layout.fd_count {
             return Err(FsError::Invalid(format!("inode {ino} out of range")));
         }
         Ok(())
     }
 
-    fn get_inode(&mut self, dev: &Arc<dyn BlockDevice>, ino: u64) -> Result<Inode, FsError> {
+    pub(crate) fn get_inode(
+        &mut self,
+        dev: &Arc<dyn BlockDevice>,
+        ino: u64,
+    ) -> Result<Inode, FsError> {
         self.check_ino(ino)?;
         if !self.get_bit(dev, Res::Fd, ino)? {
             return Err(FsError::NotFound(format!("inode {ino}")));
@@ -913,14 +1080,18 @@ impl Inner {
         Ok(inode)
     }
 
-    fn put_inode(&mut self, dev: &Arc<dyn BlockDevice>, inode: &Inode) -> Result<(), FsError> {
+    pub(crate) fn put_inode(
+        &mut self,
+        dev: &Arc<dyn BlockDevice>,
+        inode: &Inode,
+    ) -> Result<(), FsError> {
         self.check_ino(inode.ino)?;
         let b = self.vh.layout.inode_block(inode.ino);
         inode.encode_into(self.md_mut(dev, b)?);
         Ok(())
     }
 
-    fn alloc_ino(&mut self, dev: &Arc<dyn BlockDevice>) -> Result<(u64, u32), FsError> {
+    pub(crate) fn alloc_ino(&mut self, dev: &Arc<dyn BlockDevice>) -> Result<(u64, u32), FsError> {
         let ino = self.alloc(dev, Res::Fd)?;
         let b = self.vh.layout.inode_block(ino);
         let old_gen = get_u32(self.md(dev, b)?, 40);
@@ -929,7 +1100,7 @@ impl Inner {
         Ok((ino, old_gen.wrapping_add(1).max(1)))
     }
 
-    fn inode_addr(
+    pub(crate) fn inode_addr(
         &mut self,
         dev: &Arc<dyn BlockDevice>,
         ino: u64,
@@ -939,7 +1110,7 @@ impl Inner {
         Ok(inode_addr(self.md(dev, b)?, i))
     }
 
-    fn set_inode_addr(
+    pub(crate) fn set_inode_addr(
         &mut self,
         dev: &Arc<dyn BlockDevice>,
         ino: u64,
@@ -954,7 +1125,7 @@ impl Inner {
     // ----- file-block mapping -----
 
     /// File block `fbi` of `ino`: (file block index, to-be-zeroed) if allocated.
-    fn fb_lookup(
+    pub(crate) fn fb_lookup(
         &mut self,
         dev: &Arc<dyn BlockDevice>,
         ino: u64,
@@ -978,7 +1149,7 @@ impl Inner {
 
     /// Sets the entry for file block `fbi` (allocating the pointer block if needed);
     /// `fb = None` clears it.
-    fn fb_set(
+    pub(crate) fn fb_set(
         &mut self,
         dev: &Arc<dyn BlockDevice>,
         ino: u64,
@@ -1022,7 +1193,11 @@ impl Inner {
 
     // ----- namespace -----
 
-    fn resolve(&mut self, dev: &Arc<dyn BlockDevice>, path: &str) -> Result<u64, FsError> {
+    pub(crate) fn resolve(
+        &mut self,
+        dev: &Arc<dyn BlockDevice>,
+        path: &str,
+    ) -> Result<u64, FsError> {
         let mut ino = ROOT_INO;
         for part in split_path(path)? {
             let inode = self.get_inode(dev, ino)?;
@@ -1039,7 +1214,7 @@ impl Inner {
         Ok(ino)
     }
 
-    fn parent_and_name<'p>(
+    pub(crate) fn parent_and_name<'p>(
         &mut self,
         dev: &Arc<dyn BlockDevice>,
         path: &'p str,
@@ -1063,7 +1238,14 @@ impl Inner {
         Ok((ino, name))
     }
 
-    fn read_dir(&mut self, dev: &Arc<dyn BlockDevice>, dir: u64) -> Result<Vec<DirEntry>, FsError> {
+    pub(crate) fn read_dir(
+        &mut self,
+        dev: &Arc<dyn BlockDevice>,
+        dir: u64,
+    ) -> Result<Vec<DirEntry>, FsError> {
+        if self.dir_is_sealed(dev, dir)? {
+            return self.sealed_entries(dev, dir);
+        }
         let inode = self.get_inode(dev, dir)?;
         if inode.size > DIR_BYTES_MAX {
             return Err(FsError::Corrupt(FormatError::Geometry(
@@ -1081,7 +1263,7 @@ impl Inner {
         Ok(out)
     }
 
-    fn write_dir(
+    pub(crate) fn write_dir(
         &mut self,
         dev: &Arc<dyn BlockDevice>,
         stats: &FsStats,
@@ -1095,6 +1277,11 @@ impl Inner {
         if buf.len() as u64 > DIR_BYTES_MAX {
             return Err(FsError::NoSpace("directory entries"));
         }
+        if self.dir_is_sealed(dev, dir)? {
+            return self.rewrite_sealed(dev, stats, dir, entries);
+        }
+        // The path-based API rewrites the array packed; the slot index of ns.rs is rebuilt.
+        self.dir_index.remove(&dir);
         self.set_size(dev, stats, dir, 0, &mut |_, _| {})?;
         self.write_any(dev, stats, dir, 0, &buf, true)?;
         let mut inode = self.get_inode(dev, dir)?;
@@ -1103,7 +1290,7 @@ impl Inner {
         self.put_inode(dev, &inode)
     }
 
-    fn create(
+    pub(crate) fn create(
         &mut self,
         dev: &Arc<dyn BlockDevice>,
         path: &str,
@@ -1139,6 +1326,10 @@ impl Inner {
             },
             parent,
             allocated: 0,
+            atime_ns: now,
+            rdev: 0,
+            attr_gen: 1,
+            xattr_block: 0,
         };
         self.put_inode(dev, &inode)?;
         entries.push(DirEntry {
@@ -1157,7 +1348,7 @@ impl Inner {
         Ok(ino)
     }
 
-    fn remove(
+    pub(crate) fn remove(
         &mut self,
         dev: &Arc<dyn BlockDevice>,
         stats: &FsStats,
@@ -1192,16 +1383,29 @@ impl Inner {
             p.nlink -= 1;
             self.put_inode(dev, &p)?;
         }
+        if !inode.is_dir() && inode.nlink > 1 {
+            // Other hard links remain.
+            let mut i2 = self.get_inode(dev, ino)?;
+            i2.nlink -= 1;
+            i2.ctime_ns = now_ns();
+            return self.put_inode(dev, &i2);
+        }
         self.free_inode(dev, stats, ino)
     }
 
-    fn free_inode(
+    pub(crate) fn free_inode(
         &mut self,
         dev: &Arc<dyn BlockDevice>,
         stats: &FsStats,
         ino: u64,
     ) -> Result<(), FsError> {
+        self.revoke_dir_blocks(dev, ino)?;
         self.truncate_storage(dev, stats, ino, 0)?;
+        let xb = self.get_inode(dev, ino)?.xattr_block;
+        if xb != 0 {
+            self.release(dev, Res::Pb, xb - 1)?;
+        }
+        self.dir_index.remove(&ino);
         let b = self.vh.layout.inode_block(ino);
         let generation = get_u32(self.md(dev, b)?, 40);
         let blockm = self.md_mut(dev, b)?;
@@ -1211,7 +1415,7 @@ impl Inner {
         self.release(dev, Res::Fd, ino)
     }
 
-    fn rename(
+    pub(crate) fn rename(
         &mut self,
         dev: &Arc<dyn BlockDevice>,
         stats: &FsStats,
@@ -1282,7 +1486,7 @@ impl Inner {
 
     // ----- data -----
 
-    fn read(
+    pub(crate) fn read(
         &mut self,
         dev: &Arc<dyn BlockDevice>,
         ino: u64,
@@ -1340,7 +1544,7 @@ impl Inner {
 
     /// Writes through whatever layout the file has, converting it upwards when it outgrows
     /// resident data or sub-blocks.
-    fn write_any(
+    pub(crate) fn write_any(
         &mut self,
         dev: &Arc<dyn BlockDevice>,
         stats: &FsStats,
@@ -1410,7 +1614,7 @@ impl Inner {
 
     /// Converts the file to the smallest layout that holds `size` bytes if its current one
     /// cannot; returns the (possibly updated) inode.
-    fn grow_layout(
+    pub(crate) fn grow_layout(
         &mut self,
         dev: &Arc<dyn BlockDevice>,
         stats: &FsStats,
@@ -1433,7 +1637,7 @@ impl Inner {
     }
 
     /// Moves a file's bytes to a larger layout (resident -> sub-blocks -> file blocks).
-    fn convert(
+    pub(crate) fn convert(
         &mut self,
         dev: &Arc<dyn BlockDevice>,
         stats: &FsStats,
@@ -1455,7 +1659,7 @@ impl Inner {
 
     /// Frees storage past `size` (whole blocks) and zeroes the tail of the last partial block
     /// in resident files, so a later extension reads zeroes.
-    fn truncate_storage(
+    pub(crate) fn truncate_storage(
         &mut self,
         dev: &Arc<dyn BlockDevice>,
         stats: &FsStats,
@@ -1519,7 +1723,7 @@ impl Inner {
         Ok(())
     }
 
-    fn set_size(
+    pub(crate) fn set_size(
         &mut self,
         dev: &Arc<dyn BlockDevice>,
         stats: &FsStats,
@@ -1580,7 +1784,7 @@ impl Inner {
         Ok(())
     }
 
-    fn write_batch(
+    pub(crate) fn write_batch(
         &mut self,
         dev: &Arc<dyn BlockDevice>,
         stats: &FsStats,

@@ -183,8 +183,41 @@ pub fn fsck_with_progress(
             continue;
         }
         let t = inode.mode & S_IFMT;
-        if t != S_IFREG && t != S_IFDIR {
+        if ftype_of(inode.mode) == 0 {
             c.problem(format!("inode {ino} has an unknown file type {t:o}"));
+        }
+        if t == S_IFLNK && (inode.size == 0 || inode.size > crate::ns::SYMLINK_MAX as u64) {
+            c.problem(format!(
+                "symlink {ino} has a target of {} bytes (1..={} allowed)",
+                inode.size,
+                crate::ns::SYMLINK_MAX
+            ));
+        }
+        if inode.xattr_block != 0 {
+            let i = inode.xattr_block - 1;
+            if i >= l.pb_count {
+                c.problem(format!(
+                    "inode {ino} points to xattr block {i}, which does not exist"
+                ));
+            } else {
+                if !pb_bits[i as usize] {
+                    c.problem(format!(
+                        "inode {ino} uses xattr block {i}, which is marked free"
+                    ));
+                }
+                if pb_ref[i as usize] {
+                    c.problem(format!(
+                        "pointer block {i} is used by more than one file (inode {ino}'s xattrs too)"
+                    ));
+                }
+                pb_ref[i as usize] = true;
+                let what = format!("xattr block of inode {ino}");
+                if let Some(xb) = c.read_md(l.pb_block(i), magic::XATTR, &what)? {
+                    if let Err(e) = crate::ns::xattr_check(&xb) {
+                        c.problem(format!("inode {ino}: {e}"));
+                    }
+                }
+            }
         }
         let count = check_blocks(
             &mut c,
@@ -379,7 +412,34 @@ fn dir_bytes(c: &mut Checker<'_>, inode: &Inode, b: &[u8]) -> Result<Vec<u8>, De
             }
         }
     }
+    if b[crate::ns::DIR_FORMAT_OFFSET] == crate::ns::DIR_SEALED {
+        // Sealed directory: each 4 KiB block is a directory block (or all zero = empty);
+        // hand back the plain array of entries.
+        let per = crate::ns::DIRB_ENTRIES * DIRENT_BYTES;
+        let mut plain = Vec::with_capacity(out.len() / MD_BLOCK * per);
+        for (k, chunk) in out.chunks_exact(MD_BLOCK).enumerate() {
+            if chunk.iter().all(|&x| x == 0) {
+                plain.resize(plain.len() + per, 0);
+                continue;
+            }
+            if get_u32(chunk, 0) != magic::DIR || crc32_ok(chunk).is_err() {
+                c.problem(format!(
+                    "directory {}: block {k} is not a valid directory block",
+                    inode.ino
+                ));
+                plain.resize(plain.len() + per, 0);
+                continue;
+            }
+            plain.extend_from_slice(&chunk[MD_HEADER_BYTES..MD_HEADER_BYTES + per]);
+        }
+        return Ok(plain);
+    }
     Ok(out)
+}
+
+/// Checks a directory block's magic and crc (its self address is checked by its position).
+fn crc32_ok(chunk: &[u8]) -> Result<(), FormatError> {
+    verify(chunk, magic::DIR, get_u64(chunk, 8))
 }
 
 fn check_tree(
@@ -436,7 +496,7 @@ fn check_tree(
                 ));
             }
             let is_dir = target.is_dir();
-            if is_dir != (e.ftype == 2) {
+            if ftype_of(target.mode) != e.ftype {
                 c.problem(format!(
                     "entry '{}' in directory {dir} has the wrong type",
                     e.name
@@ -464,6 +524,12 @@ fn check_tree(
     for &ino in inos {
         let (inode, _) = &inodes[&ino];
         let r = refs.get(&ino).copied().unwrap_or(0);
+        if ino != ROOT_INO && r == 0 && inode.nlink == 0 {
+            c.problem(format!(
+                "inode {ino} is an orphan (unlinked while open); the next mount frees it"
+            ));
+            continue;
+        }
         if ino != ROOT_INO && r == 0 {
             c.problem(format!(
                 "inode {ino} is in use but no directory refers to it (orphan)"

@@ -58,6 +58,8 @@ pub struct Journal {
     pub commits: u64,
     /// Bytes written to the journal since mount.
     pub bytes: u64,
+    /// Journal resets so far (every transaction before one is never replayed again).
+    pub resets: u64,
     /// Scratch buffer for one transaction, kept to avoid allocating per commit.
     buf: Vec<u8>,
 }
@@ -192,6 +194,7 @@ impl Journal {
             seq,
             commits: 0,
             bytes: 0,
+            resets: 0,
             buf: Vec::with_capacity((TXN_BLOCKS_MAX + 2) * MD_BLOCK),
         };
         // Home writes durable, then an empty journal: replay is never needed twice.
@@ -208,6 +211,7 @@ impl Journal {
         )?;
         dev.flush()?;
         self.pos = 1;
+        self.resets += 1;
         Ok(())
     }
 

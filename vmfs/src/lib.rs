@@ -10,6 +10,10 @@
 //! - [`fs`]: the [`fs::Datastore`]: mkfs, mount, files (thin, thick eager, thick lazy;
 //!   resident, sub-block and file-block layouts), directories, and the batched
 //!   scatter-gather write path.
+//! - [`ns`]: the inode-based POSIX namespace for the file server: every file type, hard
+//!   links, symlinks, orphans, rename(2)/renameat2, setattr, cursor readdir over an
+//!   in-memory directory index (sealed, journaled directory blocks), xattrs, read plans,
+//!   fallocate/punch/seek, and deferred commits.
 //! - [`fsck`]: the offline checker of every invariant.
 //! - [`admin`]: `info` and `ls` views shared by stratactl and stratad's control socket.
 
@@ -19,6 +23,12 @@ pub mod format;
 pub mod fs;
 pub mod fsck;
 pub mod journal;
+pub mod ns;
+
+pub use ns::{
+    DirCursorEntry, Extent, RenameFlags, SetAttr, TimeSet, Whence, XattrSetMode, LINK_MAX,
+    SYMLINK_MAX, XATTR_NAME_MAX, XATTR_VALUE_MAX,
+};
 
 #[cfg(test)]
 mod crash_tests;
@@ -26,3 +36,5 @@ mod crash_tests;
 mod fs_tests;
 #[cfg(test)]
 mod model_tests;
+#[cfg(test)]
+mod ns_tests;

@@ -8,7 +8,7 @@
 //! - [`classify`]: which frames are storage traffic; the pure mirror of the XDP program.
 //! - [`frame`]: building and reading UDP frames (tests, benchmark, datagram transmit).
 //! - [`port`]: the `--port iface=NAME,...` specification.
-//! - [`poller`]: [`poller::PacketPoller`], the hook a reactor polls each iteration.
+//! - [`poller`]: [`poller::Poller`], the hook a reactor polls each iteration.
 
 pub mod af_xdp;
 pub mod classify;

@@ -1,9 +1,9 @@
 //! The hook between packet queues and the reactors.
 //!
-//! A reactor receives packet queues as `Command::AddPacketQueue(Box<dyn PacketPoller>)` and,
-//! in each loop iteration, calls [`PacketPoller::poll`] next to its virtqueue polling (the
+//! A reactor receives packet queues as `Command::AddPoller(Box<dyn Poller>)` and,
+//! in each loop iteration, calls [`Poller::poll`] next to its virtqueue polling (the
 //! return value counts as work, so a busy port keeps the reactor spinning). It watches
-//! [`PacketPoller::wake_fd`] in its epoll set, level-triggered, so a frame waiting when it goes
+//! [`Poller::wake_fd`] in its epoll set, level-triggered, so a frame waiting when it goes
 //! to sleep wakes it at once; a queue without an fd (-1) keeps it from sleeping.
 
 use std::os::fd::RawFd;
@@ -12,13 +12,7 @@ use std::sync::Arc;
 
 use super::{PacketIo, RX_BURST_MAX};
 
-/// What a reactor polls besides virtqueues.
-pub trait PacketPoller: Send + std::fmt::Debug {
-    /// Does at most one burst of work; returns the frames handled (0: idle).
-    fn poll(&mut self) -> usize;
-    /// The descriptor to sleep on (EPOLLIN when frames wait).
-    fn wake_fd(&self) -> RawFd;
-}
+pub use crate::reactor::Poller;
 
 /// Counters of one packet queue, shared with the control plane (`stats`).
 #[derive(Debug, Default)]
@@ -53,7 +47,7 @@ impl QueuePoller {
     }
 }
 
-impl PacketPoller for QueuePoller {
+impl Poller for QueuePoller {
     fn poll(&mut self) -> usize {
         let mut bytes = 0u64;
         let handler = &mut self.handler;

@@ -41,28 +41,64 @@ pub fn guest_dir() -> PathBuf {
     home.join(".cache").join("strata").join("guest")
 }
 
-/// Makes sure the guest is built (runs build-guest.sh, which returns at once when the cache is
-/// complete) and returns it. The script runs at most once per process while it succeeds; the
-/// script's own lock serialises concurrent processes.
+/// Which initramfs to boot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum GuestVariant {
+    /// busybox, fio and the virtio/virtiofs modules (`build-guest.sh`).
+    #[default]
+    Base,
+    /// The base plus the file-server test tools (`build-guest.sh --fs`): pjdfstest and its
+    /// config, test users (alice 1000, bob 1001, tests, nobody), setfacl/getfacl and
+    /// strata-fsutil. Same kernel; the cache is `<guest dir>/fs/`.
+    Fs,
+}
+
+/// Makes sure the base guest is built (runs build-guest.sh, which returns at once when the
+/// cache is complete) and returns it. The script runs at most once per process while it
+/// succeeds; the script's own lock serialises concurrent processes.
 pub fn ensure_guest() -> Result<GuestImage> {
-    static BUILT: Mutex<Option<GuestImage>> = Mutex::new(None);
+    ensure_guest_variant(GuestVariant::Base)
+}
+
+/// [`ensure_guest`] for a given [`GuestVariant`] (`Fs` runs `build-guest.sh --fs`: the first
+/// time on a machine it builds pjdfstest from crates.io, a few minutes).
+pub fn ensure_guest_variant(variant: GuestVariant) -> Result<GuestImage> {
+    static BUILT: Mutex<[Option<GuestImage>; 2]> = Mutex::new([None, None]);
+    let slot = match variant {
+        GuestVariant::Base => 0,
+        GuestVariant::Fs => 1,
+    };
     let mut built = BUILT
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    if let Some(image) = built.as_ref() {
+    if let Some(image) = built[slot].as_ref() {
         return Ok(image.clone());
     }
     let dir = guest_dir();
-    run_build_script(&dir)?;
-    let image = load(&dir)?;
-    *built = Some(image.clone());
+    run_build_script(&dir, variant)?;
+    let image = match variant {
+        GuestVariant::Base => load(&dir)?,
+        GuestVariant::Fs => {
+            let base = load(&dir)?;
+            let fs = load_fs(&dir.join("fs"))?;
+            GuestImage {
+                kernel: base.kernel,
+                ..fs
+            }
+        }
+    };
+    built[slot] = Some(image.clone());
     Ok(image)
 }
 
-fn run_build_script(dir: &Path) -> Result<()> {
+fn run_build_script(dir: &Path, variant: GuestVariant) -> Result<()> {
     let started = Instant::now();
-    let mut child = Command::new("bash")
-        .arg(BUILD_SCRIPT)
+    let mut cmd = Command::new("bash");
+    cmd.arg(BUILD_SCRIPT);
+    if variant == GuestVariant::Fs {
+        cmd.arg("--fs");
+    }
+    let mut child = cmd
         .env("STRATA_GUEST_DIR", dir)
         .stdin(Stdio::null())
         .spawn()
@@ -107,6 +143,25 @@ fn load(dir: &Path) -> Result<GuestImage> {
         .map_err(|e| GuestError::io(format!("read {}", manifest_path.display()), e))?;
     Ok(GuestImage {
         kernel,
+        initrd,
+        manifest,
+    })
+}
+
+/// The fs variant's initramfs and manifest (its kernel is the base guest's).
+fn load_fs(dir: &Path) -> Result<GuestImage> {
+    let initrd = dir.join("initrd.img");
+    if !initrd.is_file() {
+        return Err(GuestError::Build(format!(
+            "{} missing after build-guest.sh --fs",
+            initrd.display()
+        )));
+    }
+    let manifest_path = dir.join("manifest");
+    let manifest = std::fs::read_to_string(&manifest_path)
+        .map_err(|e| GuestError::io(format!("read {}", manifest_path.display()), e))?;
+    Ok(GuestImage {
+        kernel: PathBuf::new(),
         initrd,
         manifest,
     })

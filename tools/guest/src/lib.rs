@@ -7,19 +7,29 @@
 //!
 //! Crate map:
 //! - [`image`]: [`ensure_guest`] runs the build script (a no-op once the cache is complete) and
-//!   returns the [`GuestImage`] (kernel + initramfs paths).
+//!   returns the [`GuestImage`] (kernel + initramfs paths); [`ensure_guest_variant`] does the
+//!   same for a [`GuestVariant`].
 //! - [`vm`]: [`VmConfig`] (vCPUs, memory, [`BlkDevice`]s, [`FsDevice`]s, time-out) and
 //!   [`VmConfig::run_script`], which boots QEMU, runs a script in the guest and returns a
 //!   [`GuestRun`]: the script's exit code and output and the serial console log. QEMU is killed
 //!   at the time-out, or earlier when the watch of [`VmConfig::run_script_watched`] fails (e.g.
 //!   the vhost-user back-end died, which would otherwise hang the guest until the time-out).
 //! - [`fio`]: [`FioJob`], a builder for the fio command lines the tests and `strata-vm` run.
+//! - [`fs`]: vhost-user-fs workloads ([`FsWorkload`]: pjdfstest, a metadata benchmark, fio on
+//!   a file in the share, a caller's script) rendered into one guest script by [`fs_script`],
+//!   and [`FsReport`], which parses their output (pjdfstest's summary and failures, ops/s per
+//!   metadata phase, fio IOPS). A VM with fs devices boots the fs variant of the guest
+//!   ([`GuestVariant::Fs`], `build-guest.sh --fs`: pjdfstest, test users, setfacl/getfacl).
+//! - [`virtiofsd`]: [`Virtiofsd`], the reference vhost-user-fs back-end (virtiofsd 1.14.0,
+//!   installed by `tools/install-virtiofsd.sh`), started fresh per boot.
 //! - [`scratch`]: [`ScratchDir`], a self-removing temporary directory for images, sockets and
 //!   QEMU's files.
 //! - [`GuestError`]: what can go wrong, with the serial log attached where there is one.
 //!
 //! The binary `strata-vm` (src/bin/strata-vm.rs) boots the guest attached to given
-//! vhost-user-blk sockets and runs a script or a short default fio job.
+//! vhost-user-blk sockets and runs a script or a short default fio job. The binary `fs-guest`
+//! (src/bin/fs-guest.rs) boots the fs guest on a vhost-user-fs socket (or on a fresh virtiofsd
+//! it starts) and runs [`FsWorkload`]s, printing the parsed results (or JSON).
 //!
 //! Guest protocol (shared with build-guest.sh): the script is handed over as the fw_cfg file
 //! `opt/strata/script`; its stdout/stderr go to the second serial port; the init prints
@@ -27,13 +37,17 @@
 //! it, then powers off. Kernel parameter `strata.disks=N` makes the init wait for N disks.
 
 pub mod fio;
+pub mod fs;
 pub mod image;
 pub mod scratch;
+pub mod virtiofsd;
 pub mod vm;
 
 pub use fio::FioJob;
-pub use image::{ensure_guest, guest_dir, GuestImage};
+pub use fs::{fs_script, FioSummary, FsReport, FsWorkload, MetaPhase, PjdfstestSummary};
+pub use image::{ensure_guest, ensure_guest_variant, guest_dir, GuestImage, GuestVariant};
 pub use scratch::ScratchDir;
+pub use virtiofsd::{virtiofsd_binary, Virtiofsd};
 pub use vm::{BlkDevice, FsDevice, GuestRun, VmConfig};
 
 use std::path::PathBuf;

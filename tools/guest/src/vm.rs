@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::image::{ensure_guest, GuestImage};
+use crate::image::{ensure_guest_variant, GuestImage, GuestVariant};
 use crate::scratch::ScratchDir;
 use crate::{GuestError, Result};
 
@@ -56,17 +56,21 @@ pub struct FsDevice {
     pub socket: PathBuf,
     /// The mount tag.
     pub tag: String,
-    /// `queue-size`; `None` keeps QEMU's default.
+    /// `queue-size`; `None` keeps QEMU's default (128). [`FsDevice::new`] sets
+    /// [`DEFAULT_FS_QUEUE_SIZE`].
     pub queue_size: Option<u16>,
 }
 
+/// The request queues' size of [`FsDevice::new`], as virtiofsd's documentation uses.
+pub const DEFAULT_FS_QUEUE_SIZE: u16 = 1024;
+
 impl FsDevice {
-    /// A device on `socket` with mount tag `tag`.
+    /// A device on `socket` with mount tag `tag` and `queue-size=1024`.
     pub fn new(socket: impl Into<PathBuf>, tag: &str) -> Self {
         FsDevice {
             socket: socket.into(),
             tag: tag.to_string(),
-            queue_size: None,
+            queue_size: Some(DEFAULT_FS_QUEUE_SIZE),
         }
     }
 }
@@ -90,6 +94,9 @@ pub struct VmConfig {
     pub extra_kernel_args: Vec<String>,
     /// Extra QEMU arguments.
     pub extra_qemu_args: Vec<String>,
+    /// The initramfs; `None` picks [`GuestVariant::Fs`] when there are fs devices, else
+    /// [`GuestVariant::Base`].
+    pub variant: Option<GuestVariant>,
 }
 
 impl Default for VmConfig {
@@ -106,6 +113,7 @@ impl Default for VmConfig {
                 .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64")),
             extra_kernel_args: Vec::new(),
             extra_qemu_args: Vec::new(),
+            variant: None,
         }
     }
 }
@@ -181,6 +189,21 @@ impl VmConfig {
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
+    }
+
+    /// Boots the given initramfs variant (see [`VmConfig::variant`]).
+    pub fn variant(mut self, variant: GuestVariant) -> Self {
+        self.variant = Some(variant);
+        self
+    }
+
+    /// The variant this configuration boots.
+    pub fn image_variant(&self) -> GuestVariant {
+        self.variant.unwrap_or(if self.fs.is_empty() {
+            GuestVariant::Base
+        } else {
+            GuestVariant::Fs
+        })
     }
 
     /// The kernel command line.
@@ -287,7 +310,7 @@ impl VmConfig {
         script: &str,
         mut watch: impl FnMut() -> std::result::Result<(), String>,
     ) -> Result<GuestRun> {
-        let image = ensure_guest()?;
+        let image = ensure_guest_variant(self.image_variant())?;
         for dev in &self.blk {
             if !dev.socket.exists() {
                 return Err(GuestError::BadPath(
@@ -516,7 +539,9 @@ mod tests {
         assert!(joined.contains("-smp 2"));
         assert!(joined.contains("socket,id=blk0,path=/s/a,,b.sock"));
         assert!(joined.contains("vhost-user-blk-pci,chardev=blk0,num-queues=2"));
-        assert!(joined.contains("vhost-user-fs-pci,chardev=fs0,tag=data"));
+        assert!(joined.contains("vhost-user-fs-pci,chardev=fs0,tag=data,queue-size=1024"));
+        assert_eq!(cfg.image_variant(), GuestVariant::Fs);
+        assert_eq!(VmConfig::new().image_variant(), GuestVariant::Base);
         assert!(joined.contains("name=opt/strata/script,file=/r/script.sh"));
         assert!(cfg.kernel_cmdline().contains("strata.disks=1"));
     }

@@ -36,6 +36,8 @@ pub struct Control {
     pub datastore: Option<Arc<Datastore>>,
     /// Packet queues (`--port`): interface, queue, counters.
     pub packet_queues: Vec<(String, u32, Arc<dataplane::net::poller::QueueStats>)>,
+    /// Shared folders (`--share`).
+    pub shares: Vec<file_server::share::Share>,
 }
 
 struct RpcError(i64, String);
@@ -62,6 +64,7 @@ impl Control {
                     })
                     .collect();
                 v["packet_queues"] = Value::Array(ports);
+                v["shares"] = Value::Array(self.shares.iter().map(share_json).collect());
                 Ok(v)
             }
             method => vmfs::admin::call(self.ds()?, method, p, &mut |_, _| {}).map_err(|e| {
@@ -174,8 +177,23 @@ fn stats_json(h: &StatsHandle) -> Value {
                     })
                 })
                 .collect();
-            json!({"name": d.name, "socket": d.socket, "queues": queues})
+            json!({"name": d.name, "kind": d.kind, "socket": d.socket, "queues": queues})
         })
         .collect();
     json!({ "reactors": reactors, "disks": disks })
+}
+
+fn share_json(sh: &file_server::share::Share) -> Value {
+    let s = sh.stats();
+    let p = s.perm;
+    json!({
+        "dir": sh.spec.dir, "tag": sh.spec.tag, "socket": sh.spec.socket,
+        "requests": s.requests, "malformed": s.malformed, "panics": s.panics,
+        "denied": s.denied, "unmapped_ids": s.unmapped_ids, "handles": s.handles,
+        "perm_cache": {
+            "hits": p.hits, "misses": p.misses, "invalidations": p.invalidations,
+            "evictions": p.evictions, "expirations": p.expirations,
+            "over_cap_drops": p.over_cap_drops, "entries": p.entries,
+        },
+    })
 }

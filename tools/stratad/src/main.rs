@@ -19,7 +19,7 @@ use std::sync::Arc;
 use clap::Parser;
 use dataplane::backend::{BlockBackend, NullBackend, RawBackend};
 use dataplane::engine::EngineKind;
-use dataplane::server::{DiskConfig, Server, ServerConfig};
+use dataplane::server::{DiskConfig, Server, ServerConfig, ShareConfig};
 use dataplane::vmfs_backend::VmfsBackend;
 use vmfs::device::{BlockDevice, FileDevice};
 use vmfs::format::Provisioning;
@@ -56,6 +56,13 @@ struct Args {
     /// Export a disk (repeatable); see DISK SPECS below.
     #[arg(long = "disk", value_name = "SPEC")]
     disks: Vec<String>,
+
+    /// Export a directory of the datastore as a virtio-fs shared folder (repeatable):
+    /// `socket=PATH,dir=NAME[,tag=TAG][,queues=N][,uid-map=G:H:N][,gid-map=G:H:N]
+    /// [,readonly=on][,groups=FILE][,passwd=FILE][,cache=never|auto|always]`. Needs
+    /// --datastore.
+    #[arg(long = "share", value_name = "SPEC")]
+    shares: Vec<String>,
 
     /// Serve packet queues of a NIC port (repeatable):
     /// `iface=NAME[,queues=N][,backend=af_xdp|dpdk|socket][,steer=3260,4420]`.
@@ -112,6 +119,10 @@ enum MainError {
     Port(String),
     #[error("--disk {0}: backend=vmfs needs --datastore PATH")]
     NoDatastore(String),
+    #[error(transparent)]
+    Share(#[from] file_server::share::ShareError),
+    #[error("--share needs --datastore PATH")]
+    ShareWithoutDatastore,
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> MainError {
@@ -264,6 +275,24 @@ fn qemu_hint(spec: &DiskSpec) -> String {
     )
 }
 
+/// How often the commit thread looks at the datastore's open transaction.
+const COMMIT_TICK: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Bounds how long a share's acknowledged namespace changes stay uncommitted when the guest
+/// neither syncs nor sends more requests: commits the open transaction once it is older than
+/// dataplane's COMMIT_INTERVAL. One thread per daemon, whatever the number of shares.
+fn spawn_committer(ds: Arc<Datastore>) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("vmfs-commit".into())
+        .spawn(move || loop {
+            std::thread::sleep(COMMIT_TICK);
+            if let Err(e) = ds.commit_if_older(dataplane::vmfs_backend::COMMIT_INTERVAL) {
+                tracing::error!(err = %e, "periodic commit failed");
+            }
+        })
+        .map(|_| ())
+}
+
 fn run(args: Args) -> Result<(), MainError> {
     let mut specs = Vec::with_capacity(args.disks.len());
     for s in &args.disks {
@@ -290,6 +319,10 @@ fn run(args: Args) -> Result<(), MainError> {
                 .map_err(|e| MainError::Port(format!("--port {p}: {e}")))?,
         );
     }
+    let mut share_specs = Vec::with_capacity(args.shares.len());
+    for s in &args.shares {
+        share_specs.push(file_server::share::parse_share_spec(s)?);
+    }
     let embedded = specs.is_empty() && datastore.is_none() && port_specs.is_empty();
     if embedded {
         let (spec, ds) = default_disk(&args.data_dir)?;
@@ -310,6 +343,19 @@ fn run(args: Args) -> Result<(), MainError> {
     for s in &specs {
         backends.push(open_backend(s, datastore.as_ref())?);
     }
+    let mut shares = Vec::with_capacity(share_specs.len());
+    if !share_specs.is_empty() {
+        let ds = datastore.as_ref().ok_or(MainError::ShareWithoutDatastore)?;
+        // Namespace operations of shares accumulate in the open journal transaction, which
+        // is committed at FUSE fsync/syncfs, every second, or when it fills (as disk writes
+        // are at a guest FLUSH): one fdatasync per metadata operation would cost more than
+        // the operation.
+        ds.set_deferred_commit(true);
+        for s in share_specs {
+            shares.push(file_server::share::Share::open(ds.clone(), s)?);
+        }
+        spawn_committer(ds.clone()).map_err(io_err("commit thread"))?;
+    }
     let stop = stop_signal_fd()?;
     let mut server = Server::new(&ServerConfig { cpus, engine })?;
     for (i, (spec, backend)) in specs.iter().zip(backends).enumerate() {
@@ -326,6 +372,15 @@ fn run(args: Args) -> Result<(), MainError> {
             num_queues: spec.queues,
         })?;
     }
+    for sh in &shares {
+        server.add_share(ShareConfig {
+            name: sh.spec.dir.clone(),
+            socket: sh.spec.socket.clone(),
+            tag: sh.spec.tag.clone(),
+            request_queues: sh.spec.queues,
+            handler: sh.handler.clone(),
+        })?;
+    }
     let ports = ports::start(&port_specs, &server.reactor_links()).map_err(MainError::Port)?;
     let control_path = args.control.clone().or_else(|| {
         embedded.then(|| {
@@ -340,6 +395,7 @@ fn run(args: Args) -> Result<(), MainError> {
                 stats: server.stats_handle(),
                 datastore: datastore.clone(),
                 packet_queues: ports.queues.clone(),
+                shares: shares.clone(),
             },
         )
         .map_err(io_err(format!("control socket {}", p.display())))?;
@@ -354,7 +410,7 @@ fn run(args: Args) -> Result<(), MainError> {
         println!("stratad: serving {}", specs[0].socket.display());
         println!("attach a VM with: {}", qemu_hint(&specs[0]));
     }
-    tracing::info!(disks = specs.len(), "stratad ready");
+    tracing::info!(disks = specs.len(), shares = shares.len(), "stratad ready");
     server.run(std::os::fd::AsRawFd::as_raw_fd(&stop))?;
     let stats = server.stats();
     for d in &stats.disks {

@@ -57,7 +57,7 @@ fn hand_to_reactor(
     let link = &links[q as usize % links.len()];
     // Frames are counted by the poller; no storage protocol consumes them yet.
     let poller = QueuePoller::new(io, Box::new(|_frame: &[u8]| {}), stats);
-    link.send(Command::AddPacketQueue(Box::new(poller)))
+    link.send(Command::AddPoller(Box::new(poller)))
         .map_err(|e| e.to_string())
 }
 

@@ -1,0 +1,141 @@
+//! [`ShareHandler`]: the bridge from a virtio-fs queue (dataplane's reactors) to FUSE.
+//!
+//! virtiofsd's `Server` decodes each request from the descriptor chain and dispatches it to
+//! [`VmfsFs`]. Two defences sit around it, because a guest is hostile: a request the server
+//! cannot decode (short buffers, bad lengths) gets an EINVAL reply built here instead of no
+//! reply (virtiofsd's own daemon exits the process in that case), and a panic inside the
+//! protocol layer becomes an EIO reply instead of taking the reactor thread down.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use dataplane::vhost_fs::{FsMemory, FsRequestHandler};
+use virtio_queue::DescriptorChain;
+use virtiofsd::descriptor_utils::{Reader, Writer};
+use virtiofsd::fuse::{InHeader, OutHeader};
+use virtiofsd::server::Server;
+
+use crate::fs::{set_current_conn, VmfsFs};
+
+/// FUSE opcodes that have no reply (fuse.h).
+const FUSE_FORGET: u32 = 2;
+const FUSE_BATCH_FORGET: u32 = 42;
+
+/// Counters of the protocol layer.
+#[derive(Debug, Default)]
+pub struct HandlerCounters {
+    /// Requests served.
+    pub requests: AtomicU64,
+    /// Requests that could not be decoded (answered with EINVAL, or dropped when not even
+    /// the header was readable).
+    pub malformed: AtomicU64,
+    /// Panics caught in the protocol layer (answered with EIO).
+    pub panics: AtomicU64,
+}
+
+/// Serves one share's FUSE requests.
+pub struct ShareHandler {
+    server: Server<VmfsFs>,
+    fs: VmfsFs,
+    counters: HandlerCounters,
+}
+
+impl std::fmt::Debug for ShareHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShareHandler")
+            .field("fs", &self.fs)
+            .finish()
+    }
+}
+
+impl ShareHandler {
+    /// A handler serving `fs`.
+    pub fn new(fs: VmfsFs) -> Self {
+        ShareHandler {
+            server: Server::new(fs.clone()),
+            fs,
+            counters: HandlerCounters::default(),
+        }
+    }
+
+    /// The file system behind the handler.
+    pub fn fs(&self) -> &VmfsFs {
+        &self.fs
+    }
+
+    /// Protocol counters.
+    pub fn counters(&self) -> &HandlerCounters {
+        &self.counters
+    }
+
+    /// Writes an error reply for a request whose header is readable; returns bytes written.
+    fn reply_error(mem: &FsMemory, chain: DescriptorChain<&FsMemory>, err: i32) -> u32 {
+        let Ok(mut r) = Reader::new(mem, chain.clone()) else {
+            return 0;
+        };
+        let Ok(header) = r.read_obj::<InHeader>() else {
+            return 0;
+        };
+        let Ok(mut w) = Writer::new(mem, chain) else {
+            return 0;
+        };
+        let out = OutHeader {
+            len: std::mem::size_of::<OutHeader>() as u32,
+            error: -err,
+            unique: header.unique,
+        };
+        match w.write_obj(out) {
+            Ok(()) => w.bytes_written() as u32,
+            Err(_) => 0,
+        }
+    }
+}
+
+impl FsRequestHandler for ShareHandler {
+    fn handle(&self, conn: u64, mem: &FsMemory, chain: DescriptorChain<&FsMemory>) -> u32 {
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        set_current_conn(conn);
+        let (Ok(r), Ok(w)) = (
+            Reader::new(mem, chain.clone()),
+            Writer::new(mem, chain.clone()),
+        ) else {
+            // Descriptors outside guest memory: nothing can be read or written safely.
+            self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+            return 0;
+        };
+        // Every reply starts with an OutHeader; a chain with less writable space can only
+        // carry requests that get no reply (FORGET, BATCH_FORGET). virtiofsd's server
+        // panics on such chains otherwise (it splits the writer unchecked).
+        if w.available_bytes() < std::mem::size_of::<OutHeader>() {
+            let mut peek = r.clone();
+            let no_reply = matches!(
+                peek.read_obj::<InHeader>().map(|h| h.opcode),
+                Ok(FUSE_FORGET) | Ok(FUSE_BATCH_FORGET)
+            );
+            if !no_reply {
+                self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+                return 0;
+            }
+        }
+        let res = catch_unwind(AssertUnwindSafe(|| {
+            self.server.handle_message(r, w, None::<&mut ()>)
+        }));
+        match res {
+            Ok(Ok(n)) => n as u32,
+            Ok(Err(e)) => {
+                self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(err = %e, "undecodable FUSE request");
+                Self::reply_error(mem, chain, libc::EINVAL)
+            }
+            Err(_) => {
+                self.counters.panics.fetch_add(1, Ordering::Relaxed);
+                tracing::error!("panic in the FUSE layer; request answered with EIO");
+                Self::reply_error(mem, chain, libc::EIO)
+            }
+        }
+    }
+
+    fn disconnected(&self, conn: u64) {
+        self.fs.disconnected(conn);
+    }
+}

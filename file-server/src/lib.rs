@@ -1,0 +1,24 @@
+//! Strata's file server: shared folders for VMs over virtio-fs, stored in a vmfs datastore.
+//!
+//! Map of the crate:
+//! - [`fs`]: [`fs::VmfsFs`], virtiofsd's `FileSystem` trait over a directory tree of the
+//!   datastore — inode mapping, server-side permission checks through the permission-profile
+//!   cache (`strata_perm`), POSIX ACLs (access and default, kept in xattrs), open handles with
+//!   their open-time grants, data through the datastore file (zero-copy where in place).
+//! - [`handler`]: [`handler::ShareHandler`], dataplane's `FsRequestHandler`: one FUSE request
+//!   per descriptor chain, decoded by virtiofsd's `Server`, with EINVAL/EIO replies for what
+//!   it cannot decode or panics on.
+//! - [`share`]: the `--share` option of stratad (socket, directory, id maps, group file,
+//!   read-only, cache policy) and a share's counters for `stats`.
+//!
+//! The FUSE protocol layer is virtiofsd 1.14's library (`server`, `filesystem`, `fuse`,
+//! `descriptor_utils`): its rust-vmm versions are ours, so its readers and writers work on
+//! the guest memory our vhost-user layer maps. Its daemon (`VhostUserDaemon`) is not used:
+//! the queues run on dataplane's reactors, next to the disks.
+
+pub mod fs;
+pub mod handler;
+pub mod share;
+
+#[cfg(test)]
+mod fs_tests;
