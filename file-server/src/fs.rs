@@ -67,6 +67,16 @@ std::thread_local! {
     /// virtiofsd's zero-copy readers and writers move bytes only between guest memory and a
     /// file, so small data takes a detour through this memfd.
     static SCRATCH: std::cell::RefCell<Option<File>> = const { std::cell::RefCell::new(None) };
+    /// Whether the current READ's reply buffer is exactly the requested size (set by the
+    /// request handler). virtiofsd's zero-copy writer fills whole guest buffers, whatever
+    /// count it is given, so reading the datastore file straight into a larger buffer would
+    /// copy bytes past the extent — other files' data — into guest memory.
+    static READ_EXACT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Tells the file system whether the current READ's buffer is exactly its size.
+pub fn set_read_exact(exact: bool) {
+    READ_EXACT.with(|c| c.set(exact));
 }
 
 /// Sets the connection whose requests this thread serves next.
@@ -103,7 +113,12 @@ fn errno(e: i32) -> io::Error {
 }
 
 fn fs_err(e: FsError) -> io::Error {
-    errno(e.errno())
+    let n = e.errno();
+    if n == libc::EIO || n == libc::EUCLEAN {
+        // Not a caller's mistake: the datastore failed or found corruption.
+        tracing::warn!(err = %e, "datastore error");
+    }
+    errno(n)
 }
 
 /// How long the guest may cache entries and attributes (virtiofsd's `--cache` modes).
@@ -807,45 +822,50 @@ impl VmfsFs {
             .ds
             .read_plan(ino, offset, u64::from(size), &mut plan)
             .map_err(fs_err)?;
-        let mut done = 0usize;
-        for ext in &plan {
-            let (n, got) = match ext {
-                Extent::Device { offset, len } => {
-                    let f = self.dev_file.as_ref().ok_or(errno(libc::EIO))?;
-                    (
-                        *len as usize,
-                        w.read_from_file_at(f, *len as usize, *offset, None)?,
-                    )
-                }
-                Extent::Zero { len } => {
-                    let mut left = *len as usize;
-                    let mut got = 0;
-                    while left > 0 {
-                        let k = left.min(SCRATCH_BYTES_MAX);
-                        let r = w.read_from_file_at(&self.zero, k, 0, None)?;
-                        if r == 0 {
-                            break;
-                        }
-                        got += r;
-                        left -= r;
+        let exact = READ_EXACT.with(|c| c.get()) && total == u64::from(size);
+        // Zero copy only when one extent fills exactly the guest's buffer (see READ_EXACT).
+        if exact && plan.len() == 1 {
+            match &plan[0] {
+                Extent::Device { offset, len } if *len == total => {
+                    if let Some(f) = self.dev_file.as_ref() {
+                        return w.read_from_file_at(f, *len as usize, *offset, None);
                     }
-                    (*len as usize, got)
                 }
-                Extent::Inline(data) => {
-                    let got = with_scratch(|f| {
-                        f.write_all_at(data, 0)?;
-                        w.read_from_file_at(f, data.len(), 0, None)
-                    })?;
-                    (data.len(), got)
+                Extent::Zero { len } if *len == total => {
+                    return w.read_from_file_at(&self.zero, *len as usize, 0, None);
                 }
-            };
-            done += got;
-            if got < n {
-                break;
+                _ => {}
             }
         }
-        debug_assert!(done as u64 <= total);
-        Ok(done)
+        // Otherwise the reply is assembled in the scratch file, truncated to its exact
+        // length, so the copy into guest memory stops there.
+        with_scratch(|f| {
+            f.set_len(0)?;
+            let mut at = 0u64;
+            let mut buf = Vec::new();
+            for ext in &plan {
+                match ext {
+                    Extent::Device { offset, len } => {
+                        let Some(dev) = self.dev_file.as_ref() else {
+                            tracing::warn!("datastore has no file to read extents from");
+                            return Err(errno(libc::EIO));
+                        };
+                        buf.resize(*len as usize, 0);
+                        dev.read_exact_at(&mut buf, *offset)?;
+                        f.write_all_at(&buf, at)?;
+                        at += len;
+                    }
+                    Extent::Zero { len } => at += len,
+                    Extent::Inline(data) => {
+                        f.write_all_at(data, at)?;
+                        at += data.len() as u64;
+                    }
+                }
+            }
+            debug_assert_eq!(at, total);
+            f.set_len(at)?;
+            w.read_from_file_at(f, at as usize, 0, None)
+        })
     }
 
     fn write_from<R: ZeroCopyReader>(

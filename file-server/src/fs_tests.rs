@@ -654,3 +654,37 @@ mod wire {
         }
     }
 }
+
+#[test]
+fn sparse_write_far_past_the_end() {
+    let f = fixture();
+    let (file, h) = f.create(root(), ROOT, "big", 0o644).unwrap();
+    let off = (2u64 << 30) + 1;
+    let n =
+        f.fs.write(
+            root(),
+            file,
+            h,
+            SliceReader(b"data"),
+            4,
+            off,
+            None,
+            false,
+            false,
+            0,
+        )
+        .unwrap();
+    assert_eq!(n, 4);
+    let (a, _) = f.fs.getattr(root(), file, None).unwrap();
+    assert_eq!(a.size, off + 4);
+    let mut w = VecWriter(Vec::new());
+    f.fs.read(root(), file, h, &mut w, 4, off, None, 0).unwrap();
+    assert_eq!(w.0, b"data");
+    // The guest reads whole pages: a hole, then the data, then EOF.
+    let mut w = VecWriter(Vec::new());
+    let n =
+        f.fs.read(root(), file, h, &mut w, 131_072, 2 << 30, None, 0)
+            .unwrap();
+    assert_eq!(n, 5);
+    assert_eq!(&w.0[..], b"\0data");
+}

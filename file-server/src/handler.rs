@@ -6,6 +6,7 @@
 //! reply (virtiofsd's own daemon exits the process in that case), and a panic inside the
 //! protocol layer becomes an EIO reply instead of taking the reactor thread down.
 
+use std::io::Read;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -15,11 +16,16 @@ use virtiofsd::descriptor_utils::{Reader, Writer};
 use virtiofsd::fuse::{InHeader, OutHeader};
 use virtiofsd::server::Server;
 
-use crate::fs::{set_current_conn, VmfsFs};
+use crate::fs::{set_current_conn, set_read_exact, VmfsFs};
 
 /// FUSE opcodes that have no reply (fuse.h).
 const FUSE_FORGET: u32 = 2;
 const FUSE_BATCH_FORGET: u32 = 42;
+const FUSE_READ: u32 = 15;
+const FUSE_WRITE: u32 = 16;
+/// `struct fuse_read_in` / `fuse_write_in` bytes (fuse.h, ABI 7.9+).
+const READ_IN_BYTES: usize = 40;
+const WRITE_IN_BYTES: usize = 40;
 
 /// Counters of the protocol layer.
 #[derive(Debug, Default)]
@@ -117,6 +123,35 @@ impl FsRequestHandler for ShareHandler {
                 return 0;
             }
         }
+        // READ and WRITE move data with virtiofsd's zero-copy helpers, which transfer whole
+        // guest buffers whatever count they are given: a WRITE whose payload is not exactly
+        // its size would write past its range in the datastore, so it is refused; a READ whose
+        // buffer is larger than its size is served through an exact-length copy.
+        let mut peek = r.clone();
+        let header = peek.read_obj::<InHeader>().ok();
+        let mut exact = false;
+        match header.map(|h| h.opcode) {
+            Some(FUSE_WRITE) => {
+                let mut body = [0u8; WRITE_IN_BYTES];
+                let ok = peek.read_exact(&mut body).is_ok() && {
+                    let size = u32::from_le_bytes([body[16], body[17], body[18], body[19]]);
+                    peek.available_bytes() == size as usize
+                };
+                if !ok {
+                    self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+                    return Self::reply_error(mem, chain, libc::EINVAL);
+                }
+            }
+            Some(FUSE_READ) => {
+                let mut body = [0u8; READ_IN_BYTES];
+                if peek.read_exact(&mut body).is_ok() {
+                    let size = u32::from_le_bytes([body[16], body[17], body[18], body[19]]);
+                    exact = w.available_bytes() == std::mem::size_of::<OutHeader>() + size as usize;
+                }
+            }
+            _ => {}
+        }
+        set_read_exact(exact);
         let res = catch_unwind(AssertUnwindSafe(|| {
             self.server.handle_message(r, w, None::<&mut ()>)
         }));
