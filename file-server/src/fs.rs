@@ -178,6 +178,8 @@ pub struct FsCounters {
     pub unmapped_ids: AtomicU64,
     /// Open handles now.
     pub handles: AtomicU64,
+    /// Requests naming a node id the guest never looked up (refused with ESTALE).
+    pub unknown_nodes: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -372,14 +374,27 @@ impl VmfsFs {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// FUSE node id → vmfs inode.
-    fn vino(&self, node: u64) -> u64 {
+    /// FUSE node id → vmfs inode, without checks.
+    fn map_node(&self, node: u64) -> u64 {
         if node == fuse::ROOT_ID {
             self.root
         } else if node == self.root {
             vmfs::format::ROOT_INO
         } else {
             node
+        }
+    }
+
+    /// FUSE node id → vmfs inode, for a node the guest may use: the share root, or one this
+    /// connection looked up (and has not forgotten). Node ids are inode numbers, so without
+    /// this a guest could name any inode of the datastore — other shares, virtual disks.
+    fn vino(&self, node: u64) -> io::Result<u64> {
+        let ino = self.map_node(node);
+        if ino == self.root || self.lock().lookups.contains_key(&ino) {
+            Ok(ino)
+        } else {
+            self.counters.unknown_nodes.fetch_add(1, Ordering::Relaxed);
+            Err(errno(libc::ESTALE))
         }
     }
 
@@ -481,7 +496,7 @@ impl VmfsFs {
     }
 
     fn dir(&self, node: u64) -> io::Result<Inode> {
-        let d = self.stat(self.vino(node))?;
+        let d = self.stat(self.vino(node)?)?;
         if !d.is_dir() {
             return Err(errno(libc::ENOTDIR));
         }
@@ -976,7 +991,7 @@ impl FileSystem for VmfsFs {
     }
 
     fn forget(&self, _ctx: Context, inode: u64, count: u64) {
-        let ino = self.vino(inode);
+        let ino = self.map_node(inode);
         let mut st = self.lock();
         if let Some(n) = st.lookups.get_mut(&ino) {
             // The count comes from the guest: never below zero, whatever it says.
@@ -995,7 +1010,7 @@ impl FileSystem for VmfsFs {
         _handle: Option<u64>,
     ) -> io::Result<(fuse::Attr, Duration)> {
         self.caller(&ctx)?;
-        let i = self.stat(self.vino(inode))?;
+        let i = self.stat(self.vino(inode)?)?;
         Ok((self.attr(&i), self.settings.cache.timeout()))
     }
 
@@ -1009,7 +1024,7 @@ impl FileSystem for VmfsFs {
     ) -> io::Result<(fuse::Attr, Duration)> {
         self.writable()?;
         let c = self.caller(&ctx)?;
-        let i = self.stat(self.vino(inode))?;
+        let i = self.stat(self.vino(inode)?)?;
         let out = self.do_setattr(&c, &i, &attr, handle, valid)?;
         Ok((self.attr(&out), self.settings.cache.timeout()))
     }
@@ -1018,7 +1033,7 @@ impl FileSystem for VmfsFs {
         self.caller(&ctx)?;
         // The target is returned as stored and never followed here: the guest resolves it
         // against its own mount, so it cannot reach outside the share on the server.
-        self.ds.readlink(self.vino(inode)).map_err(fs_err)
+        self.ds.readlink(self.vino(inode)?).map_err(fs_err)
     }
 
     fn symlink(
@@ -1162,7 +1177,7 @@ impl FileSystem for VmfsFs {
         self.writable()?;
         let newname = new_name(newname)?;
         let c = self.caller(&ctx)?;
-        let src = self.stat(self.vino(inode))?;
+        let src = self.stat(self.vino(inode)?)?;
         if src.is_dir() {
             return Err(errno(libc::EPERM));
         }
@@ -1180,7 +1195,7 @@ impl FileSystem for VmfsFs {
         flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions)> {
         let c = self.caller(&ctx)?;
-        let i = self.stat(self.vino(inode))?;
+        let i = self.stat(self.vino(inode)?)?;
         let (read, write) = self.open_grant(&c, &i, flags)?;
         self.truncate_on_open(&i, flags)?;
         let h = self.open_handle(i.ino, read, write)?;
@@ -1243,7 +1258,7 @@ impl FileSystem for VmfsFs {
         _lock_owner: Option<u64>,
         _flags: u32,
     ) -> io::Result<usize> {
-        let ino = self.vino(inode);
+        let ino = self.vino(inode)?;
         let h = self.handle(handle, ino)?;
         if !h.read {
             return Err(errno(libc::EBADF));
@@ -1265,7 +1280,7 @@ impl FileSystem for VmfsFs {
         _flags: u32,
     ) -> io::Result<usize> {
         self.writable()?;
-        let ino = self.vino(inode);
+        let ino = self.vino(inode)?;
         let h = self.handle(handle, ino)?;
         if !h.write {
             return Err(errno(libc::EBADF));
@@ -1274,11 +1289,11 @@ impl FileSystem for VmfsFs {
     }
 
     fn flush(&self, _ctx: Context, inode: u64, handle: u64, _lock_owner: u64) -> io::Result<()> {
-        self.handle(handle, self.vino(inode)).map(|_| ())
+        self.handle(handle, self.vino(inode)?).map(|_| ())
     }
 
     fn fsync(&self, _ctx: Context, inode: u64, _datasync: bool, handle: u64) -> io::Result<()> {
-        self.handle(handle, self.vino(inode))?;
+        self.handle(handle, self.vino(inode)?)?;
         self.ds.sync().map_err(fs_err)
     }
 
@@ -1292,7 +1307,7 @@ impl FileSystem for VmfsFs {
         length: u64,
     ) -> io::Result<()> {
         self.writable()?;
-        let ino = self.vino(inode);
+        let ino = self.vino(inode)?;
         let h = self.handle(handle, ino)?;
         if !h.write {
             return Err(errno(libc::EBADF));
@@ -1364,7 +1379,7 @@ impl FileSystem for VmfsFs {
     ) -> io::Result<()> {
         self.writable()?;
         let c = self.caller(&ctx)?;
-        let i = self.stat(self.vino(inode))?;
+        let i = self.stat(self.vino(inode)?)?;
         let n = name.to_bytes();
         self.check_xattr(&c, &i, n, true)?;
         let mode = match flags as i32 {
@@ -1387,7 +1402,7 @@ impl FileSystem for VmfsFs {
         size: u32,
     ) -> io::Result<GetxattrReply> {
         let c = self.caller(&ctx)?;
-        let i = self.stat(self.vino(inode))?;
+        let i = self.stat(self.vino(inode)?)?;
         let n = name.to_bytes();
         self.check_xattr(&c, &i, n, false)?;
         let v = self.ds.getxattr(i.ino, n).map_err(fs_err)?;
@@ -1402,7 +1417,7 @@ impl FileSystem for VmfsFs {
 
     fn listxattr(&self, ctx: Context, inode: u64, size: u32) -> io::Result<ListxattrReply> {
         self.caller(&ctx)?;
-        let i = self.stat(self.vino(inode))?;
+        let i = self.stat(self.vino(inode)?)?;
         let mut out = Vec::new();
         for n in self.ds.listxattr(i.ino).map_err(fs_err)? {
             out.extend_from_slice(&n);
@@ -1420,7 +1435,7 @@ impl FileSystem for VmfsFs {
     fn removexattr(&self, ctx: Context, inode: u64, name: &CStr) -> io::Result<()> {
         self.writable()?;
         let c = self.caller(&ctx)?;
-        let i = self.stat(self.vino(inode))?;
+        let i = self.stat(self.vino(inode)?)?;
         let n = name.to_bytes();
         self.check_xattr(&c, &i, n, true)?;
         self.ds.removexattr(i.ino, n).map_err(fs_err)?;
@@ -1453,7 +1468,7 @@ impl FileSystem for VmfsFs {
         size: u32,
         offset: u64,
     ) -> io::Result<DirIter> {
-        let ino = self.vino(inode);
+        let ino = self.vino(inode)?;
         self.handle(handle, ino)?;
         let d = self.stat(ino)?;
         let max = (size as usize / 32).clamp(1, READDIR_ENTRIES_MAX);
@@ -1500,7 +1515,7 @@ impl FileSystem for VmfsFs {
 
     fn access(&self, ctx: Context, inode: u64, mask: u32) -> io::Result<()> {
         let c = self.caller(&ctx)?;
-        let i = self.stat(self.vino(inode))?;
+        let i = self.stat(self.vino(inode)?)?;
         if mask as i32 == libc::F_OK {
             return Ok(());
         }
@@ -1515,7 +1530,7 @@ impl FileSystem for VmfsFs {
         offset: u64,
         whence: u32,
     ) -> io::Result<u64> {
-        let ino = self.vino(inode);
+        let ino = self.vino(inode)?;
         self.handle(handle, ino)?;
         let w = match whence as i32 {
             libc::SEEK_DATA => Whence::Data,

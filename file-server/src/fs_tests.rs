@@ -631,6 +631,84 @@ mod wire {
         );
     }
 
+    /// A WRITE whose payload is longer than its size would make virtiofsd's zero-copy
+    /// helper write the surplus past the range: refused. A READ with a buffer larger than
+    /// its size must not receive datastore bytes past the file's data.
+    #[test]
+    fn data_requests_move_exactly_their_size() {
+        let f = fixture();
+        let (file, fh) = f.create(root(), ROOT, "neighbour", 0o644).unwrap();
+        // FUSE writes are at most 1 MiB (max_write): two each.
+        let secret = vec![0x5au8; 2 << 20];
+        let (victim, vh) = f.create(root(), ROOT, "victim", 0o644).unwrap();
+        let ones = vec![1u8; 1 << 20];
+        for off in [0u64, 1 << 20] {
+            let half = &secret[..1 << 20];
+            let n =
+                f.fs.write(
+                    root(),
+                    file,
+                    fh,
+                    SliceReader(half),
+                    1 << 20,
+                    off,
+                    None,
+                    false,
+                    false,
+                    0,
+                )
+                .unwrap();
+            assert_eq!(n, 1 << 20);
+            f.fs.write(
+                root(),
+                victim,
+                vh,
+                SliceReader(&ones),
+                1 << 20,
+                off,
+                None,
+                false,
+                false,
+                0,
+            )
+            .unwrap();
+        }
+        let h = ShareHandler::new(f.fs.clone());
+        let m = mem();
+        init(&h, &m);
+        // WRITE size 4 with 4096 payload bytes at the end of the victim's last block.
+        let mut req = header(40 + 40 + 4096, 16, 20, victim);
+        let mut body = vec![0u8; 40];
+        body[0..8].copy_from_slice(&vh.to_le_bytes());
+        body[8..16].copy_from_slice(&((2u64 << 20) - 4).to_le_bytes());
+        body[16..20].copy_from_slice(&4u32.to_le_bytes());
+        req.extend_from_slice(&body);
+        req.extend_from_slice(&vec![0xffu8; 4096]);
+        let (_, out) = send(&h, &m, &req, 4096);
+        assert_eq!(reply_error(&out), (-libc::EINVAL, 20));
+        let mut w = VecWriter(Vec::new());
+        f.fs.read(root(), file, fh, &mut w, secret.len() as u32, 0, None, 0)
+            .unwrap();
+        assert!(w.0 == secret, "neighbouring file changed");
+        // READ size 8 at the victim's end into a 64 KiB buffer: 4 bytes come back, and the
+        // rest of the buffer keeps what the guest put there.
+        let mut req = header(40 + 40, 15, 21, victim);
+        let mut body = vec![0u8; 40];
+        body[0..8].copy_from_slice(&vh.to_le_bytes());
+        body[8..16].copy_from_slice(&((2u64 << 20) - 4).to_le_bytes());
+        body[16..20].copy_from_slice(&8u32.to_le_bytes());
+        req.extend_from_slice(&body);
+        let (used, _) = send(&h, &m, &req, 0x1_0000);
+        assert_eq!(used, 16 + 4);
+        let mut buf = vec![0u8; 0x1_0000];
+        m.read_slice(&mut buf, GuestAddress(OUT_ADDR)).unwrap();
+        assert_eq!(&buf[16..20], &[1, 1, 1, 1]);
+        assert!(
+            buf[20..].iter().all(|&b| b == 0xee),
+            "bytes past the reply were written"
+        );
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig { cases: 256, .. ProptestConfig::default() })]
         #[test]
@@ -687,4 +765,36 @@ fn sparse_write_far_past_the_end() {
             .unwrap();
     assert_eq!(n, 5);
     assert_eq!(&w.0[..], b"\0data");
+}
+
+#[test]
+fn node_ids_never_looked_up_are_refused() {
+    let f = fixture();
+    let (file, h) = f.create(root(), ROOT, "mine", 0o666).unwrap();
+    // Inode numbers are small and dense: a guest guessing them must not reach other files of
+    // the datastore (the datastore root, other shares, virtual disks).
+    for guess in [2u64, 3, 4, file + 1, file + 100, u64::MAX] {
+        if guess == file {
+            continue;
+        }
+        assert_eq!(
+            errno_of(f.fs.getattr(root(), guess, None)),
+            libc::ESTALE,
+            "{guess}"
+        );
+        assert_eq!(
+            errno_of(f.open(root(), guess, libc::O_RDONLY)),
+            libc::ESTALE
+        );
+    }
+    // A handle only works with its own node.
+    assert!(f.fs.getattr(root(), file, None).is_ok());
+    let mut w = VecWriter(Vec::new());
+    assert_eq!(
+        errno_of(f.fs.read(root(), ROOT, h, &mut w, 10, 0, None, 0)),
+        libc::EBADF
+    );
+    // Forgotten nodes are unusable again.
+    f.fs.forget(root(), file, 1);
+    assert_eq!(errno_of(f.fs.getattr(root(), file, None)), libc::ESTALE);
 }

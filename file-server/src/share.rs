@@ -203,6 +203,8 @@ pub struct ShareStats {
     pub unmapped_ids: u64,
     /// Open handles.
     pub handles: u64,
+    /// Requests naming node ids never looked up.
+    pub unknown_nodes: u64,
 }
 
 impl Share {
@@ -252,6 +254,7 @@ impl Share {
             denied: c.denied.load(Ordering::Relaxed),
             unmapped_ids: c.unmapped_ids.load(Ordering::Relaxed),
             handles: c.handles.load(Ordering::Relaxed),
+            unknown_nodes: c.unknown_nodes.load(Ordering::Relaxed),
         }
     }
 }

@@ -190,6 +190,7 @@ fn share_json(sh: &file_server::share::Share) -> Value {
         "dir": sh.spec.dir, "tag": sh.spec.tag, "socket": sh.spec.socket,
         "requests": s.requests, "malformed": s.malformed, "panics": s.panics,
         "denied": s.denied, "unmapped_ids": s.unmapped_ids, "handles": s.handles,
+        "unknown_nodes": s.unknown_nodes,
         "perm_cache": {
             "hits": p.hits, "misses": p.misses, "invalidations": p.invalidations,
             "evictions": p.evictions, "expirations": p.expirations,
