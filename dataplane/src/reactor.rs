@@ -141,6 +141,12 @@ pub trait Poller: Send + std::fmt::Debug {
     fn prepare_sleep(&mut self) -> bool {
         false
     }
+    /// Whether the reactor should spin (up to SPIN_IDLE_MAX) for this poller's next work
+    /// before sleeping. Worth it for packet queues (sub-µs work items); not for virtio-fs
+    /// queues, whose requests cost µs of system calls each.
+    fn spin(&self) -> bool {
+        true
+    }
     /// Identity for [`Command::RemovePoller`]: (device, queue index). Packet queues have none.
     fn key(&self) -> Option<(&str, u16)> {
         None
@@ -451,7 +457,15 @@ impl Reactor {
                 continue;
             }
             bump(&self.stats.spin_idle_ns, spent);
-            if t1 - last_work >= SPIN_IDLE_MAX {
+            // Spin only for what gains from it: virtio-blk queues and pollers that ask to.
+            let spin_for = if self.queues.iter().any(Option::is_some)
+                || self.packets.iter().any(|p| p.spin())
+            {
+                SPIN_IDLE_MAX
+            } else {
+                Duration::ZERO
+            };
+            if t1 - last_work >= spin_for {
                 self.sleep();
                 last_work = Instant::now();
             }

@@ -203,6 +203,10 @@ impl Poller for FsQueue {
         v.queue.enable_notification(&*guard).unwrap_or(true)
     }
 
+    fn spin(&self) -> bool {
+        false
+    }
+
     fn key(&self) -> Option<(&str, u16)> {
         Some((&self.device, self.index))
     }
