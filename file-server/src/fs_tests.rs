@@ -206,7 +206,7 @@ fn share_root_is_created_root_owned_0755() {
     let (a, _) = f.fs.getattr(root(), ROOT, None).unwrap();
     assert_eq!(a.mode & 0o7777, 0o755);
     assert_eq!(a.mode & libc::S_IFMT, libc::S_IFDIR);
-    assert_eq!((u32::from(a.uid.into_inner()), a.gid.into_inner()), (0, 0));
+    assert_eq!((a.uid.into_inner(), a.gid.into_inner()), (0, 0));
 }
 
 use virtiofsd::soft_idmap::Id;
