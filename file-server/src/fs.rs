@@ -48,6 +48,9 @@ const READDIR_ENTRIES_MAX: usize = 128;
 /// Bytes read or written per scratch copy (resident data, unaligned writes): the FUSE limit
 /// on one request's payload (virtiofsd's MAX_BUFFER_SIZE).
 const SCRATCH_BYTES_MAX: usize = 1 << 20;
+/// Bytes one READ returns at most: the protocol's buffer limit (virtiofsd's MAX_BUFFER_SIZE,
+/// also the max_write announced at INIT).
+pub const READ_BYTES_MAX: u32 = 1 << 20;
 /// The id shown for host ids that the share's map does not cover.
 pub const OVERFLOW_ID: u32 = 65_534;
 
@@ -217,9 +220,9 @@ impl Caller {
 
 #[derive(Default)]
 struct State {
-    /// FUSE lookup counts per vmfs inode; each counted inode holds one vmfs open reference
-    /// (so an unlinked file stays readable until the guest forgets it).
-    lookups: HashMap<u64, u64>,
+    /// FUSE lookup counts per vmfs inode, with the inode's generation at lookup: a node id
+    /// is usable while counted here and while its inode was not freed and reused since.
+    lookups: HashMap<u64, (u64, u32)>,
     handles: HashMap<u64, Handle>,
     next_handle: u64,
 }
@@ -235,6 +238,11 @@ pub struct VmfsFs {
     dev_file: Option<Arc<File>>,
     zero: Arc<File>,
     counters: Arc<FsCounters>,
+    /// Requests that can free blocks or inodes (unlink, rmdir, rename, setattr, fallocate,
+    /// open with O_TRUNC, release) hold it exclusively; all others share it. A request that
+    /// resolved a node or planned device extents thus finishes before anything it uses can
+    /// be freed — and reused by another file, share or disk. Taken by the request handler.
+    gate: Arc<std::sync::RwLock<()>>,
 }
 
 impl std::fmt::Debug for State {
@@ -334,7 +342,28 @@ impl VmfsFs {
             dev_file,
             zero,
             counters: Arc::new(FsCounters::default()),
+            gate: Arc::new(std::sync::RwLock::new(())),
         })
+    }
+
+    /// The lock that orders freeing requests against all others (see the field).
+    pub fn gate(&self) -> &std::sync::RwLock<()> {
+        &self.gate
+    }
+
+    /// Refuses to free blocks of a file that something besides this share's handles holds
+    /// open — a virtual disk being served caches where its blocks are.
+    fn not_served_elsewhere(&self, ino: u64) -> io::Result<()> {
+        let ours = self
+            .lock()
+            .handles
+            .values()
+            .filter(|h| h.ino == ino)
+            .count() as u64;
+        if self.ds.open_count(ino) > ours {
+            return Err(errno(libc::ETXTBSY));
+        }
+        Ok(())
     }
 
     /// The share's counters.
@@ -355,8 +384,8 @@ impl VmfsFs {
     /// Drops everything one connection held: lookup references, handles, cached profiles.
     pub fn disconnected(&self, conn: u64) {
         let mut st = self.lock();
-        for (&ino, _) in st.lookups.iter() {
-            self.ds.close(ino);
+        for h in st.handles.values() {
+            self.ds.close(h.ino);
         }
         st.lookups.clear();
         st.handles.clear();
@@ -390,11 +419,22 @@ impl VmfsFs {
     /// this a guest could name any inode of the datastore — other shares, virtual disks.
     fn vino(&self, node: u64) -> io::Result<u64> {
         let ino = self.map_node(node);
-        if ino == self.root || self.lock().lookups.contains_key(&ino) {
-            Ok(ino)
-        } else {
-            self.counters.unknown_nodes.fetch_add(1, Ordering::Relaxed);
-            Err(errno(libc::ESTALE))
+        if ino == self.root {
+            return Ok(ino);
+        }
+        let known = self
+            .lock()
+            .lookups
+            .get(&ino)
+            .map(|&(_, generation)| generation);
+        match known {
+            // An inode freed (no handle kept it) and reused by another file — possibly in
+            // another share — is a different object: its generation changed.
+            Some(g) if self.ds.stat(ino).ok().map(|i| i.generation) == Some(g) => Ok(ino),
+            _ => {
+                self.counters.unknown_nodes.fetch_add(1, Ordering::Relaxed);
+                Err(errno(libc::ESTALE))
+            }
         }
     }
 
@@ -546,11 +586,12 @@ impl VmfsFs {
     fn entry(&self, inode: &Inode) -> io::Result<Entry> {
         if inode.ino != self.root {
             let mut st = self.lock();
-            let n = st.lookups.entry(inode.ino).or_insert(0);
-            if *n == 0 {
-                self.ds.open(inode.ino).map_err(fs_err)?;
+            let e = st.lookups.entry(inode.ino).or_insert((0, inode.generation));
+            if e.1 != inode.generation {
+                // The slot was reused: the old node is gone for good.
+                *e = (0, inode.generation);
             }
-            *n += 1;
+            e.0 += 1;
         }
         let t = self.settings.cache.timeout();
         Ok(Entry {
@@ -640,11 +681,22 @@ impl VmfsFs {
         if st.handles.len() >= HANDLES_MAX {
             return Err(errno(libc::ENFILE));
         }
+        // An open handle keeps the inode's data: unlinked while open, it becomes an orphan
+        // that vmfs frees at the last close (or at the next mount after a crash).
+        self.ds.open(ino).map_err(fs_err)?;
         let h = st.next_handle;
         st.next_handle += 1;
         st.handles.insert(h, Handle { ino, read, write });
         self.counters.handles.fetch_add(1, Ordering::Relaxed);
         Ok(h)
+    }
+
+    fn close_handle(&self, h: u64) {
+        let removed = self.lock().handles.remove(&h);
+        if let Some(hd) = removed {
+            self.counters.handles.fetch_sub(1, Ordering::Relaxed);
+            self.ds.close(hd.ino);
+        }
     }
 
     fn handle(&self, h: u64, ino: u64) -> io::Result<Handle> {
@@ -743,8 +795,15 @@ impl VmfsFs {
             let old = inode.mode & 0o7777;
             // A non-owner may only drop setuid/setgid (the kernel's kill-priv on write).
             let only_kills_priv = m == old & !(S_ISUID | S_ISGID) || m == old;
-            if !owner && !only_kills_priv {
-                return Err(errno(libc::EPERM));
+            if !owner {
+                if !only_kills_priv {
+                    return Err(errno(libc::EPERM));
+                }
+                // Linux drops these bits for a writer; anyone else may not.
+                match handle {
+                    Some(h) if self.handle(h, inode.ino)?.write => {}
+                    _ => self.check(c, inode, MAY_WRITE)?,
+                }
             }
             let gid = a.gid.unwrap_or(inode.gid);
             if !c.is_root() && !c.in_group(gid) {
@@ -763,6 +822,9 @@ impl VmfsFs {
                 Some(h) if self.handle(h, inode.ino)?.write => {}
                 _ => self.check(c, inode, MAY_WRITE)?,
             }
+            if attr.size < inode.size {
+                self.not_served_elsewhere(inode.ino)?;
+            }
             a.size = Some(attr.size);
         }
         let explicit_times = (valid.contains(SetattrValid::ATIME)
@@ -776,26 +838,34 @@ impl VmfsFs {
             } else if !owner {
                 self.check(c, inode, MAY_WRITE)?;
             }
-            let t = |now: bool, s: u64, ns: u32| {
+            let t = |now: bool, s: u64, ns: u32| -> io::Result<TimeSet> {
                 if now {
-                    TimeSet::Now
-                } else {
-                    TimeSet::At((s as i64).saturating_mul(1_000_000_000) + i64::from(ns))
+                    return Ok(TimeSet::Now);
                 }
+                if ns >= 1_000_000_000 {
+                    return Err(errno(libc::EINVAL));
+                }
+                // Seconds are a signed 64-bit count on the wire; ns since the epoch must fit.
+                i64::try_from(s)
+                    .ok()
+                    .and_then(|s| s.checked_mul(1_000_000_000))
+                    .and_then(|v| v.checked_add(i64::from(ns)))
+                    .map(TimeSet::At)
+                    .ok_or_else(|| errno(libc::EOVERFLOW))
             };
             if valid.contains(SetattrValid::ATIME) {
                 a.atime = Some(t(
                     valid.contains(SetattrValid::ATIME_NOW),
                     attr.atime,
                     attr.atimensec,
-                ));
+                )?);
             }
             if valid.contains(SetattrValid::MTIME) {
                 a.mtime = Some(t(
                     valid.contains(SetattrValid::MTIME_NOW),
                     attr.mtime,
                     attr.mtimensec,
-                ));
+                )?);
             }
         }
         let out = self.ds.setattr(inode.ino, &a).map_err(fs_err)?;
@@ -993,12 +1063,11 @@ impl FileSystem for VmfsFs {
     fn forget(&self, _ctx: Context, inode: u64, count: u64) {
         let ino = self.map_node(inode);
         let mut st = self.lock();
-        if let Some(n) = st.lookups.get_mut(&ino) {
+        if let Some((n, _)) = st.lookups.get_mut(&ino) {
             // The count comes from the guest: never below zero, whatever it says.
             *n = n.saturating_sub(count);
             if *n == 0 {
                 st.lookups.remove(&ino);
-                self.ds.close(ino);
             }
         }
     }
@@ -1263,6 +1332,9 @@ impl FileSystem for VmfsFs {
         if !h.read {
             return Err(errno(libc::EBADF));
         }
+        // The guest names the size; it may not make the server read (and buffer) more than
+        // one FUSE buffer's worth.
+        let size = size.min(READ_BYTES_MAX);
         self.read_into(w, ino, offset, size)
     }
 
@@ -1322,6 +1394,7 @@ impl FileSystem for VmfsFs {
             return Err(errno(libc::EINVAL));
         }
         if punch {
+            self.not_served_elsewhere(ino)?;
             self.ds.punch_hole(ino, offset, length)
         } else {
             self.ds.allocate(ino, offset, length, keep)
@@ -1339,9 +1412,7 @@ impl FileSystem for VmfsFs {
         _flock_release: bool,
         _lock_owner: Option<u64>,
     ) -> io::Result<()> {
-        if self.lock().handles.remove(&handle).is_some() {
-            self.counters.handles.fetch_sub(1, Ordering::Relaxed);
-        }
+        self.close_handle(handle);
         Ok(())
     }
 
@@ -1507,9 +1578,7 @@ impl FileSystem for VmfsFs {
     }
 
     fn releasedir(&self, _ctx: Context, _inode: u64, _flags: u32, handle: u64) -> io::Result<()> {
-        if self.lock().handles.remove(&handle).is_some() {
-            self.counters.handles.fetch_sub(1, Ordering::Relaxed);
-        }
+        self.close_handle(handle);
         Ok(())
     }
 

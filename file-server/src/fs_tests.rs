@@ -30,6 +30,7 @@ const G_B: u32 = 2001;
 
 struct Fixture {
     fs: VmfsFs,
+    ds: Arc<Datastore>,
     _dir: tempfile::TempDir,
 }
 
@@ -64,8 +65,8 @@ fn fixture_with(uid_map: &str) -> Fixture {
     Datastore::mkfs(dev.clone(), &MkfsOptions { uuid: None }, &mut |_, _| {}).unwrap();
     let ds = Arc::new(Datastore::mount(dev).unwrap());
     ds.set_deferred_commit(true);
-    let fs = VmfsFs::new(ds, "shares/test", settings(dir.path(), uid_map)).unwrap();
-    Fixture { fs, _dir: dir }
+    let fs = VmfsFs::new(ds.clone(), "shares/test", settings(dir.path(), uid_map)).unwrap();
+    Fixture { fs, ds, _dir: dir }
 }
 
 fn fixture() -> Fixture {
@@ -130,6 +131,16 @@ impl ZeroCopyReader for SliceReader<'_> {
 }
 
 impl Fixture {
+    fn fs_ds(&self) -> &Datastore {
+        &self.ds
+    }
+
+    /// Node id → datastore inode (the identity except for the share root).
+    fn fs_ino(&self, node: u64) -> u64 {
+        assert_ne!(node, ROOT);
+        node
+    }
+
     fn mkdir(&self, cx: Context, parent: u64, name: &str, mode: u32) -> io::Result<u64> {
         self.fs
             .mkdir(cx, parent, &c(name), mode, 0, Extensions::default())
@@ -686,9 +697,14 @@ mod wire {
         req.extend_from_slice(&vec![0xffu8; 4096]);
         let (_, out) = send(&h, &m, &req, 4096);
         assert_eq!(reply_error(&out), (-libc::EINVAL, 20));
+        // Reads are at most 1 MiB each (READ_BYTES_MAX).
         let mut w = VecWriter(Vec::new());
-        f.fs.read(root(), file, fh, &mut w, secret.len() as u32, 0, None, 0)
-            .unwrap();
+        for off in [0u64, 1 << 20] {
+            let n =
+                f.fs.read(root(), file, fh, &mut w, 1 << 20, off, None, 0)
+                    .unwrap();
+            assert_eq!(n, 1 << 20, "read at {off}");
+        }
         assert!(w.0 == secret, "neighbouring file changed");
         // READ size 8 at the victim's end into a 64 KiB buffer: 4 bytes come back, and the
         // rest of the buffer keeps what the guest put there.
@@ -797,4 +813,112 @@ fn node_ids_never_looked_up_are_refused() {
     // Forgotten nodes are unusable again.
     f.fs.forget(root(), file, 1);
     assert_eq!(errno_of(f.fs.getattr(root(), file, None)), libc::ESTALE);
+}
+
+#[test]
+fn read_size_is_clamped() {
+    let f = fixture();
+    let (file, h) = f.create(root(), ROOT, "big", 0o644).unwrap();
+    let mib = vec![0x42u8; 1 << 20];
+    for i in 0..4u64 {
+        f.fs.write(
+            root(),
+            file,
+            h,
+            SliceReader(&mib),
+            1 << 20,
+            i << 20,
+            None,
+            false,
+            false,
+            0,
+        )
+        .unwrap();
+    }
+    struct Count(usize);
+    impl ZeroCopyWriter for Count {
+        fn read_from_file_at(
+            &mut self,
+            _: &File,
+            count: usize,
+            _: u64,
+            _: Option<virtiofsd::oslib::ReadvFlags>,
+        ) -> io::Result<usize> {
+            self.0 = self.0.max(count);
+            Ok(0)
+        }
+    }
+    let mut w = Count(0);
+    let _ = f.fs.read(root(), file, h, &mut w, u32::MAX, 0, None, 0);
+    assert!(w.0 <= 1 << 20, "asked to copy {} bytes", w.0);
+}
+
+#[test]
+fn files_served_as_disks_cannot_be_shrunk_or_punched() {
+    let f = fixture();
+    let (file, h) = f.create(root(), ROOT, "disk.img", 0o666).unwrap();
+    let mib = vec![7u8; 1 << 20];
+    f.fs.write(
+        root(),
+        file,
+        h,
+        SliceReader(&mib),
+        1 << 20,
+        0,
+        None,
+        false,
+        false,
+        0,
+    )
+    .unwrap();
+    // Something else (a disk backend) holds the file open.
+    f.fs_ds().open(f.fs_ino(file)).unwrap();
+    let attr = fuse::SetattrIn {
+        size: 0,
+        ..Default::default()
+    };
+    assert_eq!(
+        errno_of(f.fs.setattr(root(), file, attr, Some(h), SetattrValid::SIZE)),
+        libc::ETXTBSY
+    );
+    let punch = (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE) as u32;
+    assert_eq!(
+        errno_of(f.fs.fallocate(root(), file, h, punch, 0, 1 << 20)),
+        libc::ETXTBSY
+    );
+    // Growing is fine.
+    let attr = fuse::SetattrIn {
+        size: 2 << 20,
+        ..Default::default()
+    };
+    assert!(f
+        .fs
+        .setattr(root(), file, attr, Some(h), SetattrValid::SIZE)
+        .is_ok());
+}
+
+#[test]
+fn bad_timestamps_and_foreign_setuid_strips_are_refused() {
+    let f = fixture();
+    let (file, _) = f.create(root(), ROOT, "suid", 0o644).unwrap();
+    f.chmod(root(), file, 0o4755).unwrap();
+    // Bob may not strip root's setuid bit: he cannot write the file.
+    assert_eq!(errno_of(f.chmod(ctx(BOB, BOB), file, 0o755)), libc::EACCES);
+    let attr = fuse::SetattrIn {
+        mtime: 5,
+        mtimensec: 1_000_000_000,
+        ..Default::default()
+    };
+    assert_eq!(
+        errno_of(f.fs.setattr(root(), file, attr, None, SetattrValid::MTIME)),
+        libc::EINVAL
+    );
+    let attr = fuse::SetattrIn {
+        mtime: u64::MAX,
+        ..Default::default()
+    };
+    assert!(f
+        .fs
+        .setattr(root(), file, attr, None, SetattrValid::MTIME)
+        .is_err());
 }

@@ -23,6 +23,18 @@ const FUSE_FORGET: u32 = 2;
 const FUSE_BATCH_FORGET: u32 = 42;
 const FUSE_READ: u32 = 15;
 const FUSE_WRITE: u32 = 16;
+/// Opcodes that may free blocks or inodes (see `VmfsFs::gate`).
+const FUSE_SETATTR: u32 = 4;
+const FUSE_UNLINK: u32 = 10;
+const FUSE_RMDIR: u32 = 11;
+const FUSE_RENAME: u32 = 12;
+const FUSE_OPEN: u32 = 14;
+const FUSE_RELEASE: u32 = 18;
+const FUSE_RELEASEDIR: u32 = 29;
+const FUSE_CREATE: u32 = 35;
+const FUSE_DESTROY: u32 = 38;
+const FUSE_FALLOCATE: u32 = 43;
+const FUSE_RENAME2: u32 = 45;
 /// `struct fuse_read_in` / `fuse_write_in` bytes (fuse.h, ABI 7.9+).
 const READ_IN_BYTES: usize = 40;
 const WRITE_IN_BYTES: usize = 40;
@@ -152,8 +164,32 @@ impl FsRequestHandler for ShareHandler {
             _ => {}
         }
         set_read_exact(exact);
+        let frees = matches!(
+            header.map(|h| h.opcode),
+            Some(
+                FUSE_SETATTR
+                    | FUSE_UNLINK
+                    | FUSE_RMDIR
+                    | FUSE_RENAME
+                    | FUSE_RENAME2
+                    | FUSE_OPEN
+                    | FUSE_CREATE
+                    | FUSE_RELEASE
+                    | FUSE_RELEASEDIR
+                    | FUSE_FALLOCATE
+                    | FUSE_DESTROY
+            )
+        );
+        let gate = self.fs.gate();
         let res = catch_unwind(AssertUnwindSafe(|| {
-            self.server.handle_message(r, w, None::<&mut ()>)
+            // A poisoned gate only means a request panicked; the lock protects no data.
+            if frees {
+                let _g = gate.write().unwrap_or_else(|p| p.into_inner());
+                self.server.handle_message(r, w, None::<&mut ()>)
+            } else {
+                let _g = gate.read().unwrap_or_else(|p| p.into_inner());
+                self.server.handle_message(r, w, None::<&mut ()>)
+            }
         }));
         match res {
             Ok(Ok(n)) => n as u32,

@@ -759,6 +759,14 @@ impl Datastore {
         })
     }
 
+    /// How many [`Datastore::open`] references `ino` has (disks served, file handles).
+    pub fn open_count(&self, ino: u64) -> u64 {
+        self.inner
+            .lock()
+            .map(|g| g.open.get(&ino).map_or(0, |&n| n as u64))
+            .unwrap_or(0)
+    }
+
     /// Undoes one [`Datastore::open`].
     pub fn close(&self, ino: u64) {
         let mut last = false;

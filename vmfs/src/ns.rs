@@ -356,6 +356,15 @@ impl Inner {
     /// the path-based API does, so the change commits atomically with the rest of the
     /// operation) and sets its mtime/ctime.
     fn dir_store(&mut self, dev: &Dev, stats: &FsStats, dir: u64, now: i64) -> Result<(), FsError> {
+        let bytes = self.index(dev, dir)?.slots.len() as u64 * DIRENT_BYTES as u64;
+        if bytes > DIR_BYTES_MAX {
+            return Err(FsError::NoSpace("directory entries"));
+        }
+        // Sealed directories write only their changed blocks: no whole-directory encoding
+        // (that made every change O(entries)).
+        if self.dir_is_sealed(dev, dir)? {
+            return self.store_sealed(dev, dir, now);
+        }
         let idx = self.index(dev, dir)?;
         let mut buf = vec![0u8; idx.slots.len() * DIRENT_BYTES];
         for (e, chunk) in idx.slots.iter().zip(buf.chunks_exact_mut(DIRENT_BYTES)) {
@@ -363,13 +372,7 @@ impl Inner {
                 e.encode(chunk);
             }
         }
-        if buf.len() as u64 > DIR_BYTES_MAX {
-            return Err(FsError::NoSpace("directory entries"));
-        }
         let inode = self.get_inode(dev, dir)?;
-        if self.dir_is_sealed(dev, dir)? {
-            return self.store_sealed(dev, dir, now);
-        }
         if inode.layout == DataLayout::Resident && buf.len() as u64 > RESIDENT_MAX {
             // Outgrown the inode: becomes a sealed directory (journaled 4 KiB blocks).
             let b = self.md_mut(dev, self.vh.layout.inode_block(dir))?;
@@ -1634,6 +1637,16 @@ impl Datastore {
 
     /// Frees `ino` if it is an orphan nobody has open any more (called by `close`).
     pub(crate) fn reclaim_if_orphan(&self, ino: u64) -> Result<(), FsError> {
+        // Most closes are of linked files: decide that without the undo snapshot of an
+        // operation (the file server closes a handle per release).
+        let orphan = self.with(|g, dev| {
+            Ok(!g.open.contains_key(&ino)
+                && g.get_bit(dev, Res::Fd, ino)?
+                && g.get_inode(dev, ino)?.nlink == 0)
+        })?;
+        if !orphan {
+            return Ok(());
+        }
         self.ns_op(|g, dev, st| {
             if g.open.contains_key(&ino) || !g.get_bit(dev, Res::Fd, ino)? {
                 return Ok(());
