@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Strata's full check, as CI runs it (.ci/run) and as the README's test command:
 #   1. installs what the tests need (tools/install-deps.sh: QEMU, fio, guest build tools),
-#   2. builds the cached test guest (tools/guest/build-guest.sh; a no-op once built),
+#   2. builds the cached test guest and its fs variant (tools/guest/build-guest.sh --fs: the
+#      base guest, then pjdfstest via tools/guest/build-pjdfstest.sh, the test users and the
+#      acl tools for the virtio-fs share tests; a no-op once built),
 #   3. cargo fmt --check, clippy (-D warnings), the release stratad, and every test in release
 #      mode (the guest and blkio tests drive the release stratad).
 set -euo pipefail
@@ -13,8 +15,8 @@ step() { printf '\n==> %s\n' "$*"; }
 step "installing dependencies"
 bash tools/install-deps.sh
 
-step "building the test guest"
-bash tools/guest/build-guest.sh
+step "building the test guest (base and fs variants)"
+bash tools/guest/build-guest.sh --fs
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

@@ -5,8 +5,12 @@
 //! - [`guest`]: re-export of `strata-guest` (tools/guest), which boots the cached test guest
 //!   under QEMU TCG with shared memfd memory and vhost-user devices, runs a script in it and
 //!   reads the results from the serial console with a hard time-out.
+//! - [`share`]: virtio-fs shares: the fs guest's user and group files, the control socket's
+//!   stats, datastore listings, guest-script checks, a background fs guest.
+//! - [`vmfs`]: vmfs datastores made with `stratactl`, fsck, kill -9 of stratad.
 
 pub mod daemon;
 pub mod e2e;
 pub use strata_guest as guest;
+pub mod share;
 pub mod vmfs;

@@ -72,6 +72,9 @@ pub enum VmfsCommand {
     Disk(DiskCommand),
     /// Check every invariant of an unmounted datastore; exit status 0 only when clean.
     Fsck,
+    /// stratad's counters (needs --control): reactors, disks' and shares' queues, shares'
+    /// permission caches, packet queues.
+    Stats,
 }
 
 /// `disk` subcommands.
@@ -264,6 +267,58 @@ fn print_value(method: &str, v: &Value, as_json: bool) {
     }
 }
 
+fn print_stats(v: &Value, as_json: bool) {
+    if as_json {
+        println!("{v}");
+        return;
+    }
+    let g = |o: &Value, k: &str| o.get(k).and_then(Value::as_u64).unwrap_or(0);
+    for r in v.get("reactors").and_then(Value::as_array).into_iter().flatten() {
+        println!(
+            "reactor {:>2}  busy {:>8} ms  sleep {:>8} ms  requests {}",
+            g(r, "reactor"),
+            g(r, "busy_ns") / 1_000_000,
+            g(r, "sleep_ns") / 1_000_000,
+            g(r, "requests")
+        );
+    }
+    for d in v.get("disks").and_then(Value::as_array).into_iter().flatten() {
+        let reqs: u64 = d
+            .get("queues")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .map(|q| g(q, "requests"))
+            .sum();
+        println!(
+            "{:<4} {:<20} requests {reqs}",
+            d.get("kind").and_then(Value::as_str).unwrap_or(""),
+            d.get("name").and_then(Value::as_str).unwrap_or("")
+        );
+    }
+    for s in v.get("shares").and_then(Value::as_array).into_iter().flatten() {
+        let p = s.get("perm_cache").cloned().unwrap_or(Value::Null);
+        println!(
+            "share {:<20} requests {} denied {} unmapped {} malformed {} handles {}",
+            s.get("dir").and_then(Value::as_str).unwrap_or(""),
+            g(s, "requests"),
+            g(s, "denied"),
+            g(s, "unmapped_ids"),
+            g(s, "malformed"),
+            g(s, "handles")
+        );
+        println!(
+            "      perm cache: hits {} misses {} invalidations {} evictions {} expirations {} entries {}",
+            g(&p, "hits"),
+            g(&p, "misses"),
+            g(&p, "invalidations"),
+            g(&p, "evictions"),
+            g(&p, "expirations"),
+            g(&p, "entries")
+        );
+    }
+}
+
 /// Runs a datastore command.
 pub fn run(target: &Target, cmd: &VmfsCommand, as_json: bool) -> Result<(), VmfsCmdError> {
     match cmd {
@@ -271,6 +326,14 @@ pub fn run(target: &Target, cmd: &VmfsCommand, as_json: bool) -> Result<(), Vmfs
             return mkfs(path, size.as_deref(), *force, as_json)
         }
         VmfsCommand::Fsck => return fsck(target, as_json),
+        VmfsCommand::Stats => {
+            let sock = target.control.as_ref().ok_or_else(|| {
+                VmfsCmdError::Usage("stats needs --control SOCKET (stratad running)".into())
+            })?;
+            let v = rpc(sock, "stats", json!({}))?;
+            print_stats(&v, as_json);
+            return Ok(());
+        }
         _ => {}
     }
     let backend = match (&target.control, &target.datastore) {
@@ -310,7 +373,7 @@ pub fn run(target: &Target, cmd: &VmfsCommand, as_json: bool) -> Result<(), Vmfs
             "disk.resize",
             json!({"name": name, "size": size_arg(size)?}),
         ),
-        VmfsCommand::Mkfs { .. } | VmfsCommand::Fsck => {
+        VmfsCommand::Mkfs { .. } | VmfsCommand::Fsck | VmfsCommand::Stats => {
             return Err(VmfsCmdError::Usage("mkfs and fsck run offline".into()))
         }
     };

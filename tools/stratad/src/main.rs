@@ -343,6 +343,10 @@ fn run(args: Args) -> Result<(), MainError> {
     for s in &specs {
         backends.push(open_backend(s, datastore.as_ref())?);
     }
+    // Blocks SIGTERM/SIGINT in this thread, so every thread spawned from here on inherits
+    // the mask and the signals reach only the signalfd (a thread spawned earlier would take
+    // them with the default action: death).
+    let stop = stop_signal_fd()?;
     let mut shares = Vec::with_capacity(share_specs.len());
     if !share_specs.is_empty() {
         let ds = datastore.as_ref().ok_or(MainError::ShareWithoutDatastore)?;
@@ -356,7 +360,6 @@ fn run(args: Args) -> Result<(), MainError> {
         }
         spawn_committer(ds.clone()).map_err(io_err("commit thread"))?;
     }
-    let stop = stop_signal_fd()?;
     let mut server = Server::new(&ServerConfig { cpus, engine })?;
     for (i, (spec, backend)) in specs.iter().zip(backends).enumerate() {
         let name = spec.name.clone().unwrap_or_else(|| {
