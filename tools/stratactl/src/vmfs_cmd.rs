@@ -273,7 +273,12 @@ fn print_stats(v: &Value, as_json: bool) {
         return;
     }
     let g = |o: &Value, k: &str| o.get(k).and_then(Value::as_u64).unwrap_or(0);
-    for r in v.get("reactors").and_then(Value::as_array).into_iter().flatten() {
+    for r in v
+        .get("reactors")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
         println!(
             "reactor {:>2}  busy {:>8} ms  sleep {:>8} ms  requests {}",
             g(r, "reactor"),
@@ -282,7 +287,12 @@ fn print_stats(v: &Value, as_json: bool) {
             g(r, "requests")
         );
     }
-    for d in v.get("disks").and_then(Value::as_array).into_iter().flatten() {
+    for d in v
+        .get("disks")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
         let reqs: u64 = d
             .get("queues")
             .and_then(Value::as_array)
@@ -296,7 +306,12 @@ fn print_stats(v: &Value, as_json: bool) {
             d.get("name").and_then(Value::as_str).unwrap_or("")
         );
     }
-    for s in v.get("shares").and_then(Value::as_array).into_iter().flatten() {
+    for s in v
+        .get("shares")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
         let p = s.get("perm_cache").cloned().unwrap_or(Value::Null);
         println!(
             "share {:<20} requests {} denied {} unmapped {} malformed {} handles {}",
