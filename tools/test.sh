@@ -32,3 +32,9 @@ cargo test --workspace --release --no-fail-fast
 
 step "cargo test -p dataplane --features dpdk (DPDK backend: net_ring and net_null vdevs)"
 cargo test --release -p dataplane --features dpdk --lib net::dpdk
+
+step "cargo test -p ebpf --features dpdk (DPDK net_af_xdp PMD on a veth with the steering program)"
+cargo test --release -p ebpf --features dpdk --test dpdk_af_xdp
+
+step "cargo test -p stratad --features dpdk (--port backend=dpdk: net_af_xdp and virtual devices)"
+cargo test --release -p stratad --features dpdk -- --test-threads=1

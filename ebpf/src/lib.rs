@@ -8,14 +8,21 @@
 //! - [`Steering`]: loads it with aya, fills the port map, attaches it (native XDP, else generic),
 //!   registers AF_XDP sockets per queue, reads the per-CPU [`Counters`], and runs single frames
 //!   through the kernel's copy of the program ([`Steering::test_run`]) for tests.
-//! - [`sys`]: the two bpf(2) commands aya 0.13 does not expose (test run, map delete).
+//! - [`CountersReader`]: the counters through a descriptor of their own, for a stats thread.
+//! - [`AttachedSteering`]: the same program when another loader attached it (DPDK's
+//!   `net_af_xdp` PMD loads [`steer_object`] from its `xdp_prog=` file with an empty port map):
+//!   found through the interface, its port map filled and its counters read.
+//! - [`sys`]: the bpf(2) commands aya 0.13 does not expose (test run, map delete) and the
+//!   rtnetlink query of an interface's XDP program.
 
 pub mod sys;
 
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 
-use aya::maps::{HashMap, Map, MapData, PerCpuArray, XskMap};
-use aya::programs::{ProgramError, Xdp, XdpFlags};
+use std::borrow::{Borrow, BorrowMut};
+
+use aya::maps::{HashMap, Map, MapData, MapInfo, PerCpuArray, XskMap};
+use aya::programs::{loaded_programs, ProgramError, Xdp, XdpFlags};
 use aya::Ebpf;
 
 /// Entries of `xsks_map`: AF_XDP sockets are indexed by receive queue, so this bounds the
@@ -42,6 +49,81 @@ const CNT_UNBOUND: u32 = 3;
 
 /// The compiled steering program, embedded so that a deployed binary needs no object file.
 static STEER_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/steer.bpf.o"));
+
+/// The compiled steering program (the ELF object clang built from `src/steer.bpf.c`), for
+/// loaders other than [`Steering`]: DPDK's `net_af_xdp` PMD takes it as an `xdp_prog=` file
+/// (its XSKMAP is named `xsks_map`, as the PMD requires); see [`AttachedSteering`].
+pub fn steer_object() -> &'static [u8] {
+    STEER_OBJ
+}
+
+/// Sums the per-CPU counters of a `counters` map.
+fn sum_counters<T: Borrow<MapData>>(arr: &PerCpuArray<T, u64>) -> Result<Counters, SteerError> {
+    let sum = |i: u32| -> Result<u64, SteerError> {
+        Ok(arr
+            .get(&i, 0)?
+            .iter()
+            .copied()
+            .fold(0u64, u64::wrapping_add))
+    };
+    Ok(Counters {
+        steered: sum(CNT_STEERED)?,
+        passed: sum(CNT_PASSED)?,
+        malformed: sum(CNT_MALFORMED)?,
+        unbound: sum(CNT_UNBOUND)?,
+    })
+}
+
+/// Adds, changes or (mask 0) removes a port in a `steer_ports` map.
+fn set_port_in<T: BorrowMut<MapData>>(
+    ports: &mut HashMap<T, u16, u8>,
+    port: SteerPort,
+) -> Result<(), SteerError> {
+    if port.protocols == 0 {
+        match ports.remove(&port.port) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    } else {
+        Ok(ports.insert(port.port, port.protocols, 0)?)
+    }
+}
+
+/// A read-only handle on a steering program's counters through a map descriptor of its own:
+/// `Send` and `Sync`, so a stats thread can read while the owner of the program keeps it, and
+/// still readable (the final values) after the program is detached.
+pub struct CountersReader {
+    map_id: u32,
+    map: PerCpuArray<MapData, u64>,
+}
+
+impl std::fmt::Debug for CountersReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CountersReader")
+            .field("map_id", &self.map_id)
+            .finish()
+    }
+}
+
+impl CountersReader {
+    fn from_map_id(map_id: u32) -> Result<Self, SteerError> {
+        let data = MapData::from_id(map_id)?;
+        Ok(Self {
+            map_id,
+            map: PerCpuArray::try_from(Map::PerCpuArray(data))?,
+        })
+    }
+
+    /// The counters, summed over CPUs.
+    pub fn read(&self) -> Result<Counters, SteerError> {
+        sum_counters(&self.map)
+    }
+
+    /// Another handle on the same map.
+    pub fn try_clone(&self) -> Result<Self, SteerError> {
+        Self::from_map_id(self.map_id)
+    }
+}
 
 /// Errors of loading, attaching and driving the steering program.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +156,12 @@ pub enum SteerError {
     },
     #[error("the program is already attached to interface index {ifindex}")]
     AlreadyAttached { ifindex: u32 },
+    #[error("no XDP program is attached to {0}")]
+    NotAttached(String),
+    #[error("the XDP program on {iface} is {name:?}, not the steering program")]
+    ForeignProgram { iface: String, name: String },
+    #[error("XDP program {0} is no longer loaded")]
+    ProgramGone(u32),
     #[error("bpf({call}): {source}")]
     Syscall {
         call: &'static str,
@@ -172,14 +260,7 @@ impl Steering {
             .map_mut(MAP_PORTS)
             .ok_or(SteerError::Missing(MAP_PORTS))?;
         let mut ports: HashMap<&mut MapData, u16, u8> = HashMap::try_from(map)?;
-        if port.protocols == 0 {
-            match ports.remove(&port.port) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-                Err(e) => Err(e.into()),
-            }
-        } else {
-            Ok(ports.insert(port.port, port.protocols, 0)?)
-        }
+        set_port_in(&mut ports, port)
     }
 
     /// Attaches the program to `iface`. With [`ModePreference::Auto`], native mode is tried
@@ -288,19 +369,15 @@ impl Steering {
             .map(MAP_COUNTERS)
             .ok_or(SteerError::Missing(MAP_COUNTERS))?;
         let arr: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map)?;
-        let sum = |i: u32| -> Result<u64, SteerError> {
-            Ok(arr
-                .get(&i, 0)?
-                .iter()
-                .copied()
-                .fold(0u64, u64::wrapping_add))
-        };
-        Ok(Counters {
-            steered: sum(CNT_STEERED)?,
-            passed: sum(CNT_PASSED)?,
-            malformed: sum(CNT_MALFORMED)?,
-            unbound: sum(CNT_UNBOUND)?,
-        })
+        sum_counters(&arr)
+    }
+
+    /// A handle on the counters for another thread (see [`CountersReader`]).
+    pub fn counters_reader(&self) -> Result<CountersReader, SteerError> {
+        match self.ebpf.map(MAP_COUNTERS) {
+            Some(Map::PerCpuArray(data)) => CountersReader::from_map_id(data.info()?.id()),
+            _ => Err(SteerError::Missing(MAP_COUNTERS)),
+        }
     }
 
     /// Runs `frame` once through the loaded program in the kernel (BPF_PROG_TEST_RUN, nothing
@@ -321,5 +398,86 @@ impl Drop for Steering {
         if let Err(e) = self.detach() {
             tracing::warn!(%e, "detaching the steering program");
         }
+    }
+}
+
+/// The steering program as attached to an interface by another loader, found through the
+/// interface: DPDK's `net_af_xdp` PMD loads and attaches an `xdp_prog=` object itself (with
+/// [`steer_object`], its `steer_ports` map starts empty, so it steers nothing until filled
+/// here) and puts its own AF_XDP sockets in `xsks_map`.
+///
+/// Holds descriptors of the program's maps only: the program stays as long as its loader
+/// keeps it attached (the PMD detaches it when its port is closed).
+pub struct AttachedSteering {
+    iface: String,
+    prog_id: u32,
+    ports: HashMap<MapData, u16, u8>,
+    counters: CountersReader,
+}
+
+impl std::fmt::Debug for AttachedSteering {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AttachedSteering")
+            .field("iface", &self.iface)
+            .field("prog_id", &self.prog_id)
+            .finish()
+    }
+}
+
+impl AttachedSteering {
+    /// Finds the steering program attached to `iface` (in the caller's network namespace);
+    /// fails if none is attached or the attached program is another one.
+    pub fn find(iface: &str) -> Result<Self, SteerError> {
+        let ifindex = sys::if_index(iface)?;
+        let prog_id =
+            sys::xdp_prog_id(ifindex)?.ok_or_else(|| SteerError::NotAttached(iface.into()))?;
+        // aya 0.13 has no ProgramInfo::from_id: walk the loaded programs for the id.
+        let info = loaded_programs()
+            .filter_map(Result::ok)
+            .find(|p| p.id() == prog_id)
+            .ok_or(SteerError::ProgramGone(prog_id))?;
+        let name = String::from_utf8_lossy(info.name()).into_owned();
+        if name != PROGRAM {
+            return Err(SteerError::ForeignProgram {
+                iface: iface.into(),
+                name,
+            });
+        }
+        let (mut ports, mut counters) = (None, None);
+        for id in info.map_ids()?.ok_or(SteerError::Missing("map ids"))? {
+            match MapInfo::from_id(id)?.name_as_str() {
+                Some(MAP_PORTS) => ports = Some(id),
+                Some(MAP_COUNTERS) => counters = Some(id),
+                _ => {}
+            }
+        }
+        let ports = MapData::from_id(ports.ok_or(SteerError::Missing(MAP_PORTS))?)?;
+        let counters = counters.ok_or(SteerError::Missing(MAP_COUNTERS))?;
+        Ok(Self {
+            iface: iface.into(),
+            prog_id,
+            ports: HashMap::try_from(Map::HashMap(ports))?,
+            counters: CountersReader::from_map_id(counters)?,
+        })
+    }
+
+    /// The kernel's id of the program.
+    pub fn program_id(&self) -> u32 {
+        self.prog_id
+    }
+
+    /// Adds or changes a steered port (a mask of 0 removes it).
+    pub fn set_port(&mut self, port: SteerPort) -> Result<(), SteerError> {
+        set_port_in(&mut self.ports, port)
+    }
+
+    /// The program's counters, summed over CPUs.
+    pub fn counters(&self) -> Result<Counters, SteerError> {
+        self.counters.read()
+    }
+
+    /// A handle on the counters for another thread.
+    pub fn counters_reader(&self) -> Result<CountersReader, SteerError> {
+        self.counters.try_clone()
     }
 }

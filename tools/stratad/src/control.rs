@@ -1,7 +1,9 @@
 //! The JSON-RPC 2.0 control socket (`--control PATH`): one request per line, one response per
 //! line, on a Unix socket, served by one thread.
 //!
-//! Methods: `stats` (reactor and per-queue counters), and when a datastore is open: `info`,
+//! Methods: `stats` (reactor, disk and share counters, and with `--port` the packet queues'
+//! counters (`packet_queues`) and the XDP steering program's per interface (`steering`)), and
+//! when a datastore is open: `info`,
 //! `ls {path}`, `mkdir {path}`, `disk.create {name, size, provisioning}`, `disk.rm {name}`,
 //! `disk.resize {name, size}`. `stratactl --control PATH ...` is the client.
 
@@ -34,8 +36,8 @@ pub struct Control {
     pub stats: StatsHandle,
     /// The open datastore, if any.
     pub datastore: Option<Arc<Datastore>>,
-    /// Packet queues (`--port`): interface, queue, counters.
-    pub packet_queues: Vec<(String, u32, Arc<dataplane::net::poller::QueueStats>)>,
+    /// Packet queues and steering programs (`--port`).
+    pub ports: crate::ports::PortCounters,
     /// Shared folders (`--share`).
     pub shares: Vec<file_server::share::Share>,
 }
@@ -53,17 +55,9 @@ impl Control {
         match method {
             "stats" => {
                 let mut v = stats_json(&self.stats);
-                let l =
-                    |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
-                let ports: Vec<Value> = self
-                    .packet_queues
-                    .iter()
-                    .map(|(iface, q, st)| {
-                        json!({"iface": iface, "queue": q, "rx_frames": l(&st.rx_frames),
-                               "rx_bytes": l(&st.rx_bytes), "errors": l(&st.errors)})
-                    })
-                    .collect();
-                v["packet_queues"] = Value::Array(ports);
+                let (queues, steering) = ports_json(&self.ports.snapshot());
+                v["packet_queues"] = queues;
+                v["steering"] = steering;
                 v["shares"] = Value::Array(self.shares.iter().map(share_json).collect());
                 Ok(v)
             }
@@ -181,6 +175,28 @@ fn stats_json(h: &StatsHandle) -> Value {
         })
         .collect();
     json!({ "reactors": reactors, "disks": disks })
+}
+
+/// `packet_queues`: one object per queue; `steering`: one per interface with a steering
+/// program (af_xdp, or dpdk on a kernel interface).
+pub fn ports_json(p: &crate::ports::PortsSnapshot) -> (Value, Value) {
+    let queues = p
+        .queues
+        .iter()
+        .map(|(iface, q, backend, frames, bytes, errors)| {
+            json!({"iface": iface, "queue": q, "backend": backend, "rx_frames": frames,
+                   "rx_bytes": bytes, "errors": errors})
+        })
+        .collect();
+    let steering = p
+        .steering
+        .iter()
+        .map(|(iface, c)| {
+            json!({"iface": iface, "steered": c.steered, "passed": c.passed,
+                   "malformed": c.malformed, "unbound": c.unbound})
+        })
+        .collect();
+    (Value::Array(queues), Value::Array(steering))
 }
 
 fn share_json(sh: &file_server::share::Share) -> Value {

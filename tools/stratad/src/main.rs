@@ -65,9 +65,21 @@ struct Args {
     shares: Vec<String>,
 
     /// Serve packet queues of a NIC port (repeatable):
-    /// `iface=NAME[,queues=N][,backend=af_xdp|dpdk|socket][,steer=3260,4420]`.
+    /// `iface=NAME[,queues=N][,backend=af_xdp|dpdk|socket][,steer=3260,4420]`. af_xdp (default):
+    /// XDP steering of the `steer` TCP/UDP ports into one AF_XDP socket per queue, everything
+    /// else to the kernel. socket: kernel packet socket, one queue. dpdk (a stratad built with
+    /// `--features dpdk`): for a kernel interface, DPDK's net_af_xdp PMD on it with the same
+    /// steering program; NAME starting with `net_` (e.g. net_ring0, net_null0, net_tap0) is a
+    /// DPDK virtual device, hot-plugged with default arguments unless --dpdk-eal's --vdev
+    /// created it, serving all its traffic. Counters: `stats`, --metrics.
     #[arg(long = "port", value_name = "SPEC")]
     ports: Vec<String>,
+
+    /// EAL arguments for `backend=dpdk` ports, one string, e.g. "-m 1024 -l 0
+    /// --vdev=net_null0,size=64"; default "--no-huge -m 256 --no-pci -l 0 --log-level=error".
+    /// A `--file-prefix=stratad-PID` is added unless given. Needs the `dpdk` feature.
+    #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
+    dpdk_eal: Option<String>,
 
     /// CPUs for the reactor (polling) threads, one thread per CPU, e.g. `1` or `0-1`.
     /// Default: one unpinned reactor.
@@ -384,7 +396,12 @@ fn run(args: Args) -> Result<(), MainError> {
             handler: sh.handler.clone(),
         })?;
     }
-    let ports = ports::start(&port_specs, &server.reactor_links()).map_err(MainError::Port)?;
+    let ports = ports::start(
+        &port_specs,
+        &server.reactor_links(),
+        args.dpdk_eal.as_deref(),
+    )
+    .map_err(MainError::Port)?;
     let control_path = args.control.clone().or_else(|| {
         embedded.then(|| {
             let dir = std::fs::canonicalize(&args.data_dir).unwrap_or(args.data_dir.clone());
@@ -397,7 +414,7 @@ fn run(args: Args) -> Result<(), MainError> {
             control::Control {
                 stats: server.stats_handle(),
                 datastore: datastore.clone(),
-                packet_queues: ports.queues.clone(),
+                ports: ports.counters.clone(),
                 shares: shares.clone(),
             },
         )
@@ -405,7 +422,7 @@ fn run(args: Args) -> Result<(), MainError> {
         tracing::info!(socket = %p.display(), "control socket ready");
     }
     if let Some(addr) = &args.metrics {
-        let bound = metrics::spawn(addr, server.stats_handle())
+        let bound = metrics::spawn(addr, server.stats_handle(), ports.counters.clone())
             .map_err(io_err(format!("metrics endpoint {addr}")))?;
         tracing::info!(%bound, "metrics endpoint ready");
     }
@@ -442,6 +459,7 @@ fn run(args: Args) -> Result<(), MainError> {
     }
     // Detaches the steering programs, after the reactors have stopped polling the sockets.
     drop(ports);
+    ports::remove_dpdk_runtime_dir();
     if let Some(p) = &control_path {
         let _ = std::fs::remove_file(p);
     }

@@ -1,6 +1,7 @@
 //! The Prometheus text endpoint (`--metrics ADDR`, off by default): a tiny HTTP/1.0 responder
-//! on one thread that answers `GET /metrics` with the reactor and queue counters in the
-//! Prometheus text exposition format (version 0.0.4).
+//! on one thread that answers `GET /metrics` with the reactor and queue counters, and with
+//! `--port` the packet queue and XDP steering counters ([`render_ports`]), in the Prometheus
+//! text exposition format (version 0.0.4).
 //!
 //! No framework: one request per connection, the response closes it. The thread only reads
 //! counters (relaxed atomic loads through [`StatsHandle`]), so a scrape never disturbs the
@@ -23,7 +24,11 @@ const NS_PER_SEC: f64 = 1e9;
 
 /// Binds `addr` (e.g. `127.0.0.1:9187`) and serves it on a new thread. Returns the bound
 /// address (useful with port 0).
-pub fn spawn(addr: &str, stats: StatsHandle) -> std::io::Result<SocketAddr> {
+pub fn spawn(
+    addr: &str,
+    stats: StatsHandle,
+    ports: crate::ports::PortCounters,
+) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)?;
     let local = listener.local_addr()?;
     std::thread::Builder::new()
@@ -32,7 +37,7 @@ pub fn spawn(addr: &str, stats: StatsHandle) -> std::io::Result<SocketAddr> {
             for stream in listener.incoming() {
                 match stream {
                     Ok(s) => {
-                        if let Err(e) = serve_client(s, &stats) {
+                        if let Err(e) = serve_client(s, &stats, &ports) {
                             tracing::debug!(err = %e, "metrics client");
                         }
                     }
@@ -44,7 +49,11 @@ pub fn spawn(addr: &str, stats: StatsHandle) -> std::io::Result<SocketAddr> {
 }
 
 /// Reads the request head and answers it.
-fn serve_client(mut stream: TcpStream, stats: &StatsHandle) -> std::io::Result<()> {
+fn serve_client(
+    mut stream: TcpStream,
+    stats: &StatsHandle,
+    ports: &crate::ports::PortCounters,
+) -> std::io::Result<()> {
     stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
     stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
     let mut head = [0u8; REQUEST_HEAD_MAX];
@@ -69,7 +78,7 @@ fn serve_client(mut stream: TcpStream, stats: &StatsHandle) -> std::io::Result<(
         ("GET", "/metrics") | ("GET", "/") => (
             "200 OK",
             "text/plain; version=0.0.4; charset=utf-8",
-            render(&stats.stats()),
+            render(&stats.stats()) + &render_ports(&ports.snapshot()),
         ),
         ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
         _ => (
@@ -245,6 +254,80 @@ pub fn render(s: &ServerStats) -> String {
     out
 }
 
+/// The exposition text of the packet queue and steering counters (families without samples
+/// when stratad serves no `--port`).
+pub fn render_ports(p: &crate::ports::PortsSnapshot) -> String {
+    let mut out = String::new();
+    type QueueField = fn(&(String, u32, &'static str, u64, u64, u64)) -> u64;
+    let queue_families: [(&str, &str, QueueField); 3] = [
+        (
+            "strata_packet_queue_rx_frames_total",
+            "Frames received by a packet queue (--port).",
+            |q| q.3,
+        ),
+        (
+            "strata_packet_queue_rx_bytes_total",
+            "Bytes received by a packet queue.",
+            |q| q.4,
+        ),
+        (
+            "strata_packet_queue_errors_total",
+            "Failed receive bursts of a packet queue.",
+            |q| q.5,
+        ),
+    ];
+    for (name, help, get) in queue_families {
+        let samples: Vec<(String, f64)> = p
+            .queues
+            .iter()
+            .map(|q| {
+                (
+                    format!(
+                        "iface=\"{}\",queue=\"{}\",backend=\"{}\"",
+                        escape(&q.0),
+                        q.1,
+                        q.2
+                    ),
+                    get(q) as f64,
+                )
+            })
+            .collect();
+        family(&mut out, name, "counter", help, &samples);
+    }
+    type SteerField = fn(&ebpf::Counters) -> u64;
+    let steer_families: [(&str, &str, SteerField); 4] = [
+        (
+            "strata_xdp_steered_total",
+            "Frames the XDP program redirected to an AF_XDP socket.",
+            |c| c.steered,
+        ),
+        (
+            "strata_xdp_passed_total",
+            "Frames the XDP program passed to the kernel (not storage traffic).",
+            |c| c.passed,
+        ),
+        (
+            "strata_xdp_malformed_total",
+            "Frames with truncated or invalid headers, passed to the kernel.",
+            |c| c.malformed,
+        ),
+        (
+            "strata_xdp_unbound_total",
+            "Storage frames on a queue without a socket, passed to the kernel.",
+            |c| c.unbound,
+        ),
+    ];
+    for (name, help, get) in steer_families {
+        let samples: Vec<(String, f64)> = p
+            .steering
+            .iter()
+            .map(|(iface, c)| (format!("iface=\"{}\"", escape(iface)), get(c) as f64))
+            .collect();
+        family(&mut out, name, "counter", help, &samples);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -280,7 +363,12 @@ mod tests {
                 num_queues: 2,
             })
             .expect("disk");
-        let addr = spawn("127.0.0.1:0", server.stats_handle()).expect("spawn");
+        let addr = spawn(
+            "127.0.0.1:0",
+            server.stats_handle(),
+            crate::ports::PortCounters::default(),
+        )
+        .expect("spawn");
         let resp = scrape(addr, "/metrics");
         assert!(resp.starts_with("HTTP/1.0 200 OK\r\n"), "{resp}");
         assert!(resp.contains("Content-Type: text/plain; version=0.0.4"));
@@ -295,7 +383,41 @@ mod tests {
             value.parse::<f64>().expect("numeric value");
         }
         assert!(scrape(addr, "/nope").starts_with("HTTP/1.0 404"));
+        // No --port: the port families are present, without samples.
+        assert!(body.contains("# TYPE strata_xdp_steered_total counter\n"));
+        assert!(!body.contains("strata_xdp_steered_total{"));
         drop(server);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn port_counters_render_per_queue_and_interface() {
+        let snap = crate::ports::PortsSnapshot {
+            queues: vec![
+                ("eth0".into(), 0, "af_xdp", 10, 640, 0),
+                ("eth0".into(), 1, "af_xdp", 5, 320, 1),
+            ],
+            steering: vec![(
+                "eth0".into(),
+                ebpf::Counters {
+                    steered: 15,
+                    passed: 7,
+                    malformed: 2,
+                    unbound: 1,
+                },
+            )],
+        };
+        let text = render_ports(&snap);
+        for line in [
+            "strata_packet_queue_rx_frames_total{iface=\"eth0\",queue=\"0\",backend=\"af_xdp\"} 10\n",
+            "strata_packet_queue_rx_bytes_total{iface=\"eth0\",queue=\"1\",backend=\"af_xdp\"} 320\n",
+            "strata_packet_queue_errors_total{iface=\"eth0\",queue=\"1\",backend=\"af_xdp\"} 1\n",
+            "strata_xdp_steered_total{iface=\"eth0\"} 15\n",
+            "strata_xdp_passed_total{iface=\"eth0\"} 7\n",
+            "strata_xdp_malformed_total{iface=\"eth0\"} 2\n",
+            "strata_xdp_unbound_total{iface=\"eth0\"} 1\n",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
     }
 }

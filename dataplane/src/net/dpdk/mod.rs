@@ -4,12 +4,17 @@
 //! `dataplane/build.rs`); DPDK's inline fast-path functions (`rte_eth_rx_burst`,
 //! `rte_pktmbuf_alloc`, ...) are called through the C wrappers bindgen emits, once per burst
 //! where DPDK allows (`rte_pktmbuf_free_bulk`). The EAL is initialised once per process
-//! ([`init_eal`]): DPDK cannot re-initialise it, so the first caller's arguments (virtual
-//! devices included) hold for the process.
+//! ([`init_eal`]): DPDK cannot re-initialise it, so the first caller's arguments hold for the
+//! process. Devices are either named in those arguments (`--vdev=net_ring0`) and opened with
+//! [`DpdkPort::open`], or hot-plugged later with [`DpdkPort::attach`] (e.g.
+//! `net_af_xdp0,iface=eth0,xdp_prog=steer.bpf.o`), which is how stratad adds one per `--port`.
+//! A port has one or more queue pairs, one [`DpdkPort`] handle each, with a mbuf pool per queue.
+//!
+//! Queues are poll-only: [`PacketIo::wake_fd`] is -1, so a reactor serving one never sleeps.
 
 use std::ffi::CString;
 use std::os::fd::RawFd;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use super::{Backend, PacketIo, RX_BURST_MAX};
 
@@ -27,7 +32,7 @@ mod sys {
     include!(concat!(env!("OUT_DIR"), "/dpdk_bindings.rs"));
 }
 
-/// Mbufs per port's pool: RX descriptors + TX descriptors + bursts in hand, rounded to 2^n-1
+/// Mbufs per queue's pool: RX descriptors + TX descriptors + bursts in hand, rounded to 2^n-1
 /// (DPDK's recommendation for ring-backed pools).
 pub const POOL_MBUFS: u32 = 8191;
 /// Per-lcore mbuf cache.
@@ -48,6 +53,10 @@ pub enum DpdkError {
     BadArg,
     #[error("no DPDK port named {0:?}")]
     NoPort(String),
+    #[error("invalid device arguments {0:?} (NUL byte)")]
+    BadDevargs(String),
+    #[error("a port needs at least one queue")]
+    NoQueues,
     #[error("{call} failed: {msg}")]
     Call { call: &'static str, msg: String },
     #[error("frame of {len} bytes does not fit an mbuf")]
@@ -63,8 +72,24 @@ fn rte_err(code: i32) -> String {
 
 static EAL: OnceLock<Result<Vec<String>, String>> = OnceLock::new();
 
+/// The calling thread's CPU affinity, to restore after `rte_eal_init` (which pins it).
+fn affinity() -> Option<libc::cpu_set_t> {
+    // SAFETY: an all-zero cpu_set_t is a valid empty set; sched_getaffinity writes at most its
+    // size into it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        (libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0)
+            .then_some(set)
+    }
+}
+
 /// Initialises the EAL with `args` (program name first is added) once per process; later calls
 /// succeed only with the same arguments.
+///
+/// `rte_eal_init` pins the calling thread to the main lcore's CPU; the caller is not a DPDK
+/// worker (stratad's main thread, a test thread) and threads it spawns later would inherit the
+/// pin, so its previous affinity is restored. Callers that want a pinned polling thread pin it
+/// themselves.
 pub fn init_eal(args: &[&str]) -> Result<(), DpdkError> {
     if args.len() >= MAX_EAL_ARGS {
         return Err(DpdkError::BadArg);
@@ -77,9 +102,14 @@ pub fn init_eal(args: &[&str]) -> Result<(), DpdkError> {
         }
         let mut argv: Vec<*mut libc::c_char> =
             owned.iter().map(|c| c.as_ptr().cast_mut()).collect();
+        let saved = affinity();
         // SAFETY: argv holds argc valid NUL-terminated strings that outlive the call (the
         // EAL may permute the pointer array, which we own, but does not write the strings).
         let n = unsafe { sys::rte_eal_init(argv.len() as i32, argv.as_mut_ptr()) };
+        if let Some(set) = saved {
+            // SAFETY: `set` is a valid cpu_set_t read by the kernel for exactly its size.
+            unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+        }
         if n < 0 {
             // rte_errno is a C thread-local, which bindings cannot read; DPDK logs the reason.
             Err(format!("returned {n} (the DPDK log above says why)"))
@@ -94,86 +124,226 @@ pub fn init_eal(args: &[&str]) -> Result<(), DpdkError> {
     }
 }
 
-/// One started DPDK port with one RX and one TX queue and its own mbuf pool.
+/// Bus of the virtual devices (`net_ring`, `net_null`, `net_af_xdp`, ...).
+const VDEV_BUS: &str = "vdev";
+
+/// Maps a negative DPDK return value to [`DpdkError::Call`].
+fn check(call: &'static str, r: i32) -> Result<(), DpdkError> {
+    if r < 0 {
+        Err(DpdkError::Call {
+            call,
+            msg: rte_err(r),
+        })
+    } else {
+        Ok(())
+    }
+}
+
+/// Removes the hot-plugged virtual device `name` (logged, not returned: called on drop paths).
+fn unplug(name: &str) {
+    if let (Ok(bus), Ok(cname)) = (CString::new(VDEV_BUS), CString::new(name)) {
+        // SAFETY: both strings are NUL-terminated and outlive the call.
+        let r = unsafe { sys::rte_eal_hotplug_remove(bus.as_ptr(), cname.as_ptr()) };
+        if r < 0 {
+            tracing::warn!(device = %name, err = %rte_err(r), "DPDK hot-unplug");
+        }
+    }
+}
+
+/// A configured DPDK port and the mbuf pools of its receive queues. Shared by the port's
+/// [`DpdkPort`] queues; the last one dropped stops and closes the port, removes it if it was
+/// hot-plugged, and only then frees the pools (a started port's rings hold mbufs of them).
+#[derive(Debug)]
+struct Device {
+    port: u16,
+    name: String,
+    hotplugged: bool,
+    started: bool,
+    pools: Vec<*mut sys::rte_mempool>,
+}
+
+// SAFETY: after construction a Device is only read (port id, pool pointers) and finally
+// dropped by one thread; DPDK's control calls in Drop may run on any thread.
+unsafe impl Send for Device {}
+// SAFETY: as above: no method mutates through `&Device`.
+unsafe impl Sync for Device {}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        // SAFETY: `port` is a valid port id; stopping a stopped port and closing a configured
+        // one are allowed. After close no queue references the pools, which are then freed.
+        unsafe {
+            if self.started {
+                sys::rte_eth_dev_stop(self.port);
+            }
+            sys::rte_eth_dev_close(self.port);
+        }
+        if self.hotplugged {
+            unplug(&self.name);
+        }
+        for &p in &self.pools {
+            // SAFETY: each pool was created by `open_queues` and no mbuf of it is in use: the
+            // port is closed and bursts free their mbufs before returning.
+            unsafe { sys::rte_mempool_free(p) };
+        }
+    }
+}
+
+/// One queue (receive and transmit queue `queue`) of a started DPDK port, with its own mbuf
+/// pool. Queues of one port may be driven by different threads.
 #[derive(Debug)]
 pub struct DpdkPort {
-    port: u16,
+    dev: Arc<Device>,
+    queue: u16,
     pool: *mut sys::rte_mempool,
     mbufs: [*mut sys::rte_mbuf; RX_BURST_MAX],
 }
 
-// SAFETY: the port's queues and pool are used only through `&mut self`, by one thread at a
-// time; DPDK queues may move between threads as long as they are not used concurrently.
+// SAFETY: the queue and its pool are used only through `&mut self`, by one thread at a time;
+// DPDK queues may move between threads as long as they are not used concurrently, and the
+// shared Device is Sync.
 unsafe impl Send for DpdkPort {}
 
 impl DpdkPort {
-    /// Configures and starts the port named `name` (e.g. "net_ring0"); the EAL must be up.
+    /// Configures and starts the port named `name` (e.g. "net_ring0") with one queue; the EAL
+    /// must be up.
     pub fn open(name: &str) -> Result<Self, DpdkError> {
+        Self::open_queues(name, 1)?
+            .pop()
+            .ok_or_else(|| DpdkError::NoPort(name.into()))
+    }
+
+    /// Configures and starts the port named `name` with `queues` receive and transmit queue
+    /// pairs, one [`DpdkPort`] each (in queue order).
+    pub fn open_queues(name: &str, queues: u16) -> Result<Vec<Self>, DpdkError> {
+        Self::start(name, queues, false)
+    }
+
+    /// Hot-plugs the virtual device `devargs` (`NAME[,KEY=VALUE...]`, as for `--vdev`, e.g.
+    /// `net_af_xdp0,iface=eth0,queue_count=2`), then configures and starts it with `queues`
+    /// queue pairs. The device is removed again when its last queue is dropped, so the same
+    /// name can be plugged anew.
+    pub fn attach(devargs: &str, queues: u16) -> Result<Vec<Self>, DpdkError> {
+        if queues == 0 {
+            return Err(DpdkError::NoQueues);
+        }
+        let (name, args) = devargs.split_once(',').unwrap_or((devargs, ""));
+        let bad = |_| DpdkError::BadDevargs(devargs.to_owned());
+        let bus = CString::new(VDEV_BUS).map_err(bad)?;
+        let cname = CString::new(name).map_err(bad)?;
+        let cargs = CString::new(args).map_err(bad)?;
+        // SAFETY: three NUL-terminated strings that outlive the call; the EAL is up (callers
+        // hold that invariant, as for every DPDK call here).
+        check("rte_eal_hotplug_add", unsafe {
+            sys::rte_eal_hotplug_add(bus.as_ptr(), cname.as_ptr(), cargs.as_ptr())
+        })?;
+        let r = Self::start(name, queues, true);
+        if let Err(DpdkError::NoPort(_)) = &r {
+            // Plugged but not an ethdev (no Device owns it yet): unplug it here.
+            unplug(name);
+        }
+        r
+    }
+
+    fn start(name: &str, queues: u16, hotplugged: bool) -> Result<Vec<Self>, DpdkError> {
+        if queues == 0 {
+            return Err(DpdkError::NoQueues);
+        }
         let cname = CString::new(name).map_err(|_| DpdkError::NoPort(name.into()))?;
         let mut port = 0u16;
         // SAFETY: `cname` is NUL-terminated and `port` is a live u16 to write.
         if unsafe { sys::rte_eth_dev_get_port_by_name(cname.as_ptr(), &mut port) } != 0 {
             return Err(DpdkError::NoPort(name.into()));
         }
-        let call = |call: &'static str, r: i32| {
-            if r < 0 {
-                Err(DpdkError::Call {
-                    call,
-                    msg: rte_err(r),
-                })
-            } else {
-                Ok(())
-            }
+        // From here on, dropping `dev` undoes whatever was done (close, unplug, free pools).
+        let mut dev = Device {
+            port,
+            name: name.to_owned(),
+            hotplugged,
+            started: false,
+            pools: Vec::with_capacity(usize::from(queues)),
         };
-        let pool_name = CString::new(format!("strata_{port}")).map_err(|_| DpdkError::BadArg)?;
-        // SAFETY: plain call with a NUL-terminated name; the result is checked for NULL.
+        // SAFETY: plain call without arguments.
         let socket = unsafe { sys::rte_socket_id() } as i32;
-        // SAFETY: as above.
-        let pool = unsafe {
-            sys::rte_pktmbuf_pool_create(
-                pool_name.as_ptr(),
-                POOL_MBUFS,
-                POOL_CACHE,
-                0,
-                sys::RTE_MBUF_DEFAULT_BUF_SIZE as u16,
-                socket,
-            )
-        };
-        if pool.is_null() {
-            return Err(DpdkError::Call {
-                call: "rte_pktmbuf_pool_create",
-                msg: "no pool (out of memory? -m too small?)".into(),
-            });
-        }
         let conf = sys::rte_eth_conf::default();
         // SAFETY: `conf` is a valid all-default configuration that outlives the call.
-        call("rte_eth_dev_configure", unsafe {
-            sys::rte_eth_dev_configure(port, 1, 1, &conf)
+        check("rte_eth_dev_configure", unsafe {
+            sys::rte_eth_dev_configure(port, queues, queues, &conf)
         })?;
-        // SAFETY: queue 0 of a configured port; NULL conf means driver defaults; `pool` is live.
-        call("rte_eth_rx_queue_setup", unsafe {
-            sys::rte_eth_rx_queue_setup(port, 0, RING_DESCS, socket as u32, std::ptr::null(), pool)
-        })?;
-        // SAFETY: as above for TX.
-        call("rte_eth_tx_queue_setup", unsafe {
-            sys::rte_eth_tx_queue_setup(port, 0, RING_DESCS, socket as u32, std::ptr::null())
-        })?;
-        // SAFETY: the port is configured with its queues set up.
-        call("rte_eth_dev_start", unsafe { sys::rte_eth_dev_start(port) })?;
-        Ok(Self {
-            port,
-            pool,
-            mbufs: [std::ptr::null_mut(); RX_BURST_MAX],
-        })
+        for q in 0..queues {
+            let pool_name = CString::new(format!("strata_{port}_{q}"))
+                .map_err(|_| DpdkError::NoPort(name.into()))?;
+            // SAFETY: plain call with a NUL-terminated name; the result is checked for NULL.
+            let pool = unsafe {
+                sys::rte_pktmbuf_pool_create(
+                    pool_name.as_ptr(),
+                    POOL_MBUFS,
+                    POOL_CACHE,
+                    0,
+                    sys::RTE_MBUF_DEFAULT_BUF_SIZE as u16,
+                    socket,
+                )
+            };
+            if pool.is_null() {
+                return Err(DpdkError::Call {
+                    call: "rte_pktmbuf_pool_create",
+                    msg: "no pool (out of memory? -m too small?)".into(),
+                });
+            }
+            dev.pools.push(pool);
+            // SAFETY: queue q < queues of a configured port; NULL conf means driver defaults;
+            // `pool` is live until the Device is dropped, after the port is closed.
+            check("rte_eth_rx_queue_setup", unsafe {
+                sys::rte_eth_rx_queue_setup(
+                    port,
+                    q,
+                    RING_DESCS,
+                    socket as u32,
+                    std::ptr::null(),
+                    pool,
+                )
+            })?;
+            // SAFETY: as above for TX.
+            check("rte_eth_tx_queue_setup", unsafe {
+                sys::rte_eth_tx_queue_setup(port, q, RING_DESCS, socket as u32, std::ptr::null())
+            })?;
+        }
+        // SAFETY: the port is configured with all its queues set up.
+        check("rte_eth_dev_start", unsafe { sys::rte_eth_dev_start(port) })?;
+        dev.started = true;
+        let pools = dev.pools.clone();
+        let dev = Arc::new(dev);
+        Ok(pools
+            .into_iter()
+            .zip(0u16..)
+            .map(|(pool, queue)| Self {
+                dev: Arc::clone(&dev),
+                queue,
+                pool,
+                mbufs: [std::ptr::null_mut(); RX_BURST_MAX],
+            })
+            .collect())
+    }
+
+    /// DPDK's id of the port.
+    pub fn port_id(&self) -> u16 {
+        self.dev.port
+    }
+
+    /// The queue pair this handle drives.
+    pub fn queue(&self) -> u16 {
+        self.queue
     }
 }
 
 impl PacketIo for DpdkPort {
     fn rx_burst(&mut self, max: usize, f: &mut dyn FnMut(&[u8])) -> Result<usize, super::NetError> {
         let max = max.min(RX_BURST_MAX) as u16;
-        // SAFETY: `mbufs` has room for RX_BURST_MAX >= max pointers; queue 0 is set up and used
-        // only by this thread (&mut self).
-        let n = unsafe { sys::rte_eth_rx_burst(self.port, 0, self.mbufs.as_mut_ptr(), max) };
+        // SAFETY: `mbufs` has room for RX_BURST_MAX >= max pointers; the queue is set up and
+        // used only by this thread (&mut self).
+        let n = unsafe {
+            sys::rte_eth_rx_burst(self.dev.port, self.queue, self.mbufs.as_mut_ptr(), max)
+        };
         for &m in &self.mbufs[..usize::from(n)] {
             // SAFETY: `m` is a valid mbuf just received; its first segment holds data_len bytes
             // at buf_addr + data_off (rte_pktmbuf_mtod). Multi-segment frames are handed over
@@ -200,7 +370,7 @@ impl PacketIo for DpdkPort {
         for fr in &frames[..n] {
             let len =
                 u16::try_from(fr.len()).map_err(|_| DpdkError::FrameTooLarge { len: fr.len() })?;
-            // SAFETY: `pool` is a live pool created in `open`.
+            // SAFETY: `pool` is a live pool of this queue's device.
             let m = unsafe { sys::rte_pktmbuf_alloc(self.pool) };
             if m.is_null() {
                 break; // pool exhausted: the caller retries later
@@ -208,8 +378,13 @@ impl PacketIo for DpdkPort {
             // SAFETY: `m` is a fresh mbuf; append returns NULL or `len` writable bytes in it.
             let dst = unsafe { sys::rte_pktmbuf_append(m, len) };
             if dst.is_null() {
-                // SAFETY: `m` is ours and unused.
-                unsafe { sys::rte_pktmbuf_free(m) };
+                // SAFETY: `m` and the `built` mbufs before it are ours and unused.
+                unsafe {
+                    sys::rte_pktmbuf_free(m);
+                    if built > 0 {
+                        sys::rte_pktmbuf_free_bulk(self.mbufs.as_mut_ptr(), built as u32);
+                    }
+                }
                 return Err(DpdkError::FrameTooLarge { len: fr.len() }.into());
             }
             // SAFETY: `dst` has `len` writable bytes; `fr` has `len` readable ones.
@@ -218,8 +393,14 @@ impl PacketIo for DpdkPort {
             built += 1;
         }
         // SAFETY: the first `built` pointers are filled mbufs; the driver takes the ones it sends.
-        let sent =
-            unsafe { sys::rte_eth_tx_burst(self.port, 0, self.mbufs.as_mut_ptr(), built as u16) };
+        let sent = unsafe {
+            sys::rte_eth_tx_burst(
+                self.dev.port,
+                self.queue,
+                self.mbufs.as_mut_ptr(),
+                built as u16,
+            )
+        };
         let sent = usize::from(sent);
         if sent < built {
             // SAFETY: mbufs the driver did not take are still ours.
@@ -241,24 +422,19 @@ impl PacketIo for DpdkPort {
     }
 }
 
-impl Drop for DpdkPort {
-    fn drop(&mut self) {
-        // SAFETY: the port was started by `open`; stopping it ends its use of the pool, which
-        // is then freed (no mbuf of it is held: bursts are freed before returning).
-        unsafe {
-            sys::rte_eth_dev_stop(self.port);
-            sys::rte_eth_dev_close(self.port);
-            sys::rte_mempool_free(self.pool);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::net::frame::{build_udp, udp_payload, FrameSpec, IpVersion, FRAME_MAX};
 
-    fn eal() {
+    /// The tests share the process's one EAL and run one at a time (DPDK's control path is
+    /// not meant for concurrent configuration from several threads).
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn eal() -> std::sync::MutexGuard<'static, ()> {
+        let guard = SERIAL
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let prefix = format!("--file-prefix=strata-test-{}", std::process::id());
         init_eal(&[
             "--no-huge",
@@ -273,11 +449,12 @@ mod tests {
             "--vdev=net_null0,size=64,copy=0",
         ])
         .unwrap();
+        guard
     }
 
     #[test]
     fn net_ring_loops_frames_back() {
-        eal();
+        let _serial = eal();
         let mut port = DpdkPort::open("net_ring0").unwrap();
         let frames: Vec<Vec<u8>> = (0..100u32)
             .map(|i| {
@@ -318,7 +495,7 @@ mod tests {
 
     #[test]
     fn net_null_receives_and_frees_without_leaking() {
-        eal();
+        let _serial = eal();
         let mut port = DpdkPort::open("net_null0").unwrap();
         let mut frames = 0usize;
         let mut bytes = 0usize;
@@ -330,5 +507,40 @@ mod tests {
         }
         assert!(frames > 4 * POOL_MBUFS as usize, "{frames} frames");
         assert_eq!(bytes, frames * 64);
+    }
+
+    #[test]
+    fn hotplugged_device_serves_each_queue_and_unplugs() {
+        let _serial = eal();
+        for round in 0..2 {
+            // The same name twice: dropping the queues must have removed the device.
+            let mut queues = DpdkPort::attach("net_null_hp0,size=64,copy=0", 2)
+                .unwrap_or_else(|e| panic!("round {round}: {e}"));
+            assert_eq!(queues.len(), 2);
+            let port = queues[0].port_id();
+            for (i, q) in queues.iter_mut().enumerate() {
+                assert_eq!(usize::from(q.queue()), i);
+                assert_eq!(q.port_id(), port);
+                let mut frames = 0;
+                for _ in 0..4 {
+                    frames += q
+                        .rx_burst(RX_BURST_MAX, &mut |f| assert_eq!(f.len(), 64))
+                        .unwrap();
+                }
+                assert!(frames > 0, "queue {i} received nothing");
+            }
+            // Queues may be dropped in any order and on any thread.
+            let last = queues.pop().unwrap();
+            std::thread::spawn(move || drop(last)).join().unwrap();
+            drop(queues);
+        }
+        assert!(matches!(
+            DpdkPort::attach("net_null_hp1", 0),
+            Err(DpdkError::NoQueues)
+        ));
+        assert!(matches!(
+            DpdkPort::attach("net_nonexistent_driver0", 1),
+            Err(DpdkError::Call { .. })
+        ));
     }
 }
