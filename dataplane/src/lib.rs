@@ -6,6 +6,8 @@
 //!   validates descriptor chains (pure, no I/O).
 //! - [`backend`]: the [`backend::BlockBackend`] trait (where a disk's bytes live) with raw
 //!   image/block-device and null backends; vmfs files plug in here.
+//! - [`guest_ram`]: guest memory regions as a flat table for the per-request path;
+//!   [`split_ring`] reads avail entries and descriptor chains through it.
 //! - [`engine`]: the [`engine::IoEngine`] trait with io_uring, synchronous and
 //!   fault-injecting engines; one engine per reactor.
 //! - [`reactor`]: the fixed pool of polling threads that run every disk's virtqueues.
@@ -16,6 +18,8 @@
 //! - [`server`]: the control thread: listening sockets, frontend connections and reconnects,
 //!   orderly shutdown.
 //! - [`stats`]: counters shared with the control plane.
+//! - [`used_ring`]: batched used-ring writes (one `idx` store and one notification decision per
+//!   reactor loop iteration).
 //! - [`net`]: packet I/O ([`net::PacketIo`]: AF_XDP, packet socket) and storage classifier.
 //! - [`vmfs_backend`]: a vmfs datastore file as a backend (direct path on written space,
 //!   batched journal commits for allocating writes).
@@ -23,10 +27,13 @@
 pub mod backend;
 pub mod blk;
 pub mod engine;
+pub mod guest_ram;
 pub mod net;
 pub mod reactor;
 pub mod server;
+pub mod split_ring;
 pub mod stats;
+pub mod used_ring;
 pub mod vhost_blk;
 pub mod vhost_device;
 pub mod vhost_fs;

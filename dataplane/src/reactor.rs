@@ -20,15 +20,20 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::backend::{BlockBackend, Started, OPS_PER_REQUEST_MAX};
-use crate::blk::request::{parse_request, ParsedRequest, RequestError, RequestKind};
+use crate::blk::request::{
+    chain_scratch, parse_request_with, ChainScratch, ParsedRequest, RequestError, RequestKind,
+};
 use crate::blk::{DiskGeometry, ID_BYTES};
 use crate::engine::{Completion, EngineKind, IoEngine};
+use crate::guest_ram::GuestRam;
+use crate::split_ring::{avail_head, avail_ready, Chain};
 use crate::stats::{bump, QueueStats, ReactorStats};
+use crate::used_ring::UsedRing;
 
 /// How long a reactor keeps polling without finding work before it sleeps. 100 µs covers the
 /// gap between a guest's completion handling and its next submission at moderate queue depths
@@ -313,6 +318,11 @@ struct Slot {
 /// A queue being served.
 struct ActiveQueue {
     run: Box<QueueRun>,
+    /// Completed chains go here; published once per loop iteration.
+    used: UsedRing,
+    /// The guest memory table as a flat region table (rebuilt when the frontend sends a new
+    /// one; checked at every poll of the queue, so at most one loop iteration stale).
+    ram: GuestRam<Arc<GuestMemoryMmap>>,
     slots: Box<[Slot]>,
     free: Vec<u16>,
     in_flight: usize,
@@ -330,6 +340,8 @@ impl ActiveQueue {
         let slots: Box<[Slot]> = (0..n).map(|_| Slot::default()).collect();
         let free = (0..n as u16).rev().collect();
         ActiveQueue {
+            used: UsedRing::new(&run.queue),
+            ram: GuestRam::new(run.mem.memory().into_inner()),
             run,
             slots,
             free,
@@ -369,6 +381,10 @@ struct Reactor {
     queues: Vec<Option<ActiveQueue>>,
     stats: Arc<ReactorStats>,
     completions: Box<[Completion]>,
+    /// Descriptor scratch for the request parser (reused; see `parse_request_with`).
+    scratch: Box<ChainScratch>,
+    /// Requests popped in one poll: (slot, parse outcome), started after the ring walk.
+    popped: Box<[(u16, Result<(), RequestError>)]>,
     exiting: bool,
     /// Packet queues (net::poller), polled each iteration and slept on through their fds.
     packets: Vec<Box<dyn Poller>>,
@@ -414,6 +430,8 @@ impl Reactor {
             queues: Vec::new(),
             stats,
             completions: vec![Completion::default(); REAP_BATCH_MAX].into_boxed_slice(),
+            scratch: chain_scratch(),
+            popped: vec![(0, Ok(())); POP_BATCH_MAX].into_boxed_slice(),
             exiting: false,
             packets: Vec::new(),
         })
@@ -580,23 +598,70 @@ impl Reactor {
             return 0;
         }
         let mem = aq.run.mem.memory().into_inner();
+        if !Arc::ptr_eq(&mem, aq.ram.keep()) {
+            // A new memory table (SET_MEM_TABLE): allocation here, never per request.
+            aq.ram = GuestRam::new(mem.clone());
+        }
+        let engine_room = self
+            .engine
+            .capacity()
+            .saturating_sub(self.engine.in_flight())
+            / OPS_PER_REQUEST_MAX;
+        let budget = POP_BATCH_MAX.min(aq.free.len()).min(engine_room);
+        if budget == 0 {
+            return 0;
+        }
+        // Phase 1: read the avail ring's idx once for the whole batch (virtio-queue's
+        // pop_descriptor_chain re-reads it per chain) and parse each chain into a free slot.
         let mut taken = 0;
-        while taken < POP_BATCH_MAX
-            && !aq.free.is_empty()
-            && self.engine.in_flight() + OPS_PER_REQUEST_MAX <= self.engine.capacity()
         {
-            let Some(chain) = aq.run.queue.pop_descriptor_chain(&*mem) else {
-                break;
+            let ActiveQueue {
+                run,
+                slots,
+                free,
+                ram,
+                ..
+            } = &mut *aq;
+            let (avail, table, size) = (
+                run.queue.avail_ring(),
+                run.queue.desc_table(),
+                run.queue.size(),
+            );
+            let next_avail = run.queue.next_avail();
+            let Some(ready) = avail_ready(ram, avail, size, next_avail) else {
+                if let Some(aq) = self.queues[qs].as_mut() {
+                    aq.log_error(
+                        "bad avail ring",
+                        &"index beyond the ring or ring outside guest memory",
+                    );
+                }
+                return 0;
             };
-            taken += 1;
-            let head = chain.head_index();
-            let Some(slot_id) = aq.free.pop() else { break };
-            aq.in_flight += 1;
+            let n = usize::from(ready).min(budget);
+            for k in 0..n {
+                let index = next_avail.wrapping_add(k as u16);
+                let Some(head) = avail_head(ram, avail, size, index) else {
+                    break;
+                };
+                let Some(slot_id) = free.pop() else { break };
+                let slot = &mut slots[usize::from(slot_id)];
+                slot.head = head;
+                slot.error = 0;
+                slot.ops_pending = 0;
+                let chain = Chain::new(ram, table, size, head);
+                let parsed =
+                    parse_request_with(chain, ram, &run.geom, &mut slot.req, &mut self.scratch);
+                self.popped[taken] = (slot_id, parsed);
+                taken += 1;
+            }
+            run.queue
+                .set_next_avail(next_avail.wrapping_add(taken as u16));
+        }
+        aq.in_flight += taken;
+        // Phase 2: start (or refuse) what was popped.
+        for i in 0..taken {
+            let (slot_id, parsed) = self.popped[i];
             let slot = &mut aq.slots[usize::from(slot_id)];
-            slot.head = head;
-            slot.error = 0;
-            slot.ops_pending = 0;
-            let parsed = parse_request(chain, &*mem, &aq.run.geom, &mut slot.req);
             let outcome = match parsed {
                 Err(e) => Err(e),
                 Ok(()) if slot.req.kind == RequestKind::GetId => {
@@ -614,7 +679,7 @@ impl Reactor {
             match outcome {
                 Ok(Started::Submitted(ops)) => slot.ops_pending = ops,
                 Ok(Started::Done(result)) => {
-                    complete_slot(aq, slot_id, result, &mem);
+                    complete_slot(aq, slot_id, result);
                 }
                 Err(e) => {
                     if matches!(e, RequestError::Unsupported(_)) {
@@ -623,7 +688,7 @@ impl Reactor {
                         bump(&aq.run.stats.invalid_requests, 1);
                     }
                     aq.log_error("refused guest request", &e);
-                    finish_slot(aq, slot_id, e.status(), 1, &mem);
+                    finish_slot(aq, slot_id, e.status(), 1);
                 }
             }
         }
@@ -693,8 +758,7 @@ impl Reactor {
                 } else {
                     c.result
                 };
-                let mem = aq.run.mem.memory().into_inner();
-                complete_slot(aq, slot_id, result, &mem);
+                complete_slot(aq, slot_id, result);
             }
         }
         n
@@ -707,9 +771,12 @@ impl Reactor {
             };
             if aq.needs_signal {
                 aq.needs_signal = false;
-                let mem = aq.run.mem.memory();
-                // With EVENT_IDX, the guest says when it wants an interrupt.
-                if aq.run.queue.needs_notification(&*mem).unwrap_or(true) {
+                // One idx store for the iteration's completions, then one decision (with
+                // EVENT_IDX, the guest says when it wants an interrupt).
+                if aq.used.publish(&aq.ram, &mut aq.run.queue).is_none() {
+                    aq.log_error("cannot write used ring", &"used ring outside guest memory");
+                }
+                if aq.used.needs_notification(&aq.ram) {
                     if let Ok(call) = aq.run.call.lock() {
                         if let Some(call) = call.as_ref() {
                             let _ = call.write(1);
@@ -773,7 +840,7 @@ impl Reactor {
 }
 
 /// Completes a request whose operations have all finished with `result` (bytes or -errno).
-fn complete_slot(aq: &mut ActiveQueue, slot_id: u16, result: i32, mem: &GuestMemoryMmap) {
+fn complete_slot(aq: &mut ActiveQueue, slot_id: u16, result: i32) {
     let slot = &aq.slots[usize::from(slot_id)];
     let req = &slot.req;
     let expected = match req.kind {
@@ -806,20 +873,20 @@ fn complete_slot(aq: &mut ActiveQueue, slot_id: u16, result: i32, mem: &GuestMem
         aq.log_error(&format!("{kind:?} failed"), &detail);
         (virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR as u8, 1)
     };
-    finish_slot(aq, slot_id, status, used, mem);
+    finish_slot(aq, slot_id, status, used);
 }
 
 /// Writes the status byte, puts the chain on the used ring and frees the slot.
-fn finish_slot(aq: &mut ActiveQueue, slot_id: u16, status: u8, used: u32, mem: &GuestMemoryMmap) {
+fn finish_slot(aq: &mut ActiveQueue, slot_id: u16, status: u8, used: u32) {
     let slot = &mut aq.slots[usize::from(slot_id)];
     if let Some(addr) = slot.req.status {
-        // Bounds-checked by vm-memory; the address was validated at parse time.
-        let _ = mem.write_obj(status, addr);
+        // Bounds-checked again (the table may be newer than at parse time).
+        let _ = aq.ram.write(addr.0, &[status]);
     }
     let head = slot.head;
     slot.mem = None;
-    if let Err(e) = aq.run.queue.add_used(mem, head, used) {
-        aq.log_error("cannot write used ring", &e);
+    if aq.used.push(&aq.ram, head, used).is_none() {
+        aq.log_error("cannot write used ring", &"used ring outside guest memory");
     }
     bump(&aq.run.stats.requests, 1);
     aq.free.push(slot_id);
@@ -876,6 +943,7 @@ mod tests {
     use crate::backend::RawBackend;
     use crate::blk::serial_from;
     use crate::engine::fault::FaultPlan;
+    use vm_memory::Bytes;
 
     const MEM_BYTES: usize = 0x40_0000;
     const DISK_BYTES: u64 = 1 << 20;

@@ -20,7 +20,9 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
+use vm_memory::{Address, GuestAddress, GuestMemory};
+
+use crate::guest_ram::GuestRam;
 
 use super::{
     DiskGeometry, MAX_DISCARD_SECTORS, SECTOR_SHIFT, SECTOR_SIZE, SEG_MAX, SIZE_MAX_BYTES,
@@ -184,13 +186,38 @@ where
     M: GuestMemory,
     I: Iterator<Item = Descriptor>,
 {
+    let mut scratch = [Descriptor::new(0, 0, 0, 0); CHAIN_DESCS_MAX];
+    parse_request_with(chain, &GuestRam::new(mem), geom, out, &mut scratch)
+}
+
+/// Descriptor scratch for [`parse_request_with`]: one per reactor, reused for every chain.
+pub type ChainScratch = [Descriptor; CHAIN_DESCS_MAX];
+
+/// A fresh [`ChainScratch`].
+pub fn chain_scratch() -> Box<ChainScratch> {
+    Box::new([Descriptor::new(0, 0, 0, 0); CHAIN_DESCS_MAX])
+}
+
+/// [`parse_request`] for the reactors' per-I/O path: guest memory through a prebuilt
+/// [`GuestRam`] table, and caller-provided descriptor scratch, which would otherwise zero 2 KiB
+/// of stack per request (measurable at millions of requests per second). Only the first
+/// `count` entries of the scratch are read back, all written by this call.
+pub fn parse_request_with<K, I>(
+    chain: I,
+    mem: &GuestRam<K>,
+    geom: &DiskGeometry,
+    out: &mut ParsedRequest,
+    descs: &mut ChainScratch,
+) -> Result<(), RequestError>
+where
+    I: Iterator<Item = Descriptor>,
+{
     out.status = None;
     out.iov_count = 0;
     out.data_len = 0;
     out.num_sectors = 0;
     out.sector = 0;
 
-    let mut descs = [Descriptor::new(0, 0, 0, 0); CHAIN_DESCS_MAX];
     let mut count = 0usize;
     let mut last: Option<Descriptor> = None;
     // The chain iterator is bounded by the queue size (and indirect table size), so this loop
@@ -212,7 +239,7 @@ where
         .addr()
         .checked_add(u64::from(last.len()) - 1)
         .ok_or(RequestError::NoStatus)?;
-    if !mem.address_in_range(status_addr) {
+    if !mem.contains(status_addr.0) {
         return Err(RequestError::NoStatus);
     }
     out.status = Some(status_addr);
@@ -228,9 +255,9 @@ where
     if header.is_write_only() || header.len() != HEADER_BYTES {
         return Err(RequestError::BadHeader);
     }
-    let mut hdr = [0u8; HEADER_BYTES as usize];
-    mem.read_slice(&mut hdr, header.addr())
-        .map_err(|_| RequestError::BadAddress)?;
+    let hdr = mem
+        .read::<{ HEADER_BYTES as usize }>(header.addr().0)
+        .ok_or(RequestError::BadAddress)?;
     let req_type = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
     let sector = u64::from_le_bytes([
         hdr[8], hdr[9], hdr[10], hdr[11], hdr[12], hdr[13], hdr[14], hdr[15],
@@ -300,9 +327,9 @@ where
     Ok(())
 }
 
-fn collect_segments<'a, M: GuestMemory>(
+fn collect_segments<'a, K>(
     descs: impl Iterator<Item = &'a Descriptor>,
-    mem: &M,
+    mem: &GuestRam<K>,
     out: &mut ParsedRequest,
 ) -> Result<(), RequestError> {
     let mut total: u32 = 0;
@@ -317,11 +344,12 @@ fn collect_segments<'a, M: GuestMemory>(
             return Err(RequestError::ChainTooLong);
         }
         // get_slice fails unless [addr, addr + len) lies inside one mapped region.
-        let slice = mem
-            .get_slice(d.addr(), d.len() as usize)
-            .map_err(|_| RequestError::BadAddress)?;
+        // One region must hold [addr, addr + len) before a host pointer exists.
+        let host = mem
+            .host(d.addr().0, d.len() as usize)
+            .ok_or(RequestError::BadAddress)?;
         out.iov[out.iov_count] = libc::iovec {
-            iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+            iov_base: host.cast(),
             iov_len: d.len() as usize,
         };
         out.iov_count += 1;
@@ -341,10 +369,10 @@ fn check_range(sector: u64, num: u64, geom: &DiskGeometry) -> Result<(), Request
     Ok(())
 }
 
-fn parse_discard<M: GuestMemory>(
+fn parse_discard<K>(
     middle: &[Descriptor],
     tail_data: Option<Descriptor>,
-    mem: &M,
+    mem: &GuestRam<K>,
     geom: &DiskGeometry,
     kind: RequestKind,
     out: &mut ParsedRequest,
@@ -352,9 +380,9 @@ fn parse_discard<M: GuestMemory>(
     if tail_data.is_some() || middle.len() != 1 || middle[0].len() != DISCARD_RANGE_BYTES {
         return Err(RequestError::BadDiscard);
     }
-    let mut range = [0u8; DISCARD_RANGE_BYTES as usize];
-    mem.read_slice(&mut range, middle[0].addr())
-        .map_err(|_| RequestError::BadAddress)?;
+    let range = mem
+        .read::<{ DISCARD_RANGE_BYTES as usize }>(middle[0].addr().0)
+        .ok_or(RequestError::BadAddress)?;
     let sector = u64::from_le_bytes([
         range[0], range[1], range[2], range[3], range[4], range[5], range[6], range[7],
     ]);
@@ -396,6 +424,7 @@ mod tests {
 
     use super::*;
     use crate::blk::serial_from;
+    use vm_memory::Bytes;
 
     const MEM_BYTES: usize = 0x10_0000;
 
