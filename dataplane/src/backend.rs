@@ -91,6 +91,32 @@ pub fn pwritev_now(fd: std::os::fd::RawFd, req: &ParsedRequest, offset: u64) -> 
     unsafe { crate::engine::sync::execute(rw_op(fd, req, offset)) }
 }
 
+/// Reads `req`'s data now, on the calling thread: for files whose buffered reads io_uring
+/// cannot attempt without blocking (see [`supports_nowait_reads`]), where it would hand every
+/// read to an io-wq worker thread.
+pub fn preadv_now(fd: std::os::fd::RawFd, req: &ParsedRequest, offset: u64) -> i32 {
+    debug_assert_eq!(req.kind, RequestKind::Read);
+    // SAFETY: the iovecs come from the parser (bounds-checked guest memory, kept mapped by the
+    // caller's memory snapshot for the duration of this call); iov_count ≤ SEG_MAX.
+    unsafe { crate::engine::sync::execute(rw_op(fd, req, offset)) }
+}
+
+/// Whether buffered reads of `fd` can be attempted without blocking (`RWF_NOWAIT`), which is
+/// what lets io_uring complete a page-cache hit inline at submit. Files that refuse it
+/// (EOPNOTSUPP: tmpfs/shmem on Linux 6.1, for one) make io_uring punt *every* read to an io-wq
+/// worker thread: on the 2-core machine, a raw image on tmpfs read at 5.3 µs of server CPU per
+/// 4 KiB read that way (QSD: 4.9) — `strata-bench --backend raw --workload randread`.
+pub fn supports_nowait_reads(fd: std::os::fd::RawFd) -> bool {
+    let mut byte = [0u8; 1];
+    let iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: byte.len(),
+    };
+    // SAFETY: one iovec over a local 1-byte buffer that outlives the call.
+    let rc = unsafe { libc::preadv2(fd, &iov, 1, 0, libc::RWF_NOWAIT) };
+    rc >= 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN)
+}
+
 /// A virtual disk's storage.
 pub trait BlockBackend: Send + Sync + std::fmt::Debug {
     /// Size in bytes (a multiple of 512).
@@ -123,6 +149,8 @@ pub struct RawBackend {
     read_only: bool,
     direct: bool,
     block_device: bool,
+    /// Buffered reads run inline (the file refuses RWF_NOWAIT; see [`supports_nowait_reads`]).
+    inline_reads: bool,
 }
 
 impl RawBackend {
@@ -155,6 +183,7 @@ impl RawBackend {
         if size == 0 {
             return Err(BackendError::Empty(path.to_path_buf()));
         }
+        let inline_reads = !direct && !supports_nowait_reads(file.as_raw_fd());
         Ok(RawBackend {
             file,
             path: path.to_path_buf(),
@@ -162,6 +191,7 @@ impl RawBackend {
             read_only,
             direct,
             block_device,
+            inline_reads,
         })
     }
 }
@@ -193,6 +223,9 @@ impl BlockBackend for RawBackend {
         let fd = self.file.as_raw_fd();
         if req.kind == RequestKind::Write && !self.direct && req.len_bytes() > 0 {
             return Started::Done(pwritev_now(fd, req, req.offset_bytes()));
+        }
+        if req.kind == RequestKind::Read && self.inline_reads && req.len_bytes() > 0 {
+            return Started::Done(preadv_now(fd, req, req.offset_bytes()));
         }
         let op = match req.kind {
             RequestKind::Read | RequestKind::Write => rw_op(fd, req, req.offset_bytes()),
@@ -246,11 +279,16 @@ impl BlockBackend for RawBackend {
 
     fn describe(&self) -> String {
         format!(
-            "raw {} ({} bytes{}{}{})",
+            "raw {} ({} bytes{}{}{}{})",
             self.path.display(),
             self.size,
             if self.read_only { ", read-only" } else { "" },
             if self.direct { ", O_DIRECT" } else { "" },
+            if self.inline_reads {
+                ", inline reads"
+            } else {
+                ""
+            },
             if self.block_device {
                 ", block device"
             } else {

@@ -19,7 +19,9 @@ use std::thread::ThreadId;
 use vmfs::format::FILE_BLOCK;
 use vmfs::fs::{Datastore, WriteSeg};
 
-use crate::backend::{pwritev_now, rw_op, BlockBackend, Started};
+use crate::backend::{
+    preadv_now, pwritev_now, rw_op, supports_nowait_reads, BlockBackend, Started,
+};
 use crate::blk::request::{ParsedRequest, RequestKind};
 use crate::blk::SECTOR_SIZE;
 use crate::engine::IoEngine;
@@ -73,6 +75,9 @@ pub struct VmfsBackend {
     small: bool,
     /// The datastore device is opened O_DIRECT (writes then go through io_uring).
     device_direct: bool,
+    /// Buffered reads run inline: the device refuses RWF_NOWAIT (see
+    /// [`supports_nowait_reads`]), so io_uring would hand each to a worker thread.
+    inline_reads: bool,
 }
 
 impl VmfsBackend {
@@ -98,6 +103,7 @@ impl VmfsBackend {
             deferred: Mutex::new(Vec::with_capacity(DEFERRED_CAPACITY)),
             zeroes: vec![0u8; ZERO_CHUNK_BYTES],
             device_direct: false,
+            inline_reads: fd.is_some_and(|fd| !supports_nowait_reads(fd)),
             small: inode.layout != vmfs::format::DataLayout::FileBlocks,
             map_cache: (0..size.div_ceil(FILE_BLOCK).min(MAP_CACHE_BLOCKS_MAX))
                 .map(|_| AtomicU64::new(0))
@@ -183,6 +189,9 @@ impl VmfsBackend {
         if req.kind == RequestKind::Write && !self.device_direct {
             // Buffered: inline is cheaper than io_uring's worker threads (see pwritev_now).
             return Started::Done(pwritev_now(fd, req, dev_offset));
+        }
+        if req.kind == RequestKind::Read && self.inline_reads {
+            return Started::Done(preadv_now(fd, req, dev_offset));
         }
         let op = rw_op(fd, req, dev_offset);
         // SAFETY: the iovecs live in the reactor's slot until this user_data completes; the
