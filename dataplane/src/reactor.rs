@@ -32,7 +32,7 @@ use crate::blk::{DiskGeometry, ID_BYTES};
 use crate::engine::{Completion, EngineKind, IoEngine};
 use crate::guest_ram::GuestRam;
 use crate::split_ring::{avail_head, avail_ready, Chain};
-use crate::stats::{bump, QueueStats, ReactorStats};
+use crate::stats::{bump, tsc, QueueStats, ReactorStats};
 use crate::used_ring::UsedRing;
 
 /// How long a reactor keeps polling without finding work before it sleeps. 100 µs covers the
@@ -442,6 +442,7 @@ impl Reactor {
         // The event loop runs until a Shutdown command has drained every queue.
         loop {
             let t0 = Instant::now();
+            let c0 = tsc();
             self.handle_commands();
             if self.exiting && self.queues.iter().all(Option::is_none) {
                 break;
@@ -471,6 +472,7 @@ impl Reactor {
             let spent = u64::try_from((t1 - t0).as_nanos()).unwrap_or(u64::MAX);
             if work > 0 {
                 bump(&self.stats.busy_ns, spent);
+                bump(&self.stats.busy_cycles, tsc().wrapping_sub(c0));
                 last_work = t1;
                 continue;
             }

@@ -19,7 +19,7 @@ use std::net::UdpSocket;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::{with_pair, VethPair};
+use common::{recv_all, with_pair, VethPair};
 use dataplane::net::classify::{classify, PortSet, Verdict};
 use dataplane::net::dpdk::{init_eal, DpdkPort};
 use dataplane::net::frame::udp_payload;
@@ -60,22 +60,6 @@ fn drain(io: &mut dyn PacketIo, want: usize) -> Vec<Vec<u8>> {
             .expect("rx_burst");
     }
     got
-}
-
-fn recv_all(sock: &UdpSocket, want: usize) -> usize {
-    sock.set_read_timeout(Some(Duration::from_millis(300)))
-        .expect("socket timeout");
-    let mut buf = [0u8; 2048];
-    let mut n = 0;
-    let end = Instant::now() + DEADLINE;
-    while Instant::now() < end {
-        match sock.recv(&mut buf) {
-            Ok(_) => n += 1,
-            Err(_) if n >= want => break,
-            Err(_) => {}
-        }
-    }
-    n
 }
 
 #[test]

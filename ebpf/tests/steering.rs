@@ -7,7 +7,7 @@ mod common;
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
-use common::{with_pair, VethPair, MAC_A, MAC_B};
+use common::{recv_all, with_pair, VethPair, MAC_A, MAC_B};
 use dataplane::net::af_xdp::{XskConfig, XskSocket};
 use dataplane::net::classify::{classify, PortSet, Verdict};
 use dataplane::net::frame::{build_udp, udp_payload, FrameSpec, FRAME_MAX};
@@ -41,22 +41,6 @@ fn drain(io: &mut dyn PacketIo, want: usize) -> Vec<Vec<u8>> {
     io.rx_burst(64, &mut |f| got.push(f.to_vec()))
         .expect("rx_burst");
     got
-}
-
-fn recv_all(sock: &UdpSocket, want: usize) -> usize {
-    sock.set_read_timeout(Some(Duration::from_millis(300)))
-        .expect("socket timeout");
-    let mut buf = [0u8; 2048];
-    let mut n = 0;
-    let end = Instant::now() + DEADLINE;
-    while Instant::now() < end {
-        match sock.recv(&mut buf) {
-            Ok(_) => n += 1,
-            Err(_) if n >= want => break,
-            Err(_) => {}
-        }
-    }
-    n
 }
 
 #[test]

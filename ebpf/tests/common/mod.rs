@@ -4,8 +4,10 @@
 
 #![allow(dead_code)] // each test binary uses a different subset
 
+use std::net::UdpSocket;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
 pub const MAC_A: [u8; 6] = [0x02, 0x5a, 0, 0, 0, 0x0a];
 pub const MAC_B: [u8; 6] = [0x02, 0x5a, 0, 0, 0, 0x0b];
@@ -214,4 +216,23 @@ pub fn with_pair(name: &str, body: impl FnOnce(&VethPair)) {
         Err(e) if e.starts_with("SKIP") => eprintln!("{e} ({name})"),
         Err(e) => panic!("{name}: setting up namespaces: {e}"),
     }
+}
+
+/// Datagrams received on `sock` until `want` have arrived and the socket has been quiet for
+/// 300 ms (so extra, wrongly passed datagrams are counted too), or 5 s have passed.
+pub fn recv_all(sock: &UdpSocket, want: usize) -> usize {
+    const DEADLINE: Duration = Duration::from_secs(5);
+    sock.set_read_timeout(Some(Duration::from_millis(300)))
+        .expect("socket timeout");
+    let mut buf = [0u8; 2048];
+    let mut n = 0;
+    let end = Instant::now() + DEADLINE;
+    while Instant::now() < end {
+        match sock.recv(&mut buf) {
+            Ok(_) => n += 1,
+            Err(_) if n >= want => break,
+            Err(_) => {}
+        }
+    }
+    n
 }

@@ -55,6 +55,8 @@ pub struct Run {
     /// stratad's busy time per I/O (its counters), in µs: CPU spent in loop iterations that
     /// found work, without the idle spinning that /proc counts as CPU time.
     pub busy_us_per_io: Option<f64>,
+    /// The same in time-stamp-counter cycles per I/O (stratad's `busy_cycles`).
+    pub busy_cycles_per_io: Option<f64>,
     /// Requests taken per loop iteration that found some, operations per io_uring submit,
     /// completions per reap, requests per guest notification.
     pub batch: Option<Batches>,
@@ -141,6 +143,7 @@ impl Run {
             server_threads: r.threads,
             counters: r.counters,
             busy_us_per_io: r.counters.map(|c| per(c.busy_s * 1e6, r.ios as f64)),
+            busy_cycles_per_io: r.counters.map(|c| per(c.busy_cycles, r.ios as f64)),
             batch: r.counters.as_ref().map(Batches::new),
             cdf: hist.cdf(),
         }

@@ -573,6 +573,8 @@ pub fn free_loopback_addr() -> anyhow::Result<SocketAddr> {
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
 pub struct Counters {
     pub busy_s: f64,
+    /// Busy time in TSC cycles (busy_cycles / requests = cycles per I/O).
+    pub busy_cycles: f64,
     pub spin_idle_s: f64,
     pub sleep_s: f64,
     pub sleeps: f64,
@@ -590,6 +592,7 @@ impl Counters {
     pub fn since(&self, e: &Counters) -> Counters {
         Counters {
             busy_s: self.busy_s - e.busy_s,
+            busy_cycles: self.busy_cycles - e.busy_cycles,
             spin_idle_s: self.spin_idle_s - e.spin_idle_s,
             sleep_s: self.sleep_s - e.sleep_s,
             sleeps: self.sleeps - e.sleeps,
@@ -616,6 +619,7 @@ impl Counters {
             };
             let field = match name {
                 "strata_reactor_busy_seconds_total" => &mut c.busy_s,
+                "strata_reactor_busy_cycles_total" => &mut c.busy_cycles,
                 "strata_reactor_spin_idle_seconds_total" => &mut c.spin_idle_s,
                 "strata_reactor_sleep_seconds_total" => &mut c.sleep_s,
                 "strata_reactor_sleeps_total" => &mut c.sleeps,

@@ -280,11 +280,14 @@ fn print_stats(v: &Value, as_json: bool) {
         .flatten()
     {
         println!(
-            "reactor {:>2}  busy {:>8} ms  sleep {:>8} ms  requests {}",
+            "reactor {:>2}  busy {:>8} ms  sleep {:>8} ms  requests {}  cycles/IO {:.0}",
             g(r, "reactor"),
             g(r, "busy_ns") / 1_000_000,
             g(r, "sleep_ns") / 1_000_000,
-            g(r, "requests")
+            g(r, "requests"),
+            r.get("cycles_per_io")
+                .and_then(Value::as_f64)
+                .unwrap_or(0.0)
         );
     }
     for d in v
@@ -330,6 +333,37 @@ fn print_stats(v: &Value, as_json: bool) {
             g(&p, "evictions"),
             g(&p, "expirations"),
             g(&p, "entries")
+        );
+    }
+    for q in v
+        .get("packet_queues")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        println!(
+            "port {:<12} queue {:>2} {:<7} rx frames {} bytes {} errors {}",
+            q.get("iface").and_then(Value::as_str).unwrap_or(""),
+            g(q, "queue"),
+            q.get("backend").and_then(Value::as_str).unwrap_or(""),
+            g(q, "rx_frames"),
+            g(q, "rx_bytes"),
+            g(q, "errors")
+        );
+    }
+    for s in v
+        .get("steering")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        println!(
+            "xdp  {:<12} steered {} passed {} malformed {} unbound {}",
+            s.get("iface").and_then(Value::as_str).unwrap_or(""),
+            g(s, "steered"),
+            g(s, "passed"),
+            g(s, "malformed"),
+            g(s, "unbound")
         );
     }
 }

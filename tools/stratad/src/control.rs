@@ -149,9 +149,11 @@ fn stats_json(h: &StatsHandle) -> Value {
         .enumerate()
         .map(|(i, (cpu, r))| {
             json!({
-                "reactor": i, "cpu": cpu, "busy_ns": r.busy_ns, "spin_idle_ns": r.spin_idle_ns,
+                "reactor": i, "cpu": cpu, "busy_ns": r.busy_ns, "busy_cycles": r.busy_cycles,
+                "cycles_per_io": r.cycles_per_io(), "spin_idle_ns": r.spin_idle_ns,
                 "sleep_ns": r.sleep_ns, "sleeps": r.sleeps, "requests": r.requests,
                 "submits": r.submits, "submitted_ops": r.submitted_ops, "queues": r.queues,
+                "pop_batches": r.pop_batches, "reap_batches": r.reap_batches, "reaped": r.reaped,
             })
         })
         .collect();

@@ -126,12 +126,18 @@ pub fn render(s: &ServerStats) -> String {
         None => format!("reactor=\"{i}\",cpu=\"\""),
     };
     type ReactorField = fn(&dataplane::stats::ReactorStatsSnapshot) -> f64;
-    let reactor_families: [(&str, &str, &str, ReactorField); 11] = [
+    let reactor_families: [(&str, &str, &str, ReactorField); 12] = [
         (
             "strata_reactor_busy_seconds_total",
             "counter",
             "Time in reactor loop iterations that found work.",
             |r| r.busy_ns as f64 / NS_PER_SEC,
+        ),
+        (
+            "strata_reactor_busy_cycles_total",
+            "counter",
+            "Time-stamp-counter cycles in loop iterations that found work (/ requests = cycles per I/O).",
+            |r| r.busy_cycles as f64,
         ),
         (
             "strata_reactor_spin_idle_seconds_total",
