@@ -71,7 +71,9 @@ pub struct ReactorStats {
     /// Time in loop iterations that found work.
     pub busy_ns: AtomicU64,
     /// The same time in time-stamp-counter cycles (x86 `rdtsc`; 0 elsewhere): busy cycles /
-    /// requests = cycles per I/O, comparable across machines of one clock rate.
+    /// requests = cycles per I/O, comparable across machines of one clock rate. On a reactor
+    /// that also serves packet queues (`--port`) the busy time includes their frames, which
+    /// `requests` does not count: cycles per I/O is then an upper bound.
     pub busy_cycles: AtomicU64,
     /// Time spinning without work (bounded by the spin limit before each sleep).
     pub spin_idle_ns: AtomicU64,
