@@ -29,7 +29,7 @@ mod dpdk {
             .header(HEADER)
             .clang_args(["-include", "rte_config.h"])
             .allowlist_function(
-                "rte_(eal|eth|pktmbuf|mempool|lcore|socket|strerror|errno|get_tsc).*",
+                "rte_(eal|eth|pktmbuf|mempool|lcore|socket|strerror|errno|get_tsc|thread_(un)?register).*",
             )
             .allowlist_type("rte_.*")
             .allowlist_var("RTE_.*")

@@ -160,6 +160,15 @@ pub enum SteerError {
     NotAttached(String),
     #[error("the XDP program on {iface} is {name:?}, not the steering program")]
     ForeignProgram { iface: String, name: String },
+    #[error(
+        "interface {iface} already has XDP program id {id} ({name:?}) attached, which is not \
+         Strata's steering program; detach it first (ip link set dev {iface} xdp off)"
+    )]
+    OtherProgramAttached {
+        iface: String,
+        id: u32,
+        name: String,
+    },
     #[error("XDP program {0} is no longer loaded")]
     ProgramGone(u32),
     #[error("bpf({call}): {source}")]
@@ -422,6 +431,41 @@ impl std::fmt::Debug for AttachedSteering {
             .field("prog_id", &self.prog_id)
             .finish()
     }
+}
+
+/// The name the kernel reports for the loaded program `id`.
+fn program_name(id: u32) -> Result<String, SteerError> {
+    // aya 0.13 has no ProgramInfo::from_id: walk the loaded programs for the id.
+    let info = loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == id)
+        .ok_or(SteerError::ProgramGone(id))?;
+    Ok(String::from_utf8_lossy(info.name()).into_owned())
+}
+
+/// Makes `iface` free for a loader that attaches by netlink without replacing (DPDK's
+/// net_af_xdp PMD uses `XDP_FLAGS_UPDATE_IF_NOEXIST`): if the steering program is attached
+/// (left behind by a killed process: a netlink attachment outlives its loader), it is detached
+/// and its id returned; if another program is attached, fails with
+/// [`SteerError::OtherProgramAttached`] naming it. Ok(None) when nothing is attached.
+pub fn detach_stale_steering(iface: &str) -> Result<Option<u32>, SteerError> {
+    let ifindex = sys::if_index(iface)?;
+    let progs = sys::xdp_programs(ifindex)?;
+    let Some(&(id, _)) = progs.first() else {
+        return Ok(None);
+    };
+    for &(id, _) in &progs {
+        let name = program_name(id)?;
+        if name != PROGRAM {
+            return Err(SteerError::OtherProgramAttached {
+                iface: iface.into(),
+                id,
+                name,
+            });
+        }
+    }
+    sys::xdp_detach_all(ifindex)?;
+    Ok(Some(id))
 }
 
 impl AttachedSteering {

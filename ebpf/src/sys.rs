@@ -120,6 +120,13 @@ pub fn if_index(name: &str) -> Result<u32, SteerError> {
 /// rtnetlink message types and attributes (uapi/linux/rtnetlink.h, if_link.h, netlink.h).
 const RTM_NEWLINK: u16 = 16;
 const RTM_GETLINK: u16 = 18;
+const RTM_SETLINK: u16 = 19;
+const NLM_F_ACK: u16 = 4;
+const NLA_F_NESTED: u16 = 0x8000;
+const IFLA_XDP_FD: u16 = 1;
+const IFLA_XDP_ATTACHED: u16 = 2;
+const IFLA_XDP_FLAGS: u16 = 3;
+const IFLA_XDP_HW_PROG_ID: u16 = 7;
 const NLMSG_ERROR: u16 = 2;
 const NLM_F_REQUEST: u16 = 1;
 const IFLA_XDP: u16 = 43;
@@ -149,18 +156,10 @@ fn nl_attrs(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
     })
 }
 
-/// The id of the XDP program attached to the interface `ifindex` (any mode), if one is.
-pub fn xdp_prog_id(ifindex: u32) -> Result<Option<u32>, SteerError> {
-    let err = |source: std::io::Error| SteerError::Syscall {
-        call: "RTM_GETLINK",
-        source,
-    };
-    let bad = |what: &str| {
-        err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            what.to_owned(),
-        ))
-    };
+/// Opens a NETLINK_ROUTE socket, sends `req` to the kernel and returns its (first) answer.
+fn netlink_call(call: &'static str, req: &[u8]) -> Result<Vec<u8>, SteerError> {
+    use std::os::fd::AsRawFd;
+    let err = |source: std::io::Error| SteerError::Syscall { call, source };
     // SAFETY: plain socket(2) call; the result is checked before use.
     let fd = unsafe {
         libc::socket(
@@ -174,15 +173,6 @@ pub fn xdp_prog_id(ifindex: u32) -> Result<Option<u32>, SteerError> {
     }
     // SAFETY: `fd` is a fresh descriptor owned by nothing else.
     let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    use std::os::fd::AsRawFd;
-    let mut req = [0u8; NLMSG_HDR_LEN + IFINFOMSG_LEN];
-    let req_len = req.len() as u32;
-    req[0..4].copy_from_slice(&req_len.to_ne_bytes());
-    req[4..6].copy_from_slice(&RTM_GETLINK.to_ne_bytes());
-    req[6..8].copy_from_slice(&NLM_F_REQUEST.to_ne_bytes());
-    req[8..12].copy_from_slice(&1u32.to_ne_bytes()); // sequence number
-                                                     // ifinfomsg: family AF_UNSPEC, type 0, index, flags 0, change 0.
-    req[NLMSG_HDR_LEN + 4..NLMSG_HDR_LEN + 8].copy_from_slice(&ifindex.to_ne_bytes());
     // SAFETY: an all-zero sockaddr_nl addresses the kernel.
     let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
     kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
@@ -204,36 +194,158 @@ pub fn xdp_prog_id(ifindex: u32) -> Result<Option<u32>, SteerError> {
     // SAFETY: `buf` is live and writable for its length.
     let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
     let n = usize::try_from(n).map_err(|_| err(std::io::Error::last_os_error()))?;
-    let msg = &buf[..n];
-    if msg.len() < NLMSG_HDR_LEN {
-        return Err(bad("short netlink answer"));
+    buf.truncate(n);
+    if buf.len() < NLMSG_HDR_LEN {
+        return Err(err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "short netlink answer",
+        )));
+    }
+    Ok(buf)
+}
+
+/// A `struct nlmsghdr` + `struct ifinfomsg` (family AF_UNSPEC) for `ifindex`, with room for
+/// attributes appended by the caller (the length is fixed up by [`nl_finish`]).
+fn nl_link_msg(kind: u16, flags: u16, ifindex: u32) -> Vec<u8> {
+    let mut req = vec![0u8; NLMSG_HDR_LEN + IFINFOMSG_LEN];
+    req[4..6].copy_from_slice(&kind.to_ne_bytes());
+    req[6..8].copy_from_slice(&flags.to_ne_bytes());
+    req[8..12].copy_from_slice(&1u32.to_ne_bytes()); // sequence number
+    req[NLMSG_HDR_LEN + 4..NLMSG_HDR_LEN + 8].copy_from_slice(&ifindex.to_ne_bytes());
+    req
+}
+
+fn nl_finish(req: &mut [u8]) {
+    let len = u32::try_from(req.len()).unwrap_or(u32::MAX);
+    req[0..4].copy_from_slice(&len.to_ne_bytes());
+}
+
+/// The error code of an NLMSG_ERROR answer (0 is an acknowledgement), None for another type.
+fn nl_error_code(msg: &[u8]) -> Option<i32> {
+    let kind = u16::from_ne_bytes([msg[4], msg[5]]);
+    if kind != NLMSG_ERROR {
+        return None;
+    }
+    Some(
+        msg.get(NLMSG_HDR_LEN..NLMSG_HDR_LEN + 4)
+            .map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+            .unwrap_or(-libc::EBADMSG),
+    )
+}
+
+/// `XDP_FLAGS_*` mode bits (uapi/linux/if_link.h).
+pub const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
+pub const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
+pub const XDP_FLAGS_HW_MODE: u32 = 1 << 3;
+/// `IFLA_XDP_ATTACHED` values (`XDP_ATTACHED_*`).
+const XDP_ATTACHED_DRV: u8 = 1;
+const XDP_ATTACHED_SKB: u8 = 2;
+const XDP_ATTACHED_HW: u8 = 3;
+
+/// The XDP programs attached to the interface `ifindex`: (program id, `XDP_FLAGS_*_MODE` of
+/// its attach mode) per mode, at most one each.
+pub fn xdp_programs(ifindex: u32) -> Result<Vec<(u32, u32)>, SteerError> {
+    let bad = |what: &str| SteerError::Syscall {
+        call: "RTM_GETLINK",
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned()),
+    };
+    let mut req = nl_link_msg(RTM_GETLINK, NLM_F_REQUEST, ifindex);
+    nl_finish(&mut req);
+    let msg = netlink_call("RTM_GETLINK", &req)?;
+    if let Some(code) = nl_error_code(&msg) {
+        return Err(SteerError::Syscall {
+            call: "RTM_GETLINK",
+            source: std::io::Error::from_raw_os_error(-code),
+        });
     }
     let kind = u16::from_ne_bytes([msg[4], msg[5]]);
-    if kind == NLMSG_ERROR {
-        let code = msg
-            .get(NLMSG_HDR_LEN..NLMSG_HDR_LEN + 4)
-            .map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
-            .ok_or_else(|| bad("short netlink error"))?;
-        return Err(err(std::io::Error::from_raw_os_error(-code)));
-    }
     if kind != RTM_NEWLINK || msg.len() < NLMSG_HDR_LEN + IFINFOMSG_LEN {
         return Err(bad("unexpected netlink answer"));
     }
     let len = (u32::from_ne_bytes([msg[0], msg[1], msg[2], msg[3]]) as usize).min(msg.len());
     let attrs = &msg[NLMSG_HDR_LEN + IFINFOMSG_LEN..len.max(NLMSG_HDR_LEN + IFINFOMSG_LEN)];
     let Some((_, xdp)) = nl_attrs(attrs).find(|(k, _)| *k == IFLA_XDP) else {
-        return Ok(None);
+        return Ok(Vec::new());
     };
-    // PROG_ID is given when one mode is attached; DRV/SKB per mode.
-    for want in [IFLA_XDP_PROG_ID, IFLA_XDP_DRV_PROG_ID, IFLA_XDP_SKB_PROG_ID] {
-        if let Some((_, v)) = nl_attrs(xdp).find(|(k, v)| *k == want && v.len() >= 4) {
-            let id = u32::from_ne_bytes([v[0], v[1], v[2], v[3]]);
-            if id != 0 {
-                return Ok(Some(id));
-            }
+    let u32_of = |want: u16| {
+        nl_attrs(xdp)
+            .find(|(k, v)| *k == want && v.len() >= 4)
+            .map(|(_, v)| u32::from_ne_bytes([v[0], v[1], v[2], v[3]]))
+            .filter(|&id| id != 0)
+    };
+    let attached = nl_attrs(xdp)
+        .find(|(k, v)| *k == IFLA_XDP_ATTACHED && !v.is_empty())
+        .map_or(0, |(_, v)| v[0]);
+    let mut progs = Vec::new();
+    // Per-mode ids are given when several modes are attached; PROG_ID with the mode otherwise.
+    for (attr, mode) in [
+        (IFLA_XDP_DRV_PROG_ID, XDP_FLAGS_DRV_MODE),
+        (IFLA_XDP_SKB_PROG_ID, XDP_FLAGS_SKB_MODE),
+        (IFLA_XDP_HW_PROG_ID, XDP_FLAGS_HW_MODE),
+    ] {
+        if let Some(id) = u32_of(attr) {
+            progs.push((id, mode));
         }
     }
-    Ok(None)
+    if progs.is_empty() {
+        if let Some(id) = u32_of(IFLA_XDP_PROG_ID) {
+            let mode = match attached {
+                XDP_ATTACHED_DRV => XDP_FLAGS_DRV_MODE,
+                XDP_ATTACHED_SKB => XDP_FLAGS_SKB_MODE,
+                XDP_ATTACHED_HW => XDP_FLAGS_HW_MODE,
+                _ => 0,
+            };
+            progs.push((id, mode));
+        }
+    }
+    Ok(progs)
+}
+
+/// The id of the XDP program attached to the interface `ifindex` (any mode), if one is.
+pub fn xdp_prog_id(ifindex: u32) -> Result<Option<u32>, SteerError> {
+    Ok(xdp_programs(ifindex)?.first().map(|&(id, _)| id))
+}
+
+/// Attaches the loaded XDP program `prog_fd` to `ifindex` by netlink (`IFLA_XDP_FD`, as
+/// libbpf's `bpf_xdp_attach` and DPDK's net_af_xdp PMD do) with `XDP_FLAGS_*` `flags`; a
+/// `prog_fd` of -1 detaches the program of the mode in `flags`. A program attached this way
+/// stays attached when its loader exits.
+pub fn xdp_set_link_fd(ifindex: u32, prog_fd: RawFd, flags: u32) -> Result<(), SteerError> {
+    let mut req = nl_link_msg(RTM_SETLINK, NLM_F_REQUEST | NLM_F_ACK, ifindex);
+    // IFLA_XDP (nested) { IFLA_XDP_FD: s32, IFLA_XDP_FLAGS: u32 }.
+    req.extend_from_slice(&20u16.to_ne_bytes());
+    req.extend_from_slice(&(IFLA_XDP | NLA_F_NESTED).to_ne_bytes());
+    req.extend_from_slice(&8u16.to_ne_bytes());
+    req.extend_from_slice(&IFLA_XDP_FD.to_ne_bytes());
+    req.extend_from_slice(&prog_fd.to_ne_bytes());
+    req.extend_from_slice(&8u16.to_ne_bytes());
+    req.extend_from_slice(&IFLA_XDP_FLAGS.to_ne_bytes());
+    req.extend_from_slice(&flags.to_ne_bytes());
+    nl_finish(&mut req);
+    let msg = netlink_call("RTM_SETLINK", &req)?;
+    match nl_error_code(&msg) {
+        Some(0) => Ok(()),
+        Some(code) => Err(SteerError::Syscall {
+            call: "RTM_SETLINK",
+            source: std::io::Error::from_raw_os_error(-code),
+        }),
+        None => Err(SteerError::Syscall {
+            call: "RTM_SETLINK",
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "unexpected netlink answer",
+            ),
+        }),
+    }
+}
+
+/// Detaches the XDP program of every mode from `ifindex` by netlink. Fails (EBUSY) for a
+/// program attached through a bpf link, which only its link's owner can detach.
+pub fn xdp_detach_all(ifindex: u32) -> Result<(), SteerError> {
+    for (_, mode) in xdp_programs(ifindex)? {
+        xdp_set_link_fd(ifindex, -1, mode)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

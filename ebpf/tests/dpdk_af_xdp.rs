@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use common::{recv_all, with_pair, VethPair};
 use dataplane::net::classify::{classify, PortSet, Verdict};
-use dataplane::net::dpdk::{init_eal, DpdkPort};
+use dataplane::net::dpdk::{first_allowed_cpu, init_eal, DpdkPort, RuntimeDirGuard};
 use dataplane::net::frame::udp_payload;
 use dataplane::net::PacketIo;
 use ebpf::{AttachedSteering, SteerPort, DEFAULT_STEER_PORTS};
@@ -71,7 +71,11 @@ fn net_af_xdp_pmd_with_the_steering_program() {
                 std::env::temp_dir().join(format!("strata-steer-{}.bpf.o", std::process::id())),
             );
             std::fs::write(&obj.0, ebpf::steer_object()).expect("write the XDP object");
-            let prefix = format!("--file-prefix=strata-afxdp-{}", std::process::id());
+            let prefix = format!("strata-afxdp-{}", std::process::id());
+            // Removed also when an assertion fails (the panic unwinds through it).
+            let _runtime_dir = RuntimeDirGuard::new(&prefix);
+            let prefix = format!("--file-prefix={prefix}");
+            let lcore = first_allowed_cpu().to_string();
             let vdev = format!("--vdev={VDEV},iface={},xdp_prog={}", p.vb, obj.0.display());
             let (ns_b, vb, ip4_b) = (p.ns_b.clone(), p.vb.clone(), p.ip4_b);
             let (tx_ready, rx_ready) = std::sync::mpsc::channel();
@@ -86,7 +90,7 @@ fn net_af_xdp_pmd_with_the_steering_program() {
                             "--no-pci",
                             &prefix,
                             "-l",
-                            "0",
+                            &lcore,
                             "--log-level=error",
                             &vdev,
                         ])

@@ -76,7 +76,8 @@ struct Args {
     ports: Vec<String>,
 
     /// EAL arguments for `backend=dpdk` ports, one string, e.g. "-m 1024 -l 0
-    /// --vdev=net_null0,size=64"; default "--no-huge -m 256 --no-pci -l 0 --log-level=error".
+    /// --vdev=net_null0,size=64"; default "--no-huge -m 256 --no-pci --log-level=error -l CPU",
+    /// CPU being the first CPU stratad may run on.
     /// A `--file-prefix=stratad-PID` is added unless given. Needs the `dpdk` feature.
     #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
     dpdk_eal: Option<String>,
@@ -372,6 +373,8 @@ fn run(args: Args) -> Result<(), MainError> {
         }
         spawn_committer(ds.clone()).map_err(io_err("commit thread"))?;
     }
+    // Declared before the server and the ports, so dropped after them, on every return.
+    let _dpdk_runtime_dir = ports::DpdkRuntimeDir::new();
     let mut server = Server::new(&ServerConfig { cpus, engine })?;
     for (i, (spec, backend)) in specs.iter().zip(backends).enumerate() {
         let name = spec.name.clone().unwrap_or_else(|| {
@@ -459,7 +462,6 @@ fn run(args: Args) -> Result<(), MainError> {
     }
     // Detaches the steering programs, after the reactors have stopped polling the sockets.
     drop(ports);
-    ports::remove_dpdk_runtime_dir();
     if let Some(p) = &control_path {
         let _ = std::fs::remove_file(p);
     }

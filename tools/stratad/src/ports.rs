@@ -8,15 +8,18 @@
 //!   attaches through a bpf link).
 //! - `socket`: the kernel packet-socket fallback (one queue, no program).
 //! - `dpdk` (a stratad built with `--features dpdk`): the EAL is initialised once, at the first
-//!   such port, with `--dpdk-eal` (default `--no-huge -m 256 --no-pci -l 0 --log-level=error`,
-//!   plus a per-process `--file-prefix`). A kernel interface NAME becomes
-//!   DPDK's `net_af_xdp` port on it, queue q on the interface's queue q, with the same steering
-//!   program: the PMD loads it from a temporary copy of the object and attaches it itself
-//!   (netlink, so a SIGKILLed stratad leaves it attached; a clean exit removes it), and stratad
-//!   fills its port map. A NAME starting with `net_` is a DPDK virtual device (`net_ring0`,
-//!   `net_null0`, `net_tap0`, ...): hot-plugged with default arguments, or used as is when a
-//!   `--vdev` of `--dpdk-eal` created it, and all its traffic is served (no steering). DPDK
-//!   queues are poll-only: a reactor serving one never sleeps.
+//!   such port, with `--dpdk-eal` (default `--no-huge -m 256 --no-pci --log-level=error -l CPU`,
+//!   CPU the first of stratad's affinity, plus a per-process `--file-prefix`). A kernel
+//!   interface NAME becomes DPDK's `net_af_xdp` port on it, queue q on the interface's queue q,
+//!   with the same steering program: the PMD loads it from an anonymous memory file
+//!   (`/proc/self/fd/N`) and attaches it itself (netlink, so a SIGKILLed stratad leaves it
+//!   attached; a clean exit removes it; the next start detaches such a leftover steering
+//!   program and refuses an interface with another program), and stratad fills its port map.
+//!   A NAME starting with `net_` is a DPDK virtual device (`net_ring0`, `net_null0`,
+//!   `net_tap0`, ...): opened as is when a `--vdev` of `--dpdk-eal` created it, else
+//!   hot-plugged with default arguments, and all its traffic is served (no steering). A port
+//!   already served by another `--port` is refused. DPDK queues are poll-only: a reactor
+//!   serving one never sleeps (its disks are polled at 100% CPU).
 //!
 //! No storage protocol consumes the frames yet: queues count them, and the counters (queues,
 //! and the steering program's steered/passed/malformed/unbound per interface) are in the
@@ -230,29 +233,54 @@ pub fn start(
     Ok(ports)
 }
 
-/// Removes DPDK's runtime directory of this process (made by the default `--file-prefix`
-/// stratad adds; DPDK leaves it behind) once the ports are gone. A no-op without the `dpdk`
-/// feature or when no DPDK port ran.
-pub fn remove_dpdk_runtime_dir() {
+/// Removes DPDK's runtime directory of this process (made for the `--file-prefix` stratad
+/// adds; DPDK leaves it behind) when dropped: hold it across everything that may use DPDK,
+/// so that the directory goes on error returns too. A no-op without the `dpdk` feature or when
+/// no DPDK port ran.
+#[derive(Debug)]
+pub struct DpdkRuntimeDir {
     #[cfg(feature = "dpdk")]
-    dpdk::remove_runtime_dir();
+    _guard: dataplane::net::dpdk::RuntimeDirGuard,
+}
+
+impl Default for DpdkRuntimeDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl DpdkRuntimeDir {
+    pub fn new() -> Self {
+        Self {
+            #[cfg(feature = "dpdk")]
+            _guard: dataplane::net::dpdk::RuntimeDirGuard::new(&dpdk::own_prefix()),
+        }
+    }
 }
 
 #[cfg(feature = "dpdk")]
 mod dpdk {
-    use std::path::PathBuf;
+    use std::io::Write;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     use std::sync::Arc;
 
-    use dataplane::net::dpdk::{init_eal, DpdkPort};
+    use dataplane::net::dpdk::{first_allowed_cpu, init_eal, DpdkPort};
     use dataplane::net::port::PortSpec;
     use dataplane::reactor::ReactorLink;
 
     use super::{hand_to_reactor, Ports};
 
     /// EAL arguments when `--dpdk-eal` is not given: no hugepages and no PCI scan (virtual
-    /// devices and `net_af_xdp` need neither), one lcore (the reactors are not EAL lcores; they
-    /// call DPDK as plain threads), errors only.
-    pub const DEFAULT_EAL: &str = "--no-huge -m 256 --no-pci -l 0 --log-level=error";
+    /// devices and `net_af_xdp` need neither), errors only; `-l CPU` with the first CPU of
+    /// stratad's affinity is added ([`default_eal`]): one lcore, the reactors are not EAL
+    /// lcores (they register with DPDK as non-EAL threads at their first burst).
+    pub const DEFAULT_EAL: &str = "--no-huge -m 256 --no-pci --log-level=error";
+
+    /// [`DEFAULT_EAL`] with `-l` the first CPU stratad may run on (`-l 0` fails when CPU 0
+    /// is not in its affinity, e.g. under taskset or a cpuset).
+    pub fn default_eal() -> String {
+        format!("{DEFAULT_EAL} -l {}", first_allowed_cpu())
+    }
 
     /// Interface names starting with this are DPDK virtual devices, not kernel interfaces
     /// (every DPDK network PMD's name starts with it).
@@ -261,8 +289,9 @@ mod dpdk {
     /// The EAL arguments: `user` or the default, plus a per-process `--file-prefix` unless one
     /// is given, so that two daemons never share DPDK's runtime directory.
     pub fn eal_args(user: Option<&str>) -> Vec<String> {
+        let default = default_eal();
         let mut args: Vec<String> = user
-            .unwrap_or(DEFAULT_EAL)
+            .unwrap_or(&default)
             .split_whitespace()
             .map(str::to_owned)
             .collect();
@@ -273,35 +302,31 @@ mod dpdk {
     }
 
     /// The `--file-prefix` stratad adds.
-    fn own_prefix() -> String {
+    pub fn own_prefix() -> String {
         format!("stratad-{}", std::process::id())
     }
 
-    /// DPDK's runtime directory for the prefix stratad adds: under /var/run/dpdk for root, else
-    /// $XDG_RUNTIME_DIR/dpdk or /tmp/dpdk (EAL's `eal_create_runtime_dir`).
-    pub fn remove_runtime_dir() {
-        // SAFETY: geteuid has no preconditions.
-        let base = if unsafe { libc::geteuid() } == 0 {
-            PathBuf::from("/var/run")
-        } else {
-            std::env::var_os("XDG_RUNTIME_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from("/tmp"))
-        };
-        let dir = base.join("dpdk").join(own_prefix());
-        if dir.exists() {
-            if let Err(e) = std::fs::remove_dir_all(&dir) {
-                tracing::debug!(dir = %dir.display(), %e, "removing DPDK's runtime directory");
+    /// The steering object in an anonymous memory file, for the PMD's `xdp_prog=` as
+    /// `/proc/self/fd/N` (libbpf opens it by path): nothing on disk for another user to
+    /// pre-create or replace, and no devargs separator (',' '=') in the path.
+    struct MemObject(OwnedFd);
+
+    impl MemObject {
+        fn new(bytes: &[u8]) -> std::io::Result<Self> {
+            // SAFETY: the name is a NUL-terminated literal; the result is checked.
+            let fd =
+                unsafe { libc::memfd_create(c"stratad-steer.bpf.o".as_ptr(), libc::MFD_CLOEXEC) };
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
             }
+            // SAFETY: `fd` is a fresh descriptor owned by nothing else.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            std::fs::File::from(fd.try_clone()?).write_all(bytes)?;
+            Ok(Self(fd))
         }
-    }
 
-    /// Removes the temporary object file once the PMD has loaded it (or failed to).
-    struct TempFile(PathBuf);
-
-    impl Drop for TempFile {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
+        fn path(&self) -> String {
+            format!("/proc/self/fd/{}", self.0.as_raw_fd())
         }
     }
 
@@ -325,20 +350,28 @@ mod dpdk {
                 Err(e) => return Err(format!("{iface}: DPDK device: {e}")),
             }
         } else {
-            let obj = TempFile(
-                std::env::temp_dir().join(format!("stratad-{}-{iface}.bpf.o", std::process::id())),
-            );
-            std::fs::write(&obj.0, ebpf::steer_object())
-                .map_err(|e| format!("{iface}: writing {}: {e}", obj.0.display()))?;
+            // The PMD attaches with XDP_FLAGS_UPDATE_IF_NOEXIST: a program left attached by a
+            // SIGKILLed stratad (netlink attachments outlive their loader) would make every
+            // later start fail. Ours is detached; anyone else's is an error naming it.
+            match ebpf::detach_stale_steering(iface) {
+                Ok(None) => {}
+                Ok(Some(id)) => tracing::warn!(%iface, prog = id,
+                    "detached a steering program left attached (by a killed stratad?)"),
+                Err(e) => return Err(format!("{iface}: {e}")),
+            }
+            // Kept open until the PMD has loaded it (in attach).
+            let obj = MemObject::new(ebpf::steer_object())
+                .map_err(|e| format!("{iface}: the XDP object's memory file: {e}"))?;
             // busy_budget=0: the reactor polls; preferred busy polling would add a system
             // call to every empty poll.
             let devargs = format!(
                 "net_af_xdp_{iface},iface={iface},start_queue=0,queue_count={queues},\
                  xdp_prog={},busy_budget=0",
-                obj.0.display()
+                obj.path()
             );
             let handles = DpdkPort::attach(&devargs, queues)
                 .map_err(|e| format!("{iface}: DPDK net_af_xdp: {e}"))?;
+            drop(obj);
             let mut attached = ebpf::AttachedSteering::find(iface)
                 .map_err(|e| format!("{iface}: the net_af_xdp PMD's XDP program: {e}"))?;
             for &p in &spec.steer {
@@ -366,10 +399,11 @@ mod dpdk {
     }
 }
 
-/// Ports on a veth pair, as root: stratad's side in this network namespace (so that DPDK's
-/// close, which detaches by interface index from whichever thread drops the last queue, sees
-/// the same namespace), the peer in a namespace of its own that sends storage, other and
-/// malformed traffic. The counters are read as clients read them: the control socket's `stats`
+/// Ports on a veth pair, as root, both ends in private network namespaces (the host's links and
+/// routes are never touched): stratad's side in one, where the whole test body runs (reactor
+/// threads inherit it, so DPDK's close, which detaches by interface index from whichever
+/// thread drops the last queue, sees the same namespace), the peer in another that sends
+/// storage, other and malformed traffic. The counters are read as clients read them: the control socket's `stats`
 /// and a `--metrics` scrape.
 #[cfg(test)]
 mod tests {
@@ -410,9 +444,10 @@ mod tests {
         }
     }
 
-    /// `host` here, `peer` in namespace `ns`; removed on drop (deleting the namespace deletes
-    /// the pair).
+    /// `host` in namespace `host_ns` (stratad's), `peer` in namespace `ns`; both namespaces
+    /// (hence the pair) are removed on drop, also when setup or the test fails.
     struct Veth {
+        host_ns: String,
         ns: String,
         host: String,
         peer: String,
@@ -422,37 +457,50 @@ mod tests {
     impl Drop for Veth {
         fn drop(&mut self) {
             let _ = ip(&["netns", "del", &self.ns]);
+            let _ = ip(&["netns", "del", &self.host_ns]);
         }
     }
 
     impl Veth {
         /// None (with a SKIP message) when not root.
-        fn new(tag: char, subnet_bit: u8) -> Option<Self> {
+        fn new(tag: char) -> Option<Self> {
             // SAFETY: geteuid has no preconditions.
             if unsafe { libc::geteuid() } != 0 {
                 eprintln!("SKIP: needs root (network namespaces, XDP)");
                 return None;
             }
             let id = std::process::id() % 100_000;
-            let octet = u8::try_from(id % 100).unwrap_or(0) * 2 + subnet_bit;
+            // Private namespaces: any subnet will do.
             let v = Veth {
+                host_ns: format!("stratad-h{tag}{id}"),
                 ns: format!("stratad-{tag}{id}"),
                 host: format!("sd{tag}{id}"),
                 peer: format!("sp{tag}{id}"),
-                host_ip: Ipv4Addr::new(10, 77, octet, 1),
+                host_ip: Ipv4Addr::new(10, 77, 0, 1),
             };
             let _ = ip(&["netns", "del", &v.ns]);
-            let _ = ip(&["link", "del", &v.host]);
-            let peer_ip = format!("10.77.{octet}.2/24");
+            let _ = ip(&["netns", "del", &v.host_ns]);
+            let peer_ip = "10.77.0.2/24";
             let host_ip = format!("{}/24", v.host_ip);
-            let (ns, host, peer) = (v.ns.as_str(), v.host.as_str(), v.peer.as_str());
-            let steps: [&[&str]; 7] = [
+            let (hns, ns, host, peer) = (
+                v.host_ns.as_str(),
+                v.ns.as_str(),
+                v.host.as_str(),
+                v.peer.as_str(),
+            );
+            let steps: [&[&str]; 9] = [
+                &["netns", "add", hns],
                 &["netns", "add", ns],
-                &["link", "add", host, "type", "veth", "peer", "name", peer],
-                &["link", "set", peer, "netns", ns],
-                &["addr", "add", &host_ip, "dev", host],
-                &["link", "set", host, "up"],
-                &["-n", ns, "addr", "add", &peer_ip, "dev", peer],
+                // Created inside stratad's namespace, peer moved out: no step in the root one.
+                &[
+                    "-n", hns, "link", "add", host, "type", "veth", "peer", "name", peer,
+                ],
+                &["-n", hns, "link", "set", peer, "netns", ns],
+                &["-n", hns, "addr", "add", &host_ip, "dev", host],
+                &["-n", hns, "link", "set", host, "up"],
+                // The metrics endpoint listens on 127.0.0.1 there.
+                &["-n", hns, "link", "set", "lo", "up"],
+                &["-n", ns, "addr", "add", peer_ip, "dev", peer],
                 &["-n", ns, "link", "set", peer, "up"],
             ];
             for s in steps {
@@ -461,9 +509,9 @@ mod tests {
             Some(v)
         }
 
-        /// Runs `f` on a thread inside the peer's namespace.
-        fn in_ns<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-            let path = format!("/run/netns/{}", self.ns);
+        /// Runs `f` on a thread inside namespace `ns` (threads it spawns inherit it).
+        fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+            let path = format!("/run/netns/{ns}");
             std::thread::scope(|s| {
                 s.spawn(move || {
                     let ns = std::fs::File::open(&path).expect("open namespace");
@@ -473,13 +521,24 @@ mod tests {
                     f()
                 })
                 .join()
-                .expect("namespace thread")
+                // Re-raised here, so the Veth guard of the caller still runs.
+                .unwrap_or_else(|p| std::panic::resume_unwind(p))
             })
         }
 
+        /// Call in the host namespace.
         fn xdp_attached(&self) -> bool {
             let ifindex = ebpf::sys::if_index(&self.host).expect("ifindex");
             ebpf::sys::xdp_prog_id(ifindex).expect("query").is_some()
+        }
+    }
+
+    /// Removes a file on drop (the control socket, also when the test fails).
+    struct RemoveOnDrop(std::path::PathBuf);
+
+    impl Drop for RemoveOnDrop {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
         }
     }
 
@@ -507,21 +566,26 @@ mod tests {
         .expect("reactors")
     }
 
-    /// Starts `--port iface=HOST,backend=BACKEND,steer=4420` on `v`, sends STORAGE datagrams to
-    /// 4420, OTHER to 9999 (a kernel socket here), one truncated IPv4 frame and a ping from the
-    /// peer, and checks `stats`, the metrics and the detach.
+    /// In the host namespace: starts `--port iface=HOST,backend=BACKEND,steer=4420` on `v`,
+    /// sends STORAGE datagrams to 4420, OTHER to 9999 (a kernel socket here), one truncated
+    /// IPv4 frame and a ping from the peer, and checks `stats`, the metrics and the detach.
     fn storage_and_other_traffic_counted(v: &Veth, backend: &str) {
+        Veth::in_ns(&v.host_ns, || traffic_counted_in_host_ns(v, backend));
+    }
+
+    fn traffic_counted_in_host_ns(v: &Veth, backend: &str) {
         let mut server = server();
         let spec = parse_port_spec(&format!("iface={},backend={backend},steer=4420", v.host))
             .expect("spec");
         let ports = start(&[spec], &server.reactor_links(), None).expect("start the port");
         let dir = std::env::temp_dir();
-        let sock = dir.join(format!(
+        let sock = RemoveOnDrop(dir.join(format!(
             "stratad-ports-{backend}-{}.sock",
             std::process::id()
-        ));
+        )));
+        let sock = &sock.0;
         crate::control::spawn(
-            &sock,
+            sock,
             crate::control::Control {
                 stats: server.stats_handle(),
                 datastore: None,
@@ -538,7 +602,7 @@ mod tests {
             .set_read_timeout(Some(Duration::from_millis(200)))
             .expect("timeout");
         let (host_ip, peer) = (v.host_ip, v.peer.clone());
-        v.in_ns(move || {
+        Veth::in_ns(&v.ns, move || {
             let udp = UdpSocket::bind("0.0.0.0:0").expect("bind");
             for i in 0..STORAGE.max(OTHER) {
                 if i < STORAGE {
@@ -576,7 +640,7 @@ mod tests {
 
         let deadline = Instant::now() + DEADLINE;
         let st = loop {
-            let st = rpc_stats(&sock);
+            let st = rpc_stats(sock);
             let q = st["packet_queues"][0]["rx_frames"].as_u64().unwrap_or(0);
             let s = st["steering"][0]["steered"].as_u64().unwrap_or(0);
             if (q >= STORAGE && s >= STORAGE) || Instant::now() > deadline {
@@ -626,12 +690,11 @@ mod tests {
         assert_eq!(ports.steering_counters()[0].1[0], STORAGE, "final counters");
         drop(ports);
         assert!(!v.xdp_attached(), "XDP program left on {}", v.host);
-        let _ = std::fs::remove_file(&sock);
     }
 
     #[test]
     fn af_xdp_port_counters_in_stats_and_metrics() {
-        if let Some(v) = Veth::new('x', 0) {
+        if let Some(v) = Veth::new('x') {
             storage_and_other_traffic_counted(&v, "af_xdp");
         }
     }
@@ -645,17 +708,23 @@ mod tests {
         assert!(err.contains("`dpdk` feature"), "{err}");
     }
 
-    /// DPDK tests share the process's one EAL; run one at a time.
+    /// DPDK tests share the process's one EAL; run one at a time. Its runtime directory is
+    /// removed when the test binary exits.
     #[cfg(feature = "dpdk")]
     static DPDK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
     #[cfg(feature = "dpdk")]
+    fn dpdk_serial() -> std::sync::MutexGuard<'static, ()> {
+        dataplane::net::dpdk::remove_runtime_dir_at_exit(&dpdk::own_prefix());
+        DPDK.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    #[cfg(feature = "dpdk")]
     #[test]
     fn dpdk_net_af_xdp_port_counters_in_stats_and_metrics() {
-        let _one = DPDK
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(v) = Veth::new('d', 1) {
+        let _one = dpdk_serial();
+        if let Some(v) = Veth::new('d') {
             storage_and_other_traffic_counted(&v, "dpdk");
         }
     }
@@ -663,9 +732,7 @@ mod tests {
     #[cfg(feature = "dpdk")]
     #[test]
     fn dpdk_virtual_device_port_keeps_its_reactor_polling() {
-        let _one = DPDK
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _one = dpdk_serial();
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             eprintln!("SKIP: DPDK needs root");
@@ -697,6 +764,33 @@ mod tests {
         let snap = ports.counters.snapshot();
         assert_eq!(snap.queues.len(), 2);
         assert!(snap.queues.iter().all(|q| q.2 == "dpdk" && q.5 == 0));
+        drop(server);
+        drop(ports);
+    }
+
+    #[cfg(feature = "dpdk")]
+    #[test]
+    fn dpdk_port_given_twice_is_refused_and_keeps_serving() {
+        let _one = dpdk_serial();
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIP: DPDK needs root");
+            return;
+        }
+        let server = server();
+        let spec = parse_port_spec("iface=net_null_sd1,backend=dpdk").expect("spec");
+        let ports =
+            start(std::slice::from_ref(&spec), &server.reactor_links(), None).expect("first");
+        let err = start(&[spec], &server.reactor_links(), None).expect_err("same port again");
+        assert!(err.contains("already in use"), "{err}");
+        // The first one still runs.
+        let frames = || ports.counters.snapshot().queues[0].3;
+        let before = frames();
+        let deadline = Instant::now() + DEADLINE;
+        while frames() == before {
+            assert!(Instant::now() < deadline, "the first port stopped");
+            std::thread::sleep(Duration::from_millis(10));
+        }
         drop(server);
         drop(ports);
     }

@@ -11,10 +11,23 @@
 //! A port has one or more queue pairs, one [`DpdkPort`] handle each, with a mbuf pool per queue.
 //!
 //! Queues are poll-only: [`PacketIo::wake_fd`] is -1, so a reactor serving one never sleeps.
+//!
+//! DPDK's control path (configure, start, hot-plug, close, mempool create/free) is not
+//! thread-safe: every such call here runs under one process-wide lock ([`control`]), whichever
+//! thread (a reactor dropping a queue, the main thread starting ports) makes it. A port is
+//! claimed by one [`DpdkPort::open_queues`] / [`DpdkPort::attach`] at a time; opening a port
+//! already claimed in this process fails with [`DpdkError::PortInUse`].
+//!
+//! A thread that drives a queue registers itself with DPDK (`rte_thread_register`) on its first
+//! burst, so it gets an lcore id and with it the mempools' per-lcore mbuf caches; it is
+//! unregistered when it exits.
 
+use std::cell::Cell;
+use std::collections::BTreeSet;
 use std::ffi::CString;
 use std::os::fd::RawFd;
-use std::sync::{Arc, OnceLock};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use super::{Backend, PacketIo, RX_BURST_MAX};
 
@@ -37,6 +50,9 @@ mod sys {
 pub const POOL_MBUFS: u32 = 8191;
 /// Per-lcore mbuf cache.
 pub const POOL_CACHE: u32 = 256;
+/// Bytes of frame an mbuf of the pools holds (`RTE_MBUF_DEFAULT_DATAROOM`: the pools' buffers
+/// are `RTE_MBUF_DEFAULT_BUF_SIZE`, data room plus headroom); longer frames are refused.
+pub const MBUF_DATA_ROOM: usize = sys::RTE_MBUF_DEFAULT_DATAROOM as usize;
 /// RX and TX descriptors per queue.
 pub const RING_DESCS: u16 = 1024;
 /// Longest EAL argument list accepted.
@@ -57,8 +73,12 @@ pub enum DpdkError {
     BadDevargs(String),
     #[error("a port needs at least one queue")]
     NoQueues,
+    #[error("DPDK port {0:?} is already in use in this process")]
+    PortInUse(String),
     #[error("{call} failed: {msg}")]
     Call { call: &'static str, msg: String },
+    #[error("DPDK control call made while this thread holds the control lock")]
+    Reentrant,
     #[error("frame of {len} bytes does not fit an mbuf")]
     FrameTooLarge { len: usize },
 }
@@ -71,6 +91,142 @@ fn rte_err(code: i32) -> String {
 }
 
 static EAL: OnceLock<Result<Vec<String>, String>> = OnceLock::new();
+
+/// Ports claimed by a live [`Device`], under the control-path lock.
+static CONTROL: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+
+thread_local! {
+    /// Whether this thread holds [`CONTROL`] (so that a Device dropped on a failure path of
+    /// `start`, which holds it, does not lock it again).
+    static CONTROL_HELD: Cell<bool> = const { Cell::new(false) };
+}
+
+/// The process-wide DPDK control-path lock, with the set of claimed ports. Reentrant per
+/// thread: None when this thread already holds it (its outer holder has the set).
+struct Control(MutexGuard<'static, BTreeSet<u16>>);
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        CONTROL_HELD.with(|h| h.set(false));
+    }
+}
+
+fn control() -> Option<Control> {
+    if CONTROL_HELD.with(Cell::get) {
+        return None;
+    }
+    let g = CONTROL.lock().unwrap_or_else(PoisonError::into_inner);
+    CONTROL_HELD.with(|h| h.set(true));
+    Some(Control(g))
+}
+
+/// The first CPU of the calling thread's affinity (0 if it cannot be read): an lcore for
+/// `-l` that the EAL can pin its main thread to.
+pub fn first_allowed_cpu() -> usize {
+    affinity()
+        .and_then(|set| {
+            // SAFETY: CPU_ISSET reads the bit of a valid cpu_set_t for an index below
+            // CPU_SETSIZE.
+            (0..libc::CPU_SETSIZE as usize).find(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        })
+        .unwrap_or(0)
+}
+
+/// DPDK's runtime directory for `--file-prefix=PREFIX`: /var/run/dpdk/PREFIX when the real
+/// uid is 0, else $XDG_RUNTIME_DIR/dpdk/PREFIX or /tmp/dpdk/PREFIX (EAL's
+/// `eal_create_runtime_dir`, which checks `getuid()`).
+pub fn runtime_dir(prefix: &str) -> PathBuf {
+    // SAFETY: getuid has no preconditions.
+    let base = if unsafe { libc::getuid() } == 0 {
+        PathBuf::from("/var/run")
+    } else {
+        std::env::var_os("XDG_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/tmp"))
+    };
+    base.join("dpdk").join(prefix)
+}
+
+/// Removes DPDK's runtime directory of a `--file-prefix` on drop (DPDK leaves it behind). Hold
+/// it for as long as the EAL may be used: in practice until the process ends.
+#[derive(Debug)]
+pub struct RuntimeDirGuard(PathBuf);
+
+impl RuntimeDirGuard {
+    /// A guard on the runtime directory of `prefix` (see [`runtime_dir`]).
+    pub fn new(prefix: &str) -> Self {
+        Self(runtime_dir(prefix))
+    }
+}
+
+impl Drop for RuntimeDirGuard {
+    fn drop(&mut self) {
+        if self.0.exists() {
+            if let Err(e) = std::fs::remove_dir_all(&self.0) {
+                tracing::debug!(dir = %self.0.display(), %e, "removing DPDK's runtime directory");
+            }
+        }
+    }
+}
+
+static AT_EXIT_DIR: OnceLock<PathBuf> = OnceLock::new();
+
+extern "C" fn remove_at_exit_dir() {
+    if let Some(d) = AT_EXIT_DIR.get() {
+        drop(RuntimeDirGuard(d.clone()));
+    }
+}
+
+/// Removes DPDK's runtime directory of `prefix` when the process exits normally (`atexit`):
+/// for test binaries, whose tests share one EAL and have no scope that outlives them all. Only
+/// the first call's prefix is kept.
+pub fn remove_runtime_dir_at_exit(prefix: &str) {
+    if AT_EXIT_DIR.set(runtime_dir(prefix)).is_ok() {
+        // SAFETY: registers a function without arguments that only reads a static set above.
+        unsafe { libc::atexit(remove_at_exit_dir) };
+    }
+}
+
+/// This thread's registration with DPDK; unregistered when the thread exits.
+struct Registration(Cell<Option<bool>>);
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if self.0.get() == Some(true) {
+            // SAFETY: this thread registered itself and makes no further DPDK call.
+            unsafe { sys::rte_thread_unregister() };
+        }
+    }
+}
+
+thread_local! {
+    /// None: not tried yet; Some(registered).
+    static REGISTERED: Registration = const { Registration(Cell::new(None)) };
+}
+
+/// Registers the calling thread with DPDK once (an lcore id, hence per-lcore mempool caches).
+/// EAL lcores already have an id; a failure (no lcore id left) is logged once and the thread
+/// goes on unregistered, without caches.
+fn register_thread() {
+    REGISTERED.with(|r| {
+        if r.0.get().is_some() {
+            return;
+        }
+        // SAFETY: plain call; LCORE_ID_ANY (u32::MAX) means an unregistered thread.
+        if unsafe { sys::rte_lcore_id() } != u32::MAX {
+            r.0.set(Some(false)); // an EAL lcore: nothing to undo at exit
+            return;
+        }
+        // SAFETY: plain call; the EAL is up (a queue exists).
+        let ok = unsafe { sys::rte_thread_register() } == 0;
+        if !ok {
+            tracing::warn!(
+                "rte_thread_register failed: DPDK queues on this thread run without mbuf caches"
+            );
+        }
+        r.0.set(Some(ok));
+    });
+}
 
 /// The calling thread's CPU affinity, to restore after `rte_eal_init` (which pins it).
 fn affinity() -> Option<libc::cpu_set_t> {
@@ -163,29 +319,49 @@ struct Device {
 }
 
 // SAFETY: after construction a Device is only read (port id, pool pointers) and finally
-// dropped by one thread; DPDK's control calls in Drop may run on any thread.
+// dropped by one thread; DPDK's control calls in Drop may run on any thread, and run under the
+// process-wide control lock.
 unsafe impl Send for Device {}
 // SAFETY: as above: no method mutates through `&Device`.
 unsafe impl Sync for Device {}
 
 impl Drop for Device {
     fn drop(&mut self) {
-        // SAFETY: `port` is a valid port id; stopping a stopped port and closing a configured
-        // one are allowed. After close no queue references the pools, which are then freed.
-        unsafe {
-            if self.started {
-                sys::rte_eth_dev_stop(self.port);
-            }
-            sys::rte_eth_dev_close(self.port);
+        // Under the control lock (None: the failing `start` that builds this Device holds it).
+        let mut guard = control();
+        // SAFETY: `port` is a valid port id of ours; stopping a started port and closing a
+        // configured one are allowed.
+        let (stop, close) = unsafe {
+            let stop = if self.started {
+                sys::rte_eth_dev_stop(self.port)
+            } else {
+                0
+            };
+            (stop, sys::rte_eth_dev_close(self.port))
+        };
+        if stop < 0 {
+            tracing::warn!(device = %self.name, err = %rte_err(stop), "rte_eth_dev_stop");
+        }
+        if close < 0 {
+            // The port's queues may still reference the pools: leak them (and keep the port
+            // claimed) rather than free memory the driver could still touch.
+            tracing::error!(device = %self.name, err = %rte_err(close),
+                pools = self.pools.len(), "rte_eth_dev_close failed: leaking the port's mbuf pools");
+            return;
         }
         if self.hotplugged {
             unplug(&self.name);
         }
         for &p in &self.pools {
-            // SAFETY: each pool was created by `open_queues` and no mbuf of it is in use: the
-            // port is closed and bursts free their mbufs before returning.
+            // SAFETY: each pool was created by `start` for this port, which is closed (so no
+            // queue references it), and no mbuf of it is in use: bursts free their mbufs
+            // before returning.
             unsafe { sys::rte_mempool_free(p) };
         }
+        if let Some(g) = guard.as_mut() {
+            g.0.remove(&self.port);
+        }
+        // Without the guard, the holder (`start`) never inserted the port.
     }
 }
 
@@ -216,7 +392,8 @@ impl DpdkPort {
     /// Configures and starts the port named `name` with `queues` receive and transmit queue
     /// pairs, one [`DpdkPort`] each (in queue order).
     pub fn open_queues(name: &str, queues: u16) -> Result<Vec<Self>, DpdkError> {
-        Self::start(name, queues, false)
+        let mut control = control().ok_or(DpdkError::Reentrant)?;
+        Self::start(&mut control.0, name, queues, false)
     }
 
     /// Hot-plugs the virtual device `devargs` (`NAME[,KEY=VALUE...]`, as for `--vdev`, e.g.
@@ -232,12 +409,13 @@ impl DpdkPort {
         let bus = CString::new(VDEV_BUS).map_err(bad)?;
         let cname = CString::new(name).map_err(bad)?;
         let cargs = CString::new(args).map_err(bad)?;
+        let mut control = control().ok_or(DpdkError::Reentrant)?;
         // SAFETY: three NUL-terminated strings that outlive the call; the EAL is up (callers
         // hold that invariant, as for every DPDK call here).
         check("rte_eal_hotplug_add", unsafe {
             sys::rte_eal_hotplug_add(bus.as_ptr(), cname.as_ptr(), cargs.as_ptr())
         })?;
-        let r = Self::start(name, queues, true);
+        let r = Self::start(&mut control.0, name, queues, true);
         if let Err(DpdkError::NoPort(_)) = &r {
             // Plugged but not an ethdev (no Device owns it yet): unplug it here.
             unplug(name);
@@ -245,7 +423,14 @@ impl DpdkPort {
         r
     }
 
-    fn start(name: &str, queues: u16, hotplugged: bool) -> Result<Vec<Self>, DpdkError> {
+    /// Configures and starts port `name`; the caller holds the control lock, whose set of
+    /// claimed ports is `claimed`.
+    fn start(
+        claimed: &mut BTreeSet<u16>,
+        name: &str,
+        queues: u16,
+        hotplugged: bool,
+    ) -> Result<Vec<Self>, DpdkError> {
         if queues == 0 {
             return Err(DpdkError::NoQueues);
         }
@@ -254,6 +439,9 @@ impl DpdkPort {
         // SAFETY: `cname` is NUL-terminated and `port` is a live u16 to write.
         if unsafe { sys::rte_eth_dev_get_port_by_name(cname.as_ptr(), &mut port) } != 0 {
             return Err(DpdkError::NoPort(name.into()));
+        }
+        if claimed.contains(&port) {
+            return Err(DpdkError::PortInUse(name.into()));
         }
         // From here on, dropping `dev` undoes whatever was done (close, unplug, free pools).
         let mut dev = Device {
@@ -311,6 +499,7 @@ impl DpdkPort {
         // SAFETY: the port is configured with all its queues set up.
         check("rte_eth_dev_start", unsafe { sys::rte_eth_dev_start(port) })?;
         dev.started = true;
+        claimed.insert(port);
         let pools = dev.pools.clone();
         let dev = Arc::new(dev);
         Ok(pools
@@ -338,6 +527,7 @@ impl DpdkPort {
 
 impl PacketIo for DpdkPort {
     fn rx_burst(&mut self, max: usize, f: &mut dyn FnMut(&[u8])) -> Result<usize, super::NetError> {
+        register_thread();
         let max = max.min(RX_BURST_MAX) as u16;
         // SAFETY: `mbufs` has room for RX_BURST_MAX >= max pointers; the queue is set up and
         // used only by this thread (&mut self).
@@ -365,11 +555,16 @@ impl PacketIo for DpdkPort {
     }
 
     fn tx_burst(&mut self, frames: &[&[u8]]) -> Result<usize, super::NetError> {
+        register_thread();
         let n = frames.len().min(RX_BURST_MAX);
+        // Checked before any mbuf is allocated, so that no error path holds mbufs.
+        if let Some(fr) = frames[..n].iter().find(|f| f.len() > MBUF_DATA_ROOM) {
+            return Err(DpdkError::FrameTooLarge { len: fr.len() }.into());
+        }
         let mut built = 0usize;
         for fr in &frames[..n] {
-            let len =
-                u16::try_from(fr.len()).map_err(|_| DpdkError::FrameTooLarge { len: fr.len() })?;
+            // Cannot fail: fr.len() <= MBUF_DATA_ROOM < 2^16.
+            let len = u16::try_from(fr.len()).unwrap_or(u16::MAX);
             // SAFETY: `pool` is a live pool of this queue's device.
             let m = unsafe { sys::rte_pktmbuf_alloc(self.pool) };
             if m.is_null() {
@@ -435,7 +630,10 @@ mod tests {
         let guard = SERIAL
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let prefix = format!("--file-prefix=strata-test-{}", std::process::id());
+        let prefix = format!("strata-test-{}", std::process::id());
+        remove_runtime_dir_at_exit(&prefix);
+        let prefix = format!("--file-prefix={prefix}");
+        let lcore = first_allowed_cpu().to_string();
         init_eal(&[
             "--no-huge",
             "-m",
@@ -443,7 +641,7 @@ mod tests {
             "--no-pci",
             &prefix,
             "-l",
-            "0",
+            &lcore,
             "--log-level=error",
             "--vdev=net_ring0",
             "--vdev=net_null0,size=64,copy=0",
@@ -542,5 +740,62 @@ mod tests {
             DpdkPort::attach("net_nonexistent_driver0", 1),
             Err(DpdkError::Call { .. })
         ));
+    }
+
+    #[test]
+    fn a_claimed_port_is_refused_and_left_running() {
+        let _serial = eal();
+        // (A closed port is released by DPDK: hot-plugged devices, so the name can be reused.)
+        let mut port = DpdkPort::attach("net_null_cl0,size=64,copy=0", 1)
+            .unwrap()
+            .remove(0);
+        // The same device again (a second --port on it) must not reconfigure or close it.
+        assert!(matches!(
+            DpdkPort::open("net_null_cl0"),
+            Err(DpdkError::PortInUse(_))
+        ));
+        assert!(DpdkPort::attach("net_null_cl0", 1).is_err());
+        assert!(port.rx_burst(RX_BURST_MAX, &mut |_| {}).unwrap() > 0);
+        drop(port);
+        // Released when the last queue is dropped.
+        drop(DpdkPort::attach("net_null_cl0", 1).unwrap());
+    }
+
+    #[test]
+    fn oversized_frame_is_refused_without_leaking_mbufs() {
+        let _serial = eal();
+        let mut port = DpdkPort::attach("net_ring_big0", 1).unwrap().remove(0);
+        let small = [0u8; 64];
+        let big = vec![0u8; MBUF_DATA_ROOM + 1];
+        // More bursts than the pool has mbufs: a leak of the small frames' mbufs per refused
+        // burst would exhaust it.
+        for _ in 0..(POOL_MBUFS as usize / 8 + 1) {
+            let frames: [&[u8]; 9] = [
+                &small, &small, &small, &small, &small, &small, &small, &small, &big,
+            ];
+            assert!(matches!(
+                port.tx_burst(&frames),
+                Err(crate::net::NetError::Dpdk(DpdkError::FrameTooLarge { .. }))
+            ));
+        }
+        assert_eq!(port.tx_burst(&[&small]).unwrap(), 1);
+        assert_eq!(port.rx_burst(RX_BURST_MAX, &mut |_| {}).unwrap(), 1);
+    }
+
+    #[test]
+    fn queue_threads_register_with_dpdk() {
+        let _serial = eal();
+        let mut port = DpdkPort::attach("net_null_reg0", 1).unwrap().remove(0);
+        let port = std::thread::spawn(move || {
+            // SAFETY: plain call.
+            let lcore = || unsafe { sys::rte_lcore_id() };
+            assert_eq!(lcore(), u32::MAX, "unregistered at first");
+            port.rx_burst(RX_BURST_MAX, &mut |_| {}).unwrap();
+            assert_ne!(lcore(), u32::MAX, "registered by the burst");
+            port
+        })
+        .join()
+        .unwrap();
+        drop(port);
     }
 }
