@@ -19,9 +19,11 @@ use std::net::UdpSocket;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::{recv_all, with_pair, VethPair};
+use common::{recv_all, send_mixed_flows, with_pair, VethPair};
 use dataplane::net::classify::{classify, PortSet, Verdict};
-use dataplane::net::dpdk::{first_allowed_cpu, init_eal, DpdkPort, RuntimeDirGuard};
+use dataplane::net::dpdk::{
+    first_allowed_cpu, init_eal, no_huge_eal_args, DpdkPort, RuntimeDirGuard,
+};
 use dataplane::net::frame::udp_payload;
 use dataplane::net::PacketIo;
 use ebpf::{AttachedSteering, SteerPort, DEFAULT_STEER_PORTS};
@@ -74,8 +76,6 @@ fn net_af_xdp_pmd_with_the_steering_program() {
             let prefix = format!("strata-afxdp-{}", std::process::id());
             // Removed also when an assertion fails (the panic unwinds through it).
             let _runtime_dir = RuntimeDirGuard::new(&prefix);
-            let prefix = format!("--file-prefix={prefix}");
-            let lcore = first_allowed_cpu().to_string();
             let vdev = format!("--vdev={VDEV},iface={},xdp_prog={}", p.vb, obj.0.display());
             let (ns_b, vb, ip4_b) = (p.ns_b.clone(), p.vb.clone(), p.ip4_b);
             let (tx_ready, rx_ready) = std::sync::mpsc::channel();
@@ -83,18 +83,9 @@ fn net_af_xdp_pmd_with_the_steering_program() {
             std::thread::scope(|s| {
                 let b = s.spawn(move || {
                     VethPair::run_in(&ns_b, move || {
-                        init_eal(&[
-                            "--no-huge",
-                            "-m",
-                            "256",
-                            "--no-pci",
-                            &prefix,
-                            "-l",
-                            &lcore,
-                            "--log-level=error",
-                            &vdev,
-                        ])
-                        .expect("EAL with net_af_xdp");
+                        let args = no_huge_eal_args(&prefix, first_allowed_cpu(), &[&vdev]);
+                        init_eal(&args.iter().map(String::as_str).collect::<Vec<_>>())
+                            .expect("EAL with net_af_xdp");
                         // Queue setup loads and attaches the program.
                         let mut port = DpdkPort::open(VDEV).expect("start the net_af_xdp port");
                         let mut steer = AttachedSteering::find(&vb).expect("the PMD's program");
@@ -119,20 +110,7 @@ fn net_af_xdp_pmd_with_the_steering_program() {
                 rx_ready.recv_timeout(3 * DEADLINE).unwrap();
                 let (ip4_b, ip6_b) = (p.ip4_b, p.ip6_b);
                 VethPair::run_in(&p.ns_a, move || {
-                    let s4 = UdpSocket::bind("0.0.0.0:0").unwrap();
-                    let s6 = UdpSocket::bind("[::]:0").unwrap();
-                    for i in 0..PER_FLOW {
-                        s4.send_to(format!("storage4 {i}").as_bytes(), (ip4_b, 4420))
-                            .unwrap();
-                        s6.send_to(format!("storage6 {i}").as_bytes(), (ip6_b, 3260))
-                            .unwrap();
-                        s4.send_to(format!("other {i}").as_bytes(), (ip4_b, 9999))
-                            .unwrap();
-                        if i % 32 == 31 {
-                            // Paced so that no ring or socket buffer drops on a loaded machine.
-                            std::thread::sleep(Duration::from_millis(2));
-                        }
-                    }
+                    send_mixed_flows(ip4_b, ip6_b, PER_FLOW);
                 });
                 assert!(
                     p.ping_from_a(&p.ip4_b.to_string()),

@@ -7,7 +7,7 @@ mod common;
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
-use common::{recv_all, with_pair, VethPair, MAC_A, MAC_B};
+use common::{recv_all, send_mixed_flows, with_pair, VethPair, MAC_A, MAC_B};
 use dataplane::net::af_xdp::{XskConfig, XskSocket};
 use dataplane::net::classify::{classify, PortSet, Verdict};
 use dataplane::net::frame::{build_udp, udp_payload, FrameSpec, FRAME_MAX};
@@ -78,20 +78,7 @@ fn storage_to_af_xdp_rest_to_kernel() {
             rx_ready.recv_timeout(3 * DEADLINE).unwrap();
             let (ip4_b, ip6_b) = (p.ip4_b, p.ip6_b);
             VethPair::run_in(&p.ns_a, move || {
-                let s4 = UdpSocket::bind("0.0.0.0:0").unwrap();
-                let s6 = UdpSocket::bind("[::]:0").unwrap();
-                for i in 0..PER_FLOW {
-                    let msg = format!("storage4 {i}");
-                    s4.send_to(msg.as_bytes(), (ip4_b, 4420)).unwrap();
-                    s6.send_to(format!("storage6 {i}").as_bytes(), (ip6_b, 3260))
-                        .unwrap();
-                    s4.send_to(format!("other {i}").as_bytes(), (ip4_b, 9999))
-                        .unwrap();
-                    if i % 32 == 31 {
-                        // Pace the burst so that socket buffers, not steering, never drop.
-                        std::thread::sleep(Duration::from_millis(2));
-                    }
-                }
+                send_mixed_flows(ip4_b, ip6_b, PER_FLOW);
                 // The SYN is steered, so the connection never completes; only the frame matters.
                 let _ = TcpStream::connect_timeout(
                     &SocketAddr::from((ip4_b, 3260)),

@@ -236,3 +236,23 @@ pub fn recv_all(sock: &UdpSocket, want: usize) -> usize {
     }
     n
 }
+
+/// From the calling thread's namespace, sends `per_flow` UDP datagrams to each of three flows:
+/// IPv4 to storage port 4420 ("storage4 N"), IPv6 to storage port 3260 ("storage6 N"), and IPv4
+/// to non-storage port 9999 ("other N"). Paced (2 ms every 32) so that socket buffers and rings,
+/// not steering, never drop on a loaded machine.
+pub fn send_mixed_flows(ip4: std::net::Ipv4Addr, ip6: std::net::Ipv6Addr, per_flow: usize) {
+    let s4 = UdpSocket::bind("0.0.0.0:0").expect("bind IPv4");
+    let s6 = UdpSocket::bind("[::]:0").expect("bind IPv6");
+    for i in 0..per_flow {
+        s4.send_to(format!("storage4 {i}").as_bytes(), (ip4, 4420))
+            .expect("send storage4");
+        s6.send_to(format!("storage6 {i}").as_bytes(), (ip6, 3260))
+            .expect("send storage6");
+        s4.send_to(format!("other {i}").as_bytes(), (ip4, 9999))
+            .expect("send other");
+        if i % 32 == 31 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}

@@ -159,23 +159,16 @@ fn pin(tid: libc::pid_t, cpu: usize) -> Result<()> {
 /// (main lcore, registered thread) ns per packet.
 #[cfg(feature = "dpdk")]
 fn dpdk_null(args: &Args) -> Result<(f64, f64)> {
-    use dataplane::net::dpdk::{init_eal, DpdkPort, RuntimeDirGuard};
+    use dataplane::net::dpdk::{init_eal, no_huge_eal_args, DpdkPort, RuntimeDirGuard};
     let prefix = format!("strata-pps-{}", std::process::id());
     // Removed when this returns, also on errors (DPDK leaves it behind).
     let _runtime_dir = RuntimeDirGuard::new(&prefix);
-    let prefix = format!("--file-prefix={prefix}");
-    let lcore = args.receiver_cpu.to_string();
-    init_eal(&[
-        "--no-huge",
-        "-m",
-        "256",
-        "--no-pci",
+    let eal = no_huge_eal_args(
         &prefix,
-        "-l",
-        &lcore,
-        "--log-level=error",
-        "--vdev=net_null0,size=64,copy=0",
-    ])?;
+        args.receiver_cpu,
+        &["--vdev=net_null0,size=64,copy=0"],
+    );
+    init_eal(&eal.iter().map(String::as_str).collect::<Vec<_>>())?;
     // init_eal leaves the caller's affinity as it was: pin explicitly.
     pin(0, args.receiver_cpu)?;
     let mut port = DpdkPort::open("net_null0")?;

@@ -729,13 +729,22 @@ mod tests {
         }
     }
 
+    /// DPDK needs root here; says SKIP otherwise.
+    #[cfg(feature = "dpdk")]
+    fn dpdk_root() -> bool {
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        if !root {
+            eprintln!("SKIP: DPDK needs root");
+        }
+        root
+    }
+
     #[cfg(feature = "dpdk")]
     #[test]
     fn dpdk_virtual_device_port_keeps_its_reactor_polling() {
         let _one = dpdk_serial();
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("SKIP: DPDK needs root");
+        if !dpdk_root() {
             return;
         }
         let server = server();
@@ -772,9 +781,7 @@ mod tests {
     #[test]
     fn dpdk_port_given_twice_is_refused_and_keeps_serving() {
         let _one = dpdk_serial();
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("SKIP: DPDK needs root");
+        if !dpdk_root() {
             return;
         }
         let server = server();

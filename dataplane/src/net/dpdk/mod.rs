@@ -239,6 +239,22 @@ fn affinity() -> Option<libc::cpu_set_t> {
     }
 }
 
+/// EAL arguments for DPDK without hugepages or PCI devices (what every user of this module on
+/// this kind of machine runs: tests, benchmarks, stratad's default): `-m 256` MiB of ordinary
+/// memory, one lcore `lcore`, runtime files under `file_prefix`, quiet logs, then `extra`
+/// (`--vdev=...`).
+pub fn no_huge_eal_args(file_prefix: &str, lcore: usize, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = ["--no-huge", "-m", "256", "--no-pci", "--log-level=error"]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+    args.push(format!("--file-prefix={file_prefix}"));
+    args.push("-l".to_owned());
+    args.push(lcore.to_string());
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    args
+}
+
 /// Initialises the EAL with `args` (program name first is added) once per process; later calls
 /// succeed only with the same arguments.
 ///
@@ -632,21 +648,12 @@ mod tests {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let prefix = format!("strata-test-{}", std::process::id());
         remove_runtime_dir_at_exit(&prefix);
-        let prefix = format!("--file-prefix={prefix}");
-        let lcore = first_allowed_cpu().to_string();
-        init_eal(&[
-            "--no-huge",
-            "-m",
-            "256",
-            "--no-pci",
+        let args = no_huge_eal_args(
             &prefix,
-            "-l",
-            &lcore,
-            "--log-level=error",
-            "--vdev=net_ring0",
-            "--vdev=net_null0,size=64,copy=0",
-        ])
-        .unwrap();
+            first_allowed_cpu(),
+            &["--vdev=net_ring0", "--vdev=net_null0,size=64,copy=0"],
+        );
+        init_eal(&args.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
         guard
     }
 
