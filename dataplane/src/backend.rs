@@ -76,37 +76,59 @@ pub fn rw_op(fd: std::os::fd::RawFd, req: &ParsedRequest, offset: u64) -> IoOp {
     }
 }
 
-/// Writes a validated Write request at device offset `offset` with pwritev on the calling
-/// thread; returns bytes written or -errno.
-///
-/// Buffered writes to the page cache are done this way rather than through io_uring: io_uring
-/// cannot complete a buffered write without blocking, punts it to its io-wq worker threads,
-/// and on the 2-core measurement machine that cost 45–50 µs of CPU per 4 KiB write (19.7 k
-/// IOPS) against 19 µs inline (50.5 k IOPS; QSD 29–33 k) — `strata-bench --backend raw
-/// --workload randwrite`.
-pub fn pwritev_now(fd: std::os::fd::RawFd, req: &ParsedRequest, offset: u64) -> i32 {
-    debug_assert_eq!(req.kind, RequestKind::Write);
+/// Runs a validated Read or Write request at device offset `offset` with preadv/pwritev on the
+/// calling thread (see [`InlineIo`] for when); returns bytes transferred or -errno.
+pub fn rw_now(fd: std::os::fd::RawFd, req: &ParsedRequest, offset: u64) -> i32 {
+    debug_assert!(matches!(req.kind, RequestKind::Read | RequestKind::Write));
     // SAFETY: the iovecs come from the parser (bounds-checked guest memory, kept mapped by the
     // caller's memory snapshot for the duration of this call); iov_count ≤ SEG_MAX.
     unsafe { crate::engine::sync::execute(rw_op(fd, req, offset)) }
 }
 
-/// Reads `req`'s data now, on the calling thread: for files whose buffered reads io_uring
-/// cannot attempt without blocking (see [`supports_nowait_reads`]), where it would hand every
-/// read to an io-wq worker thread.
-pub fn preadv_now(fd: std::os::fd::RawFd, req: &ParsedRequest, offset: u64) -> i32 {
-    debug_assert_eq!(req.kind, RequestKind::Read);
-    // SAFETY: the iovecs come from the parser (bounds-checked guest memory, kept mapped by the
-    // caller's memory snapshot for the duration of this call); iov_count ≤ SEG_MAX.
-    unsafe { crate::engine::sync::execute(rw_op(fd, req, offset)) }
+/// Which reads and writes of a file a backend runs on the reactor thread ([`rw_now`]) rather
+/// than through io_uring, because io_uring would hand each to an io-wq worker thread:
+/// - buffered writes: io_uring cannot attempt them without blocking; on the 2-core
+///   measurement machine that cost 45–50 µs of CPU per 4 KiB write (19.7 k IOPS) against 19 µs
+///   inline (50.5 k IOPS; QSD 29–33 k) — `strata-bench --backend raw --workload randwrite`;
+/// - buffered reads of files that refuse `RWF_NOWAIT` (EOPNOTSUPP: tmpfs/shmem on Linux 6.1,
+///   for one): a raw image on tmpfs read at 5.3 µs of server CPU per 4 KiB read through
+///   io_uring (QSD: 4.9) against 1.9 inline — `strata-bench --backend raw --workload randread`.
+///   Files that accept it stay on io_uring, whose submit completes page-cache hits inline.
+///
+/// O_DIRECT files keep everything on io_uring.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InlineIo {
+    /// Writes run inline.
+    pub writes: bool,
+    /// Reads run inline.
+    pub reads: bool,
+}
+
+impl InlineIo {
+    /// The policy for `fd`, from its open flags (O_DIRECT) and a RWF_NOWAIT probe.
+    pub fn probe(fd: std::os::fd::RawFd) -> Self {
+        // SAFETY: F_GETFL on a descriptor has no memory effects.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        let buffered = flags >= 0 && flags & libc::O_DIRECT == 0;
+        InlineIo {
+            writes: buffered,
+            reads: buffered && !supports_nowait_reads(fd),
+        }
+    }
+
+    /// Whether a request of `kind` runs inline.
+    pub fn applies(&self, kind: RequestKind) -> bool {
+        match kind {
+            RequestKind::Read => self.reads,
+            RequestKind::Write => self.writes,
+            _ => false,
+        }
+    }
 }
 
 /// Whether buffered reads of `fd` can be attempted without blocking (`RWF_NOWAIT`), which is
-/// what lets io_uring complete a page-cache hit inline at submit. Files that refuse it
-/// (EOPNOTSUPP: tmpfs/shmem on Linux 6.1, for one) make io_uring punt *every* read to an io-wq
-/// worker thread: on the 2-core machine, a raw image on tmpfs read at 5.3 µs of server CPU per
-/// 4 KiB read that way (QSD: 4.9) — `strata-bench --backend raw --workload randread`.
-pub fn supports_nowait_reads(fd: std::os::fd::RawFd) -> bool {
+/// what lets io_uring complete a page-cache hit inline at submit (see [`InlineIo`]).
+fn supports_nowait_reads(fd: std::os::fd::RawFd) -> bool {
     let mut byte = [0u8; 1];
     let iov = libc::iovec {
         iov_base: byte.as_mut_ptr().cast(),
@@ -149,8 +171,8 @@ pub struct RawBackend {
     read_only: bool,
     direct: bool,
     block_device: bool,
-    /// Buffered reads run inline (the file refuses RWF_NOWAIT; see [`supports_nowait_reads`]).
-    inline_reads: bool,
+    /// Which requests run on the reactor thread.
+    inline: InlineIo,
 }
 
 impl RawBackend {
@@ -183,7 +205,7 @@ impl RawBackend {
         if size == 0 {
             return Err(BackendError::Empty(path.to_path_buf()));
         }
-        let inline_reads = !direct && !supports_nowait_reads(file.as_raw_fd());
+        let inline = InlineIo::probe(file.as_raw_fd());
         Ok(RawBackend {
             file,
             path: path.to_path_buf(),
@@ -191,7 +213,7 @@ impl RawBackend {
             read_only,
             direct,
             block_device,
-            inline_reads,
+            inline,
         })
     }
 }
@@ -221,11 +243,8 @@ impl BlockBackend for RawBackend {
 
     fn start(&self, req: &ParsedRequest, engine: &mut dyn IoEngine, user_data: u64) -> Started {
         let fd = self.file.as_raw_fd();
-        if req.kind == RequestKind::Write && !self.direct && req.len_bytes() > 0 {
-            return Started::Done(pwritev_now(fd, req, req.offset_bytes()));
-        }
-        if req.kind == RequestKind::Read && self.inline_reads && req.len_bytes() > 0 {
-            return Started::Done(preadv_now(fd, req, req.offset_bytes()));
+        if self.inline.applies(req.kind) && req.len_bytes() > 0 {
+            return Started::Done(rw_now(fd, req, req.offset_bytes()));
         }
         let op = match req.kind {
             RequestKind::Read | RequestKind::Write => rw_op(fd, req, req.offset_bytes()),
@@ -284,7 +303,7 @@ impl BlockBackend for RawBackend {
             self.size,
             if self.read_only { ", read-only" } else { "" },
             if self.direct { ", O_DIRECT" } else { "" },
-            if self.inline_reads {
+            if self.inline.reads {
                 ", inline reads"
             } else {
                 ""

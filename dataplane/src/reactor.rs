@@ -615,6 +615,19 @@ impl Reactor {
         }
         // Phase 1: read the avail ring's idx once for the whole batch (virtio-queue's
         // pop_descriptor_chain re-reads it per chain) and parse each chain into a free slot.
+        let (avail, table, size) = (
+            aq.run.queue.avail_ring(),
+            aq.run.queue.desc_table(),
+            aq.run.queue.size(),
+        );
+        let next_avail = aq.run.queue.next_avail();
+        let Some(ready) = avail_ready(&aq.ram, avail, size, next_avail) else {
+            aq.log_error(
+                "bad avail ring",
+                &"index beyond the ring or ring outside guest memory",
+            );
+            return 0;
+        };
         let mut taken = 0;
         {
             let ActiveQueue {
@@ -624,21 +637,6 @@ impl Reactor {
                 ram,
                 ..
             } = &mut *aq;
-            let (avail, table, size) = (
-                run.queue.avail_ring(),
-                run.queue.desc_table(),
-                run.queue.size(),
-            );
-            let next_avail = run.queue.next_avail();
-            let Some(ready) = avail_ready(ram, avail, size, next_avail) else {
-                if let Some(aq) = self.queues[qs].as_mut() {
-                    aq.log_error(
-                        "bad avail ring",
-                        &"index beyond the ring or ring outside guest memory",
-                    );
-                }
-                return 0;
-            };
             let n = usize::from(ready).min(budget);
             for k in 0..n {
                 let index = next_avail.wrapping_add(k as u16);
@@ -1157,7 +1155,7 @@ mod tests {
 
     #[test]
     fn engine_faults_become_ioerr() {
-        // Buffered writes run inline (pwritev_now), so the engine's faults are exercised with
+        // Buffered writes run inline (backend::InlineIo), so the engine's faults are exercised with
         // flushes (an empty data descriptor is allowed in a FLUSH chain).
         let mut h = harness(EngineKind::Fault(FaultPlan::Flushes, libc::EIO));
         let s = h.request(VIRTIO_BLK_T_FLUSH, 0, (0x20_0000, 0, false));

@@ -20,6 +20,8 @@ use crate::guest_ram::GuestRam;
 const DESC_BYTES: u64 = 16;
 /// Bytes before the avail ring's entries (flags u16, idx u16).
 const AVAIL_HEADER_BYTES: u64 = 4;
+/// Bytes of one avail ring entry (a head index, u16).
+const AVAIL_ELEM_BYTES: u64 = 2;
 
 /// Reads the avail ring's `idx` (acquire: entries and descriptors written before it are then
 /// visible) and returns how many chains wait past `next_avail`, or None when the ring is not
@@ -30,11 +32,22 @@ pub fn avail_ready<K>(ram: &GuestRam<K>, avail: u64, size: u16, next_avail: u16)
     (ready <= size).then_some(ready)
 }
 
+/// The avail ring's `flags` (bit 0: `VRING_AVAIL_F_NO_INTERRUPT`).
+pub fn avail_flags<K>(ram: &GuestRam<K>, avail: u64) -> Option<u16> {
+    ram.load_u16(avail, Ordering::Acquire)
+}
+
+/// The driver's `used_event` (EVENT_IDX), after the avail ring's `size` entries.
+pub fn used_event<K>(ram: &GuestRam<K>, avail: u64, size: u16) -> Option<u16> {
+    let at = AVAIL_HEADER_BYTES + u64::from(size) * AVAIL_ELEM_BYTES;
+    ram.load_u16(avail.checked_add(at)?, Ordering::Acquire)
+}
+
 /// The head descriptor index in avail ring slot `index % size`.
 pub fn avail_head<K>(ram: &GuestRam<K>, avail: u64, size: u16, index: u16) -> Option<u16> {
     let slot = u64::from(index % size.max(1));
     ram.load_u16(
-        avail.checked_add(AVAIL_HEADER_BYTES + 2 * slot)?,
+        avail.checked_add(AVAIL_HEADER_BYTES + AVAIL_ELEM_BYTES * slot)?,
         Ordering::Relaxed,
     )
 }

@@ -10,9 +10,9 @@
 //! `VRING_AVAIL_F_NO_INTERRUPT` flag).
 //!
 //! Layout (virtio 1.x, split ring, little-endian): used ring = flags u16 @0, idx u16 @2,
-//! then `size` elements of { id u32, len u32 } @4; the avail ring's `used_event` u16 sits
-//! after its `size` entries, @ 4 + 2·size. Every access goes through vm-memory's bounds
-//! checks, so a hostile ring address yields an error, never an access outside guest memory.
+//! then `size` elements of { id u32, len u32 } @4 (the avail ring's fields are read through
+//! [`crate::split_ring`]). Every access goes through [`GuestRam`]'s bounds checks, so a hostile
+//! ring address yields an error, never an access outside guest memory.
 
 use std::num::Wrapping;
 use std::sync::atomic::{fence, Ordering};
@@ -20,15 +20,12 @@ use std::sync::atomic::{fence, Ordering};
 use virtio_queue::{Queue, QueueT};
 
 use crate::guest_ram::GuestRam;
+use crate::split_ring::{avail_flags, used_event};
 
 /// Bytes before the first element of the used ring (flags, idx).
 const USED_HEADER_BYTES: u64 = 4;
 /// Bytes of one used element (id u32, len u32).
 const USED_ELEM_BYTES: u64 = 8;
-/// Bytes before the first entry of the avail ring (flags, idx).
-const AVAIL_HEADER_BYTES: u64 = 4;
-/// Bytes of one avail ring entry.
-const AVAIL_ELEM_BYTES: u64 = 2;
 /// `VRING_AVAIL_F_NO_INTERRUPT`: the driver asks for no notifications (without EVENT_IDX).
 const AVAIL_F_NO_INTERRUPT: u16 = 1;
 
@@ -112,16 +109,12 @@ impl UsedRing {
         // read, or a driver re-enabling notifications in between would be missed.
         fence(Ordering::SeqCst);
         if self.event_idx {
-            let at = AVAIL_HEADER_BYTES + u64::from(self.size) * AVAIL_ELEM_BYTES;
-            let Some(addr) = self.avail.checked_add(at) else {
-                return true;
-            };
-            match mem.load_u16(addr, Ordering::Acquire) {
+            match used_event(mem, self.avail, self.size) {
                 Some(v) => need_event(Wrapping(v), new, old),
                 None => true,
             }
         } else {
-            match mem.load_u16(self.avail, Ordering::Acquire) {
+            match avail_flags(mem, self.avail) {
                 Some(flags) => new != old && flags & AVAIL_F_NO_INTERRUPT == 0,
                 None => true,
             }

@@ -19,9 +19,7 @@ use std::thread::ThreadId;
 use vmfs::format::FILE_BLOCK;
 use vmfs::fs::{Datastore, WriteSeg};
 
-use crate::backend::{
-    preadv_now, pwritev_now, rw_op, supports_nowait_reads, BlockBackend, Started,
-};
+use crate::backend::{rw_now, rw_op, BlockBackend, InlineIo, Started};
 use crate::blk::request::{ParsedRequest, RequestKind};
 use crate::blk::SECTOR_SIZE;
 use crate::engine::IoEngine;
@@ -73,11 +71,9 @@ pub struct VmfsBackend {
     /// The file is small (resident or sub-block layout): writes go through the datastore's
     /// general write path, one segment at a time, instead of the batched file-block path.
     small: bool,
-    /// The datastore device is opened O_DIRECT (writes then go through io_uring).
-    device_direct: bool,
-    /// Buffered reads run inline: the device refuses RWF_NOWAIT (see
-    /// [`supports_nowait_reads`]), so io_uring would hand each to a worker thread.
-    inline_reads: bool,
+    /// Which direct-path requests run on the reactor thread (from the device's fd: O_DIRECT,
+    /// RWF_NOWAIT support).
+    inline: InlineIo,
 }
 
 impl VmfsBackend {
@@ -102,8 +98,7 @@ impl VmfsBackend {
             fd,
             deferred: Mutex::new(Vec::with_capacity(DEFERRED_CAPACITY)),
             zeroes: vec![0u8; ZERO_CHUNK_BYTES],
-            device_direct: false,
-            inline_reads: fd.is_some_and(|fd| !supports_nowait_reads(fd)),
+            inline: fd.map(InlineIo::probe).unwrap_or_default(),
             small: inode.layout != vmfs::format::DataLayout::FileBlocks,
             map_cache: (0..size.div_ceil(FILE_BLOCK).min(MAP_CACHE_BLOCKS_MAX))
                 .map(|_| AtomicU64::new(0))
@@ -186,12 +181,8 @@ impl VmfsBackend {
         let Some(fd) = self.fd else {
             return Started::Done(-libc::EIO);
         };
-        if req.kind == RequestKind::Write && !self.device_direct {
-            // Buffered: inline is cheaper than io_uring's worker threads (see pwritev_now).
-            return Started::Done(pwritev_now(fd, req, dev_offset));
-        }
-        if req.kind == RequestKind::Read && self.inline_reads {
-            return Started::Done(preadv_now(fd, req, dev_offset));
+        if self.inline.applies(req.kind) {
+            return Started::Done(rw_now(fd, req, dev_offset));
         }
         let op = rw_op(fd, req, dev_offset);
         // SAFETY: the iovecs live in the reactor's slot until this user_data completes; the

@@ -343,7 +343,6 @@ fn collect_segments<'a, K>(
         if out.iov_count >= SEG_MAX as usize {
             return Err(RequestError::ChainTooLong);
         }
-        // get_slice fails unless [addr, addr + len) lies inside one mapped region.
         // One region must hold [addr, addr + len) before a host pointer exists.
         let host = mem
             .host(d.addr().0, d.len() as usize)
