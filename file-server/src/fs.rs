@@ -70,16 +70,19 @@ std::thread_local! {
     /// virtiofsd's zero-copy readers and writers move bytes only between guest memory and a
     /// file, so small data takes a detour through this memfd.
     static SCRATCH: std::cell::RefCell<Option<File>> = const { std::cell::RefCell::new(None) };
-    /// Whether the current READ's reply buffer is exactly the requested size (set by the
-    /// request handler). virtiofsd's zero-copy writer fills whole guest buffers, whatever
-    /// count it is given, so reading the datastore file straight into a larger buffer would
-    /// copy bytes past the extent — other files' data — into guest memory.
-    static READ_EXACT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Bytes of the current READ's data buffer (the reply buffer past its header), set by the
+    /// request handler; `None` when unknown. virtiofsd's zero-copy writer fills whole guest
+    /// buffers, whatever count it is given, so the datastore file is read straight into
+    /// guest memory only when the bytes to return fill the buffer exactly: otherwise bytes
+    /// past the extent — other files' data, other VMs' disks — would reach the guest. It is
+    /// the buffer's size, not the guest's `size`, that matters: the server clamps `size`.
+    static READ_BUFFER: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
 }
 
-/// Tells the file system whether the current READ's buffer is exactly its size.
-pub fn set_read_exact(exact: bool) {
-    READ_EXACT.with(|c| c.set(exact));
+/// Tells the file system the size of the current READ's data buffer (`None`: not known, so
+/// every read goes through an exact-length copy).
+pub fn set_read_buffer(bytes: Option<u64>) {
+    READ_BUFFER.with(|c| c.set(bytes));
 }
 
 /// Sets the connection whose requests this thread serves next.
@@ -907,8 +910,8 @@ impl VmfsFs {
             .ds
             .read_plan(ino, offset, u64::from(size), &mut plan)
             .map_err(fs_err)?;
-        let exact = READ_EXACT.with(|c| c.get()) && total == u64::from(size);
-        // Zero copy only when one extent fills exactly the guest's buffer (see READ_EXACT).
+        let exact = READ_BUFFER.with(|c| c.get()) == Some(total);
+        // Zero copy only when one extent fills exactly the guest's buffer (see READ_BUFFER).
         if exact && plan.len() == 1 {
             match &plan[0] {
                 Extent::Device { offset, len } if *len == total => {

@@ -540,6 +540,11 @@ mod wire {
         FsMemory::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
     }
 
+    /// Guest memory large enough for a reply buffer above the 1 MiB READ limit.
+    fn big_mem() -> FsMemory {
+        FsMemory::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap()
+    }
+
     /// Sends `req` (readable) with `out_len` writable bytes; returns (used, reply bytes).
     fn send(h: &ShareHandler, m: &FsMemory, req: &[u8], out_len: u32) -> (u32, Vec<u8>) {
         let vq = MockSplitQueue::new(m, 16);
@@ -723,6 +728,72 @@ mod wire {
             buf[20..].iter().all(|&b| b == 0xee),
             "bytes past the reply were written"
         );
+    }
+
+    /// A READ larger than the 1 MiB limit, into one buffer of exactly its size: the server
+    /// reads at most 1 MiB, and nothing past it — the next file's block on the device — may
+    /// reach guest memory. (The reply alone cannot show it: the leak came with an error.)
+    #[test]
+    fn oversized_read_leaks_nothing_past_the_file() {
+        let f = fixture();
+        let mib = 1usize << 20;
+        let (a, ah) = f.create(root(), ROOT, "a", 0o644).unwrap();
+        let (b, bh) = f.create(root(), ROOT, "b", 0o644).unwrap();
+        for (node, h, byte) in [(a, ah, 0xaau8), (b, bh, 0x5b)] {
+            let data = vec![byte; mib];
+            let n =
+                f.fs.write(
+                    root(),
+                    node,
+                    h,
+                    SliceReader(&data),
+                    mib as u32,
+                    0,
+                    None,
+                    false,
+                    false,
+                    0,
+                )
+                .unwrap();
+            assert_eq!(n, mib);
+        }
+        // The test is about B's block following A's on the device: check that it does.
+        let dev = |node| {
+            let mut plan = Vec::new();
+            f.fs_ds()
+                .read_plan(f.fs_ino(node), 0, mib as u64, &mut plan)
+                .unwrap();
+            match plan.as_slice() {
+                [vmfs::Extent::Device { offset, len }] if *len == mib as u64 => *offset,
+                other => panic!("unexpected layout {other:?}"),
+            }
+        };
+        assert_eq!(
+            dev(b),
+            dev(a) + mib as u64,
+            "B does not follow A on the device"
+        );
+        let h = ShareHandler::new(f.fs.clone());
+        let m = big_mem();
+        init(&h, &m);
+        let size = (mib + (64 << 10)) as u32;
+        let mut req = header(40 + 40, 15, 30, a);
+        let mut body = vec![0u8; 40];
+        body[0..8].copy_from_slice(&ah.to_le_bytes());
+        body[16..20].copy_from_slice(&size.to_le_bytes());
+        req.extend_from_slice(&body);
+        let (used, _) = send(&h, &m, &req, 16 + size);
+        let mut buf = vec![0u8; 16 + size as usize];
+        m.read_slice(&mut buf, GuestAddress(OUT_ADDR)).unwrap();
+        assert!(
+            !buf[16 + mib..].contains(&0x5b),
+            "bytes of the next file on the device reached the guest"
+        );
+        // Served, through an exact copy: A's 1 MiB and nothing after it.
+        assert_eq!(reply_error(&buf[..16]), (0, 30));
+        assert_eq!(used as usize, 16 + mib);
+        assert!(buf[16..16 + mib].iter().all(|&x| x == 0xaa));
+        assert!(buf[16 + mib..].iter().all(|&x| x == 0xee));
     }
 
     proptest! {

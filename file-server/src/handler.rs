@@ -16,7 +16,7 @@ use virtiofsd::descriptor_utils::{Reader, Writer};
 use virtiofsd::fuse::{InHeader, OutHeader};
 use virtiofsd::server::Server;
 
-use crate::fs::{set_current_conn, set_read_exact, VmfsFs};
+use crate::fs::{set_current_conn, set_read_buffer, VmfsFs};
 
 /// FUSE opcodes that have no reply (fuse.h).
 const FUSE_FORGET: u32 = 2;
@@ -35,8 +35,7 @@ const FUSE_CREATE: u32 = 35;
 const FUSE_DESTROY: u32 = 38;
 const FUSE_FALLOCATE: u32 = 43;
 const FUSE_RENAME2: u32 = 45;
-/// `struct fuse_read_in` / `fuse_write_in` bytes (fuse.h, ABI 7.9+).
-const READ_IN_BYTES: usize = 40;
+/// `struct fuse_write_in` bytes (fuse.h, ABI 7.9+).
 const WRITE_IN_BYTES: usize = 40;
 
 /// Counters of the protocol layer.
@@ -137,11 +136,12 @@ impl FsRequestHandler for ShareHandler {
         }
         // READ and WRITE move data with virtiofsd's zero-copy helpers, which transfer whole
         // guest buffers whatever count they are given: a WRITE whose payload is not exactly
-        // its size would write past its range in the datastore, so it is refused; a READ whose
-        // buffer is larger than its size is served through an exact-length copy.
+        // its size would write past its range in the datastore, so it is refused; a READ
+        // whose buffer is not exactly what it returns (its size clamped to 1 MiB, then to the
+        // end of the file) is served through an exact-length copy (see `set_read_buffer`).
         let mut peek = r.clone();
         let header = peek.read_obj::<InHeader>().ok();
-        let mut exact = false;
+        let mut read_buffer = None;
         match header.map(|h| h.opcode) {
             Some(FUSE_WRITE) => {
                 let mut body = [0u8; WRITE_IN_BYTES];
@@ -155,15 +155,14 @@ impl FsRequestHandler for ShareHandler {
                 }
             }
             Some(FUSE_READ) => {
-                let mut body = [0u8; READ_IN_BYTES];
-                if peek.read_exact(&mut body).is_ok() {
-                    let size = u32::from_le_bytes([body[16], body[17], body[18], body[19]]);
-                    exact = w.available_bytes() == std::mem::size_of::<OutHeader>() + size as usize;
-                }
+                read_buffer = w
+                    .available_bytes()
+                    .checked_sub(std::mem::size_of::<OutHeader>())
+                    .map(|n| n as u64);
             }
             _ => {}
         }
-        set_read_exact(exact);
+        set_read_buffer(read_buffer);
         let frees = matches!(
             header.map(|h| h.opcode),
             Some(
