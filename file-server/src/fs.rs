@@ -51,6 +51,13 @@ const SCRATCH_BYTES_MAX: usize = 1 << 20;
 /// Bytes one READ returns at most: the protocol's buffer limit (virtiofsd's MAX_BUFFER_SIZE,
 /// also the max_write announced at INIT).
 pub const READ_BYTES_MAX: u32 = 1 << 20;
+/// Bytes one WRITE may carry: the max_write virtiofsd's server announces at INIT (its
+/// MAX_BUFFER_SIZE). A guest kernel never sends more; a larger one is hostile.
+pub const WRITE_BYTES_MAX: u32 = 1 << 20;
+/// Bytes the per-thread scratch file may keep between requests: one scratch copy is up to
+/// SCRATCH_BYTES_MAX, and keeping that per polling thread would pin memory for nothing;
+/// small copies (resident files, short unaligned writes) keep their pages.
+pub const SCRATCH_KEEP_BYTES: u64 = 64 << 10;
 /// The id shown for host ids that the share's map does not cover.
 pub const OVERFLOW_ID: u32 = 65_534;
 
@@ -107,10 +114,28 @@ fn with_scratch<T>(f: impl FnOnce(&File) -> io::Result<T>) -> io::Result<T> {
             // SAFETY: fd is a fresh descriptor nothing else owns.
             *s = Some(unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) });
         }
-        match s.as_ref() {
-            Some(file) => f(file),
-            None => Err(io::Error::from_raw_os_error(libc::EIO)),
+        let Some(file) = s.as_ref() else {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        };
+        let r = f(file);
+        // Shrink what a large copy left; a file that cannot be shrunk is dropped (its pages
+        // go with it) and made again next time.
+        let big = file.metadata().map(|m| m.len() > SCRATCH_KEEP_BYTES);
+        if !matches!(big, Ok(false)) && file.set_len(0).is_err() {
+            *s = None;
         }
+        r
+    })
+}
+
+/// Bytes the current thread's scratch file holds (tests check its bound).
+#[cfg(test)]
+pub(crate) fn scratch_bytes() -> u64 {
+    SCRATCH.with(|s| {
+        s.borrow()
+            .as_ref()
+            .and_then(|f| f.metadata().ok())
+            .map_or(0, |m| m.len())
     })
 }
 
@@ -963,6 +988,9 @@ impl VmfsFs {
         offset: u64,
         size: u32,
     ) -> io::Result<usize> {
+        if size > WRITE_BYTES_MAX {
+            return Err(errno(libc::EINVAL));
+        }
         let len = size as usize;
         if let (Some(f), Ok(Some(dev_off))) = (
             self.dev_file.as_ref(),

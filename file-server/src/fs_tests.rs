@@ -796,6 +796,74 @@ mod wire {
         assert!(buf[16 + mib..].iter().all(|&x| x == 0xee));
     }
 
+    /// A WRITE request with `size` and `payload` bytes of data for node `node`, handle `fh`.
+    /// The header's length is capped at what virtiofsd's server accepts: nothing checks it
+    /// against the bytes the chain really carries, so a hostile guest can understate it.
+    fn write_req(
+        unique: u64,
+        node: u64,
+        fh: u64,
+        offset: u64,
+        size: u32,
+        payload: &[u8],
+    ) -> Vec<u8> {
+        let len = (80 + payload.len()).min(80 + crate::fs::WRITE_BYTES_MAX as usize);
+        let mut req = header(len as u32, 16, unique, node);
+        let mut body = vec![0u8; 40];
+        body[0..8].copy_from_slice(&fh.to_le_bytes());
+        body[8..16].copy_from_slice(&offset.to_le_bytes());
+        body[16..20].copy_from_slice(&size.to_le_bytes());
+        req.extend_from_slice(&body);
+        req.extend_from_slice(payload);
+        req
+    }
+
+    /// WRITE sizes above the max_write that INIT announces are refused before any byte is
+    /// copied, and the per-thread scratch file never keeps more than its bound.
+    #[test]
+    fn writes_above_max_write_are_refused_and_scratch_shrinks() {
+        let f = fixture();
+        let (file, fh) = f.create(root(), ROOT, "w", 0o644).unwrap();
+        let h = ShareHandler::new(f.fs.clone());
+        let m = big_mem();
+        // INIT announces max_write (fuse_init_out bytes 20..24 after the header).
+        let mut req = header(40 + 64, 26, 1, 0);
+        let mut body = vec![0u8; 64];
+        body[0..4].copy_from_slice(&7u32.to_le_bytes());
+        body[4..8].copy_from_slice(&38u32.to_le_bytes());
+        req.extend_from_slice(&body);
+        let (_, out) = send(&h, &m, &req, 4096);
+        let max_write = u32::from_le_bytes(out[36..40].try_into().unwrap());
+        assert_eq!(max_write, crate::fs::WRITE_BYTES_MAX);
+        // 3 MiB with a matching payload, in one descriptor, at an offset no single file
+        // block covers (so the data would take the scratch path).
+        let size = 3u32 << 20;
+        let payload = vec![0x77u8; size as usize];
+        let (_, out) = send(&h, &m, &write_req(40, file, fh, 4096, size, &payload), 4096);
+        assert_eq!(reply_error(&out), (-libc::EINVAL, 40));
+        assert_eq!(f.fs.getattr(root(), file, None).unwrap().0.size, 0);
+        assert!(
+            crate::fs::scratch_bytes() <= crate::fs::SCRATCH_KEEP_BYTES,
+            "scratch holds {} bytes",
+            crate::fs::scratch_bytes()
+        );
+        // A write of exactly max_write through the scratch path is served, and the scratch
+        // file is shrunk afterwards.
+        let payload = vec![0x78u8; max_write as usize];
+        let (_, out) = send(
+            &h,
+            &m,
+            &write_req(41, file, fh, 4096, max_write, &payload),
+            4096,
+        );
+        assert_eq!(reply_error(&out), (0, 41));
+        assert_eq!(
+            f.fs.getattr(root(), file, None).unwrap().0.size,
+            4096 + u64::from(max_write)
+        );
+        assert!(crate::fs::scratch_bytes() <= crate::fs::SCRATCH_KEEP_BYTES);
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig { cases: 256, .. ProptestConfig::default() })]
         #[test]

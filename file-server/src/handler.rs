@@ -16,7 +16,7 @@ use virtiofsd::descriptor_utils::{Reader, Writer};
 use virtiofsd::fuse::{InHeader, OutHeader};
 use virtiofsd::server::Server;
 
-use crate::fs::{set_current_conn, set_read_buffer, VmfsFs};
+use crate::fs::{set_current_conn, set_read_buffer, VmfsFs, WRITE_BYTES_MAX};
 
 /// FUSE opcodes that have no reply (fuse.h).
 const FUSE_FORGET: u32 = 2;
@@ -136,7 +136,8 @@ impl FsRequestHandler for ShareHandler {
         }
         // READ and WRITE move data with virtiofsd's zero-copy helpers, which transfer whole
         // guest buffers whatever count they are given: a WRITE whose payload is not exactly
-        // its size would write past its range in the datastore, so it is refused; a READ
+        // its size (or above max_write) would write past its range in the datastore or
+        // through the scratch file, so it is refused; a READ
         // whose buffer is not exactly what it returns (its size clamped to 1 MiB, then to the
         // end of the file) is served through an exact-length copy (see `set_read_buffer`).
         let mut peek = r.clone();
@@ -145,9 +146,11 @@ impl FsRequestHandler for ShareHandler {
         match header.map(|h| h.opcode) {
             Some(FUSE_WRITE) => {
                 let mut body = [0u8; WRITE_IN_BYTES];
+                // Above max_write (what INIT announced) only a hostile guest sends: refused
+                // before a byte is copied, so no request can make the server buffer more.
                 let ok = peek.read_exact(&mut body).is_ok() && {
                     let size = u32::from_le_bytes([body[16], body[17], body[18], body[19]]);
-                    peek.available_bytes() == size as usize
+                    size <= WRITE_BYTES_MAX && peek.available_bytes() == size as usize
                 };
                 if !ok {
                     self.counters.malformed.fetch_add(1, Ordering::Relaxed);
