@@ -520,6 +520,7 @@ impl VmfsFs {
         let key = ProfileKey {
             vm: current_conn() as u32,
             ino: inode.ino,
+            generation: inode.generation,
             uid: c.uid,
             gid: c.gid,
             groups_epoch: c.groups_epoch,

@@ -509,6 +509,50 @@ fn write_read_truncate() {
     assert_eq!(a.size, 10);
 }
 
+/// An inode number freed and given to a new file must not inherit the old file's cached
+/// permission profile: the cache keys carry the inode's generation.
+#[test]
+fn reused_inode_numbers_do_not_inherit_cached_profiles() {
+    let f = fixture();
+    let (old, h) = f.create(root(), ROOT, "open-to-all", 0o666).unwrap();
+    f.fs.release(root(), old, 0, h, false, false, None).unwrap();
+    // Bob opens it read-write: his profile of the inode is cached.
+    let bh = f.open(ctx(BOB, BOB), old, libc::O_RDWR).unwrap();
+    f.fs.release(root(), old, 0, bh, false, false, None)
+        .unwrap();
+    f.fs.unlink(root(), ROOT, &c("open-to-all")).unwrap();
+    f.fs.forget(root(), old, 2);
+    // A freed number is reused after the next commit, once allocation wraps around: create
+    // root-private files until one takes it (same attr_gen as the old file's: both fresh).
+    f.fs_ds().sync().unwrap();
+    let total = f.fs_ds().statfs().unwrap().fd_total;
+    let mut new = 0;
+    for n in 0..total {
+        let name = format!("private{n}");
+        let i = f
+            .fs_ds()
+            .make_node(
+                f.fs.root_ino(),
+                name.as_bytes(),
+                libc::S_IFREG | 0o600,
+                0,
+                0,
+                0,
+            )
+            .unwrap();
+        if i.ino == f.fs_ino(old) {
+            f.fs.lookup(root(), ROOT, &c(&name)).unwrap();
+            new = i.ino;
+            break;
+        }
+    }
+    assert_eq!(new, old, "the datastore did not reuse the inode number");
+    assert_eq!(
+        errno_of(f.open(ctx(BOB, BOB), new, libc::O_RDONLY)),
+        libc::EACCES
+    );
+}
+
 #[test]
 fn disconnect_drops_the_vms_cached_profiles() {
     let f = fixture();

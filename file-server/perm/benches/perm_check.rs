@@ -18,6 +18,7 @@ fn key(i: u64) -> ProfileKey {
     ProfileKey {
         vm: 1,
         ino: 0x1_0000 + i / PRINCIPALS_PER_OBJECT,
+        generation: 1,
         uid,
         gid: uid,
         groups_epoch: 7,

@@ -7,6 +7,8 @@
 //! * Object changes: every entry records the object's `attr_gen` (bumped by the datastore on
 //!   chmod, chown, ACL and xattr changes) and a lookup under another generation misses and drops
 //!   the entry. Exact for changes made through the datastore.
+//! * Object reuse: the key holds the object's generation (bumped when its number is given to a
+//!   new object), so a new object never meets a deleted one's profiles.
 //! * Group changes: the key holds the principal's `groups_epoch` (see
 //!   [`crate::identity`]), so profiles computed under old group lists become unreachable and
 //!   age out of the LRU.
@@ -75,6 +77,10 @@ pub struct ProfileKey {
     pub vm: u32,
     /// Object id in the datastore.
     pub ino: u64,
+    /// The object's generation: an inode number freed and given to a new object names a
+    /// different object, which must not inherit the old one's profiles (both start at the
+    /// same `attr_gen`).
+    pub generation: u32,
     /// Caller's (mapped) uid.
     pub uid: u32,
     /// Caller's (mapped) gid.
@@ -421,6 +427,7 @@ mod tests {
         ProfileKey {
             vm,
             ino,
+            generation: 1,
             uid,
             gid: uid,
             groups_epoch: 1,
@@ -449,8 +456,17 @@ mod tests {
         assert_eq!(cache.get(&key(1, 5, 7), 3, now), Some(p(0x0f)));
         assert_eq!(cache.get(&key(2, 5, 7), 3, now), None, "another VM");
         assert_eq!(cache.get(&key(1, 5, 8), 3, now), None, "another user");
+        let reused = ProfileKey {
+            generation: 2,
+            ..key(1, 5, 7)
+        };
+        assert_eq!(
+            cache.get(&reused, 3, now),
+            None,
+            "another object, same number"
+        );
         let stats = cache.stats();
-        assert_eq!((stats.hits, stats.misses, stats.entries), (1, 3, 1));
+        assert_eq!((stats.hits, stats.misses, stats.entries), (1, 4, 1));
     }
 
     #[test]
