@@ -1508,7 +1508,16 @@ impl FileSystem for VmfsFs {
         let i = self.stat(self.vino(inode)?)?;
         let n = name.to_bytes();
         self.check_xattr(&c, &i, n, false)?;
-        let v = self.ds.getxattr(i.ino, n).map_err(fs_err)?;
+        let mut v = self.ds.getxattr(i.ino, n).map_err(fs_err)?;
+        if Self::is_acl_name(n) {
+            // Stored in datastore ids; the guest sees its own (unmapped ones as the overflow
+            // id, as owners are shown).
+            let acl = Acl::parse(&v).map_err(|_| errno(libc::EIO))?;
+            v = acl.encode_mapped(
+                |u| self.settings.uid_map.to_guest(u).unwrap_or(OVERFLOW_ID),
+                |g| self.settings.gid_map.to_guest(g).unwrap_or(OVERFLOW_ID),
+            );
+        }
         if size == 0 {
             Ok(GetxattrReply::Count(v.len() as u32))
         } else if v.len() > size as usize {
@@ -1658,7 +1667,18 @@ impl VmfsFs {
         value: &[u8],
         extra: SetxattrFlags,
     ) -> io::Result<()> {
-        let acl = Acl::parse(value).map_err(|_| errno(libc::EINVAL))?;
+        // Named entries hold guest ids: stored as datastore ids, like owners; an id outside
+        // the share's maps cannot be named (EINVAL, as setxattr of an invalid ACL).
+        let acl = Acl::parse(value)
+            .and_then(|a| {
+                a.map_ids(
+                    |u| self.settings.uid_map.to_host(u),
+                    |g| self.settings.gid_map.to_host(g),
+                )
+            })
+            .ok()
+            .flatten()
+            .ok_or_else(|| errno(libc::EINVAL))?;
         if name == XATTR_ACL_DEFAULT {
             if !i.is_dir() {
                 return Err(errno(libc::EACCES));

@@ -69,6 +69,16 @@ fn fixture_with(uid_map: &str) -> Fixture {
     Fixture { fs, ds, _dir: dir }
 }
 
+fn fixture_maps(uid_map: &str, gid_map: &str) -> Fixture {
+    let f = fixture_with(uid_map);
+    let settings = ShareSettings {
+        gid_map: IdMap::parse(gid_map).unwrap(),
+        ..settings(f._dir.path(), uid_map)
+    };
+    let fs = VmfsFs::new(f.ds.clone(), "shares/mapped", settings).unwrap();
+    Fixture { fs, ..f }
+}
+
 fn fixture() -> Fixture {
     fixture_with("")
 }
@@ -299,6 +309,119 @@ fn acl_grant_and_revocation_apply_at_once() {
     );
     let st = f.fs.settings().perm.stats();
     assert!(st.hits + st.misses > 0 && st.invalidations > 0, "{st:?}");
+}
+
+/// Named ACL entries are ids like owners: stored in datastore ids (guest ids mapped on set,
+/// unmapped ones refused), shown in guest ids (unmapped ones as the overflow id), evaluated
+/// against the caller's mapped ids.
+#[test]
+fn acl_ids_go_through_the_id_maps() {
+    let f = fixture_maps(
+        "0:0:1;1000:101000:100",
+        "0:0:1;1000:101000:100;2000:102000:100",
+    );
+    let (file, _) = f.create(root(), ROOT, "mapped", 0o600).unwrap();
+    let grant = acl(&[
+        (AclTag::UserObj, 0, 6),
+        (AclTag::User, BOB, 6),
+        (AclTag::GroupObj, 0, 0),
+        (AclTag::Group, G_A, 4),
+        (AclTag::Mask, 0, 6),
+        (AclTag::Other, 0, 0),
+    ]);
+    f.set_acl(root(), file, XATTR_ACL_ACCESS, &grant).unwrap();
+    // Stored in datastore ids.
+    let stored = f
+        .fs_ds()
+        .getxattr(f.fs_ino(file), XATTR_ACL_ACCESS)
+        .unwrap();
+    let stored = Acl::parse(&stored).unwrap();
+    let named: Vec<(AclTag, u32)> = stored
+        .entries()
+        .iter()
+        .filter(|e| e.tag.is_named())
+        .map(|e| (e.tag, e.id))
+        .collect();
+    assert_eq!(
+        named,
+        [
+            (AclTag::User, 100_000 + BOB),
+            (AclTag::Group, 100_000 + G_A)
+        ]
+    );
+    // Evaluated against the caller's mapped ids: Bob (guest 1001, datastore 101001) may write;
+    // Alice (in no entry) may not; a member of ga (by its primary gid) may read.
+    assert!(f.open(ctx(BOB, BOB), file, libc::O_RDWR).is_ok());
+    assert_eq!(
+        errno_of(f.open(ctx(ALICE, ALICE), file, libc::O_RDONLY)),
+        libc::EACCES
+    );
+    assert!(f.open(ctx(ALICE, G_A), file, libc::O_RDONLY).is_ok());
+    // Shown in guest ids.
+    let got = match f
+        .fs
+        .getxattr(root(), file, &c("system.posix_acl_access"), 4096)
+        .unwrap()
+    {
+        virtiofsd::filesystem::GetxattrReply::Value(v) => v,
+        _ => panic!("expected a value"),
+    };
+    assert_eq!(Acl::parse(&got).unwrap(), grant);
+    // An id outside the map cannot be named (as chown to it is refused).
+    let unmapped = acl(&[
+        (AclTag::UserObj, 0, 6),
+        (AclTag::User, 5, 6),
+        (AclTag::GroupObj, 0, 0),
+        (AclTag::Mask, 0, 6),
+        (AclTag::Other, 0, 0),
+    ]);
+    assert_eq!(
+        errno_of(f.set_acl(root(), file, XATTR_ACL_ACCESS, &unmapped)),
+        libc::EINVAL
+    );
+    let unmapped_default = acl(&[
+        (AclTag::UserObj, 0, 7),
+        (AclTag::GroupObj, 0, 0),
+        (AclTag::Group, 7, 5),
+        (AclTag::Mask, 0, 7),
+        (AclTag::Other, 0, 0),
+    ]);
+    assert_eq!(
+        errno_of(f.set_acl(root(), ROOT, XATTR_ACL_DEFAULT, &unmapped_default)),
+        libc::EINVAL
+    );
+    // A datastore id the map does not cover is shown as the overflow id.
+    let foreign = acl(&[
+        (AclTag::UserObj, 0, 6),
+        (AclTag::User, 7, 6),
+        (AclTag::GroupObj, 0, 0),
+        (AclTag::Mask, 0, 6),
+        (AclTag::Other, 0, 0),
+    ]);
+    f.fs_ds()
+        .setxattr(
+            f.fs_ino(file),
+            XATTR_ACL_ACCESS,
+            &foreign.encode(),
+            vmfs::XattrSetMode::Any,
+        )
+        .unwrap();
+    let got = match f
+        .fs
+        .getxattr(root(), file, &c("system.posix_acl_access"), 4096)
+        .unwrap()
+    {
+        virtiofsd::filesystem::GetxattrReply::Value(v) => v,
+        _ => panic!("expected a value"),
+    };
+    let shown: Vec<u32> = Acl::parse(&got)
+        .unwrap()
+        .entries()
+        .iter()
+        .filter(|e| e.tag.is_named())
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(shown, [crate::fs::OVERFLOW_ID]);
 }
 
 #[test]

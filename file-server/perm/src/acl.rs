@@ -384,6 +384,47 @@ impl Acl {
         }
     }
 
+    /// The same ACL with the qualifiers of named entries translated — `user` for `USER`
+    /// entries, `group` for `GROUP` — e.g. guest ids to datastore ids through a share's id
+    /// maps. `Ok(None)` when a translation refuses an id; an error when translated ids
+    /// collide.
+    pub fn map_ids(
+        &self,
+        user: impl Fn(u32) -> Option<u32>,
+        group: impl Fn(u32) -> Option<u32>,
+    ) -> Result<Option<Acl>, AclError> {
+        let mut entries = self.entries.clone();
+        for entry in &mut entries {
+            let mapped = match entry.tag {
+                AclTag::User => user(entry.id),
+                AclTag::Group => group(entry.id),
+                _ => continue,
+            };
+            match mapped {
+                Some(id) => entry.id = id,
+                None => return Ok(None),
+            }
+        }
+        Acl::from_entries(entries).map(Some)
+    }
+
+    /// Encodes the ACL with named qualifiers translated by total functions, e.g. datastore
+    /// ids to guest ids with ids outside the map shown as the overflow id. Translated ids
+    /// may collide (several unmapped ids shown as one), so the result is for display and is
+    /// not re-validated; named entries stay sorted by their shown id.
+    pub fn encode_mapped(&self, user: impl Fn(u32) -> u32, group: impl Fn(u32) -> u32) -> Vec<u8> {
+        let mut entries = self.entries.clone();
+        for entry in &mut entries {
+            match entry.tag {
+                AclTag::User => entry.id = user(entry.id),
+                AclTag::Group => entry.id = group(entry.id),
+                _ => {}
+            }
+        }
+        entries.sort_by_key(|entry| (entry.tag, entry.id));
+        Acl { entries }.encode()
+    }
+
     fn unnamed_perm(&self, tag: AclTag) -> Option<u8> {
         debug_assert!(!tag.is_named());
         self.entries
@@ -652,6 +693,30 @@ pub(crate) mod tests {
             Acl::parse(&too_long),
             Err(AclError::TooLong { .. })
         ));
+    }
+
+    #[test]
+    fn named_ids_are_translated_both_ways() {
+        let acl = sample();
+        let shift = |id: u32| id.checked_add(100_000);
+        let host = acl.map_ids(shift, shift).unwrap().unwrap();
+        let named: Vec<u32> = host
+            .entries()
+            .iter()
+            .filter(|e| e.tag.is_named())
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(named, [100_007, 101_000, 100_050]);
+        // Back, with a total function: the original bytes.
+        let back = host.encode_mapped(|id| id - 100_000, |id| id - 100_000);
+        assert_eq!(back, acl.encode());
+        // A refused id refuses the ACL; colliding translations are invalid.
+        assert_eq!(acl.map_ids(|id| (id != 7).then_some(id), Some), Ok(None));
+        assert!(acl.map_ids(|_| Some(1), Some).is_err());
+        // Display may collide (two unmapped users shown as the same id).
+        let shown = acl.encode_mapped(|_| 65_534, |id| id);
+        assert_eq!(&shown[12..20], &entry_bytes(0x02, 7, 65_534)[..]);
+        assert_eq!(&shown[20..28], &entry_bytes(0x02, 5, 65_534)[..]);
     }
 
     #[test]
