@@ -34,6 +34,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         groups: None,
         cache: CachePolicy::Auto,
         perm: PermCache::new(PermCacheConfig::default())?,
+        quota: file_server::quota::QuotaLimits::default(),
     };
     let fs = VmfsFs::new(ds.clone(), "bench", settings)?;
     let ctx = Context {

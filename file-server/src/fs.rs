@@ -35,6 +35,8 @@ use vmfs::format::{Inode, S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S
 use vmfs::fs::{Datastore, FsError};
 use vmfs::{Extent, RenameFlags, SetAttr, TimeSet, Whence, XattrSetMode};
 
+use crate::quota::{allocated_bytes, write_bound, Quota, QuotaLimits};
+
 /// Name of the access ACL xattr (Linux).
 pub const XATTR_ACL_ACCESS: &[u8] = b"system.posix_acl_access";
 /// Name of the default ACL xattr (Linux).
@@ -198,6 +200,8 @@ pub struct ShareSettings {
     pub cache: CachePolicy,
     /// The permission-profile cache.
     pub perm: PermCache,
+    /// Space limits (none: unlimited, nothing counted).
+    pub quota: QuotaLimits,
 }
 
 /// Counters of one share (besides the permission cache's own).
@@ -266,6 +270,8 @@ pub struct VmfsFs {
     dev_file: Option<Arc<File>>,
     zero: Arc<File>,
     counters: Arc<FsCounters>,
+    /// The share's space limits and usage.
+    quota: Arc<Quota>,
     /// Requests that can free blocks or inodes (unlink, rmdir, rename, setattr, fallocate,
     /// open with O_TRUNC, release) hold it exclusively; all others share it. A request that
     /// resolved a node or planned device extents thus finishes before anything it uses can
@@ -359,6 +365,7 @@ impl VmfsFs {
             .and_then(|f| f.try_clone().ok())
             .map(Arc::new);
         let zero = Arc::new(File::open("/dev/zero")?);
+        let quota = Arc::new(Quota::open(&ds, root, settings.quota).map_err(ds_err)?);
         Ok(VmfsFs {
             ds,
             root,
@@ -370,6 +377,7 @@ impl VmfsFs {
             dev_file,
             zero,
             counters: Arc::new(FsCounters::default()),
+            quota,
             gate: Arc::new(std::sync::RwLock::new(())),
         })
     }
@@ -399,6 +407,64 @@ impl VmfsFs {
         &self.counters
     }
 
+    /// The share's space limits and usage.
+    pub fn quota(&self) -> &Quota {
+        &self.quota
+    }
+
+    /// Runs `op`, which changes the data of `before`'s inode, having reserved `bound` bytes
+    /// of the share's quota (EDQUOT when that would pass it); then replaces the reservation
+    /// by the change of the inode's allocated bytes.
+    fn charged<T>(
+        &self,
+        before: &Inode,
+        bound: u64,
+        op: impl FnOnce() -> io::Result<T>,
+    ) -> io::Result<T> {
+        if !self.quota.enabled() {
+            return op();
+        }
+        self.quota.reserve(bound, 0).map_err(errno)?;
+        let r = op();
+        let was = allocated_bytes(before);
+        let now = self
+            .ds
+            .stat(before.ino)
+            .map_or(was, |i| allocated_bytes(&i));
+        self.quota
+            .adjust(i128::from(now) - i128::from(was) - i128::from(bound), 0);
+        r
+    }
+
+    /// Credits the space and inode of `victim` to the quota if it was just freed (its last
+    /// link and opener gone).
+    fn credit_if_freed(&self, victim: &Inode) {
+        if !self.quota.enabled() {
+            return;
+        }
+        let freed = self
+            .ds
+            .stat(victim.ino)
+            .map_or(true, |i| i.generation != victim.generation);
+        if freed {
+            self.quota.adjust(-i128::from(allocated_bytes(victim)), -1);
+        }
+    }
+
+    /// Closes the datastore's open of `ino`, crediting the quota when that freed an
+    /// unlinked file.
+    fn close_ino(&self, ino: u64) {
+        let orphan = if self.quota.enabled() {
+            self.ds.stat(ino).ok().filter(|i| i.nlink == 0)
+        } else {
+            None
+        };
+        self.ds.close(ino);
+        if let Some(i) = orphan {
+            self.credit_if_freed(&i);
+        }
+    }
+
     /// The share's settings (permission cache counters live there).
     pub fn settings(&self) -> &ShareSettings {
         &self.settings
@@ -413,7 +479,7 @@ impl VmfsFs {
     pub fn disconnected(&self, conn: u64) {
         let mut st = self.lock();
         for h in st.handles.values() {
-            self.ds.close(h.ino);
+            self.close_ino(h.ino);
         }
         st.lookups.clear();
         st.handles.clear();
@@ -690,11 +756,32 @@ impl VmfsFs {
             None => ((mode & S_IFMT) | (mode & 0o7777 & !umask), None, None),
         };
         let (uid, gid, mode) = self.new_owner(&c, &dir, mode);
-        let inode = match symlink_target {
+        let reserved = if self.quota.bytes_full() {
+            Err(libc::EDQUOT)
+        } else {
+            self.quota.reserve(0, 1)
+        };
+        if let Err(e) = reserved {
+            // A name that exists is EEXIST whatever the quota (open(O_CREAT) of an existing
+            // file must still work at the limit).
+            if self.ds.lookup_at(dir.ino, name).is_ok() {
+                return Err(errno(libc::EEXIST));
+            }
+            return Err(errno(e));
+        }
+        let made = match symlink_target {
             Some(t) => self.ds.symlink_at(dir.ino, name, t, uid, gid),
             None => self.ds.make_node(dir.ino, name, mode, rdev, uid, gid),
+        };
+        // The inode was reserved; its bytes and the directory's growth are charged as made.
+        let grown = self.ds.stat(dir.ino).map_or(0, |d| {
+            i128::from(allocated_bytes(&d)) - i128::from(allocated_bytes(&dir))
+        });
+        match &made {
+            Ok(i) => self.quota.adjust(grown + i128::from(allocated_bytes(i)), 0),
+            Err(_) => self.quota.adjust(grown, -1),
         }
-        .map_err(fs_err)?;
+        let inode = made.map_err(fs_err)?;
         for (xname, acl) in [(XATTR_ACL_ACCESS, access), (XATTR_ACL_DEFAULT, default)] {
             if let Some(acl) = acl {
                 self.ds
@@ -724,7 +811,7 @@ impl VmfsFs {
         let removed = self.lock().handles.remove(&h);
         if let Some(hd) = removed {
             self.counters.handles.fetch_sub(1, Ordering::Relaxed);
-            self.ds.close(hd.ino);
+            self.close_ino(hd.ino);
         }
     }
 
@@ -1009,7 +1096,17 @@ impl VmfsFs {
             f.read_exact_at(&mut buf[..n], 0)?;
             Ok(n)
         })?;
-        self.ds.write_at(ino, offset, &buf[..n]).map_err(fs_err)?;
+        // Only this path can allocate (the direct one writes blocks already there).
+        let before = if self.quota.enabled() {
+            Some(self.stat(ino)?)
+        } else {
+            None
+        };
+        let write = || self.ds.write_at(ino, offset, &buf[..n]).map_err(fs_err);
+        match &before {
+            Some(b) => self.charged(b, write_bound(b, offset, n as u64), write)?,
+            None => write()?,
+        };
         Ok(n)
     }
 
@@ -1126,7 +1223,13 @@ impl FileSystem for VmfsFs {
         self.writable()?;
         let c = self.caller(&ctx)?;
         let i = self.stat(self.vino(inode)?)?;
-        let out = self.do_setattr(&c, &i, &attr, handle, valid)?;
+        // Growing a file is sparse, but may move its bytes to a larger layout.
+        let bound = if valid.contains(SetattrValid::SIZE) && attr.size > i.size {
+            write_bound(&i, attr.size, 0)
+        } else {
+            0
+        };
+        let out = self.charged(&i, bound, || self.do_setattr(&c, &i, &attr, handle, valid))?;
         Ok((self.attr(&out), self.settings.cache.timeout()))
     }
 
@@ -1207,7 +1310,9 @@ impl FileSystem for VmfsFs {
         self.check(&c, &dir, MAY_WRITE | MAY_EXEC)?;
         let victim = self.ds.lookup_at(dir.ino, name).map_err(fs_err)?;
         Self::sticky_ok(&c, &dir, &victim)?;
-        self.ds.unlink_at(dir.ino, name).map_err(fs_err)
+        self.ds.unlink_at(dir.ino, name).map_err(fs_err)?;
+        self.credit_if_freed(&victim);
+        Ok(())
     }
 
     fn rmdir(&self, ctx: Context, parent: u64, name: &CStr) -> io::Result<()> {
@@ -1218,7 +1323,9 @@ impl FileSystem for VmfsFs {
         self.check(&c, &dir, MAY_WRITE | MAY_EXEC)?;
         let victim = self.ds.lookup_at(dir.ino, name).map_err(fs_err)?;
         Self::sticky_ok(&c, &dir, &victim)?;
-        self.ds.rmdir_at(dir.ino, name).map_err(fs_err)
+        self.ds.rmdir_at(dir.ino, name).map_err(fs_err)?;
+        self.credit_if_freed(&victim);
+        Ok(())
     }
 
     fn rename(
@@ -1269,9 +1376,17 @@ impl FileSystem for VmfsFs {
                 }
             }
         }
+        if self.quota.bytes_full() && od.ino != nd.ino {
+            // A new entry in another directory may grow it.
+            return Err(errno(libc::EDQUOT));
+        }
         self.ds
             .rename_at(od.ino, oldname, nd.ino, newname, f)
-            .map_err(fs_err)
+            .map_err(fs_err)?;
+        if let Some(d) = dst.as_ref().filter(|_| !f.exchange) {
+            self.credit_if_freed(d);
+        }
+        Ok(())
     }
 
     fn link(&self, ctx: Context, inode: u64, newparent: u64, newname: &CStr) -> io::Result<Entry> {
@@ -1284,7 +1399,12 @@ impl FileSystem for VmfsFs {
         }
         let dir = self.dir(newparent)?;
         self.check(&c, &dir, MAY_WRITE | MAY_EXEC)?;
-        let i = self.ds.link_at(src.ino, dir.ino, newname).map_err(fs_err)?;
+        if self.quota.bytes_full() {
+            return Err(errno(libc::EDQUOT));
+        }
+        let i = self.charged(&dir, 0, || {
+            self.ds.link_at(src.ino, dir.ino, newname).map_err(fs_err)
+        })?;
         self.entry(&i)
     }
 
@@ -1298,7 +1418,7 @@ impl FileSystem for VmfsFs {
         let c = self.caller(&ctx)?;
         let i = self.stat(self.vino(inode)?)?;
         let (read, write) = self.open_grant(&c, &i, flags)?;
-        self.truncate_on_open(&i, flags)?;
+        self.charged(&i, 0, || self.truncate_on_open(&i, flags))?;
         let h = self.open_handle(i.ino, read, write)?;
         Ok((Some(h), OpenOptions::empty()))
     }
@@ -1334,7 +1454,7 @@ impl FileSystem for VmfsFs {
                     .lookup_at(dir.ino, new_name(name)?)
                     .map_err(fs_err)?;
                 self.open_grant(&c, &i, flags)?;
-                self.truncate_on_open(&i, flags)?;
+                self.charged(&i, 0, || self.truncate_on_open(&i, flags))?;
                 self.stat(i.ino)?
             }
             Err(e) => return Err(e),
@@ -1425,13 +1545,29 @@ impl FileSystem for VmfsFs {
         if length == 0 {
             return Err(errno(libc::EINVAL));
         }
+        // Absurd ranges are refused before any work: past the largest file, or more space
+        // than the whole datastore has.
+        if offset
+            .checked_add(length)
+            .is_none_or(|end| end > vmfs::format::FILE_BYTES_MAX)
+        {
+            return Err(errno(libc::EFBIG));
+        }
+        let i = self.stat(ino)?;
         if punch {
             self.not_served_elsewhere(ino)?;
-            self.ds.punch_hole(ino, offset, length)
-        } else {
-            self.ds.allocate(ino, offset, length, keep)
+            return self.charged(&i, 0, || {
+                self.ds.punch_hole(ino, offset, length).map_err(fs_err)
+            });
         }
-        .map_err(fs_err)
+        let st = self.ds.statfs().map_err(fs_err)?;
+        if length > st.fb_total.saturating_mul(vmfs::format::FILE_BLOCK) {
+            return Err(errno(libc::ENOSPC));
+        }
+        // One request may not allocate past the share's quota, however large.
+        self.charged(&i, write_bound(&i, offset, length), || {
+            self.ds.allocate(ino, offset, length, keep).map_err(fs_err)
+        })
     }
 
     fn release(
@@ -1465,6 +1601,21 @@ impl FileSystem for VmfsFs {
         st.f_ffree = s.fd_free;
         st.f_favail = s.fd_free;
         st.f_namemax = vmfs::format::NAME_MAX as u64;
+        // A share with limits looks like a file system of the limits' size (as `df` shows a
+        // project quota on XFS), never larger than the datastore.
+        let (bytes_used, inodes_used) = self.quota.used();
+        let limits = self.quota.limits();
+        if let Some(max) = limits.bytes {
+            st.f_blocks = st.f_blocks.min(max / fb);
+            let left = max.saturating_sub(bytes_used) / fb;
+            st.f_bfree = st.f_bfree.min(left);
+            st.f_bavail = st.f_bfree;
+        }
+        if let Some(max) = limits.inodes {
+            st.f_files = st.f_files.min(max);
+            st.f_ffree = st.f_ffree.min(max.saturating_sub(inodes_used));
+            st.f_favail = st.f_ffree;
+        }
         if self.settings.readonly {
             st.f_flag |= libc::ST_RDONLY;
         }

@@ -56,6 +56,7 @@ fn settings(dir: &std::path::Path, uid_map: &str) -> ShareSettings {
         groups: Some(GroupSource::new(group, Some(passwd), Duration::from_millis(20)).unwrap()),
         cache: CachePolicy::Auto,
         perm: PermCache::new(PermCacheConfig::default()).unwrap(),
+        quota: crate::quota::QuotaLimits::default(),
     }
 }
 
@@ -77,6 +78,21 @@ fn fixture_maps(uid_map: &str, gid_map: &str) -> Fixture {
     };
     let fs = VmfsFs::new(f.ds.clone(), "shares/mapped", settings).unwrap();
     Fixture { fs, ..f }
+}
+
+fn fixture_quota(bytes: Option<u64>, inodes: Option<u64>) -> Fixture {
+    let f = fixture();
+    let fs = quota_share(&f, bytes, inodes);
+    Fixture { fs, ..f }
+}
+
+/// A share of "shares/quota" in `f`'s datastore with the given limits.
+fn quota_share(f: &Fixture, bytes: Option<u64>, inodes: Option<u64>) -> VmfsFs {
+    let settings = ShareSettings {
+        quota: crate::quota::QuotaLimits { bytes, inodes },
+        ..settings(f._dir.path(), "")
+    };
+    VmfsFs::new(f.ds.clone(), "shares/quota", settings).unwrap()
 }
 
 fn fixture() -> Fixture {
@@ -1227,4 +1243,142 @@ fn bad_timestamps_and_foreign_setuid_strips_are_refused() {
         .fs
         .setattr(root(), file, attr, None, SetattrValid::MTIME)
         .is_err());
+}
+
+fn write_all(f: &Fixture, node: u64, h: u64, off: u64, data: &[u8]) -> io::Result<usize> {
+    f.fs.write(
+        root(),
+        node,
+        h,
+        SliceReader(data),
+        data.len() as u32,
+        off,
+        None,
+        false,
+        false,
+        0,
+    )
+}
+
+/// Bytes of data blocks allocated to the files of the share's root directory, per vmfs.
+fn allocated_in_root(f: &Fixture) -> u64 {
+    let root = f.fs.root_ino();
+    f.fs_ds()
+        .read_dir_from(root, 0, 1000)
+        .unwrap()
+        .iter()
+        .map(|e| crate::quota::allocated_bytes(&f.fs_ds().stat(e.entry.ino).unwrap()))
+        .sum()
+}
+
+#[test]
+fn byte_quota_stops_writes_and_statfs_shows_it() {
+    const MIB: u64 = 1 << 20;
+    let f = fixture_quota(Some(4 * MIB), None);
+    let st = f.fs.statfs(root(), ROOT).unwrap();
+    assert_eq!((st.f_blocks, st.f_bfree), (4, 4));
+    let (file, h) = f.create(root(), ROOT, "fill", 0o644).unwrap();
+    let (other, oh) = f.create(root(), ROOT, "prealloc", 0o644).unwrap();
+    let chunk = vec![3u8; MIB as usize];
+    let mut written = 0u64;
+    let mut refused = None;
+    for i in 0..16u64 {
+        match write_all(&f, file, h, i * MIB, &chunk) {
+            Ok(n) => written += n as u64,
+            Err(e) => {
+                refused = e.raw_os_error();
+                break;
+            }
+        }
+    }
+    assert_eq!(
+        refused,
+        Some(libc::EDQUOT),
+        "16 MiB written into a 4 MiB quota"
+    );
+    // The bound may refuse a little early, never late.
+    assert!((2 * MIB..=4 * MIB).contains(&written), "{written}");
+    let (used, _) = f.fs.quota().used();
+    assert_eq!(
+        used,
+        allocated_in_root(&f),
+        "counted usage matches the datastore"
+    );
+    assert!(used <= 4 * MIB);
+    let st = f.fs.statfs(root(), ROOT).unwrap();
+    assert_eq!(st.f_bfree, (4 * MIB - used) / MIB);
+    // Rewriting allocated space is never refused.
+    assert_eq!(write_all(&f, file, h, 0, &chunk[..4096]).unwrap(), 4096);
+    // No new entries once the bytes are used up (a directory may grow by a block).
+    assert_eq!(
+        errno_of(f.create(root(), ROOT, "more", 0o644)),
+        libc::EDQUOT
+    );
+    // A single FALLOCATE cannot pass the quota, nor ask for absurd sizes.
+    assert_eq!(
+        errno_of(f.fs.fallocate(root(), other, oh, 0, 0, 8 * MIB)),
+        libc::EDQUOT
+    );
+    assert_eq!(
+        errno_of(f.fs.fallocate(root(), other, oh, 0, 0, 200 << 30)),
+        libc::ENOSPC
+    );
+    assert_eq!(
+        errno_of(f.fs.fallocate(root(), other, oh, 0, u64::MAX - 5, 10)),
+        libc::EFBIG
+    );
+    assert_eq!(
+        f.fs.quota().used().0,
+        used,
+        "refused requests allocate nothing"
+    );
+    // Freeing space gives it back; a fresh share counts the same usage from the datastore.
+    f.fs.release(root(), file, 0, h, false, false, None)
+        .unwrap();
+    f.fs.unlink(root(), ROOT, &c("fill")).unwrap();
+    assert_eq!(f.fs.quota().used().0, allocated_in_root(&f));
+    f.fs.fallocate(root(), other, oh, 0, 0, 2 * MIB).unwrap();
+    let (used, _) = f.fs.quota().used();
+    assert_eq!(used, allocated_in_root(&f));
+    assert_eq!(quota_share(&f, Some(4 * MIB), None).quota().used().0, used);
+}
+
+#[test]
+fn inode_quota_stops_creation_but_not_opening() {
+    let f = fixture_quota(None, Some(3));
+    let d = f.mkdir(root(), ROOT, "d", 0o755).unwrap();
+    let (file, h) = f.create(root(), d, "f", 0o644).unwrap();
+    f.fs.release(root(), file, 0, h, false, false, None)
+        .unwrap();
+    f.fs.symlink(root(), &c("f"), d, &c("l"), Extensions::default())
+        .unwrap();
+    let st = f.fs.statfs(root(), ROOT).unwrap();
+    assert_eq!((st.f_files, st.f_ffree), (3, 0));
+    assert_eq!(
+        errno_of(f.fs.mknod(
+            root(),
+            ROOT,
+            &c("n"),
+            libc::S_IFIFO | 0o644,
+            0,
+            0,
+            Extensions::default()
+        )),
+        libc::EDQUOT
+    );
+    assert_eq!(errno_of(f.mkdir(root(), ROOT, "e", 0o755)), libc::EDQUOT);
+    assert_eq!(errno_of(f.create(root(), ROOT, "g", 0o644)), libc::EDQUOT);
+    // An existing name still opens through CREATE, and a hard link takes no inode.
+    let (again, h) = f.create(root(), d, "f", 0o644).unwrap();
+    assert_eq!(again, file);
+    f.fs.release(root(), file, 0, h, false, false, None)
+        .unwrap();
+    f.fs.link(root(), file, ROOT, &c("hard")).unwrap();
+    // Removing the last link of a file frees its inode for the next creation.
+    f.fs.unlink(root(), d, &c("f")).unwrap();
+    assert_eq!(f.fs.quota().used().1, 3);
+    f.fs.unlink(root(), ROOT, &c("hard")).unwrap();
+    assert_eq!(f.fs.quota().used().1, 2);
+    assert!(f.create(root(), ROOT, "g", 0o644).is_ok());
+    assert_eq!(quota_share(&f, None, Some(3)).quota().used().1, 3);
 }

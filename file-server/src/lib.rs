@@ -8,8 +8,10 @@
 //! - [`handler`]: [`handler::ShareHandler`], dataplane's `FsRequestHandler`: one FUSE request
 //!   per descriptor chain, decoded by virtiofsd's `Server`, with EINVAL/EIO replies for what
 //!   it cannot decode or panics on.
+//! - [`quota`]: per-share byte and inode limits — usage counted at open, reserved by each
+//!   request that may allocate, corrected to what it really allocated.
 //! - [`share`]: the `--share` option of stratad (socket, directory, id maps, group file,
-//!   read-only, cache policy) and a share's counters for `stats`.
+//!   read-only, cache policy, quotas) and a share's counters for `stats`.
 //!
 //! The FUSE protocol layer is virtiofsd 1.14's library (`server`, `filesystem`, `fuse`,
 //! `descriptor_utils`): its rust-vmm versions are ours, so its readers and writers work on
@@ -18,6 +20,7 @@
 
 pub mod fs;
 pub mod handler;
+pub mod quota;
 pub mod share;
 
 #[cfg(test)]

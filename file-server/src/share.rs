@@ -2,7 +2,7 @@
 //!
 //! `--share socket=PATH,dir=NAME[,tag=TAG][,queues=N][,uid-map=MAP][,gid-map=MAP]
 //! [,readonly=on][,groups=FILE][,passwd=FILE][,cache=never|auto|always][,perm-cache=N]
-//! [,stale-ms=MS]`
+//! [,stale-ms=MS][,quota-bytes=SIZE][,quota-inodes=N]`
 //!
 //! - `dir`: a directory of the datastore (created root-owned 0755 when missing).
 //! - `tag`: the mount tag (default: `dir`'s last component), at most 36 bytes.
@@ -11,6 +11,9 @@
 //!   /etc/passwd formats; re-read when changed, cached per uid for at most the stale bound.
 //! - `cache`: how long the guest caches entries and attributes (0 s, 1 s, a day).
 //! - `perm-cache`: capacity of the permission-profile cache; `stale-ms`: its staleness bound.
+//! - `quota-bytes`: most bytes of data blocks the share's files may hold (K/M/G/T suffixes,
+//!   a multiple of 512); `quota-inodes`: most files, directories and links below its root.
+//!   Past them requests fail with EDQUOT; statfs shows the limits (see [`crate::quota`]).
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -25,6 +28,7 @@ use vmfs::fs::Datastore;
 
 use crate::fs::{CachePolicy, ShareSettings, VmfsFs};
 use crate::handler::ShareHandler;
+use crate::quota::QuotaLimits;
 
 /// Request queues of a share unless `queues=` says otherwise.
 pub const SHARE_QUEUES_DEFAULT: u16 = 1;
@@ -75,6 +79,8 @@ pub struct ShareSpec {
     pub perm_cache: usize,
     /// Staleness bound of cached profiles and group lists.
     pub stale: Duration,
+    /// Space limits.
+    pub quota: QuotaLimits,
 }
 
 fn bool_opt(k: &str, v: &str) -> Result<bool, ShareError> {
@@ -106,6 +112,7 @@ pub fn parse_share_spec(s: &str) -> Result<ShareSpec, ShareError> {
         cache: CachePolicy::Auto,
         perm_cache: PermCacheConfig::default().capacity,
         stale: PermCacheConfig::default().stale_bound,
+        quota: QuotaLimits::default(),
     };
     for part in s.split(',').filter(|p| !p.is_empty()) {
         let (k, v) = part
@@ -148,6 +155,19 @@ pub fn parse_share_spec(s: &str) -> Result<ShareSpec, ShareError> {
                     .parse()
                     .map_err(|_| bad(format!("stale-ms: milliseconds, got {v:?}")))?;
                 spec.stale = Duration::from_millis(ms);
+            }
+            "quota-bytes" => {
+                let n = vmfs::admin::parse_size(v)
+                    .map_err(|why| bad(format!("quota-bytes: {why}, got {v:?}")))?;
+                spec.quota.bytes = Some(n);
+            }
+            "quota-inodes" => {
+                spec.quota.inodes = Some(
+                    v.parse()
+                        .ok()
+                        .filter(|n| *n > 0)
+                        .ok_or_else(|| bad(format!("quota-inodes: a positive count, got {v:?}")))?,
+                )
             }
             _ => return Err(bad(format!("unknown key {k:?}"))),
         }
@@ -233,6 +253,7 @@ impl Share {
             groups,
             cache: spec.cache,
             perm,
+            quota: spec.quota,
         };
         let fs = VmfsFs::new(ds, &spec.dir, settings)?;
         Ok(Share {
@@ -283,6 +304,15 @@ mod tests {
         assert!(s.readonly);
         assert_eq!(s.stale, Duration::from_millis(50));
         assert_eq!(s.uid_map, "0:1000:10");
+        assert_eq!(s.quota, QuotaLimits::default());
+        let s = parse_share_spec("socket=s,dir=q,quota-bytes=10G,quota-inodes=1000").unwrap();
+        assert_eq!(
+            s.quota,
+            QuotaLimits {
+                bytes: Some(10 << 30),
+                inodes: Some(1000)
+            }
+        );
     }
 
     #[test]
@@ -297,6 +327,12 @@ mod tests {
             "socket=s,dir=x,bogus=1",
             "socket=s,dir=x,readonly=maybe",
             "socket=s,dir=x,tag=0123456789012345678901234567890123456789",
+            "socket=s,dir=x,quota-bytes=0",
+            "socket=s,dir=x,quota-bytes=100",
+            "socket=s,dir=x,quota-bytes=lots",
+            "socket=s,dir=x,quota-bytes=99999999999T",
+            "socket=s,dir=x,quota-inodes=0",
+            "socket=s,dir=x,quota-inodes=-1",
         ] {
             assert!(parse_share_spec(bad).is_err(), "{bad}");
         }
