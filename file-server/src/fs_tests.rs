@@ -730,13 +730,25 @@ mod wire {
 
     /// Sends `req` (readable) with `out_len` writable bytes; returns (used, reply bytes).
     fn send(h: &ShareHandler, m: &FsMemory, req: &[u8], out_len: u32) -> (u32, Vec<u8>) {
+        send_at(h, m, req, out_len, REQ_ADDR, OUT_ADDR)
+    }
+
+    /// [`send`] with the request and reply buffers at the given guest addresses.
+    fn send_at(
+        h: &ShareHandler,
+        m: &FsMemory,
+        req: &[u8],
+        out_len: u32,
+        req_addr: u64,
+        out_addr: u64,
+    ) -> (u32, Vec<u8>) {
         let vq = MockSplitQueue::new(m, 16);
         let mut descs = vec![];
         if !req.is_empty() {
-            descs.push((REQ_ADDR, req.len() as u32, false));
+            descs.push((req_addr, req.len() as u32, false));
         }
         if out_len > 0 {
-            descs.push((OUT_ADDR, out_len, true));
+            descs.push((out_addr, out_len, true));
         }
         let raw: Vec<RawDescriptor> = descs
             .iter()
@@ -750,14 +762,14 @@ mod wire {
             })
             .collect();
         vq.add_desc_chains(&raw, 0).unwrap();
-        m.write_slice(req, GuestAddress(REQ_ADDR)).unwrap();
-        m.write_slice(&vec![0xeeu8; out_len as usize], GuestAddress(OUT_ADDR))
+        m.write_slice(req, GuestAddress(req_addr)).unwrap();
+        m.write_slice(&vec![0xeeu8; out_len as usize], GuestAddress(out_addr))
             .unwrap();
         let mut q: Queue = vq.create_queue().unwrap();
         let chain = q.pop_descriptor_chain(m).unwrap();
         let used = h.handle(1, m, chain);
         let mut out = vec![0u8; used as usize];
-        m.read_slice(&mut out, GuestAddress(OUT_ADDR)).unwrap();
+        m.read_slice(&mut out, GuestAddress(out_addr)).unwrap();
         (used, out)
     }
 
@@ -1022,7 +1034,8 @@ mod wire {
         // block covers (so the data would take the scratch path).
         let size = 3u32 << 20;
         let payload = vec![0x77u8; size as usize];
-        let (_, out) = send(&h, &m, &write_req(40, file, fh, 4096, size, &payload), 4096);
+        let req = write_req(40, file, fh, 4096, size, &payload);
+        let (_, out) = send_at(&h, &m, &req, 4096, REQ_ADDR, 0x3f_0000);
         assert_eq!(reply_error(&out), (-libc::EINVAL, 40));
         assert_eq!(f.fs.getattr(root(), file, None).unwrap().0.size, 0);
         assert!(
@@ -1045,6 +1058,602 @@ mod wire {
             4096 + u64::from(max_write)
         );
         assert!(crate::fs::scratch_bytes() <= crate::fs::SCRATCH_KEEP_BYTES);
+    }
+
+    /// One step of a guest session. Nodes and handles are indices into what earlier replies
+    /// returned (taken modulo their number), so requests reach real objects.
+    #[derive(Debug, Clone)]
+    enum Step {
+        Lookup {
+            dir: usize,
+            name: usize,
+        },
+        Create {
+            dir: usize,
+            name: usize,
+            mode: u32,
+            flags: u32,
+        },
+        Mkdir {
+            dir: usize,
+            name: usize,
+            mode: u32,
+        },
+        Mknod {
+            dir: usize,
+            name: usize,
+            mode: u32,
+        },
+        Symlink {
+            dir: usize,
+            name: usize,
+            target: usize,
+        },
+        Link {
+            node: usize,
+            dir: usize,
+            name: usize,
+        },
+        Open {
+            node: usize,
+            flags: u32,
+        },
+        Opendir {
+            node: usize,
+        },
+        Read {
+            node: usize,
+            fh: usize,
+            offset: u64,
+            size: u32,
+            out_len: u32,
+        },
+        Write {
+            node: usize,
+            fh: usize,
+            offset: u64,
+            size: u32,
+            payload: u32,
+            honest: bool,
+        },
+        Setattr {
+            node: usize,
+            fh: usize,
+            valid: u32,
+            size: u64,
+            mode: u32,
+            uid: u32,
+        },
+        Fallocate {
+            node: usize,
+            fh: usize,
+            mode: u32,
+            offset: u64,
+            length: u64,
+        },
+        Setxattr {
+            node: usize,
+            name: usize,
+            value: u32,
+        },
+        Getxattr {
+            node: usize,
+            name: usize,
+            size: u32,
+        },
+        Release {
+            node: usize,
+            fh: usize,
+            dir: bool,
+        },
+        Forget {
+            node: usize,
+            count: u64,
+        },
+        Unlink {
+            dir: usize,
+            name: usize,
+        },
+        Rmdir {
+            dir: usize,
+            name: usize,
+        },
+        Rename {
+            from: usize,
+            name: usize,
+            to: usize,
+            new_name: usize,
+            flags: u32,
+        },
+        Readdir {
+            node: usize,
+            fh: usize,
+            plus: bool,
+        },
+        Simple {
+            node: usize,
+            opcode: u32,
+        },
+    }
+
+    const NAMES: [&str; 5] = ["a", "b", "c", "dir", "x.img"];
+    const XATTRS: [&str; 4] = [
+        "user.k",
+        "system.posix_acl_access",
+        "trusted.t",
+        "system.posix_acl_default",
+    ];
+    /// Callers: root, users of the map, and one outside it (refused with EPERM).
+    const UIDS: [u32; 5] = [0, ALICE, BOB, CAROL, 4_000_000];
+    const MIB: u32 = 1 << 20;
+
+    fn open_flags() -> impl Strategy<Value = u32> {
+        prop_oneof![
+            Just(libc::O_RDWR as u32),
+            Just((libc::O_WRONLY | libc::O_TRUNC) as u32),
+            Just(libc::O_RDONLY as u32),
+            Just((libc::O_RDWR | libc::O_EXCL) as u32),
+            any::<u32>(),
+        ]
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        let i = || 0usize..64;
+        let size = prop_oneof![
+            0u32..9000,
+            Just(MIB),
+            Just(MIB + 1),
+            Just(u32::MAX),
+            any::<u32>()
+        ];
+        let offset =
+            prop_oneof![6 => 0u64..(3 << 20), 1 => Just(u64::MAX - 4096), 1 => any::<u64>()];
+        prop_oneof![
+            1 => (i(), i()).prop_map(|(dir, name)| Step::Lookup { dir, name }),
+            3 => (i(), i(), prop_oneof![Just(0o644u32), Just(0o777), Just(0o600), any::<u32>()], open_flags())
+                .prop_map(|(dir, name, mode, flags)| Step::Create { dir, name, mode, flags }),
+            1 => (i(), i(), any::<u32>()).prop_map(|(dir, name, mode)| Step::Mkdir { dir, name, mode }),
+            1 => (i(), i(), any::<u32>()).prop_map(|(dir, name, mode)| Step::Mknod { dir, name, mode }),
+            1 => (i(), i(), i()).prop_map(|(dir, name, target)| Step::Symlink { dir, name, target }),
+            1 => (i(), i(), i()).prop_map(|(node, dir, name)| Step::Link { node, dir, name }),
+            2 => (i(), open_flags()).prop_map(|(node, flags)| Step::Open { node, flags }),
+            1 => i().prop_map(|node| Step::Opendir { node }),
+            3 => (i(), i(), offset.clone(), size.clone(), prop_oneof![0u32..64, 16u32..9000, Just(16 + MIB), Just(16 + MIB + 4096)])
+                .prop_map(|(node, fh, offset, size, out_len)| Step::Read { node, fh, offset, size, out_len }),
+            5 => (i(), i(), offset.clone(), prop_oneof![6 => 0u32..9000, 2 => Just(MIB), 1 => Just(MIB + 1), 1 => any::<u32>()], prop_oneof![4 => Just(None), 1 => (0u32..9000).prop_map(Some)], any::<bool>())
+                // Mostly a payload of the stated size (capped to what guest memory holds).
+                .prop_map(|(node, fh, offset, size, payload, honest)| Step::Write {
+                    node, fh, offset, size, payload: payload.unwrap_or(size).min(0x17_0000), honest
+                }),
+            1 => (i(), i(), any::<u32>(), offset.clone(), any::<u32>(), prop::sample::select(&UIDS[..]))
+                .prop_map(|(node, fh, valid, size, mode, uid)| Step::Setattr { node, fh, valid, size, mode, uid }),
+            2 => (i(), i(), prop_oneof![Just(0u32), Just(1), Just(3), any::<u32>()], offset, prop_oneof![0u64..(8 << 20), any::<u64>()])
+                .prop_map(|(node, fh, mode, offset, length)| Step::Fallocate { node, fh, mode, offset, length }),
+            1 => (i(), i(), prop_oneof![0u32..100, Just(65_536), Just(70_000), Just(MIB)])
+                .prop_map(|(node, name, value)| Step::Setxattr { node, name, value }),
+            1 => (i(), i(), prop_oneof![Just(0u32), 1u32..200, Just(MIB + 1)])
+                .prop_map(|(node, name, size)| Step::Getxattr { node, name, size }),
+            1 => (i(), i(), any::<bool>()).prop_map(|(node, fh, dir)| Step::Release { node, fh, dir }),
+            1 => (i(), prop_oneof![Just(1u64), any::<u64>()]).prop_map(|(node, count)| Step::Forget { node, count }),
+            1 => (i(), i()).prop_map(|(dir, name)| Step::Unlink { dir, name }),
+            1 => (i(), i()).prop_map(|(dir, name)| Step::Rmdir { dir, name }),
+            1 => (i(), i(), i(), i(), prop_oneof![Just(0u32), Just(1), Just(2), any::<u32>()])
+                .prop_map(|(from, name, to, new_name, flags)| Step::Rename { from, name, to, new_name, flags }),
+            1 => (i(), i(), any::<bool>()).prop_map(|(node, fh, plus)| Step::Readdir { node, fh, plus }),
+            1 => (i(), prop::sample::select(&[3u32, 5, 17, 20, 23, 25, 34, 46][..]))
+                .prop_map(|(node, opcode)| Step::Simple { node, opcode }),
+        ]
+    }
+
+    /// What the session has learnt from replies.
+    struct Session {
+        nodes: Vec<u64>,
+        /// (node, handle, opened for writing).
+        handles: Vec<(u64, u64, bool)>,
+        unique: u64,
+    }
+
+    impl Session {
+        fn node(&self, i: usize) -> u64 {
+            self.nodes[i % self.nodes.len()]
+        }
+
+        /// A handle (with its node), or a made-up one when none is open. Half the time the
+        /// newest one (opened for writing when `write`): sessions mostly use what they opened.
+        fn handle(&self, i: usize, node: usize, write: bool) -> (u64, u64) {
+            let newest = self.handles.iter().rev().find(|h| h.2 || !write);
+            match (newest, self.handles.len()) {
+                (Some(&(n, h, _)), _) if i < 32 => (n, h),
+                (_, 0) => (self.node(node), i as u64),
+                (_, len) => {
+                    let (n, h, _) = self.handles[i % len];
+                    (n, h)
+                }
+            }
+        }
+    }
+
+    fn cstr(s: &str) -> Vec<u8> {
+        let mut v = s.as_bytes().to_vec();
+        v.push(0);
+        v
+    }
+
+    fn le32(v: &mut Vec<u8>, x: u32) {
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+
+    fn le64(v: &mut Vec<u8>, x: u64) {
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+
+    /// Builds the request of one step: (opcode, node, body, reply buffer size).
+    fn build(s: &Session, st: &Step) -> (u32, u64, Vec<u8>, u32) {
+        let mut b = Vec::new();
+        let name = |i: usize| cstr(NAMES[i % NAMES.len()]);
+        match *st {
+            Step::Lookup { dir, name: n } => {
+                b.extend(name(n));
+                (1, s.node(dir), b, 4096)
+            }
+            Step::Create {
+                dir,
+                name: n,
+                mode,
+                flags,
+            } => {
+                le32(&mut b, flags);
+                le32(&mut b, mode);
+                le32(&mut b, 0o022);
+                le32(&mut b, 0);
+                b.extend(name(n));
+                (35, s.node(dir), b, 4096)
+            }
+            Step::Mkdir { dir, name: n, mode } => {
+                le32(&mut b, mode);
+                le32(&mut b, 0o022);
+                b.extend(name(n));
+                (9, s.node(dir), b, 4096)
+            }
+            Step::Mknod { dir, name: n, mode } => {
+                le32(&mut b, mode);
+                le32(&mut b, 0);
+                le32(&mut b, 0o022);
+                le32(&mut b, 0);
+                b.extend(name(n));
+                (8, s.node(dir), b, 4096)
+            }
+            Step::Symlink {
+                dir,
+                name: n,
+                target,
+            } => {
+                b.extend(name(n));
+                b.extend(name(target));
+                (6, s.node(dir), b, 4096)
+            }
+            Step::Link { node, dir, name: n } => {
+                le64(&mut b, s.node(node));
+                b.extend(name(n));
+                (13, s.node(dir), b, 4096)
+            }
+            Step::Open { node, flags } => {
+                le32(&mut b, flags);
+                le32(&mut b, 0);
+                (14, s.node(node), b, 4096)
+            }
+            Step::Opendir { node } => {
+                le32(&mut b, 0);
+                le32(&mut b, 0);
+                (27, s.node(node), b, 4096)
+            }
+            Step::Read {
+                node,
+                fh,
+                offset,
+                size,
+                out_len,
+            } => {
+                let (n, h) = s.handle(fh, node, false);
+                le64(&mut b, h);
+                le64(&mut b, offset);
+                le32(&mut b, size);
+                b.extend_from_slice(&[0u8; 20]);
+                (15, n, b, out_len)
+            }
+            Step::Write {
+                node,
+                fh,
+                offset,
+                size,
+                payload,
+                ..
+            } => {
+                let (n, h) = s.handle(fh, node, true);
+                le64(&mut b, h);
+                le64(&mut b, offset);
+                le32(&mut b, size);
+                b.extend_from_slice(&[0u8; 20]);
+                b.extend(std::iter::repeat_n(0x5au8, payload as usize));
+                (16, n, b, 4096)
+            }
+            Step::Setattr {
+                node,
+                fh,
+                valid,
+                size,
+                mode,
+                uid,
+            } => {
+                let (_, h) = s.handle(fh, node, true);
+                le32(&mut b, valid);
+                le32(&mut b, 0);
+                le64(&mut b, h);
+                le64(&mut b, size);
+                b.extend_from_slice(&[0u8; 32]); // lock_owner, atime, mtime, ctime
+                b.extend_from_slice(&[0u8; 12]); // *nsec
+                le32(&mut b, mode);
+                le32(&mut b, 0);
+                le32(&mut b, uid);
+                le32(&mut b, uid);
+                le32(&mut b, 0);
+                (4, s.node(node), b, 4096)
+            }
+            Step::Fallocate {
+                node,
+                fh,
+                mode,
+                offset,
+                length,
+            } => {
+                let (n, h) = s.handle(fh, node, true);
+                le64(&mut b, h);
+                le64(&mut b, offset);
+                le64(&mut b, length);
+                le32(&mut b, mode);
+                le32(&mut b, 0);
+                (43, n, b, 4096)
+            }
+            Step::Setxattr {
+                node,
+                name: n,
+                value,
+            } => {
+                le32(&mut b, value);
+                le32(&mut b, 0);
+                b.extend(cstr(XATTRS[n % XATTRS.len()]));
+                b.extend(std::iter::repeat_n(2u8, value as usize));
+                (21, s.node(node), b, 4096)
+            }
+            Step::Getxattr {
+                node,
+                name: n,
+                size,
+            } => {
+                le32(&mut b, size);
+                le32(&mut b, 0);
+                b.extend(cstr(XATTRS[n % XATTRS.len()]));
+                (22, s.node(node), b, 4096)
+            }
+            Step::Release { node, fh, dir } => {
+                let (n, h) = s.handle(fh, node, false);
+                le64(&mut b, h);
+                b.extend_from_slice(&[0u8; 16]);
+                (if dir { 29 } else { 18 }, n, b, 4096)
+            }
+            Step::Forget { node, count } => {
+                le64(&mut b, count);
+                (2, s.node(node), b, 0)
+            }
+            Step::Unlink { dir, name: n } => {
+                b.extend(name(n));
+                (10, s.node(dir), b, 4096)
+            }
+            Step::Rmdir { dir, name: n } => {
+                b.extend(name(n));
+                (11, s.node(dir), b, 4096)
+            }
+            Step::Rename {
+                from,
+                name: n,
+                to,
+                new_name,
+                flags,
+            } => {
+                le64(&mut b, s.node(to));
+                if flags != 0 {
+                    le32(&mut b, flags);
+                    le32(&mut b, 0);
+                }
+                b.extend(name(n));
+                b.extend(name(new_name));
+                (if flags != 0 { 45 } else { 12 }, s.node(from), b, 4096)
+            }
+            Step::Readdir { node, fh, plus } => {
+                let (n, h) = s.handle(fh, node, false);
+                le64(&mut b, h);
+                le64(&mut b, 0);
+                le32(&mut b, 4096);
+                b.extend_from_slice(&[0u8; 20]);
+                let _ = node;
+                (if plus { 44 } else { 28 }, n, b, 4096)
+            }
+            Step::Simple { node, opcode } => {
+                let (_, h) = s.handle(0, node, false);
+                match opcode {
+                    3 => b.extend_from_slice(&[0u8; 16]),
+                    20 | 25 => {
+                        le64(&mut b, h);
+                        b.extend_from_slice(&[0u8; 16]);
+                    }
+                    23 => {
+                        le32(&mut b, 4096);
+                        le32(&mut b, 0);
+                    }
+                    34 => {
+                        le32(&mut b, 4);
+                        le32(&mut b, 0);
+                    }
+                    46 => {
+                        le64(&mut b, h);
+                        le64(&mut b, 0);
+                        le32(&mut b, 3);
+                        le32(&mut b, 0);
+                    }
+                    _ => {}
+                }
+                (opcode, s.node(node), b, 4096)
+            }
+        }
+    }
+
+    fn header_as(len: u32, opcode: u32, unique: u64, nodeid: u64, uid: u32) -> Vec<u8> {
+        let mut h = header(len, opcode, unique, nodeid);
+        h[24..28].copy_from_slice(&uid.to_le_bytes());
+        h[28..32].copy_from_slice(&uid.to_le_bytes());
+        h
+    }
+
+    /// Runs a session; returns nothing, asserting the invariants after every request.
+    fn run_session(steps: &[(Step, u32)]) -> Result<(), TestCaseError> {
+        // Small limits, so sessions reach them.
+        const QUOTA_BYTES: u64 = 4 << 20;
+        const QUOTA_INODES: u64 = 24;
+        let f = fixture();
+        let share = ShareSettings {
+            quota: crate::quota::QuotaLimits {
+                bytes: Some(QUOTA_BYTES),
+                inodes: Some(QUOTA_INODES),
+            },
+            ..settings(f._dir.path(), "0:0:1;1000:1000:100")
+        };
+        let fs = VmfsFs::new(f.ds.clone(), "shares/session", share).unwrap();
+        // Everyone may create in the share's root (sticky, as /tmp).
+        let attr = fuse::SetattrIn {
+            mode: 0o1777,
+            ..Default::default()
+        };
+        fs.setattr(root(), ROOT, attr, None, SetattrValid::MODE)
+            .unwrap();
+        let h = ShareHandler::new(fs.clone());
+        let m = big_mem();
+        init(&h, &m);
+        let mut s = Session {
+            nodes: vec![ROOT],
+            handles: Vec::new(),
+            unique: 100,
+        };
+        for (st, uid) in steps {
+            let (opcode, node, body, out_len) = build(&s, st);
+            s.unique += 1;
+            let honest = !matches!(st, Step::Write { honest: false, .. });
+            let len = if honest {
+                40 + body.len()
+            } else {
+                (40 + body.len()).min(80 + MIB as usize)
+            };
+            let mut req = header_as(len as u32, opcode, s.unique, node, *uid);
+            req.extend_from_slice(&body);
+            // Requests up to 1.5 MiB at 1 MiB; replies up to 1.5 MiB after them.
+            prop_assert!(req.len() <= 0x18_0000 && out_len <= 0x18_0000);
+            let (used, out) = send_at(&h, &m, &req, out_len, 0x10_0000, 0x28_0000);
+            prop_assert_eq!(
+                h.counters()
+                    .panics
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                0
+            );
+            prop_assert!(used <= out_len);
+            if opcode == 2 {
+                prop_assert_eq!(used, 0, "FORGET has no reply");
+                continue;
+            }
+            if used == 0 {
+                // Only a reply buffer too short for a header goes unanswered.
+                prop_assert!(out_len < 16, "no reply to {:?}", st);
+                continue;
+            }
+            prop_assert!(used >= 16);
+            let len = u32::from_le_bytes(out[0..4].try_into().unwrap());
+            let (err, unique) = reply_error(&out);
+            prop_assert_eq!(len, used, "reply length");
+            prop_assert_eq!(unique, s.unique);
+            prop_assert!((-4095..=0).contains(&err), "errno {}", err);
+            if err != 0 {
+                prop_assert_eq!(used, 16);
+                continue;
+            }
+            let word = |at: usize| u64::from_le_bytes(out[at..at + 8].try_into().unwrap());
+            match *st {
+                Step::Lookup { .. }
+                | Step::Mkdir { .. }
+                | Step::Mknod { .. }
+                | Step::Symlink { .. }
+                | Step::Link { .. } => s.nodes.push(word(16)),
+                Step::Create { flags, .. } => {
+                    s.nodes.push(word(16));
+                    s.handles.push((word(16), word(16 + 128), flags & 3 != 0));
+                }
+                Step::Open { flags, .. } => s.handles.push((node, word(16), flags & 3 != 0)),
+                Step::Opendir { .. } => s.handles.push((node, word(16), false)),
+                Step::Release { .. } => {
+                    let fh = u64::from_le_bytes(body[0..8].try_into().unwrap());
+                    s.handles.retain(|&(_, h, _)| h != fh);
+                }
+                Step::Read { size, .. } => {
+                    prop_assert!(used as usize - 16 <= (size.min(MIB)) as usize);
+                }
+                _ => {}
+            }
+            let c = fs.counters();
+            prop_assert_eq!(
+                c.handles.load(std::sync::atomic::Ordering::Relaxed),
+                s.handles.len() as u64
+            );
+            let (bytes, inodes) = fs.quota().used();
+            // Directory growth may pass the byte limit by a block.
+            prop_assert!(bytes <= QUOTA_BYTES + u64::from(MIB), "{bytes}");
+            prop_assert!(inodes <= QUOTA_INODES);
+            prop_assert!(crate::fs::scratch_bytes() <= crate::fs::SCRATCH_KEEP_BYTES);
+        }
+        // The guest goes away: its handles close, counted usage matches a fresh count, and
+        // the datastore is consistent.
+        h.disconnected(1);
+        prop_assert_eq!(
+            fs.counters()
+                .handles
+                .load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
+        let fresh = VmfsFs::new(
+            f.ds.clone(),
+            "shares/session",
+            ShareSettings {
+                quota: fs.quota().limits(),
+                ..settings(f._dir.path(), "")
+            },
+        )
+        .unwrap();
+        prop_assert_eq!(fresh.quota().used(), fs.quota().used());
+        f.ds.unmount().unwrap();
+        let report = vmfs::fsck::fsck(&**f.ds.device()).unwrap();
+        prop_assert!(report.clean(), "fsck: {:?}", report.problems);
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, .. ProptestConfig::default() })]
+        /// A guest session: requests on one share reusing the node ids and handles earlier
+        /// replies gave, as random users, with large WRITE, READ and SETXATTR sizes.
+        #[test]
+        fn sessions_keep_the_share_consistent(
+            steps in proptest::collection::vec(
+                (step(), prop_oneof![2 => Just(0u32), 1 => prop::sample::select(&UIDS[..])]),
+                1..60,
+            )
+        ) {
+            run_session(&steps)?;
+        }
     }
 
     proptest! {
