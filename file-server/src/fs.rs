@@ -1079,6 +1079,14 @@ impl VmfsFs {
         if size > WRITE_BYTES_MAX {
             return Err(errno(libc::EINVAL));
         }
+        // The guest names the offset: a range that wraps or ends past the largest file is
+        // refused here, before any datastore arithmetic on it.
+        if offset
+            .checked_add(u64::from(size))
+            .is_none_or(|end| end > vmfs::format::FILE_BYTES_MAX)
+        {
+            return Err(errno(libc::EFBIG));
+        }
         let len = size as usize;
         if let (Some(f), Ok(Some(dev_off))) = (
             self.dev_file.as_ref(),

@@ -1680,6 +1680,23 @@ mod wire {
     }
 }
 
+/// Offsets are the guest's: a range that wraps around or ends past the largest file is
+/// refused before the datastore computes with it (vmfs's direct-write check adds offset and
+/// length unchecked, an overflow panic with overflow checks on).
+#[test]
+fn writes_past_the_largest_file_are_refused() {
+    let f = fixture();
+    let (file, h) = f.create(root(), ROOT, "edge", 0o644).unwrap();
+    for off in [u64::MAX - 4096, vmfs::format::FILE_BYTES_MAX - 2] {
+        assert_eq!(
+            errno_of(write_all(&f, file, h, off, &[1u8; 5000])),
+            libc::EFBIG,
+            "{off}"
+        );
+    }
+    assert_eq!(f.fs.getattr(root(), file, None).unwrap().0.size, 0);
+}
+
 #[test]
 fn sparse_write_far_past_the_end() {
     let f = fixture();
