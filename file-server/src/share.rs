@@ -225,6 +225,10 @@ pub struct ShareStats {
     pub handles: u64,
     /// Requests naming node ids never looked up.
     pub unknown_nodes: u64,
+    /// Bytes of data blocks the share holds (counted only with a quota).
+    pub quota_bytes_used: u64,
+    /// Inodes below the share's root (counted only with a quota).
+    pub quota_inodes_used: u64,
 }
 
 impl Share {
@@ -267,6 +271,7 @@ impl Share {
         let fs = self.handler.fs();
         let c = fs.counters();
         let h = self.handler.counters();
+        let (quota_bytes_used, quota_inodes_used) = fs.quota().used();
         ShareStats {
             perm: fs.settings().perm.stats(),
             requests: h.requests.load(Ordering::Relaxed),
@@ -276,6 +281,8 @@ impl Share {
             unmapped_ids: c.unmapped_ids.load(Ordering::Relaxed),
             handles: c.handles.load(Ordering::Relaxed),
             unknown_nodes: c.unknown_nodes.load(Ordering::Relaxed),
+            quota_bytes_used,
+            quota_inodes_used,
         }
     }
 }
