@@ -10,6 +10,8 @@
 //!   [`split_ring`] reads avail entries and descriptor chains through it.
 //! - [`engine`]: the [`engine::IoEngine`] trait with io_uring, synchronous and
 //!   fault-injecting engines; one engine per reactor.
+//! - [`mem_guard`]: checks a frontend's memory-region fds (size, seals) and guards unsealed
+//!   mappings against SIGBUS when the frontend shrinks the file later.
 //! - [`reactor`]: the fixed pool of polling threads that run every disk's virtqueues.
 //! - [`vhost_device`]: the vhost-user protocol state of one device (memory table, vrings,
 //!   features, config space), handing started vrings to reactors through a
@@ -28,6 +30,7 @@ pub mod backend;
 pub mod blk;
 pub mod engine;
 pub mod guest_ram;
+pub mod mem_guard;
 pub mod net;
 pub mod reactor;
 pub mod server;
