@@ -20,6 +20,8 @@
 //! - [`server`]: the control thread: listening sockets, frontend connections and reconnects,
 //!   orderly shutdown.
 //! - [`stats`]: counters shared with the control plane.
+//! - [`test_gate`]: the workspace's rule for tests with missing prerequisites (SKIP locally,
+//!   fail in CI).
 //! - [`used_ring`]: batched used-ring writes (one `idx` store and one notification decision per
 //!   reactor loop iteration).
 //! - [`net`]: packet I/O ([`net::PacketIo`]: AF_XDP, packet socket) and storage classifier.
@@ -36,6 +38,7 @@ pub mod reactor;
 pub mod server;
 pub mod split_ring;
 pub mod stats;
+pub mod test_gate;
 pub mod used_ring;
 pub mod vhost_blk;
 pub mod vhost_device;
