@@ -250,13 +250,17 @@ fn open_datastore(path: &Path, create: Option<u64>) -> Result<Arc<Datastore>, Ma
     }
 }
 
+/// Creates `dir` (and missing parents) as 0700 whatever the umask: the data directory holds
+/// the datastore and the sockets, private to the daemon's user.
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(dir)
+}
+
 /// Prepares the embedded default: a datastore file in the data directory with a thin disk,
 /// and the socket path.
 fn default_disk(data_dir: &Path) -> Result<(DiskSpec, Arc<Datastore>), MainError> {
-    // The data directory holds the datastore and the sockets: private to the daemon's user.
-    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
-        .create(data_dir)
-        .map_err(io_err(format!("create {}", data_dir.display())))?;
+    create_private_dir(data_dir).map_err(io_err(format!("create {}", data_dir.display())))?;
     let abs = |p: PathBuf| std::fs::canonicalize(&p).unwrap_or(p);
     let dir = abs(data_dir.to_path_buf());
     let ds = open_datastore(
@@ -505,4 +509,26 @@ fn run(args: Args) -> Result<(), MainError> {
     }
     tracing::info!("stratad stopped cleanly");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// Issue 12 finding 9: directories stratad creates are 0700 (create_dir_all gave 0755).
+    #[test]
+    fn data_dir_is_private() {
+        let base = std::env::temp_dir().join(format!("stratad-dir-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        // SAFETY: umask has no memory effects.
+        unsafe { libc::umask(0o022) };
+        let d = base.join("a").join("b");
+        create_private_dir(&d).expect("create");
+        for p in [&base, &d] {
+            let mode = std::fs::metadata(p).expect("meta").permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700, "{}", p.display());
+        }
+        let _ = std::fs::remove_dir_all(&base);
+    }
 }
