@@ -10,6 +10,8 @@
 //!   [`split_ring`] reads avail entries and descriptor chains through it.
 //! - [`engine`]: the [`engine::IoEngine`] trait with io_uring, synchronous and
 //!   fault-injecting engines; one engine per reactor.
+//! - [`mem_guard`]: checks a frontend's memory-region fds (size, seals) and guards unsealed
+//!   mappings against SIGBUS when the frontend shrinks the file later.
 //! - [`reactor`]: the fixed pool of polling threads that run every disk's virtqueues.
 //! - [`vhost_device`]: the vhost-user protocol state of one device (memory table, vrings,
 //!   features, config space), handing started vrings to reactors through a
@@ -18,6 +20,8 @@
 //! - [`server`]: the control thread: listening sockets, frontend connections and reconnects,
 //!   orderly shutdown.
 //! - [`stats`]: counters shared with the control plane.
+//! - [`test_gate`]: the workspace's rule for tests with missing prerequisites (SKIP locally,
+//!   fail in CI).
 //! - [`used_ring`]: batched used-ring writes (one `idx` store and one notification decision per
 //!   reactor loop iteration).
 //! - [`net`]: packet I/O ([`net::PacketIo`]: AF_XDP, packet socket) and storage classifier.
@@ -28,11 +32,13 @@ pub mod backend;
 pub mod blk;
 pub mod engine;
 pub mod guest_ram;
+pub mod mem_guard;
 pub mod net;
 pub mod reactor;
 pub mod server;
 pub mod split_ring;
 pub mod stats;
+pub mod test_gate;
 pub mod used_ring;
 pub mod vhost_blk;
 pub mod vhost_device;

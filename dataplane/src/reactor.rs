@@ -879,9 +879,16 @@ fn complete_slot(aq: &mut ActiveQueue, slot_id: u16, result: i32) {
 /// Writes the status byte, puts the chain on the used ring and frees the slot.
 fn finish_slot(aq: &mut ActiveQueue, slot_id: u16, status: u8, used: u32) {
     let slot = &mut aq.slots[usize::from(slot_id)];
-    if let Some(addr) = slot.req.status {
+    let mut used = used;
+    match slot.req.status {
         // Bounds-checked again (the table may be newer than at parse time).
-        let _ = aq.ram.write(addr.0, &[status]);
+        Some(addr) => {
+            if aq.ram.write(addr.0, &[status]).is_none() {
+                used = 0;
+            }
+        }
+        // No status descriptor found (refused chain): nothing was written to the guest.
+        None => used = 0,
     }
     let head = slot.head;
     slot.mem = None;

@@ -168,6 +168,7 @@ impl Device {
 struct Disk {
     name: String,
     socket: PathBuf,
+    socket_file: SocketFile,
     listener: Option<UnixListener>,
     device: Device,
     conn: Option<Conn>,
@@ -244,6 +245,7 @@ pub struct Server {
     disks: Vec<Disk>,
     epoll: Epoll,
     next_reactor: usize,
+    access: SocketAccess,
 }
 
 impl std::fmt::Debug for Server {
@@ -279,8 +281,106 @@ fn is_fatal(e: &VhostError) -> bool {
     )
 }
 
-/// Binds `path`, replacing a stale socket file but refusing one somebody listens on.
-fn bind_socket(path: &Path) -> Result<UnixListener, ServerError> {
+/// Permissions of the sockets stratad creates when none are configured: whoever can connect to
+/// a disk socket owns that disk, and the control socket can remove disks, so only the daemon's
+/// user (and root) by default.
+pub const SOCKET_MODE_DEFAULT: u32 = 0o600;
+/// Backlog of a listening socket (frontends connect one at a time).
+const LISTEN_BACKLOG: i32 = 16;
+
+/// Who may connect to the sockets stratad creates (`--socket-mode`, `--socket-group`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketAccess {
+    /// Permission bits of the socket files (at most 0o777).
+    pub mode: u32,
+    /// Group of the socket files (e.g. QEMU's, when QEMU runs as another user).
+    pub group: Option<u32>,
+}
+
+impl Default for SocketAccess {
+    fn default() -> Self {
+        SocketAccess {
+            mode: SOCKET_MODE_DEFAULT,
+            group: None,
+        }
+    }
+}
+
+impl SocketAccess {
+    /// Whether a peer with these credentials may use a control socket: root, the daemon's own
+    /// user, or (with a socket group) a process whose primary group is the socket group.
+    /// SO_PEERCRED carries no supplementary groups.
+    pub fn peer_may_control(&self, uid: u32, gid: u32) -> bool {
+        // SAFETY: geteuid has no memory effects.
+        let me = unsafe { libc::geteuid() };
+        uid == 0 || uid == me || self.group.is_some_and(|g| g == gid)
+    }
+}
+
+/// A socket file's identity, so that it is removed only while it is still ours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketFile {
+    dev: u64,
+    ino: u64,
+}
+
+impl SocketFile {
+    /// Removes `path` if it is still this socket file (never a file that replaced it).
+    pub fn remove(&self, path: &Path) {
+        use std::os::unix::fs::MetadataExt;
+        if let Ok(m) = std::fs::symlink_metadata(path) {
+            if m.file_type().is_socket() && m.dev() == self.dev && m.ino() == self.ino {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+}
+
+/// The peer's (uid, gid) of a connected Unix socket (SO_PEERCRED).
+pub fn peer_credentials(stream: &UnixStream) -> std::io::Result<(u32, u32)> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: u32::MAX,
+        gid: u32::MAX,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, a local ucred.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((cred.uid, cred.gid))
+}
+
+/// Binds a listening Unix socket at `path` with `access`'s mode and group, replacing a stale
+/// socket file but refusing one somebody listens on, and never removing anything that is not
+/// a socket. The permissions are set between bind() and listen(): until listen() connections
+/// are refused, so nobody connects through the umask's permissions in between.
+pub fn bind_socket(
+    path: &Path,
+    access: &SocketAccess,
+) -> Result<(UnixListener, SocketFile), ServerError> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let err = |source: std::io::Error| ServerError::Socket {
+        path: path.to_path_buf(),
+        source,
+    };
+    if access.mode & !0o777 != 0 {
+        return Err(err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("socket mode {:o} has bits outside 0777", access.mode),
+        )));
+    }
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
             return Err(ServerError::NotASocket(path.to_path_buf()));
@@ -288,21 +388,63 @@ fn bind_socket(path: &Path) -> Result<UnixListener, ServerError> {
         if UnixStream::connect(path).is_ok() {
             return Err(ServerError::SocketInUse(path.to_path_buf()));
         }
-        std::fs::remove_file(path).map_err(|source| ServerError::Socket {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        std::fs::remove_file(path).map_err(err)?;
     }
-    let l = UnixListener::bind(path).map_err(|source| ServerError::Socket {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    l.set_nonblocking(true)
-        .map_err(|source| ServerError::Socket {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    Ok(l)
+    // SAFETY: sockaddr_un is plain data; zero is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.is_empty() || bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "socket path empty, too long or containing NUL",
+        )));
+    }
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: socket() has no memory effects; a non-negative result is a new fd we own.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(err(std::io::Error::last_os_error()));
+    }
+    // SAFETY: fd is a fresh socket nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: addr is a valid sockaddr_un of the given length.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(err(std::io::Error::last_os_error()));
+    }
+    let meta = std::fs::symlink_metadata(path).map_err(err)?;
+    let file = SocketFile {
+        dev: meta.dev(),
+        ino: meta.ino(),
+    };
+    let set_access = || -> std::io::Result<()> {
+        if let Some(g) = access.group {
+            std::os::unix::fs::lchown(path, None, Some(g))?;
+        }
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(access.mode))
+    };
+    if let Err(e) = set_access() {
+        file.remove(path);
+        return Err(err(e));
+    }
+    // SAFETY: listen on our socket has no memory effects.
+    if unsafe { libc::listen(fd.as_raw_fd(), LISTEN_BACKLOG) } != 0 {
+        let e = std::io::Error::last_os_error();
+        file.remove(path);
+        return Err(err(e));
+    }
+    let l = UnixListener::from(fd);
+    l.set_nonblocking(true).map_err(err)?;
+    Ok((l, file))
 }
 
 impl Server {
@@ -323,7 +465,14 @@ impl Server {
             disks: Vec::new(),
             epoll: Epoll::new()?,
             next_reactor: 0,
+            access: SocketAccess::default(),
         })
+    }
+
+    /// Mode and group of the sockets of disks and shares added from now on (default
+    /// [`SocketAccess::default`]: 0600, the daemon's group).
+    pub fn set_socket_access(&mut self, access: SocketAccess) {
+        self.access = access;
     }
 
     /// Adds a disk and starts listening on its socket. Queue `q` of the disk is served by
@@ -423,7 +572,7 @@ impl Server {
     }
 
     fn listen(&mut self, name: String, socket: PathBuf, device: Device) -> Result<(), ServerError> {
-        let listener = bind_socket(&socket)?;
+        let (listener, socket_file) = bind_socket(&socket, &self.access)?;
         let i = self.disks.len();
         self.epoll.ctl(
             ControlOperation::Add,
@@ -433,6 +582,7 @@ impl Server {
         self.disks.push(Disk {
             name,
             socket,
+            socket_file,
             listener: Some(listener),
             device,
             conn: None,
@@ -557,7 +707,8 @@ impl Server {
                     l.as_raw_fd(),
                     EpollEvent::default(),
                 );
-                let _ = std::fs::remove_file(&disk.socket);
+                // Only our socket: never a file somebody put there since.
+                disk.socket_file.remove(&disk.socket);
             }
         }
         for i in 0..self.disks.len() {
@@ -629,5 +780,115 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::NullBackend;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn tmp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("dp-server-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn server() -> Server {
+        Server::new(&ServerConfig {
+            cpus: vec![None],
+            engine: EngineKind::Sync,
+        })
+        .unwrap()
+    }
+
+    fn disk(socket: PathBuf) -> DiskConfig {
+        DiskConfig {
+            name: "d".into(),
+            socket,
+            backend: Arc::new(NullBackend::new(1 << 20, true).unwrap()),
+            num_queues: 1,
+        }
+    }
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    /// Issue 12 finding 9: a disk socket is 0600 whatever the umask, or the configured mode
+    /// and group.
+    #[test]
+    fn sockets_are_private_unless_configured() {
+        let d = tmp("mode");
+        // SAFETY: umask has no memory effects (the usual 022; the old code then made 0755).
+        unsafe { libc::umask(0o022) };
+        let mut s = server();
+        s.add_disk(disk(d.join("a.sock"))).unwrap();
+        assert_eq!(mode(&d.join("a.sock")), 0o600);
+        s.set_socket_access(SocketAccess {
+            mode: 0o660,
+            group: Some(12345),
+        });
+        s.add_disk(disk(d.join("b.sock"))).unwrap();
+        assert_eq!(mode(&d.join("b.sock")), 0o660);
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(std::fs::metadata(d.join("b.sock")).unwrap().gid(), 12345);
+        s.set_socket_access(SocketAccess {
+            mode: 0o1777,
+            group: None,
+        });
+        assert!(s.add_disk(disk(d.join("c.sock"))).is_err());
+        drop(s);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// A non-socket at a socket path is never removed: not at bind, not at shutdown when it
+    /// replaced our socket.
+    #[test]
+    fn never_removes_a_file_that_is_not_our_socket() {
+        let d = tmp("replace");
+        let p = d.join("x.sock");
+        std::fs::write(&p, b"precious").unwrap();
+        let mut s = server();
+        assert!(matches!(
+            s.add_disk(disk(p.clone())),
+            Err(ServerError::NotASocket(_))
+        ));
+        assert_eq!(std::fs::read(&p).unwrap(), b"precious");
+        std::fs::remove_file(&p).unwrap();
+        s.add_disk(disk(p.clone())).unwrap();
+        // Somebody replaces the socket with a file; shutdown must leave it.
+        std::fs::remove_file(&p).unwrap();
+        std::fs::write(&p, b"precious").unwrap();
+        s.shutdown();
+        assert_eq!(std::fs::read(&p).unwrap(), b"precious");
+        // Our own socket is removed at shutdown.
+        let mut s = server();
+        let q = d.join("y.sock");
+        s.add_disk(disk(q.clone())).unwrap();
+        s.shutdown();
+        assert!(!q.exists());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn control_peers() {
+        // SAFETY: geteuid has no memory effects.
+        let me = unsafe { libc::geteuid() };
+        let a = SocketAccess::default();
+        assert!(a.peer_may_control(0, 0));
+        assert!(a.peer_may_control(me, 1));
+        assert!(me == 65534 || !a.peer_may_control(65534, 65534));
+        let g = SocketAccess {
+            mode: 0o660,
+            group: Some(4242),
+        };
+        assert!(g.peer_may_control(65533, 4242));
+        assert!(me == 65533 || !g.peer_may_control(65533, 4243));
+        let (x, y) = UnixStream::pair().unwrap();
+        assert_eq!(peer_credentials(&x).unwrap().0, me);
+        drop(y);
     }
 }

@@ -27,11 +27,13 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::bitmap::NewBitmap;
 use vm_memory::{
-    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap,
+    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap, MemoryRegionAddress,
 };
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::blk::QUEUE_SIZE_MAX;
+use crate::mem_guard::{self, check_region_fd, Guard, Sealing};
 use crate::reactor::{ReactorError, ReactorLink};
 use crate::stats::QueueStats;
 
@@ -82,11 +84,57 @@ pub struct StartedVring<B: NewBitmap + Send + Sync + 'static> {
 /// Memory slots offered with CONFIGURE_MEM_SLOTS (the KVM limit vhost-user-backend uses too).
 pub const MEM_SLOTS_MAX: u64 = 509;
 
-#[derive(Debug, Clone, Copy)]
-struct AddrMapping {
+/// One mapped guest memory region. Field order matters: the SIGBUS guard is dropped before the
+/// mapping can be unmapped (see [`crate::mem_guard`]).
+struct MappedRegion<B: NewBitmap + Send + Sync + 'static> {
+    /// Registered when the file can still shrink.
+    guard: Option<Guard>,
+    /// Shared with the memory tables (current and older snapshots still in use by reactors).
+    region: Arc<GuestRegionMmap<B>>,
+    /// The frontend's address of the region (vring addresses are given in it).
     vmm_addr: u64,
     size: u64,
     gpa_base: u64,
+}
+
+impl<B: NewBitmap + Send + Sync + 'static> MappedRegion<B> {
+    /// Checks the region's fd (size, seals), maps it and guards it if it can still shrink.
+    fn map(region: &VhostUserMemoryRegion, file: File) -> VhostResult<Self> {
+        let sealing =
+            check_region_fd(&file, region.mmap_offset, region.memory_size).map_err(|e| {
+                tracing::warn!(err = %e, "memory region refused");
+                VhostError::InvalidParam
+            })?;
+        let r = GuestRegionMmap::new(
+            region.mmap_region::<B>(file)?,
+            GuestAddress(region.guest_phys_addr),
+        )
+        .ok_or(VhostError::InvalidParam)?;
+        let guard = match sealing {
+            Sealing::Sealed => None,
+            Sealing::Unsealed => {
+                let host = r
+                    .get_host_address(MemoryRegionAddress(0))
+                    .map_err(|_| VhostError::InvalidParam)?;
+                let len = usize::try_from(r.len()).map_err(|_| VhostError::InvalidParam)?;
+                Some(mem_guard::guard(host, len).map_err(other)?)
+            }
+        };
+        Ok(MappedRegion {
+            guard,
+            region: Arc::new(r),
+            vmm_addr: region.user_addr,
+            size: region.memory_size,
+            gpa_base: region.guest_phys_addr,
+        })
+    }
+
+    /// Whether the frontend-address ranges of two regions overlap (vring addresses would be
+    /// ambiguous).
+    fn vmm_range_overlaps(&self, other: &Self) -> bool {
+        let (a, b) = (self.vmm_addr, other.vmm_addr);
+        a < b.saturating_add(other.size) && b < a.saturating_add(self.size)
+    }
 }
 
 /// One vring's control-side state.
@@ -124,7 +172,11 @@ pub struct VhostDevice<K: DeviceKind> {
     links: Vec<ReactorLink>,
     vrings: Vec<Vring>,
     mem: DeviceMemory<K>,
-    mappings: Vec<AddrMapping>,
+    /// The regions of the current memory table.
+    regions: Vec<MappedRegion<K::Bitmap>>,
+    /// Regions no longer in the table, kept (mapped and guarded) until no reactor snapshot
+    /// uses them any more; see [`VhostDevice::reap_regions`].
+    retired: Vec<MappedRegion<K::Bitmap>>,
     owned: bool,
     acked_features: u64,
     acked_protocol_features: u64,
@@ -171,7 +223,8 @@ impl<K: DeviceKind> VhostDevice<K> {
             links,
             vrings,
             mem: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-            mappings: Vec::new(),
+            regions: Vec::new(),
+            retired: Vec::new(),
             owned: false,
             acked_features: 0,
             acked_protocol_features: 0,
@@ -211,7 +264,7 @@ impl<K: DeviceKind> VhostDevice<K> {
     }
 
     fn vmm_va_to_gpa(&self, va: u64) -> VhostResult<u64> {
-        self.mappings
+        self.regions
             .iter()
             .find(|m| va >= m.vmm_addr && va - m.vmm_addr < m.size)
             .map(|m| va - m.vmm_addr + m.gpa_base)
@@ -279,6 +332,20 @@ impl<K: DeviceKind> VhostDevice<K> {
         }
     }
 
+    /// Unmaps retired regions that no memory table snapshot uses any more (the reactors drop
+    /// theirs at their next poll, in-flight requests at completion); the others wait for the
+    /// next call. The guard goes before the mapping.
+    fn reap_regions(&mut self) {
+        let name = &self.name;
+        self.retired.retain(|m| {
+            if m.guard.as_ref().is_some_and(Guard::faulted) {
+                tracing::warn!(device = %name, gpa = m.gpa_base,
+                    "frontend shrank a guest memory file: the region was replaced by zeroes");
+            }
+            Arc::strong_count(&m.region) > 1
+        });
+    }
+
     /// Forgets the frontend: stops the vrings and drops memory, fds and negotiated features,
     /// ready for the next connection.
     pub fn disconnect(&mut self) {
@@ -297,7 +364,8 @@ impl<K: DeviceKind> VhostDevice<K> {
         if let Ok(g) = self.mem.lock() {
             g.replace(GuestMemoryMmap::new());
         }
-        self.mappings.clear();
+        self.retired.append(&mut self.regions);
+        self.reap_regions();
         self.kind.disconnected();
         self.owned = false;
         self.acked_features = 0;
@@ -354,26 +422,28 @@ impl<K: DeviceKind> VhostUserBackendReqHandlerMut for VhostDevice<K> {
         ctx: &[VhostUserMemoryRegion],
         files: Vec<File>,
     ) -> VhostResult<()> {
-        let mut regions = Vec::with_capacity(ctx.len());
-        let mut mappings = Vec::with_capacity(ctx.len());
-        for (region, file) in ctx.iter().zip(files) {
-            let r = GuestRegionMmap::new(
-                region.mmap_region::<K::Bitmap>(file)?,
-                GuestAddress(region.guest_phys_addr),
-            )
-            .ok_or(VhostError::InvalidParam)?;
-            mappings.push(AddrMapping {
-                vmm_addr: region.user_addr,
-                size: region.memory_size,
-                gpa_base: region.guest_phys_addr,
-            });
-            regions.push(r);
+        self.reap_regions();
+        if ctx.len() != files.len() || ctx.len() as u64 > MEM_SLOTS_MAX {
+            return Err(VhostError::InvalidParam);
         }
-        let mem = GuestMemoryMmap::from_regions(regions).map_err(other)?;
+        let mut regions: Vec<MappedRegion<K::Bitmap>> = Vec::with_capacity(ctx.len());
+        for (region, file) in ctx.iter().zip(files) {
+            let m = MappedRegion::map(region, file)?;
+            if regions.iter().any(|r| r.vmm_range_overlaps(&m)) {
+                return Err(VhostError::InvalidParam);
+            }
+            regions.push(m);
+        }
+        // vm-memory refuses overlapping guest-physical ranges.
+        let mem =
+            GuestMemoryMmap::from_arc_regions(regions.iter().map(|m| m.region.clone()).collect())
+                .map_err(other)?;
         // Running reactors pick the new table up at their next poll; requests in flight keep
-        // the old mappings alive through their snapshot.
+        // the old mappings alive through their snapshot, and `retired` keeps them guarded.
         self.mem.lock().map_err(other)?.replace(mem);
-        self.mappings = mappings;
+        let old = std::mem::replace(&mut self.regions, regions);
+        self.retired.extend(old);
+        self.reap_regions();
         Ok(())
     }
 
@@ -553,35 +623,42 @@ impl<K: DeviceKind> VhostUserBackendReqHandlerMut for VhostDevice<K> {
         region: &VhostUserSingleMemoryRegion,
         fd: File,
     ) -> VhostResult<()> {
-        if self.mappings.len() as u64 >= MEM_SLOTS_MAX {
+        self.reap_regions();
+        if self.regions.len() as u64 >= MEM_SLOTS_MAX {
             return Err(VhostError::InvalidParam);
         }
-        let r = Arc::new(
-            GuestRegionMmap::new(
-                region.mmap_region::<K::Bitmap>(fd)?,
-                GuestAddress(region.guest_phys_addr),
-            )
-            .ok_or(VhostError::InvalidParam)?,
-        );
-        let mem = self.mem.memory().insert_region(r).map_err(other)?;
+        let m = MappedRegion::map(region, fd)?;
+        if self.regions.iter().any(|r| r.vmm_range_overlaps(&m)) {
+            return Err(VhostError::InvalidParam);
+        }
+        // vm-memory refuses a region overlapping another in guest-physical space.
+        let mem = self
+            .mem
+            .memory()
+            .insert_region(m.region.clone())
+            .map_err(other)?;
         self.mem.lock().map_err(other)?.replace(mem);
-        self.mappings.push(AddrMapping {
-            vmm_addr: region.user_addr,
-            size: region.memory_size,
-            gpa_base: region.guest_phys_addr,
-        });
+        self.regions.push(m);
         Ok(())
     }
 
     fn remove_mem_region(&mut self, region: &VhostUserSingleMemoryRegion) -> VhostResult<()> {
+        self.reap_regions();
         let (mem, _) = self
             .mem
             .memory()
             .remove_region(GuestAddress(region.guest_phys_addr), region.memory_size)
             .map_err(other)?;
         self.mem.lock().map_err(other)?.replace(mem);
-        self.mappings
-            .retain(|m| m.gpa_base != region.guest_phys_addr);
+        if let Some(k) = self
+            .regions
+            .iter()
+            .position(|m| m.gpa_base == region.guest_phys_addr && m.size == region.memory_size)
+        {
+            let m = self.regions.swap_remove(k);
+            self.retired.push(m);
+        }
+        self.reap_regions();
         Ok(())
     }
 
@@ -608,5 +685,232 @@ impl<K: DeviceKind> VhostUserBackendReqHandlerMut for VhostDevice<K> {
 
     fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VhostResult<()> {
         Err(VhostError::InvalidOperation("dirty logging not offered"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The control plane against a hostile frontend: out-of-range vring parameters, bad memory
+    //! tables, messages out of order, memory files shrunk under running queues.
+    use super::*;
+    use crate::backend::NullBackend;
+    use crate::blk::{serial_from, DiskGeometry};
+    use crate::engine::EngineKind;
+    use crate::reactor::ReactorHandle;
+    use crate::vhost_blk::BlkDevice;
+    use std::os::fd::FromRawFd;
+
+    /// Guest-physical base and frontend address of the test memory.
+    const GPA: u64 = 0;
+    const VMM: u64 = 0x7f00_0000_0000;
+    const MEM: u64 = 0x10000;
+
+    fn device() -> (ReactorHandle, BlkDevice) {
+        let r = ReactorHandle::spawn(0, None, EngineKind::Sync).unwrap();
+        let geom = DiskGeometry {
+            capacity_sectors: 2048,
+            blk_size: 512,
+            read_only: false,
+            discard: false,
+            num_queues: 1,
+            serial: serial_from("t"),
+        };
+        let backend = Arc::new(NullBackend::new(1 << 20, true).unwrap());
+        let d = BlkDevice::new_blk("t", geom, backend, vec![r.link()]).unwrap();
+        (r, d)
+    }
+
+    /// The frontend's copy of an eventfd, as a message carries it.
+    fn efd_file(e: &EventFd) -> File {
+        let fd = e.try_clone().unwrap().into_raw_fd();
+        // SAFETY: fd was just released from a clone we owned, so the File owns it alone.
+        unsafe { File::from_raw_fd(fd) }
+    }
+
+    fn fl() -> VhostUserVringAddrFlags {
+        VhostUserVringAddrFlags::empty()
+    }
+
+    fn memfd(len: u64) -> File {
+        // SAFETY: memfd_create with a static name; the new fd is owned by the File.
+        let f = unsafe { File::from_raw_fd(libc::memfd_create(c"guest".as_ptr(), 0)) };
+        f.set_len(len).unwrap();
+        f
+    }
+
+    fn region(gpa: u64, size: u64, vmm: u64) -> VhostUserMemoryRegion {
+        VhostUserMemoryRegion::new(gpa, size, vmm, 0)
+    }
+
+    fn single(gpa: u64, size: u64, vmm: u64) -> VhostUserSingleMemoryRegion {
+        VhostUserSingleMemoryRegion::new(gpa, size, vmm, 0)
+    }
+
+    #[test]
+    fn out_of_range_vring_parameters_are_refused() {
+        let (_r, mut d) = device();
+        for num in [0, u32::from(QUEUE_SIZE_MAX) + 1, 1 << 16, u32::MAX] {
+            assert!(d.set_vring_num(0, num).is_err(), "num {num}");
+        }
+        d.set_vring_num(0, 256).unwrap();
+        assert!(d.set_vring_num(1, 256).is_err());
+        assert!(d.set_vring_num(u32::MAX, 256).is_err());
+        assert!(d.set_vring_base(0, 1 << 16).is_err());
+        assert!(d.set_vring_base(7, 0).is_err());
+        d.set_vring_base(0, 5).unwrap();
+        assert!(d.get_vring_base(3).is_err());
+        assert!(d.set_vring_enable(9, true).is_err());
+        assert!(d.set_vring_kick(200, None).is_err());
+        assert!(d.set_vring_call(200, None).is_err());
+        // Addresses before any memory table, then outside it.
+        assert!(d
+            .set_vring_addr(0, fl(), VMM, VMM + 0x2000, VMM + 0x1000, 0)
+            .is_err());
+        d.set_mem_table(&[region(GPA, MEM, VMM)], vec![memfd(MEM)])
+            .unwrap();
+        assert!(d.set_vring_addr(0, fl(), VMM + MEM, VMM, VMM, 0).is_err());
+        assert!(d.set_vring_addr(0, fl(), u64::MAX, VMM, VMM, 0).is_err());
+        // A ring that starts inside memory but runs past its end is refused when it starts.
+        d.set_vring_num(0, 1024).unwrap();
+        d.set_vring_addr(0, fl(), VMM + MEM - 0x100, VMM, VMM + 0x100, 0)
+            .unwrap();
+        let features = d.get_features().unwrap();
+        d.set_features(features).unwrap();
+        d.set_vring_kick(0, Some(efd_file(&EventFd::new(0).unwrap())))
+            .unwrap();
+        assert!(d.set_vring_enable(0, true).is_err());
+    }
+
+    #[test]
+    fn bad_memory_tables_are_refused() {
+        let (_r, mut d) = device();
+        // Issue 12 finding 4: a region larger than its file.
+        assert!(d
+            .set_mem_table(&[region(GPA, MEM, VMM)], vec![memfd(MEM / 2)])
+            .is_err());
+        assert!(d
+            .add_mem_region(&single(GPA, MEM, VMM), memfd(0x1000))
+            .is_err());
+        // Empty, wrapping, or regions/fds mismatched.
+        assert!(d
+            .set_mem_table(&[region(GPA, 0, VMM)], vec![memfd(MEM)])
+            .is_err());
+        assert!(d.set_mem_table(&[region(GPA, MEM, VMM)], vec![]).is_err());
+        // Overlapping in guest-physical space, then in the frontend's address space.
+        assert!(d
+            .set_mem_table(
+                &[
+                    region(GPA, MEM, VMM),
+                    region(GPA + 0x1000, MEM, VMM + 2 * MEM)
+                ],
+                vec![memfd(MEM), memfd(MEM)]
+            )
+            .is_err());
+        assert!(d
+            .set_mem_table(
+                &[
+                    region(GPA, MEM, VMM),
+                    region(GPA + 2 * MEM, MEM, VMM + 0x1000)
+                ],
+                vec![memfd(MEM), memfd(MEM)]
+            )
+            .is_err());
+        d.set_mem_table(&[region(GPA, MEM, VMM)], vec![memfd(MEM)])
+            .unwrap();
+        assert!(d
+            .add_mem_region(&single(GPA + 0x8000, MEM, VMM + 4 * MEM), memfd(MEM))
+            .is_err());
+        d.add_mem_region(&single(GPA + MEM, MEM, VMM + MEM), memfd(MEM))
+            .unwrap();
+        d.remove_mem_region(&single(GPA + MEM, MEM, VMM + MEM))
+            .unwrap();
+        assert!(d
+            .remove_mem_region(&single(GPA + MEM, MEM, VMM + MEM))
+            .is_err());
+    }
+
+    /// Messages in an order no sane frontend sends: kick before anything, enable before
+    /// addresses, base while running, a second memory table under a running queue.
+    #[test]
+    fn out_of_order_messages_do_not_break_the_device() {
+        let (_r, mut d) = device();
+        let kick = EventFd::new(0).unwrap();
+        d.set_vring_kick(0, Some(efd_file(&kick))).unwrap();
+        d.set_vring_enable(0, true).unwrap();
+        assert!(d.get_vring_base(0).is_ok());
+        d.set_vring_kick(0, Some(efd_file(&kick))).unwrap();
+        d.set_mem_table(&[region(GPA, MEM, VMM)], vec![memfd(MEM)])
+            .unwrap();
+        d.set_vring_num(0, 64).unwrap();
+        d.set_vring_addr(0, fl(), VMM, VMM + 0x2000, VMM + 0x1000, 0)
+            .unwrap();
+        // Running now (kick, enable and addresses present).
+        assert!(d.vrings[0].running());
+        kick.write(1).unwrap();
+        d.set_vring_base(0, 3).unwrap();
+        assert!(!d.vrings[0].running());
+        d.set_vring_enable(0, true).unwrap();
+        d.set_mem_table(&[region(GPA, MEM, VMM)], vec![memfd(MEM)])
+            .unwrap();
+        kick.write(1).unwrap();
+        let base = d.get_vring_base(0).unwrap().num;
+        assert_eq!(base, 3);
+        d.reset_owner().unwrap();
+        assert!(d.regions.is_empty());
+    }
+
+    /// Issue 12 finding 4: the frontend truncates its (unsealed) memory file while the
+    /// control thread and a reactor use the memory. Before the guard this killed the process
+    /// with SIGBUS.
+    #[test]
+    fn memory_file_truncated_under_a_running_queue() {
+        let (_r, mut d) = device();
+        let f = memfd(MEM);
+        let keep = f.try_clone().unwrap();
+        d.set_mem_table(&[region(GPA, MEM, VMM)], vec![f]).unwrap();
+        d.set_vring_num(0, 64).unwrap();
+        let kick = EventFd::new(0).unwrap();
+        d.set_vring_kick(0, Some(efd_file(&kick))).unwrap();
+        d.set_vring_enable(0, true).unwrap();
+        keep.set_len(0).unwrap();
+        // The control thread reads the used index from guest memory here.
+        d.set_vring_addr(0, fl(), VMM, VMM + 0x2000, VMM + 0x1000, 0)
+            .unwrap();
+        assert!(d.vrings[0].running());
+        // The reactor reads the avail ring.
+        kick.write(1).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(d.regions[0].guard.as_ref().is_some_and(Guard::faulted));
+        let base = d.get_vring_base(0).unwrap().num;
+        assert_eq!(base, 0);
+        d.reset_owner().unwrap();
+    }
+
+    /// A sealed (F_SEAL_SHRINK) memfd, as QEMU's memory-backend-memfd sends, needs no guard.
+    #[test]
+    fn sealed_memory_needs_no_guard() {
+        let (_r, mut d) = device();
+        // SAFETY: memfd_create with a static name; the new fd is owned by the File.
+        let f = unsafe {
+            File::from_raw_fd(libc::memfd_create(
+                c"sealed".as_ptr(),
+                libc::MFD_ALLOW_SEALING,
+            ))
+        };
+        f.set_len(MEM).unwrap();
+        // SAFETY: adds seals to our own memfd.
+        let rc = unsafe {
+            libc::fcntl(
+                f.as_raw_fd(),
+                libc::F_ADD_SEALS,
+                libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
+            )
+        };
+        assert_eq!(rc, 0);
+        d.set_mem_table(&[region(GPA, MEM, VMM)], vec![f]).unwrap();
+        assert!(d.regions[0].guard.is_none());
+        d.set_mem_table(&[region(GPA, MEM, VMM)], vec![memfd(MEM)])
+            .unwrap();
+        assert!(d.regions[0].guard.is_some());
     }
 }

@@ -36,6 +36,28 @@ const MAP_CACHE_BLOCKS_MAX: u64 = 1 << 20;
 pub const COMMIT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 /// Zero buffer for WRITE_ZEROES, written in pieces of this size.
 const ZERO_CHUNK_BYTES: usize = 1 << 20;
+/// Host buffer (one per reactor thread, allocated on first use) through which the datastore's
+/// byte-slice API reads and writes guest data: guest memory may change under us at any time,
+/// so it is never a Rust slice, only copied with raw copies. 4 MiB holds a typical batch of
+/// allocating writes, so the batch stays one call (larger batches take several, all in the
+/// same open journal transaction).
+const BOUNCE_BYTES: usize = 4 << 20;
+
+std::thread_local! {
+    static BOUNCE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's bounce buffer (BOUNCE_BYTES long), or returns None if it is
+/// already in use (impossible: nothing called from `f` comes back here).
+fn with_bounce<R>(f: impl FnOnce(&mut [u8]) -> R) -> Option<R> {
+    BOUNCE.with(|b| {
+        let mut b = b.try_borrow_mut().ok()?;
+        if b.len() != BOUNCE_BYTES {
+            b.resize(BOUNCE_BYTES, 0);
+        }
+        Some(f(&mut b))
+    })
+}
 
 /// A write waiting for the batch's journal commit.
 #[derive(Debug)]
@@ -118,21 +140,42 @@ impl VmfsBackend {
         }
     }
 
-    /// Reads through the datastore (holes and to-be-zeroed blocks read as zeroes).
+    /// Reads through the datastore (holes and to-be-zeroed blocks read as zeroes) into the
+    /// bounce buffer, then copies into guest memory.
     fn read_sync(&self, req: &ParsedRequest) -> i32 {
-        let mut offset = req.offset_bytes();
-        for iov in &req.iov[..req.iov_count] {
-            // SAFETY: the parser derived the iovec from a bounds-checked guest memory slice,
-            // kept mapped by the slot's memory snapshot for the duration of this call.
-            let buf =
-                unsafe { std::slice::from_raw_parts_mut(iov.iov_base.cast::<u8>(), iov.iov_len) };
-            if let Err(e) = self.ds.read(self.ino, offset, buf) {
-                tracing::warn!(file = %self.name, err = %e, "read failed");
-                return Self::errno(&e);
+        let r = with_bounce(|bounce| {
+            let mut offset = req.offset_bytes();
+            for iov in &req.iov[..req.iov_count] {
+                let mut done = 0;
+                while done < iov.iov_len {
+                    let n = (iov.iov_len - done).min(bounce.len());
+                    let got = match self.ds.read(self.ino, offset, &mut bounce[..n]) {
+                        Ok(got) => got.min(n),
+                        Err(e) => {
+                            tracing::warn!(file = %self.name, err = %e, "read failed");
+                            return Self::errno(&e);
+                        }
+                    };
+                    // Past the file's end: zeroes, never an earlier request's bytes.
+                    bounce[got..n].fill(0);
+                    // SAFETY: the parser checked that the iovec lies in one guest memory
+                    // region, kept mapped by the slot's snapshot during this call; done + n
+                    // <= iov_len; the bounce buffer is host memory, so the ranges are
+                    // disjoint. A raw copy: no reference to guest memory is formed.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            bounce.as_ptr(),
+                            iov.iov_base.cast::<u8>().add(done),
+                            n,
+                        )
+                    };
+                    done += n;
+                    offset += n as u64;
+                }
             }
-            offset += iov.iov_len as u64;
-        }
-        i32::try_from(req.data_len).unwrap_or(i32::MAX)
+            i32::try_from(req.data_len).unwrap_or(i32::MAX)
+        });
+        r.unwrap_or(-libc::EIO)
     }
 
     /// Writes segments through the datastore: small files one segment at a time through the
@@ -149,6 +192,63 @@ impl VmfsBackend {
         } else {
             self.ds.write_batch(segs)
         }
+    }
+
+    /// Copies the deferred writes' guest data into `bounce` and writes it through the batched
+    /// path, one call per bounce-buffer fill; Err(-errno) if any part failed.
+    fn write_deferred(&self, mine: &[Deferred], bounce: &mut [u8]) -> Result<(), i32> {
+        // (file offset, bounce offset, length) of each piece in the bounce buffer.
+        let mut pieces: Vec<(u64, usize, usize)> = Vec::with_capacity(mine.len() * 2);
+        let mut used = 0usize;
+        let flush = |pieces: &mut Vec<(u64, usize, usize)>, bounce: &[u8]| {
+            let segs: Vec<WriteSeg<'_>> = pieces
+                .drain(..)
+                .map(|(offset, at, len)| WriteSeg {
+                    ino: self.ino,
+                    offset,
+                    data: &bounce[at..at + len],
+                })
+                .collect();
+            self.write_segs(&segs, true).map_err(|e| {
+                tracing::warn!(file = %self.name, err = %e, requests = mine.len(), "batched write failed");
+                Self::errno(&e)
+            })
+        };
+        for d in mine {
+            let mut off = d.offset;
+            for k in 0..d.iov_count {
+                // SAFETY: see `Deferred`: the slot's iovec array stays valid until this
+                // request's completion is injected; the iovec is copied out (host memory).
+                let iov = unsafe { d.iov.add(k).read() };
+                let mut done = 0;
+                while done < iov.iov_len {
+                    if used == bounce.len() {
+                        flush(&mut pieces, bounce)?;
+                        used = 0;
+                    }
+                    let n = (iov.iov_len - done).min(bounce.len() - used);
+                    // SAFETY: the parser checked that the iovec lies in one guest memory
+                    // region, kept mapped until the request completes; done + n <= iov_len
+                    // and used + n <= bounce.len(); guest and host buffers are disjoint. A
+                    // raw copy: no reference to guest memory is formed.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            iov.iov_base.cast::<u8>().add(done).cast_const(),
+                            bounce.as_mut_ptr().add(used),
+                            n,
+                        )
+                    };
+                    pieces.push((off, used, n));
+                    used += n;
+                    done += n;
+                    off += n as u64;
+                }
+            }
+        }
+        if pieces.is_empty() {
+            return Ok(());
+        }
+        flush(&mut pieces, bounce)
     }
 
     fn write_zeroes(&self, req: &ParsedRequest) -> i32 {
@@ -297,32 +397,12 @@ impl BlockBackend for VmfsBackend {
         if mine.is_empty() {
             return;
         }
-        let mut segs = Vec::with_capacity(mine.len() * 2);
+        let result =
+            with_bounce(|bounce| self.write_deferred(&mine, bounce)).unwrap_or(Err(-libc::EIO));
         for d in &mine {
-            let mut off = d.offset;
-            for k in 0..d.iov_count {
-                // SAFETY: see `Deferred`: the slot (and its iovec array) and the guest buffers
-                // stay valid until this request's completion is injected below.
-                let iov = unsafe { &*d.iov.add(k) };
-                // SAFETY: as above; the parser checked the buffer lies in guest memory.
-                let data =
-                    unsafe { std::slice::from_raw_parts(iov.iov_base.cast::<u8>(), iov.iov_len) };
-                segs.push(WriteSeg {
-                    ino: self.ino,
-                    offset: off,
-                    data,
-                });
-                off += iov.iov_len as u64;
-            }
-        }
-        let result = self.write_segs(&segs, true);
-        if let Err(e) = &result {
-            tracing::warn!(file = %self.name, err = %e, requests = mine.len(), "batched write failed");
-        }
-        for d in &mine {
-            let r = match &result {
+            let r = match result {
                 Ok(()) => i32::try_from(d.len).unwrap_or(i32::MAX),
-                Err(e) => Self::errno(e),
+                Err(errno) => errno,
             };
             engine.inject(d.user_data, r);
         }

@@ -37,9 +37,7 @@ struct Harness {
 
 impl Harness {
     fn new() -> Option<Self> {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("SKIP: loading XDP programs needs root");
+        if !dataplane::test_gate::require_root("differential", "loading XDP programs") {
             return None;
         }
         let steer = Steering::load(&DEFAULT_STEER_PORTS.map(SteerPort::both))

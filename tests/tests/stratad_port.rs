@@ -47,9 +47,10 @@ fn rpc_stats(sock: &Path) -> serde_json::Value {
 
 #[test]
 fn port_steers_storage_traffic_to_the_reactor() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIP port_steers_storage_traffic_to_the_reactor: needs root");
+    if !dataplane::test_gate::require_root(
+        "port_steers_storage_traffic_to_the_reactor",
+        "network namespaces, XDP",
+    ) {
         return;
     }
     let id = std::process::id() % 100_000;

@@ -219,17 +219,24 @@ where
     out.sector = 0;
 
     let mut count = 0usize;
-    let mut last: Option<Descriptor> = None;
-    // The chain iterator is bounded by the queue size (and indirect table size), so this loop
-    // ends even for circular chains.
-    for d in chain {
+    // The chain iterator is bounded by the queue size and an indirect table's size (up to
+    // 65 535 entries), but a chain longer than CHAIN_DESCS_MAX is refused whatever its length:
+    // stop reading the guest's descriptors one past the limit, so a guest cannot make a shared
+    // reactor walk a huge indirect table. Such a chain has no known last descriptor, so it gets
+    // no status byte (it still goes back on the used ring, with length 0).
+    for d in chain.take(CHAIN_DESCS_MAX + 1) {
         if count < CHAIN_DESCS_MAX {
             descs[count] = d;
         }
         count += 1;
-        last = Some(d);
     }
-    let last = last.ok_or(RequestError::EmptyChain)?;
+    if count > CHAIN_DESCS_MAX {
+        return Err(RequestError::ChainTooLong);
+    }
+    let last = match count.checked_sub(1) {
+        Some(i) => descs[i],
+        None => return Err(RequestError::EmptyChain),
+    };
 
     // Status: last byte of the last descriptor, which must be device-writable.
     if !last.is_write_only() || last.len() == 0 {
@@ -246,9 +253,6 @@ where
 
     if count < 2 {
         return Err(RequestError::ChainTooShort);
-    }
-    if count > CHAIN_DESCS_MAX {
-        return Err(RequestError::ChainTooLong);
     }
 
     let header = descs[0];
@@ -672,7 +676,48 @@ mod tests {
         d.push((0xa000, 1, true));
         let (r, p) = run(&m, &d, Some((VIRTIO_BLK_T_IN, 0)), &geom());
         assert_eq!(r, Err(RequestError::ChainTooLong));
-        assert!(p.status.is_some());
+        // The walk stopped at the limit: the last descriptor (the status) was never read.
+        assert!(p.status.is_none());
+    }
+
+    /// A chain iterator that counts how many descriptors were taken from it.
+    struct Counting<'a> {
+        left: u32,
+        taken: &'a std::cell::Cell<u32>,
+    }
+
+    impl Iterator for Counting<'_> {
+        type Item = Descriptor;
+        fn next(&mut self) -> Option<Descriptor> {
+            if self.left == 0 {
+                return None;
+            }
+            self.left -= 1;
+            self.taken.set(self.taken.get() + 1);
+            let flags = if self.left == 0 {
+                VRING_DESC_F_WRITE as u16
+            } else {
+                0
+            };
+            Some(Descriptor::new(0x9000, 512, flags, 0))
+        }
+    }
+
+    /// Finding 10 of issue 12: a 65 535-entry indirect table is refused after reading one
+    /// descriptor past the limit, not after walking all of it.
+    #[test]
+    fn too_long_chain_stops_at_the_limit() {
+        let m = mem();
+        let taken = std::cell::Cell::new(0);
+        let chain = Counting {
+            left: u32::from(u16::MAX),
+            taken: &taken,
+        };
+        let mut out = ParsedRequest::default();
+        let r = parse_request(chain, &m, &geom(), &mut out);
+        assert_eq!(r, Err(RequestError::ChainTooLong));
+        assert_eq!(taken.get() as usize, CHAIN_DESCS_MAX + 1);
+        assert!(out.status.is_none());
     }
 
     #[test]
@@ -719,6 +764,121 @@ mod tests {
                 }
                 prop_assert!(p.sector + p.num_sectors <= 1024 || p.kind == RequestKind::GetId
                     || p.kind == RequestKind::Flush);
+            }
+        }
+
+        /// Discard and write-zeroes with any range payload: accepted exactly when the range is
+        /// well-formed (at most MAX_DISCARD_SECTORS, no reserved flag, no unmap on a discard,
+        /// aligned, inside the disk, writable export), and then parsed as sent.
+        #[test]
+        fn discard_payloads_are_validated(
+            t in prop_oneof![Just(VIRTIO_BLK_T_DISCARD), Just(VIRTIO_BLK_T_WRITE_ZEROES)],
+            sector in prop_oneof![0u64..1100, any::<u64>()],
+            num in prop_oneof![0u32..1100, Just(MAX_DISCARD_SECTORS), Just(MAX_DISCARD_SECTORS + 1), any::<u32>()],
+            flags in prop_oneof![Just(0u32), Just(VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP), any::<u32>()],
+            blk_size in prop_oneof![Just(512u32), Just(4096u32)],
+            read_only in any::<bool>(),
+        ) {
+            let m = mem();
+            let mut range = [0u8; 16];
+            range[0..8].copy_from_slice(&sector.to_le_bytes());
+            range[8..12].copy_from_slice(&num.to_le_bytes());
+            range[12..16].copy_from_slice(&flags.to_le_bytes());
+            m.write_slice(&range, GuestAddress(0x9000)).unwrap();
+            let mut g = geom();
+            g.blk_size = blk_size;
+            g.read_only = read_only;
+            let (r, p) = run(
+                &m,
+                &[(0x8000, 16, false), (0x9000, 16, false), (0xa000, 1, true)],
+                Some((t, 0)),
+                &g,
+            );
+            let unmap = flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0;
+            let align = u64::from(blk_size / 512);
+            let discard = t == VIRTIO_BLK_T_DISCARD;
+            let ok = !read_only
+                && num <= MAX_DISCARD_SECTORS
+                && flags & !VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP == 0
+                && !(discard && unmap)
+                && (!discard || (sector % align == 0 && u64::from(num) % align == 0))
+                && sector.checked_add(u64::from(num)).is_some_and(|e| e <= g.capacity_sectors);
+            prop_assert_eq!(r.is_ok(), ok, "{:?}", r);
+            prop_assert!(p.status.is_some());
+            if ok {
+                prop_assert_eq!((p.sector, p.num_sectors), (sector, u64::from(num)));
+                let kind = if discard {
+                    RequestKind::Discard
+                } else {
+                    RequestKind::WriteZeroes { unmap }
+                };
+                prop_assert_eq!(p.kind, kind);
+            }
+        }
+
+        /// Chains through an indirect table (the reactors' walk, `split_ring::Chain`, over
+        /// random table contents and table lengths up to well past seg_max) never panic, and
+        /// any accepted request lies in guest memory and inside the disk.
+        #[test]
+        fn indirect_chains_are_safe(
+            entries in proptest::collection::vec(
+                (prop_oneof![0x8000u64..0x20000, 0u64..(MEM_BYTES as u64 + 0x1000)],
+                 prop_oneof![Just(16u32), Just(512u32), Just(1u32), 0u32..0x3000],
+                 0u16..8,
+                 0u16..300), 0..300),
+            table_len in prop_oneof![Just(None), Just(Some(0u32)), Just(Some(17u32)), any::<u32>().prop_map(Some)],
+            t in prop_oneof![Just(VIRTIO_BLK_T_IN), Just(VIRTIO_BLK_T_OUT), Just(VIRTIO_BLK_T_DISCARD), any::<u32>()],
+            sector in prop_oneof![0u64..2048, any::<u64>()],
+            seq in any::<bool>(),
+        ) {
+            use crate::split_ring::Chain;
+            const TABLE: u64 = 0x40000;
+            let m = mem();
+            // Optionally a well-formed sequential chain (NEXT to i + 1, last one writable) so
+            // that long valid-looking chains reach the length limit.
+            for (i, &(a, l, f, n)) in entries.iter().enumerate() {
+                let (f, n) = if seq {
+                    let last = i + 1 == entries.len();
+                    let w = if i == 0 { 0 } else if last { VRING_DESC_F_WRITE as u16 } else { f & VRING_DESC_F_WRITE as u16 };
+                    (w | if last { 0 } else { VRING_DESC_F_NEXT as u16 }, (i + 1) as u16)
+                } else {
+                    (f, n)
+                };
+                let a = if seq && i == 0 { 0x8000 } else { a };
+                let mut b = [0u8; 16];
+                b[..8].copy_from_slice(&a.to_le_bytes());
+                b[8..12].copy_from_slice(&l.to_le_bytes());
+                b[12..14].copy_from_slice(&f.to_le_bytes());
+                b[14..].copy_from_slice(&n.to_le_bytes());
+                m.write_slice(&b, GuestAddress(TABLE + 16 * i as u64)).unwrap();
+            }
+            let mut h = [0u8; 16];
+            h[0..4].copy_from_slice(&t.to_le_bytes());
+            h[8..16].copy_from_slice(&sector.to_le_bytes());
+            m.write_slice(&h, GuestAddress(0x8000)).unwrap();
+            // The queue's table: one INDIRECT descriptor at index 0.
+            let len = table_len.unwrap_or(16 * entries.len() as u32);
+            let mut d = [0u8; 16];
+            d[..8].copy_from_slice(&TABLE.to_le_bytes());
+            d[8..12].copy_from_slice(&len.to_le_bytes());
+            d[12..14].copy_from_slice(&(virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16).to_le_bytes());
+            m.write_slice(&d, GuestAddress(0x1000)).unwrap();
+            let ram = GuestRam::new(&m);
+            let chain = Chain::new(&ram, 0x1000, 256, 0);
+            let mut out = ParsedRequest::default();
+            let mut scratch = chain_scratch();
+            let r = parse_request_with(chain, &ram, &geom(), &mut out, &mut scratch);
+            if r.is_ok() {
+                prop_assert!(out.status.is_some());
+                let base = m.get_host_address(GuestAddress(0)).unwrap() as usize;
+                for iov in &out.iov[..out.iov_count] {
+                    let start = iov.iov_base as usize;
+                    prop_assert!(start >= base && start + iov.iov_len <= base + MEM_BYTES);
+                }
+                prop_assert!(out.sector + out.num_sectors <= 1024);
+            }
+            if seq && table_len.is_none() && entries.len() > CHAIN_DESCS_MAX {
+                prop_assert_eq!(r, Err(RequestError::ChainTooLong));
             }
         }
     }

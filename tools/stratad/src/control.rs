@@ -8,12 +8,12 @@
 //! `disk.resize {name, size}`. `stratactl --control PATH ...` is the client.
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dataplane::server::StatsHandle;
+use dataplane::server::{bind_socket, peer_credentials, SocketAccess, SocketFile, StatsHandle};
 use serde_json::{json, Value};
 use vmfs::fs::Datastore;
 
@@ -112,24 +112,37 @@ impl Control {
     }
 }
 
-/// Binds `path` (replacing a stale socket) and serves it on a new thread.
-pub fn spawn(path: &Path, control: Control) -> std::io::Result<PathBuf> {
-    if path.exists() {
-        if UnixStream::connect(path).is_ok() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                format!("control socket {} is in use", path.display()),
-            ));
-        }
-        std::fs::remove_file(path)?;
-    }
-    let listener = UnixListener::bind(path)?;
+/// Binds `path` with `access`'s mode and group (replacing a stale socket, never another
+/// file) and serves it on a new thread. Only root, the daemon's user, or a process of the
+/// socket group may use it (SO_PEERCRED): it can remove disks. Returns the socket file, for
+/// removing it at exit only if it is still ours.
+pub fn spawn(path: &Path, control: Control, access: SocketAccess) -> std::io::Result<SocketFile> {
+    let (listener, file) = bind_socket(path, &access).map_err(|e| match e {
+        dataplane::server::ServerError::SocketInUse(_) => std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            format!("control socket {} is in use", path.display()),
+        ),
+        e => std::io::Error::other(e.to_string()),
+    })?;
+    // The listener was made non-blocking for the vhost-user control loop; this thread blocks.
+    listener.set_nonblocking(false)?;
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
             for stream in listener.incoming() {
                 match stream {
                     Ok(s) => {
+                        match peer_credentials(&s) {
+                            Ok((uid, gid)) if access.peer_may_control(uid, gid) => {}
+                            Ok((uid, gid)) => {
+                                tracing::warn!(uid, gid, "control client refused");
+                                continue;
+                            }
+                            Err(e) => {
+                                tracing::warn!(err = %e, "control client without credentials");
+                                continue;
+                            }
+                        }
                         if let Err(e) = control.serve_client(s) {
                             tracing::debug!(err = %e, "control client");
                         }
@@ -138,7 +151,7 @@ pub fn spawn(path: &Path, control: Control) -> std::io::Result<PathBuf> {
                 }
             }
         })?;
-    Ok(path.to_path_buf())
+    Ok(file)
 }
 
 fn stats_json(h: &StatsHandle) -> Value {
@@ -215,4 +228,123 @@ fn share_json(sh: &file_server::share::Share) -> Value {
             "over_cap_drops": p.over_cap_drops, "entries": p.entries,
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dataplane::engine::EngineKind;
+    use dataplane::server::{Server, ServerConfig};
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn control(server: &Server) -> Control {
+        Control {
+            stats: server.stats_handle(),
+            datastore: None,
+            ports: crate::ports::PortCounters::default(),
+            shares: Vec::new(),
+        }
+    }
+
+    fn server() -> Server {
+        Server::new(&ServerConfig {
+            cpus: vec![None],
+            engine: EngineKind::Sync,
+        })
+        .expect("server")
+    }
+
+    fn tmp(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("stratad-ctl-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).expect("tmp");
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        d
+    }
+
+    /// Issue 12 finding 9: the stale-socket cleanup removed whatever was at the path.
+    #[test]
+    fn never_deletes_a_file_at_the_control_path() {
+        let d = tmp("file");
+        let p = d.join("control.sock");
+        std::fs::write(&p, b"precious").expect("write");
+        let s = server();
+        assert!(spawn(&p, control(&s), SocketAccess::default()).is_err());
+        assert_eq!(std::fs::read(&p).expect("read"), b"precious");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// Issue 12 finding 9: a user other than root, the daemon's and the socket group is
+    /// refused even when the socket's mode lets it connect; the daemon's user is served.
+    #[test]
+    fn control_socket_serves_only_allowed_peers() {
+        if !dataplane::test_gate::require_root(
+            "control_socket_serves_only_allowed_peers",
+            "to connect as another user",
+        ) {
+            return;
+        }
+        let d = tmp("peer");
+        let p = d.join("control.sock");
+        let s = server();
+        let access = SocketAccess {
+            mode: 0o666,
+            group: None,
+        };
+        spawn(&p, control(&s), access).expect("spawn");
+        assert_eq!(
+            std::fs::metadata(&p).expect("meta").permissions().mode() & 0o777,
+            0o666
+        );
+        // The daemon's own user gets an answer.
+        let mut c = UnixStream::connect(&p).expect("connect");
+        writeln!(c, r#"{{"jsonrpc":"2.0","id":1,"method":"stats"}}"#).expect("send");
+        let mut line = String::new();
+        BufReader::new(&c).read_line(&mut line).expect("read");
+        assert!(line.contains("\"result\""), "{line}");
+        // The control thread serves one client at a time: let ours go.
+        drop(c);
+        // Another user (nobody) connects, sends the same request, and gets nothing.
+        // SAFETY: sockaddr_un is plain data.
+        let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        for (d, s) in addr.sun_path.iter_mut().zip(p.as_os_str().as_bytes()) {
+            *d = *s as libc::c_char;
+        }
+        let req = b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"stats\"}\n";
+        // SAFETY: the child only makes async-signal-safe system calls on prepared data,
+        // then _exits: 0 = got a reply, 1 = refused, 2 = setup failed.
+        unsafe {
+            let pid = libc::fork();
+            assert!(pid >= 0);
+            if pid == 0 {
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(65534) != 0
+                    || libc::setuid(65534) != 0
+                {
+                    libc::_exit(2);
+                }
+                let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+                let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+                if fd < 0 || libc::connect(fd, (&addr as *const libc::sockaddr_un).cast(), len) != 0
+                {
+                    libc::_exit(2);
+                }
+                libc::write(fd, req.as_ptr().cast(), req.len());
+                let mut b = [0u8; 16];
+                let n = libc::read(fd, b.as_mut_ptr().cast(), b.len());
+                libc::_exit(if n > 0 { 0 } else { 1 });
+            }
+            let mut status = 0;
+            assert_eq!(libc::waitpid(pid, &mut status, 0), pid);
+            assert!(libc::WIFEXITED(status));
+            assert_eq!(
+                libc::WEXITSTATUS(status),
+                1,
+                "nobody was served (0) or could not connect (2)"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&d);
+    }
 }

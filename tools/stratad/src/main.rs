@@ -19,13 +19,15 @@ use std::sync::Arc;
 use clap::Parser;
 use dataplane::backend::{BlockBackend, NullBackend, RawBackend};
 use dataplane::engine::EngineKind;
-use dataplane::server::{DiskConfig, Server, ServerConfig, ShareConfig};
+use dataplane::server::{DiskConfig, Server, ServerConfig, ShareConfig, SocketAccess};
 use dataplane::vmfs_backend::VmfsBackend;
 use vmfs::device::{BlockDevice, FileDevice};
 use vmfs::format::Provisioning;
 use vmfs::fs::{Datastore, FsError, MkfsOptions};
 
-use crate::spec::{parse_cpus, parse_disk_spec, BackendSpec, DiskSpec};
+use crate::spec::{
+    parse_cpus, parse_disk_spec, parse_socket_group, parse_socket_mode, BackendSpec, DiskSpec,
+};
 
 /// Size of the embedded default datastore file (sparse: it costs no space until written).
 const DEFAULT_DATASTORE_BYTES: u64 = 8 << 30;
@@ -108,6 +110,17 @@ struct Args {
     /// Data directory for the embedded default (used when no --disk is given).
     #[arg(long, value_name = "DIR", default_value = "strata-data")]
     data_dir: PathBuf,
+
+    /// Permission bits (octal) of the disk, share and control sockets stratad creates.
+    /// Whoever can connect to a disk socket owns that disk; widen it (e.g. 660 with
+    /// --socket-group) only for a QEMU running as another user.
+    #[arg(long, value_name = "MODE", default_value = "600")]
+    socket_mode: String,
+
+    /// Group (name or gid) of the sockets stratad creates; members whose primary group it is
+    /// may also use the control socket.
+    #[arg(long, value_name = "GROUP")]
+    socket_group: Option<String>,
 
     /// I/O engine of the reactors.
     #[arg(long, value_name = "ENGINE", default_value = "uring", value_parser = ["uring", "sync"])]
@@ -237,10 +250,17 @@ fn open_datastore(path: &Path, create: Option<u64>) -> Result<Arc<Datastore>, Ma
     }
 }
 
+/// Creates `dir` (and missing parents) as 0700 whatever the umask: the data directory holds
+/// the datastore and the sockets, private to the daemon's user.
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(dir)
+}
+
 /// Prepares the embedded default: a datastore file in the data directory with a thin disk,
 /// and the socket path.
 fn default_disk(data_dir: &Path) -> Result<(DiskSpec, Arc<Datastore>), MainError> {
-    std::fs::create_dir_all(data_dir).map_err(io_err(format!("create {}", data_dir.display())))?;
+    create_private_dir(data_dir).map_err(io_err(format!("create {}", data_dir.display())))?;
     let abs = |p: PathBuf| std::fs::canonicalize(&p).unwrap_or(p);
     let dir = abs(data_dir.to_path_buf());
     let ds = open_datastore(
@@ -342,6 +362,14 @@ fn run(args: Args) -> Result<(), MainError> {
         specs.push(spec);
         datastore = Some(ds);
     }
+    let access = SocketAccess {
+        mode: parse_socket_mode(&args.socket_mode)?,
+        group: args
+            .socket_group
+            .as_deref()
+            .map(parse_socket_group)
+            .transpose()?,
+    };
     let cpus: Vec<Option<usize>> = match &args.cpus {
         Some(list) => parse_cpus(list)?.into_iter().map(Some).collect(),
         None => vec![None],
@@ -376,6 +404,7 @@ fn run(args: Args) -> Result<(), MainError> {
     // Declared before the server and the ports, so dropped after them, on every return.
     let _dpdk_runtime_dir = ports::DpdkRuntimeDir::new();
     let mut server = Server::new(&ServerConfig { cpus, engine })?;
+    server.set_socket_access(access);
     for (i, (spec, backend)) in specs.iter().zip(backends).enumerate() {
         let name = spec.name.clone().unwrap_or_else(|| {
             spec.socket
@@ -411,17 +440,21 @@ fn run(args: Args) -> Result<(), MainError> {
             dir.join("control.sock")
         })
     });
+    let mut control_file = None;
     if let Some(p) = &control_path {
-        control::spawn(
-            p,
-            control::Control {
-                stats: server.stats_handle(),
-                datastore: datastore.clone(),
-                ports: ports.counters.clone(),
-                shares: shares.clone(),
-            },
-        )
-        .map_err(io_err(format!("control socket {}", p.display())))?;
+        control_file = Some(
+            control::spawn(
+                p,
+                control::Control {
+                    stats: server.stats_handle(),
+                    datastore: datastore.clone(),
+                    ports: ports.counters.clone(),
+                    shares: shares.clone(),
+                },
+                access,
+            )
+            .map_err(io_err(format!("control socket {}", p.display())))?,
+        );
         tracing::info!(socket = %p.display(), "control socket ready");
     }
     if let Some(addr) = &args.metrics {
@@ -462,8 +495,8 @@ fn run(args: Args) -> Result<(), MainError> {
     }
     // Detaches the steering programs, after the reactors have stopped polling the sockets.
     drop(ports);
-    if let Some(p) = &control_path {
-        let _ = std::fs::remove_file(p);
+    if let (Some(p), Some(f)) = (&control_path, control_file) {
+        f.remove(p);
     }
     if let Some(ds) = datastore {
         if let Err(e) = ds.unmount() {
@@ -476,4 +509,26 @@ fn run(args: Args) -> Result<(), MainError> {
     }
     tracing::info!("stratad stopped cleanly");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// Issue 12 finding 9: directories stratad creates are 0700 (create_dir_all gave 0755).
+    #[test]
+    fn data_dir_is_private() {
+        let base = std::env::temp_dir().join(format!("stratad-dir-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        // SAFETY: umask has no memory effects.
+        unsafe { libc::umask(0o022) };
+        let d = base.join("a").join("b");
+        create_private_dir(&d).expect("create");
+        for p in [&base, &d] {
+            let mode = std::fs::metadata(p).expect("meta").permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700, "{}", p.display());
+        }
+        let _ = std::fs::remove_dir_all(&base);
+    }
 }

@@ -462,11 +462,12 @@ mod tests {
     }
 
     impl Veth {
-        /// None (with a SKIP message) when not root.
+        /// None (with a SKIP message; a failure in CI) when not root.
         fn new(tag: char) -> Option<Self> {
-            // SAFETY: geteuid has no preconditions.
-            if unsafe { libc::geteuid() } != 0 {
-                eprintln!("SKIP: needs root (network namespaces, XDP)");
+            if !dataplane::test_gate::require_root(
+                &format!("veth {tag}"),
+                "network namespaces, XDP",
+            ) {
                 return None;
             }
             let id = std::process::id() % 100_000;
@@ -592,6 +593,7 @@ mod tests {
                 ports: ports.counters.clone(),
                 shares: Vec::new(),
             },
+            dataplane::server::SocketAccess::default(),
         )
         .expect("control socket");
         let metrics =
@@ -729,15 +731,10 @@ mod tests {
         }
     }
 
-    /// DPDK needs root here; says SKIP otherwise.
+    /// DPDK needs root here; says SKIP otherwise (a failure in CI).
     #[cfg(feature = "dpdk")]
     fn dpdk_root() -> bool {
-        // SAFETY: geteuid has no preconditions.
-        let root = unsafe { libc::geteuid() } == 0;
-        if !root {
-            eprintln!("SKIP: DPDK needs root");
-        }
-        root
+        dataplane::test_gate::require_root("dpdk", "DPDK")
     }
 
     #[cfg(feature = "dpdk")]

@@ -230,6 +230,55 @@ pub fn parse_disk_spec(s: &str) -> Result<DiskSpec, SpecError> {
     })
 }
 
+/// `--socket-mode`: permission bits in octal (`600`, `0660`), at most 0777.
+pub fn parse_socket_mode(v: &str) -> Result<u32, SpecError> {
+    let bad = |why| SpecError::BadValue {
+        key: "socket-mode",
+        value: v.to_string(),
+        why,
+    };
+    let m = u32::from_str_radix(v, 8).map_err(|_| bad("octal permission bits"))?;
+    if m & !0o777 != 0 {
+        return Err(bad("at most 0777"));
+    }
+    Ok(m)
+}
+
+/// Buffer for one group entry (getgrnam_r); a group with more members than fit is refused.
+const GROUP_ENTRY_BYTES: usize = 64 << 10;
+
+/// `--socket-group`: a group name or a numeric gid.
+pub fn parse_socket_group(v: &str) -> Result<u32, SpecError> {
+    let bad = |why| SpecError::BadValue {
+        key: "socket-group",
+        value: v.to_string(),
+        why,
+    };
+    if let Ok(gid) = v.parse::<u32>() {
+        return Ok(gid);
+    }
+    let name = std::ffi::CString::new(v).map_err(|_| bad("a group name"))?;
+    let mut buf = vec![0 as libc::c_char; GROUP_ENTRY_BYTES];
+    // SAFETY: group is plain data; zero is a valid value.
+    let mut group: libc::group = unsafe { std::mem::zeroed() };
+    let mut result: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: every pointer is to a live local of the size passed; getgrnam_r writes only
+    // into `group`, `buf` and `result`.
+    let rc = unsafe {
+        libc::getgrnam_r(
+            name.as_ptr(),
+            &mut group,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut result,
+        )
+    };
+    if rc != 0 || result.is_null() {
+        return Err(bad("no such group"));
+    }
+    Ok(group.gr_gid)
+}
+
 /// Parses a CPU list such as `1`, `0,2` or `0-3`.
 pub fn parse_cpus(s: &str) -> Result<Vec<usize>, SpecError> {
     /// More reactors than this is a typo, not a machine.
@@ -343,6 +392,14 @@ mod tests {
         assert!(parse_disk_spec("socket=s,socket=t,backend=null,size=1M").is_err());
         assert!(parse_disk_spec("socket=s,backend=null,size=1M,path=x").is_err());
         assert!(parse_disk_spec("socket=s,backend=nvme").is_err());
+        assert_eq!(parse_socket_mode("600").unwrap(), 0o600);
+        assert_eq!(parse_socket_mode("0660").unwrap(), 0o660);
+        assert!(parse_socket_mode("1777").is_err());
+        assert!(parse_socket_mode("rw").is_err());
+        assert!(parse_socket_mode("8").is_err());
+        assert_eq!(parse_socket_group("0").unwrap(), 0);
+        assert_eq!(parse_socket_group("root").unwrap(), 0);
+        assert!(parse_socket_group("no-such-group-here").is_err());
         assert!(parse_disk_spec("socket").is_err());
         assert!(parse_disk_spec("socket=s,backend=null,size=99999999999999999999T").is_err());
     }
