@@ -210,6 +210,14 @@ impl VmfsBackend {
             }
         }
         let at = self.ds.map_direct(self.ino, off, len).ok().flatten()?;
+        // vmfs range-checks the block numbers it decodes; this bound keeps the io_uring path,
+        // which bypasses the device's own range check, inside the datastore regardless.
+        if at
+            .checked_add(len)
+            .is_none_or(|end| end > self.ds.device().size())
+        {
+            return None;
+        }
         if let Some(c) = cached {
             c.store(at - off % FILE_BLOCK + 1, Ordering::Relaxed);
         }

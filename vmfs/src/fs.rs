@@ -402,7 +402,7 @@ impl Datastore {
                 }
             }
         };
-        let (journal, replay) = Journal::replay(&*dev, vh.layout.journal)?;
+        let (journal, replay) = Journal::replay(&*dev, &vh.layout)?;
         if replay.transactions > 0 {
             tracing::info!(
                 transactions = replay.transactions,
@@ -736,11 +736,14 @@ impl Datastore {
     pub fn map_direct(&self, ino: u64, offset: u64, len: u64) -> Result<Option<u64>, FsError> {
         self.with(|g, dev| {
             let fbi = offset / FILE_BLOCK;
-            if len == 0 || (offset + len - 1) / FILE_BLOCK != fbi {
+            let Some(end) = offset.checked_add(len) else {
+                return Ok(None);
+            };
+            if len == 0 || (end - 1) / FILE_BLOCK != fbi {
                 return Ok(None);
             }
             let inode = g.get_inode(dev, ino)?;
-            if inode.layout != DataLayout::FileBlocks || offset + len > inode.size {
+            if inode.layout != DataLayout::FileBlocks || end > inode.size {
                 return Ok(None);
             }
             match g.fb_lookup(dev, ino, fbi)? {
@@ -797,6 +800,21 @@ fn region_of(l: &Layout, r: Res) -> (Region, u64) {
     }
 }
 
+/// A resource index decoded from disk (inode address, pointer-block entry, xattr block, ...)
+/// must lie inside its region: outside it, the bitmap bit would fall into another metadata
+/// block and the data offset outside the region (or past the device).
+fn check_index(r: Res, i: u64, count: u64) -> Result<(), FsError> {
+    if i >= count {
+        return Err(FsError::Corrupt(FormatError::Geometry(match r {
+            Res::Fd => "inode number out of range",
+            Res::Pb => "pointer block number out of range",
+            Res::Sb => "sub-block number out of range",
+            Res::Fb => "file block number out of range",
+        })));
+    }
+    Ok(())
+}
+
 fn res_name(r: Res) -> &'static str {
     match r {
         Res::Fd => "inodes",
@@ -819,24 +837,7 @@ fn split_path(path: &str) -> Result<Vec<&str>, FsError> {
 impl Inner {
     /// Expected magic for a metadata block, by region.
     pub(crate) fn magic_for(&self, block: u64) -> Option<u32> {
-        let l = &self.vh.layout;
-        let within = |r: Region| block >= r.start && block < r.start + r.blocks;
-        if within(l.fd_table) {
-            Some(magic::INODE)
-        } else if within(l.pb_table) {
-            Some(magic::POINTER)
-        } else if within(l.fb_region) {
-            // The only metadata in the file-block region: blocks of sealed directories.
-            Some(magic::DIR)
-        } else if within(l.fd_bitmap)
-            || within(l.pb_bitmap)
-            || within(l.sb_bitmap)
-            || within(l.fb_bitmap)
-        {
-            Some(magic::BITMAP)
-        } else {
-            None
-        }
+        self.vh.layout.home_magic(block)
     }
 
     pub(crate) fn load(&mut self, dev: &Arc<dyn BlockDevice>, block: u64) -> Result<(), FsError> {
@@ -916,7 +917,8 @@ impl Inner {
         r: Res,
         i: u64,
     ) -> Result<bool, FsError> {
-        let (bm, _) = region_of(&self.vh.layout, r);
+        let (bm, count) = region_of(&self.vh.layout, r);
+        check_index(r, i, count)?;
         let b = self.md(dev, bm.start + i / BITS_PER_BITMAP_BLOCK)?;
         Ok(bit(b, i % BITS_PER_BITMAP_BLOCK))
     }
@@ -928,7 +930,8 @@ impl Inner {
         i: u64,
         v: bool,
     ) -> Result<(), FsError> {
-        let (bm, _) = region_of(&self.vh.layout, r);
+        let (bm, count) = region_of(&self.vh.layout, r);
+        check_index(r, i, count)?;
         let b = self.md_mut(dev, bm.start + i / BITS_PER_BITMAP_BLOCK)?;
         set_bit(b, i % BITS_PER_BITMAP_BLOCK, v);
         Ok(())
@@ -971,7 +974,13 @@ impl Inner {
         r: Res,
         i: u64,
     ) -> Result<(), FsError> {
-        assert!(self.get_bit(dev, r, i)?, "freeing a free {}", res_name(r));
+        // A block mapped twice on a crafted or damaged image (cross-linked) is freed twice:
+        // that is corruption to report, never a panic that would poison the datastore lock.
+        if !self.get_bit(dev, r, i)? {
+            return Err(FsError::Corrupt(FormatError::Geometry(
+                "freeing a resource that is already free (cross-linked blocks)",
+            )));
+        }
         self.put_bit(dev, r, i, false)?;
         self.pending_free.insert((r, i));
         Ok(())
@@ -1085,6 +1094,17 @@ impl Inner {
                 "inode number mismatch",
             )));
         }
+        let l = &self.vh.layout;
+        if inode.xattr_block > l.pb_count {
+            return Err(FsError::Corrupt(FormatError::Geometry(
+                "inode: xattr block out of range",
+            )));
+        }
+        if inode.parent >= l.fd_count {
+            return Err(FsError::Corrupt(FormatError::Geometry(
+                "inode: parent out of range",
+            )));
+        }
         Ok(inode)
     }
 
@@ -1115,7 +1135,22 @@ impl Inner {
         i: usize,
     ) -> Result<u64, FsError> {
         let b = self.vh.layout.inode_block(ino);
-        Ok(inode_addr(self.md(dev, b)?, i))
+        let (sb_count, pb_count) = (self.vh.layout.sb_count, self.vh.layout.pb_count);
+        let blk = self.md(dev, b)?;
+        let a = inode_addr(blk, i);
+        // Addresses are index + 1 of a sub-block or pointer block, by the inode's layout;
+        // resident inodes hold data there, never read through this.
+        let limit = match blk[INODE_LAYOUT_OFFSET] {
+            x if x == DataLayout::SubBlocks as u8 => sb_count,
+            x if x == DataLayout::FileBlocks as u8 => pb_count,
+            _ => u64::MAX,
+        };
+        if a > limit {
+            return Err(FsError::Corrupt(FormatError::Geometry(
+                "inode: block address out of range",
+            )));
+        }
+        Ok(a)
     }
 
     pub(crate) fn set_inode_addr(
@@ -1149,10 +1184,12 @@ impl Inner {
         }
         let pbb = self.vh.layout.pb_block(pb - 1);
         let e = pb_entry(self.md(dev, pbb)?, (fbi % PB_ENTRIES as u64) as usize);
-        if e & !PB_TBZ == 0 {
+        let fb = e & !PB_TBZ;
+        if fb == 0 {
             return Ok(None);
         }
-        Ok(Some(((e & !PB_TBZ) - 1, e & PB_TBZ != 0)))
+        check_index(Res::Fb, fb - 1, self.vh.layout.fb_count)?;
+        Ok(Some((fb - 1, e & PB_TBZ != 0)))
     }
 
     /// Sets the entry for file block `fbi` (allocating the pointer block if needed);
@@ -1350,7 +1387,7 @@ impl Inner {
         self.write_dir(dev, &stats, parent, &entries)?;
         if dir {
             let mut p = self.get_inode(dev, parent)?;
-            p.nlink += 1;
+            p.nlink = p.nlink.saturating_add(1);
             self.put_inode(dev, &p)?;
         }
         Ok(ino)
@@ -1388,13 +1425,13 @@ impl Inner {
         self.write_dir(dev, stats, parent, &entries)?;
         if inode.is_dir() {
             let mut p = self.get_inode(dev, parent)?;
-            p.nlink -= 1;
+            p.nlink = p.nlink.saturating_sub(1);
             self.put_inode(dev, &p)?;
         }
         if !inode.is_dir() && inode.nlink > 1 {
             // Other hard links remain.
             let mut i2 = self.get_inode(dev, ino)?;
-            i2.nlink -= 1;
+            i2.nlink = i2.nlink.saturating_sub(1);
             i2.ctime_ns = now_ns();
             return self.put_inode(dev, &i2);
         }
@@ -1483,10 +1520,10 @@ impl Inner {
             d.parent = tp;
             self.put_inode(dev, &d)?;
             let mut a = self.get_inode(dev, fp)?;
-            a.nlink -= 1;
+            a.nlink = a.nlink.saturating_sub(1);
             self.put_inode(dev, &a)?;
             let mut b = self.get_inode(dev, tp)?;
-            b.nlink += 1;
+            b.nlink = b.nlink.saturating_add(1);
             self.put_inode(dev, &b)?;
         }
         Ok(())
@@ -1601,7 +1638,7 @@ impl Inner {
                         self.data_written = true;
                         self.set_inode_addr(dev, ino, sbi, a)?;
                         let mut i2 = self.get_inode(dev, ino)?;
-                        i2.allocated += 1;
+                        i2.allocated = i2.allocated.saturating_add(1);
                         self.put_inode(dev, &i2)?;
                     } else {
                         dev.write_at(
@@ -1688,7 +1725,7 @@ impl Inner {
                         self.release(dev, Res::Sb, a - 1)?;
                         self.set_inode_addr(dev, ino, i, 0)?;
                         let mut i2 = self.get_inode(dev, ino)?;
-                        i2.allocated -= 1;
+                        i2.allocated = i2.allocated.saturating_sub(1);
                         self.put_inode(dev, &i2)?;
                     }
                 }
@@ -1712,7 +1749,7 @@ impl Inner {
                         self.fb_set(dev, ino, fbi, None)?;
                         self.release(dev, Res::Fb, fb)?;
                         let mut i2 = self.get_inode(dev, ino)?;
-                        i2.allocated -= 1;
+                        i2.allocated = i2.allocated.saturating_sub(1);
                         self.put_inode(dev, &i2)?;
                         self.maybe_commit(dev, stats)?;
                     }
@@ -1783,7 +1820,7 @@ impl Inner {
                 }
                 self.fb_set(dev, ino, fbi, Some((fb, !eager)))?;
                 let mut i2 = self.get_inode(dev, ino)?;
-                i2.allocated += 1;
+                i2.allocated = i2.allocated.saturating_add(1);
                 self.put_inode(dev, &i2)?;
                 progress(fbi - first + 1, need);
                 self.maybe_commit(dev, stats)?;
@@ -1891,7 +1928,7 @@ impl Inner {
             self.fb_set(dev, ino, fbi, Some((fb, false)))?;
             if existing.is_none() {
                 let mut inode = self.get_inode(dev, ino)?;
-                inode.allocated += 1;
+                inode.allocated = inode.allocated.saturating_add(1);
                 self.put_inode(dev, &inode)?;
                 stats.blocks_allocated.fetch_add(1, Ordering::Relaxed);
             }

@@ -31,6 +31,8 @@ pub use ns::{
 };
 
 #[cfg(test)]
+mod crafted_tests;
+#[cfg(test)]
 mod crash_tests;
 #[cfg(test)]
 mod fs_tests;

@@ -450,7 +450,7 @@ impl Inner {
                     self.cache.remove(&b);
                 }
                 self.fb_set(dev, dir, blocks / per_fb, Some((fb, false)))?;
-                self.upd(dev, dir, |i| i.allocated += 1)?;
+                self.upd(dev, dir, |i| i.allocated = i.allocated.saturating_add(1))?;
             }
             blocks += 1;
         }
@@ -576,6 +576,7 @@ impl Inner {
             if next == 0 {
                 return Ok(());
             }
+            self.check_ino(next)?;
             if next == ino {
                 let after = get_u64(self.md(dev, self.vh.layout.inode_block(ino))?, ORPHAN_LINK);
                 self.set_link(dev, prev, after)?;
@@ -703,7 +704,7 @@ impl Inner {
         self.index(dev, parent)?.remove(slot);
         self.dir_store(dev, stats, parent, now)?;
         if inode.is_dir() {
-            self.upd(dev, parent, |p| p.nlink -= 1)?;
+            self.upd(dev, parent, |p| p.nlink = p.nlink.saturating_sub(1))?;
         }
         self.drop_link(dev, stats, e.ino, now)
     }
@@ -740,7 +741,7 @@ impl Inner {
         });
         self.dir_store(dev, stats, new_parent, now)?;
         self.upd(dev, ino, |i| {
-            i.nlink += 1;
+            i.nlink = i.nlink.saturating_add(1);
             i.ctime_ns = now;
         })
     }
@@ -803,7 +804,7 @@ impl Inner {
                 self.dir_store(dev, stats, dp, now)?;
                 if src.is_dir() != dsti.is_dir() {
                     let (from, to) = if src.is_dir() { (sp, dp) } else { (dp, sp) };
-                    self.upd(dev, from, |i| i.nlink -= 1)?;
+                    self.upd(dev, from, |i| i.nlink = i.nlink.saturating_sub(1))?;
                     self.upd(dev, to, |i| i.nlink += 1)?;
                 }
             }
@@ -869,12 +870,12 @@ impl Inner {
         }
         if let Some((_, dsti)) = replaced {
             if dsti.is_dir() {
-                self.upd(dev, dp, |i| i.nlink -= 1)?;
+                self.upd(dev, dp, |i| i.nlink = i.nlink.saturating_sub(1))?;
             }
             self.drop_link(dev, stats, dsti.ino, now)?;
         }
         if src.is_dir() && dp != sp {
-            self.upd(dev, sp, |i| i.nlink -= 1)?;
+            self.upd(dev, sp, |i| i.nlink = i.nlink.saturating_sub(1))?;
             self.upd(dev, dp, |i| i.nlink += 1)?;
         }
         self.upd(dev, se.ino, |i| {
@@ -926,17 +927,17 @@ impl Inner {
         let mut i = self.get_inode(dev, ino)?;
         if let Some(m) = a.mode {
             i.mode = (i.mode & S_IFMT) | (m & 0o7777);
-            i.attr_gen += 1;
+            i.attr_gen = i.attr_gen.wrapping_add(1);
             changed = true;
         }
         if let Some(u) = a.uid {
             i.uid = u;
-            i.attr_gen += 1;
+            i.attr_gen = i.attr_gen.wrapping_add(1);
             changed = true;
         }
         if let Some(g) = a.gid {
             i.gid = g;
-            i.attr_gen += 1;
+            i.attr_gen = i.attr_gen.wrapping_add(1);
             changed = true;
         }
         if let Some(t) = a.atime {
@@ -1004,7 +1005,7 @@ impl Inner {
             put_u32(blk, 0, magic::XATTR);
             xattr_encode(blk, list);
         }
-        inode.attr_gen += 1;
+        inode.attr_gen = inode.attr_gen.wrapping_add(1);
         inode.ctime_ns = now_ns();
         self.put_inode(dev, &inode)
     }
@@ -1087,7 +1088,7 @@ impl Inner {
                         dev.write_zeroes(self.vh.layout.sb_offset(a - 1), SUB_BLOCK)?;
                         self.data_written = true;
                         self.set_inode_addr(dev, ino, i, a)?;
-                        self.upd(dev, ino, |i| i.allocated += 1)?;
+                        self.upd(dev, ino, |i| i.allocated = i.allocated.saturating_add(1))?;
                     }
                 }
             }
@@ -1111,7 +1112,7 @@ impl Inner {
                     dev.write_zeroes(self.vh.layout.fb_offset(fb), FILE_BLOCK)?;
                     self.data_written = true;
                     self.fb_set(dev, ino, fbi, Some((fb, false)))?;
-                    self.upd(dev, ino, |i| i.allocated += 1)?;
+                    self.upd(dev, ino, |i| i.allocated = i.allocated.saturating_add(1))?;
                     self.maybe_commit(dev, stats)?;
                 }
             }
@@ -1187,12 +1188,12 @@ impl Inner {
             if a != 0 {
                 self.release(dev, Res::Sb, a - 1)?;
                 self.set_inode_addr(dev, ino, u as usize, 0)?;
-                self.upd(dev, ino, |i| i.allocated -= 1)?;
+                self.upd(dev, ino, |i| i.allocated = i.allocated.saturating_sub(1))?;
             }
         } else if let Some((fb, _)) = self.fb_lookup(dev, ino, u)? {
             self.fb_set(dev, ino, u, None)?;
             self.release(dev, Res::Fb, fb)?;
-            self.upd(dev, ino, |i| i.allocated -= 1)?;
+            self.upd(dev, ino, |i| i.allocated = i.allocated.saturating_sub(1))?;
             self.maybe_commit(dev, stats)?;
         }
         Ok(())
@@ -1210,6 +1211,7 @@ impl Inner {
             if cur == 0 {
                 break;
             }
+            self.check_ino(cur)?;
             let next = get_u64(self.md(dev, self.vh.layout.inode_block(cur))?, ORPHAN_LINK);
             if !self.open.contains_key(&cur) {
                 self.orphan_remove(dev, cur)?;
