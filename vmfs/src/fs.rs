@@ -133,6 +133,50 @@ impl FsError {
     }
 }
 
+/// An extent lease held for a long time (a disk being served): see
+/// [`Datastore::lease_extents`]. Released on drop.
+#[derive(Debug)]
+pub struct ExtentLease {
+    ds: Arc<Datastore>,
+    ino: u64,
+}
+
+impl ExtentLease {
+    /// The leased inode.
+    pub fn ino(&self) -> u64 {
+        self.ino
+    }
+}
+
+impl Drop for ExtentLease {
+    fn drop(&mut self) {
+        self.ds.unpin(self.ino);
+    }
+}
+
+/// An extent lease for the duration of one I/O (a planned READ, a direct WRITE): returned
+/// with the device offsets by [`Datastore::map_direct`] and [`Datastore::read_plan`]; the
+/// offsets stay the file's until it is dropped.
+#[derive(Debug)]
+#[must_use = "the device offsets are valid only while the pin lives"]
+pub struct ExtentPin<'a> {
+    ds: &'a Datastore,
+    ino: u64,
+}
+
+impl<'a> ExtentPin<'a> {
+    /// Wraps a pin already counted under the lock.
+    pub(crate) fn new(ds: &'a Datastore, ino: u64) -> Self {
+        ExtentPin { ds, ino }
+    }
+}
+
+impl Drop for ExtentPin<'_> {
+    fn drop(&mut self) {
+        self.ds.unpin(self.ino);
+    }
+}
+
 /// mkfs options.
 #[derive(Debug, Clone)]
 pub struct MkfsOptions {
@@ -203,6 +247,9 @@ pub(crate) struct Inner {
     pub(crate) hints: HashMap<Res, u64>,
     pub(crate) free: HashMap<Res, u64>,
     pub(crate) open: HashMap<u64, u32>,
+    /// Extent leases per inode ([`ExtentLease`], [`ExtentPin`]): holders use device offsets
+    /// of the file's blocks outside the lock, so no block of it may be freed or moved.
+    pub(crate) pins: HashMap<u64, u32>,
     pub(crate) zero_block: Vec<u8>,
     pub(crate) failed: bool,
     /// When the open transaction got its first dirty block (for the commit interval).
@@ -421,6 +468,7 @@ impl Datastore {
             hints: HashMap::new(),
             free: HashMap::new(),
             open: HashMap::new(),
+            pins: HashMap::new(),
             zero_block: vec![0u8; FILE_BLOCK as usize],
             failed: false,
             dirty_since: None,
@@ -733,8 +781,32 @@ impl Datastore {
 
     /// Maps a byte range of a file-block file to a device offset when it lies within one
     /// allocated, already-zeroed file block: the fast path that needs no metadata update.
-    pub fn map_direct(&self, ino: u64, offset: u64, len: u64) -> Result<Option<u64>, FsError> {
-        self.with(|g, dev| {
+    /// The offset comes with an [`ExtentPin`]: until it is dropped the block stays the
+    /// file's (shrink, truncate and punch are refused with [`FsError::Busy`]).
+    pub fn map_direct(
+        &self,
+        ino: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<(u64, ExtentPin<'_>)>, FsError> {
+        let at = self.with(|g, dev| {
+            let at = Self::map_direct_locked(g, dev, ino, offset, len)?;
+            if at.is_some() {
+                g.pin(ino);
+            }
+            Ok(at)
+        })?;
+        Ok(at.map(|a| (a, ExtentPin { ds: self, ino })))
+    }
+
+    fn map_direct_locked(
+        g: &mut Inner,
+        dev: &Arc<dyn BlockDevice>,
+        ino: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<u64>, FsError> {
+        {
             let fbi = offset / FILE_BLOCK;
             let Some(end) = offset.checked_add(len) else {
                 return Ok(None);
@@ -750,7 +822,51 @@ impl Datastore {
                 Some((fb, false)) => Ok(Some(g.vh.layout.fb_offset(fb) + offset % FILE_BLOCK)),
                 _ => Ok(None),
             }
+        }
+    }
+
+    /// Takes an extent lease on `ino` for as long as the returned value lives: a disk
+    /// backend caches where the file's blocks are and has I/O to them in flight, so none may
+    /// be freed or moved (shrink, truncate, punch, layout conversion, removal are refused
+    /// with [`FsError::Busy`], by whoever asks). Growing stays allowed.
+    pub fn lease_extents(self: &Arc<Self>, ino: u64) -> Result<ExtentLease, FsError> {
+        self.with(|g, dev| {
+            g.get_inode(dev, ino)?;
+            g.pin(ino);
+            Ok(())
+        })?;
+        Ok(ExtentLease {
+            ds: self.clone(),
+            ino,
         })
+    }
+
+    /// Extent leases (and pins) `ino` has.
+    pub fn lease_count(&self, ino: u64) -> u64 {
+        self.inner
+            .lock()
+            .map(|g| g.pins.get(&ino).map_or(0, |&n| u64::from(n)))
+            .unwrap_or(0)
+    }
+
+    pub(crate) fn unpin(&self, ino: u64) {
+        let mut last = false;
+        // A poisoned lock means a panic elsewhere; the lease table goes with the datastore.
+        if let Ok(mut g) = self.inner.lock() {
+            if let Some(n) = g.pins.get_mut(&ino) {
+                *n -= 1;
+                if *n == 0 {
+                    g.pins.remove(&ino);
+                    last = !g.open.contains_key(&ino);
+                }
+            }
+        }
+        // An orphan whose last user was a lease is freed now, as at a last close.
+        if last {
+            if let Err(e) = self.reclaim_if_orphan(ino) {
+                tracing::warn!(ino, err = %e, "freeing an orphan after its last lease failed");
+            }
+        }
     }
 
     /// Marks a file open (served as a disk): it cannot be removed or shrunk until closed.
@@ -778,7 +894,7 @@ impl Datastore {
                 *n -= 1;
                 if *n == 0 {
                     g.open.remove(&ino);
-                    last = true;
+                    last = !g.pins.contains_key(&ino);
                 }
             }
         }
@@ -1065,6 +1181,25 @@ impl Inner {
     ) -> Result<(), FsError> {
         if self.dirty.len() >= TXN_SOFT_MAX {
             self.commit(dev, stats)?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn pin(&mut self, ino: u64) {
+        *self.pins.entry(ino).or_insert(0) += 1;
+    }
+
+    /// Open (a handle, a disk) or holding an extent lease: not to be freed.
+    pub(crate) fn in_use(&self, ino: u64) -> bool {
+        self.open.contains_key(&ino) || self.pins.contains_key(&ino)
+    }
+
+    /// Refuses to free or move blocks of a file someone holds an extent lease on.
+    pub(crate) fn check_unleased(&self, ino: u64) -> Result<(), FsError> {
+        if self.pins.contains_key(&ino) {
+            return Err(FsError::Busy(format!(
+                "inode {ino} (its blocks are in use by a disk or an I/O in flight)"
+            )));
         }
         Ok(())
     }
@@ -1418,7 +1553,7 @@ impl Inner {
         if inode.is_dir() && !self.read_dir(dev, ino)?.is_empty() {
             return Err(FsError::NotEmpty(path.into()));
         }
-        if self.open.contains_key(&ino) {
+        if self.in_use(ino) {
             return Err(FsError::Busy(path.into()));
         }
         entries.remove(pos);
@@ -1711,6 +1846,9 @@ impl Inner {
         ino: u64,
         size: u64,
     ) -> Result<(), FsError> {
+        // The one place blocks leave a file (shrink, truncate, layout conversion, free): an
+        // extent lease forbids it, whoever asks (see `ExtentLease`).
+        self.check_unleased(ino)?;
         let inode = self.get_inode(dev, ino)?;
         match inode.layout {
             DataLayout::Resident => {
@@ -1781,7 +1919,7 @@ impl Inner {
         }
         let mut inode = self.get_inode(dev, ino)?;
         if size < inode.size {
-            if self.open.contains_key(&ino) {
+            if self.in_use(ino) {
                 return Err(FsError::Busy(format!("inode {ino} (shrink while open)")));
             }
             self.truncate_storage(dev, stats, ino, size)?;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use crate::device::BlockDevice;
 use crate::format::*;
-use crate::fs::{now_ns, Datastore, FsError, FsStats, Inner, Res, Undo, DIR_BYTES_MAX};
+use crate::fs::{now_ns, Datastore, ExtentPin, FsError, FsStats, Inner, Res, Undo, DIR_BYTES_MAX};
 
 /// Longest symlink target (PATH_MAX - 1: the kernel's limit including the NUL).
 pub const SYMLINK_MAX: usize = 4095;
@@ -599,7 +599,7 @@ impl Inner {
             i.ctime_ns = now;
         })?;
         if inode.nlink == 0 {
-            if self.open.contains_key(&ino) {
+            if self.in_use(ino) {
                 self.dir_index.remove(&ino);
                 self.orphan_add(dev, ino)?;
             } else {
@@ -1139,6 +1139,8 @@ impl Inner {
         let end = offset.saturating_add(len).min(inode.size);
         let now = now_ns();
         if offset < end {
+            // Punching frees blocks (and zeroes in place what a lease holder may be using).
+            self.check_unleased(ino)?;
             match inode.layout {
                 DataLayout::Resident => {
                     let b = self.md_mut(dev, self.vh.layout.inode_block(ino))?;
@@ -1213,7 +1215,7 @@ impl Inner {
             }
             self.check_ino(cur)?;
             let next = get_u64(self.md(dev, self.vh.layout.inode_block(cur))?, ORPHAN_LINK);
-            if !self.open.contains_key(&cur) {
+            if !self.in_use(cur) {
                 self.orphan_remove(dev, cur)?;
                 self.free_inode(dev, stats, cur)?;
                 n += 1;
@@ -1499,14 +1501,34 @@ impl Datastore {
     /// Plans a read of `[offset, offset + len)` clipped at the end of the file: device
     /// extents (data blocks, written in place, safe to pread), zero extents (holes,
     /// to-be-zeroed blocks) and inline bytes (resident data). Returns the bytes covered.
+    ///
+    /// The device extents come with an [`ExtentPin`]: until it is dropped the blocks stay the
+    /// file's (shrink, truncate and punch are refused with [`FsError::Busy`]), so a reader
+    /// never copies bytes that meanwhile became another file's.
     pub fn read_plan(
         &self,
         ino: u64,
         offset: u64,
         len: u64,
         out: &mut Vec<Extent>,
+    ) -> Result<(u64, ExtentPin<'_>), FsError> {
+        let n = self.with(|g, dev| {
+            let n = Self::read_plan_locked(g, dev, ino, offset, len, out)?;
+            g.pin(ino);
+            Ok(n)
+        })?;
+        Ok((n, ExtentPin::new(self, ino)))
+    }
+
+    fn read_plan_locked(
+        g: &mut Inner,
+        dev: &Dev,
+        ino: u64,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<Extent>,
     ) -> Result<u64, FsError> {
-        self.with(|g, dev| {
+        {
             let inode = g.get_inode(dev, ino)?;
             if inode.is_dir() {
                 return Err(FsError::IsDir(format!("inode {ino}")));
@@ -1545,7 +1567,7 @@ impl Datastore {
                 done += l;
             }
             Ok(n)
-        })
+        }
     }
 
     /// Writes `data` at `offset` of a regular file of any layout, extending it; sets
@@ -1641,16 +1663,17 @@ impl Datastore {
     pub(crate) fn reclaim_if_orphan(&self, ino: u64) -> Result<(), FsError> {
         // Most closes are of linked files: decide that without the undo snapshot of an
         // operation (the file server closes a handle per release).
-        let orphan = self.with(|g, dev| {
-            Ok(!g.open.contains_key(&ino)
-                && g.get_bit(dev, Res::Fd, ino)?
-                && g.get_inode(dev, ino)?.nlink == 0)
-        })?;
+        let orphan =
+            self.with(|g, dev| {
+                Ok(!g.in_use(ino)
+                    && g.get_bit(dev, Res::Fd, ino)?
+                    && g.get_inode(dev, ino)?.nlink == 0)
+            })?;
         if !orphan {
             return Ok(());
         }
         self.ns_op(|g, dev, st| {
-            if g.open.contains_key(&ino) || !g.get_bit(dev, Res::Fd, ino)? {
+            if g.in_use(ino) || !g.get_bit(dev, Res::Fd, ino)? {
                 return Ok(());
             }
             if g.get_inode(dev, ino)?.nlink == 0 {

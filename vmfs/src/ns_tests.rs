@@ -497,7 +497,7 @@ fn data_path_plan_seek_allocate_punch() {
         .unwrap();
     ds.write_at(f.ino, 0, b"abc").unwrap();
     let mut plan = Vec::new();
-    assert_eq!(ds.read_plan(f.ino, 1, 100, &mut plan).unwrap(), 2);
+    assert_eq!(ds.read_plan(f.ino, 1, 100, &mut plan).unwrap().0, 2);
     assert_eq!(plan, vec![Extent::Inline(b"bc".to_vec())]);
     assert_eq!(ds.seek(f.ino, 0, Whence::Hole).unwrap(), 3);
     assert_eq!(
@@ -507,7 +507,7 @@ fn data_path_plan_seek_allocate_punch() {
     // Grows to sub-blocks with a hole in the middle.
     ds.write_at(f.ino, 300_000, b"xyz").unwrap();
     plan.clear();
-    let n = ds.read_plan(f.ino, 0, u64::MAX, &mut plan).unwrap();
+    let n = ds.read_plan(f.ino, 0, u64::MAX, &mut plan).unwrap().0;
     assert_eq!(n, 300_003);
     let mut got = Vec::new();
     for e in &plan {
@@ -748,4 +748,106 @@ fn ten_thousand_files_in_one_directory() {
     drop(ds);
     let r = fsck(&*dev).unwrap();
     assert!(r.clean(), "{:?}", r.problems);
+}
+
+/// Issue 12 finding 2: the rule that a served file's blocks never move lives in vmfs. An
+/// extent lease (a disk) refuses shrink, truncate (setattr size, O_TRUNC's path), punch and
+/// removal, whoever asks; growing stays allowed and the blocks stay where they were.
+#[test]
+fn extent_lease_refuses_truncate_shrink_and_punch_but_allows_growth() {
+    let (disk, ds) = fresh();
+    let ds = Arc::new(ds);
+    let f = ds
+        .make_node(ROOT_INO, b"disk.img", S_IFREG | 0o644, 0, 0, 0)
+        .unwrap();
+    ds.write_at(f.ino, 0, &vec![7u8; 3 << 20]).unwrap();
+    let where_ = |ds: &Datastore| {
+        (0..3u64)
+            .map(|i| ds.map_direct(f.ino, i << 20, 4096).unwrap().map(|(o, _)| o))
+            .collect::<Vec<_>>()
+    };
+    let before = where_(&ds);
+    assert!(before.iter().all(Option::is_some));
+    let lease = ds.lease_extents(f.ino).unwrap();
+    fn busy<T>(r: Result<T, FsError>) {
+        assert!(matches!(r, Err(FsError::Busy(_))), "{:?}", r.map(|_| ()));
+    }
+    let trunc = SetAttr {
+        size: Some(0),
+        ..SetAttr::default()
+    };
+    busy(ds.setattr(f.ino, &trunc));
+    busy(ds.set_size(f.ino, 1 << 20));
+    busy(ds.punch_hole(f.ino, 0, 1 << 20));
+    busy(ds.punch_hole(f.ino, 4096, 8192));
+    busy(ds.unlink("disk.img"));
+    // Growing is fine (thin: no blocks move).
+    let grow = SetAttr {
+        size: Some(8 << 20),
+        ..SetAttr::default()
+    };
+    ds.setattr(f.ino, &grow).unwrap();
+    ds.allocate(f.ino, 8 << 20, 1 << 20, false).unwrap();
+    assert_eq!(where_(&ds), before, "a leased file's blocks moved");
+    let mut buf = vec![0u8; 3 << 20];
+    ds.read(f.ino, 0, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 7));
+    drop(lease);
+    assert_eq!(ds.lease_count(f.ino), 0);
+    ds.setattr(f.ino, &trunc).unwrap();
+    ds.unmount().unwrap();
+    clean(&*disk);
+}
+
+/// A READ's planned extents (and a direct WRITE's offset) are pinned until the caller drops
+/// the pin: a truncation in between is refused instead of handing the blocks to another
+/// file while the copy runs.
+#[test]
+fn planned_extents_are_pinned_until_dropped() {
+    let (_disk, ds) = fresh();
+    let f = ds
+        .make_node(ROOT_INO, b"f", S_IFREG | 0o644, 0, 0, 0)
+        .unwrap();
+    ds.write_at(f.ino, 0, &vec![1u8; 2 << 20]).unwrap();
+    let trunc = SetAttr {
+        size: Some(0),
+        ..SetAttr::default()
+    };
+    let mut plan = Vec::new();
+    let (n, pin) = ds.read_plan(f.ino, 0, 1 << 20, &mut plan).unwrap();
+    assert_eq!(n, 1 << 20);
+    assert!(matches!(ds.setattr(f.ino, &trunc), Err(FsError::Busy(_))));
+    drop(pin);
+    let (_, pin) = ds.map_direct(f.ino, 0, 4096).unwrap().unwrap();
+    assert!(matches!(
+        ds.punch_hole(f.ino, 0, 1 << 20),
+        Err(FsError::Busy(_))
+    ));
+    drop(pin);
+    ds.setattr(f.ino, &trunc).unwrap();
+    assert_eq!(ds.stat(f.ino).unwrap().size, 0);
+}
+
+/// An unlinked file whose last user is a lease is freed when the lease goes.
+#[test]
+fn orphan_held_by_a_lease_is_freed_when_the_lease_drops() {
+    let (disk, ds) = fresh();
+    let ds = Arc::new(ds);
+    let f = ds
+        .make_node(ROOT_INO, b"f", S_IFREG | 0o644, 0, 0, 0)
+        .unwrap();
+    ds.write_at(f.ino, 0, &vec![1u8; 2 << 20]).unwrap();
+    let free0 = ds.statfs().unwrap().fb_free;
+    ds.open(f.ino).unwrap();
+    let lease = ds.lease_extents(f.ino).unwrap();
+    ds.unlink_at(ROOT_INO, b"f").unwrap();
+    ds.close(f.ino);
+    // Still leased: the blocks are kept.
+    assert_eq!(ds.stat(f.ino).unwrap().nlink, 0);
+    drop(lease);
+    assert!(ds.stat(f.ino).is_err());
+    ds.commit().unwrap();
+    assert_eq!(ds.statfs().unwrap().fb_free, free0 + 2);
+    ds.unmount().unwrap();
+    clean(&*disk);
 }
