@@ -250,6 +250,9 @@ pub(crate) struct Inner {
     /// Extent leases per inode ([`ExtentLease`], [`ExtentPin`]): holders use device offsets
     /// of the file's blocks outside the lock, so no block of it may be freed or moved.
     pub(crate) pins: HashMap<u64, u32>,
+    /// File blocks set aside by a chunked allocation ([`Datastore::allocate`]) while they are
+    /// zeroed without the lock: not in the bitmap yet, counted as used, never handed out.
+    pub(crate) reserved: HashSet<u64>,
     pub(crate) zero_block: Vec<u8>,
     pub(crate) failed: bool,
     /// When the open transaction got its first dirty block (for the commit interval).
@@ -469,6 +472,7 @@ impl Datastore {
             free: HashMap::new(),
             open: HashMap::new(),
             pins: HashMap::new(),
+            reserved: HashSet::new(),
             zero_block: vec![0u8; FILE_BLOCK as usize],
             failed: false,
             dirty_since: None,
@@ -1068,7 +1072,7 @@ impl Inner {
                 continue;
             }
             if self.pending_free.contains(&(r, i))
-                || (r == Res::Fb && self.revoked.contains(&i))
+                || (r == Res::Fb && (self.revoked.contains(&i) || self.reserved.contains(&i)))
                 || self.get_bit(dev, r, i)?
             {
                 continue;
@@ -1114,10 +1118,67 @@ impl Inner {
         self.pending_free.clear();
         self.hints.clear();
         for r in [Res::Fd, Res::Pb, Res::Sb, Res::Fb] {
-            let n = self.count_free(dev, r)?;
+            let mut n = self.count_free(dev, r)?;
+            if r == Res::Fb {
+                n = n.saturating_sub(self.reserved.len() as u64);
+            }
             self.free.insert(r, n);
         }
         Ok(())
+    }
+
+    /// Sets aside up to `n` free file blocks for a chunked allocation (see `reserved`).
+    pub(crate) fn reserve_fb(
+        &mut self,
+        dev: &Arc<dyn BlockDevice>,
+        n: u64,
+    ) -> Result<Vec<u64>, FsError> {
+        let count = self.vh.layout.fb_count;
+        if self.free.get(&Res::Fb).copied().unwrap_or(0) < n {
+            return Err(FsError::NoSpace(res_name(Res::Fb)));
+        }
+        let mut got = Vec::new();
+        let start = self.hints.get(&Res::Fb).copied().unwrap_or(0) % count;
+        // Bounded: at most one pass over the bitmap.
+        for k in 0..count {
+            if got.len() as u64 == n {
+                break;
+            }
+            let i = (start + k) % count;
+            if self.pending_free.contains(&(Res::Fb, i))
+                || self.revoked.contains(&i)
+                || self.reserved.contains(&i)
+                || self.get_bit(dev, Res::Fb, i)?
+            {
+                continue;
+            }
+            self.reserved.insert(i);
+            got.push(i);
+        }
+        if (got.len() as u64) < n {
+            for i in got {
+                self.reserved.remove(&i);
+            }
+            return Err(FsError::NoSpace(res_name(Res::Fb)));
+        }
+        if let Some(&last) = got.last() {
+            self.hints.insert(Res::Fb, last + 1);
+        }
+        if let Some(f) = self.free.get_mut(&Res::Fb) {
+            *f -= n;
+        }
+        Ok(got)
+    }
+
+    /// Returns reserved file blocks that were not used.
+    pub(crate) fn unreserve_fb(&mut self, blocks: &[u64]) {
+        for i in blocks {
+            if self.reserved.remove(i) {
+                if let Some(f) = self.free.get_mut(&Res::Fb) {
+                    *f += 1;
+                }
+            }
+        }
     }
 
     pub(crate) fn commit(

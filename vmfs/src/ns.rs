@@ -117,6 +117,22 @@ pub struct DirCursorEntry {
 /// directory rewrite): a deferred operation starts a new transaction when less room is left,
 /// so it never commits half-done.
 const OP_RESERVE: usize = 64;
+/// File blocks one step of a large FALLOCATE allocates (16 MiB). Each step holds the
+/// datastore lock twice, briefly (set free blocks aside; map them, one journal commit of a
+/// few blocks), and zeroes its blocks in between without it; so one request stalls other
+/// disks and shares for at most one step's metadata work, never for the zeroing of a whole
+/// range up to the largest file, and a crash keeps every committed step.
+pub const ALLOC_CHUNK_FBS: u64 = 16;
+
+/// What [`Datastore::allocate`]'s steps cover: file blocks `first..last` of the inode of
+/// this generation, up to byte `end`.
+#[derive(Debug, Clone, Copy)]
+struct AllocPlan {
+    generation: u32,
+    first: u64,
+    last: u64,
+    end: u64,
+}
 /// Byte offset in an inode block of the orphan-list link (FORMAT.md §7): in the root inode the
 /// first orphan, in an orphan the next one; 0 ends the list.
 const ORPHAN_LINK: usize = 152;
@@ -1057,6 +1073,9 @@ impl Inner {
         }
     }
 
+    /// posix_fallocate, first step: validates, grows the layout, allocates sub-blocks
+    /// (bounded: a sub-block file is at most 1 MiB) and, for a file-block file, checks the
+    /// space and returns the range for [`Datastore::allocate`]'s chunks.
     fn ns_allocate(
         &mut self,
         dev: &Dev,
@@ -1065,7 +1084,7 @@ impl Inner {
         offset: u64,
         len: u64,
         keep_size: bool,
-    ) -> Result<(), FsError> {
+    ) -> Result<Option<AllocPlan>, FsError> {
         let inode = self.reg_inode(dev, ino)?;
         let end = offset
             .checked_add(len)
@@ -1075,7 +1094,7 @@ impl Inner {
         // are not allowed (fsck, truncate and free all work up to the size).
         let end = if keep_size { end.min(inode.size) } else { end };
         if end <= offset {
-            return Ok(());
+            return Ok(None);
         }
         let inode = self.grow_layout(dev, stats, ino, end.max(inode.size))?;
         let now = now_ns();
@@ -1101,20 +1120,17 @@ impl Inner {
                         need += 1;
                     }
                 }
+                // Fail before anything when the space is plainly not there; a chunk can still
+                // find it gone (taken meanwhile) and stop with what it committed.
                 if need > self.free.get(&Res::Fb).copied().unwrap_or(0) {
                     return Err(FsError::NoSpace("file blocks"));
                 }
-                for fbi in first..last {
-                    if self.fb_lookup(dev, ino, fbi)?.is_some() {
-                        continue;
-                    }
-                    let fb = self.alloc(dev, Res::Fb)?;
-                    dev.write_zeroes(self.vh.layout.fb_offset(fb), FILE_BLOCK)?;
-                    self.data_written = true;
-                    self.fb_set(dev, ino, fbi, Some((fb, false)))?;
-                    self.upd(dev, ino, |i| i.allocated = i.allocated.saturating_add(1))?;
-                    self.maybe_commit(dev, stats)?;
-                }
+                return Ok(Some(AllocPlan {
+                    generation: inode.generation,
+                    first,
+                    last,
+                    end,
+                }));
             }
         }
         self.upd(dev, ino, |i| {
@@ -1124,7 +1140,7 @@ impl Inner {
             }
             i.ctime_ns = now;
         })?;
-        Ok(())
+        Ok(None)
     }
 
     fn ns_punch(
@@ -1603,7 +1619,10 @@ impl Datastore {
     }
 
     /// posix_fallocate: allocates (zeroed) blocks for the range and extends the size unless
-    /// `keep_size`.
+    /// `keep_size`. A file-block range is allocated in steps of [`ALLOC_CHUNK_FBS`] blocks,
+    /// each zeroed without the datastore lock and committed on its own: other disks and
+    /// shares proceed between (and during) the steps. Out of space part-way, the steps done
+    /// stay (with the size covering them), as with Linux filesystems.
     pub fn allocate(
         &self,
         ino: u64,
@@ -1611,7 +1630,88 @@ impl Datastore {
         len: u64,
         keep_size: bool,
     ) -> Result<(), FsError> {
-        self.ns_op(|g, dev, st| g.ns_allocate(dev, st, ino, offset, len, keep_size))
+        let plan = self.ns_op(|g, dev, st| g.ns_allocate(dev, st, ino, offset, len, keep_size))?;
+        let Some(p) = plan else {
+            return Ok(());
+        };
+        let mut fbi = p.first;
+        // Bounded: each step advances by up to ALLOC_CHUNK_FBS blocks to `last`.
+        while fbi < p.last {
+            let stop = fbi.saturating_add(ALLOC_CHUNK_FBS).min(p.last);
+            self.allocate_step(ino, &p, fbi, stop, keep_size)?;
+            fbi = stop;
+        }
+        Ok(())
+    }
+
+    /// One step of [`Datastore::allocate`]: sets free blocks aside under the lock, zeroes
+    /// them without it (a reserved block is nobody's), then maps them and commits.
+    fn allocate_step(
+        &self,
+        ino: u64,
+        p: &AllocPlan,
+        first: u64,
+        stop: u64,
+        keep_size: bool,
+    ) -> Result<(), FsError> {
+        let gone = || FsError::NotFound(format!("inode {ino} (removed during fallocate)"));
+        let (missing, blocks, layout) = self.with(|g, dev| {
+            if g.reg_inode(dev, ino)?.generation != p.generation {
+                return Err(gone());
+            }
+            let mut missing = Vec::new();
+            for fbi in first..stop {
+                if g.fb_lookup(dev, ino, fbi)?.is_none() {
+                    missing.push(fbi);
+                }
+            }
+            let blocks = g.reserve_fb(dev, missing.len() as u64)?;
+            Ok((missing, blocks, g.vh.layout))
+        })?;
+        let zeroed = blocks
+            .iter()
+            .try_for_each(|&fb| self.dev.write_zeroes(layout.fb_offset(fb), FILE_BLOCK));
+        let r = match zeroed {
+            Err(e) => Err(FsError::Device(e)),
+            Ok(()) => self.with_op(|g, dev| {
+                let inode = g.reg_inode(dev, ino)?;
+                if inode.generation != p.generation {
+                    return Err(gone());
+                }
+                // With KEEP_SIZE, never past a size that shrank meanwhile.
+                let keep_to = if keep_size {
+                    inode.size.div_ceil(FILE_BLOCK)
+                } else {
+                    u64::MAX
+                };
+                for (&fbi, &fb) in missing.iter().zip(&blocks) {
+                    if fbi >= keep_to || g.fb_lookup(dev, ino, fbi)?.is_some() {
+                        continue;
+                    }
+                    // Counted as used since it was reserved; now the bitmap says so.
+                    g.reserved.remove(&fb);
+                    g.put_bit(dev, Res::Fb, fb, true)?;
+                    g.data_written = true;
+                    g.fb_set(dev, ino, fbi, Some((fb, false)))?;
+                    g.upd(dev, ino, |i| i.allocated = i.allocated.saturating_add(1))?;
+                }
+                let now = now_ns();
+                let step_end = p.end.min(stop.saturating_mul(FILE_BLOCK));
+                g.upd(dev, ino, |i| {
+                    if !keep_size && step_end > i.size {
+                        i.size = step_end;
+                        i.mtime_ns = now;
+                    }
+                    i.ctime_ns = now;
+                })?;
+                g.end_op(dev, &self.stats)
+            }),
+        };
+        // Whatever this step did not publish (an error, blocks mapped meanwhile) goes back.
+        if let Ok(mut g) = self.inner.lock() {
+            g.unreserve_fb(&blocks);
+        }
+        r
     }
 
     /// Punches a hole: the range reads back as zeroes; whole blocks are freed, partial

@@ -851,3 +851,164 @@ fn orphan_held_by_a_lease_is_freed_when_the_lease_drops() {
     ds.unmount().unwrap();
     clean(&*disk);
 }
+
+/// A SimDisk that calls a hook before every `write_zeroes` (how allocation zeroes blocks).
+struct HookDisk {
+    inner: SimDisk,
+    #[allow(clippy::type_complexity)]
+    hook: std::sync::Mutex<Option<Box<dyn FnMut() + Send>>>,
+}
+
+impl std::fmt::Debug for HookDisk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HookDisk").finish()
+    }
+}
+
+impl BlockDevice for HookDisk {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), crate::device::DeviceError> {
+        self.inner.read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), crate::device::DeviceError> {
+        self.inner.write_at(offset, buf)
+    }
+    fn flush(&self) -> Result<(), crate::device::DeviceError> {
+        self.inner.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<(), crate::device::DeviceError> {
+        self.inner.discard(offset, len)
+    }
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), crate::device::DeviceError> {
+        // Taken out while it runs, so a hook may itself allocate (no re-entry).
+        let hook = self.hook.lock().unwrap().take();
+        if let Some(mut h) = hook {
+            h();
+            *self.hook.lock().unwrap() = Some(h);
+        }
+        self.inner.write_zeroes(offset, len)
+    }
+}
+
+fn hook_fresh() -> (Arc<HookDisk>, Arc<Datastore>) {
+    let disk = Arc::new(HookDisk {
+        inner: SimDisk::new(VOL),
+        hook: std::sync::Mutex::new(None),
+    });
+    Datastore::mkfs(disk.clone(), &MkfsOptions { uuid: None }, &mut |_, _| {}).unwrap();
+    let ds = Arc::new(Datastore::mount(disk.clone()).unwrap());
+    (disk, ds)
+}
+
+/// Issue 12 finding 6: a large FALLOCATE zeroes its blocks without the datastore lock, in
+/// steps each committed, so another operation proceeds in the middle of it.
+#[test]
+fn large_fallocate_zeroes_without_the_lock_in_committed_steps() {
+    let (disk, ds) = hook_fresh();
+    let big = ds
+        .make_node(ROOT_INO, b"big", S_IFREG | 0o644, 0, 0, 0)
+        .unwrap();
+    let other = ds
+        .make_node(ROOT_INO, b"other", S_IFREG | 0o644, 0, 0, 0)
+        .unwrap();
+    ds.write_at(big.ino, 0, &vec![1u8; 2 << 20]).unwrap();
+    let calls = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let locked = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let commits_seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    {
+        let (ds, calls, locked, seen) = (
+            Arc::downgrade(&ds),
+            calls.clone(),
+            locked.clone(),
+            commits_seen.clone(),
+        );
+        *disk.hook.lock().unwrap() = Some(Box::new(move || {
+            let Some(ds) = ds.upgrade() else { return };
+            calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            // Held by this thread, the lock would deadlock anything below: only try it.
+            if ds.inner.try_lock().is_err() {
+                locked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return;
+            }
+            // Another tenant's operation completes in the middle of the FALLOCATE.
+            ds.write_at(other.ino, 0, b"meanwhile").unwrap();
+            seen.lock()
+                .unwrap()
+                .push(ds.stats.commits.load(std::sync::atomic::Ordering::Relaxed));
+        }));
+    }
+    let want = 2 + 3 * ALLOC_CHUNK_FBS + 3;
+    ds.allocate(big.ino, 0, want << 20, false).unwrap();
+    *disk.hook.lock().unwrap() = None;
+    let zeroings = calls.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(zeroings, want - 2, "one zeroing per new block");
+    assert_eq!(
+        locked.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "blocks were zeroed with the datastore lock held"
+    );
+    // Steps commit on their own: the commit count grows between the steps.
+    let seen = commits_seen.lock().unwrap().clone();
+    assert!(seen.first() < seen.last(), "{seen:?}");
+    let i = ds.stat(big.ino).unwrap();
+    assert_eq!((i.size, i.allocated), (want << 20, want));
+    let mut buf = vec![9u8; 1 << 20];
+    ds.read(big.ino, (want - 1) << 20, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 0));
+    ds.read(big.ino, 0, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 1));
+    ds.unmount().unwrap();
+    clean(&*disk);
+}
+
+/// Out of space in the middle of a stepped FALLOCATE (another file took the blocks between
+/// steps): ENOSPC, the committed steps stay with a size that covers them, no block leaks,
+/// and the datastore is fsck-clean.
+#[test]
+fn fallocate_running_out_of_space_midway_stays_consistent() {
+    let (disk, ds) = hook_fresh();
+    let big = ds
+        .make_node(ROOT_INO, b"big", S_IFREG | 0o644, 0, 0, 0)
+        .unwrap();
+    let hog = ds
+        .make_node(ROOT_INO, b"hog", S_IFREG | 0o644, 0, 0, 0)
+        .unwrap();
+    ds.write_at(hog.ino, 0, &vec![1u8; 2 << 20]).unwrap();
+    let free = ds.statfs().unwrap().fb_free;
+    assert!(
+        free > 2 * ALLOC_CHUNK_FBS + 8,
+        "volume too small for the test"
+    );
+    {
+        let ds = Arc::downgrade(&ds);
+        let mut n = 0u64;
+        *disk.hook.lock().unwrap() = Some(Box::new(move || {
+            n += 1;
+            let Some(ds) = ds.upgrade() else { return };
+            // During the first step, the hog takes all but a few blocks.
+            if n == 1 && ds.inner.try_lock().is_ok() {
+                let left = ds.statfs().unwrap().fb_free;
+                let take = left - 4;
+                ds.allocate(hog.ino, 2 << 20, take << 20, false).unwrap();
+            }
+        }));
+    }
+    let r = ds.allocate(big.ino, 0, (free - 4) << 20, false);
+    *disk.hook.lock().unwrap() = None;
+    assert!(matches!(r, Err(FsError::NoSpace(_))), "{r:?}");
+    let i = ds.stat(big.ino).unwrap();
+    // The first step committed; the second could not find its blocks.
+    assert_eq!(i.allocated, ALLOC_CHUNK_FBS);
+    assert_eq!(i.size, ALLOC_CHUNK_FBS << 20);
+    let free_now = ds.statfs().unwrap().fb_free;
+    ds.unmount().unwrap();
+    clean(&*disk);
+    let ds = Datastore::mount(disk.clone()).unwrap();
+    assert_eq!(
+        ds.statfs().unwrap().fb_free,
+        free_now,
+        "reserved blocks leaked"
+    );
+}
