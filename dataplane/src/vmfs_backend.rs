@@ -87,9 +87,12 @@ pub struct VmfsBackend {
     deferred: Mutex<Vec<Deferred>>,
     zeroes: Vec<u8>,
     /// Device offset + 1 of each file block known to be allocated and zeroed (0: unknown).
-    /// An open file's blocks never move or go away (the datastore refuses to shrink or remove
-    /// it, and to-be-zeroed blocks only ever become zeroed), so an entry stays valid.
+    /// The file's blocks never move or go away while `_lease` lives (vmfs refuses to shrink,
+    /// truncate, punch or remove it, whoever asks), and to-be-zeroed blocks only ever become
+    /// zeroed, so an entry stays valid.
     map_cache: Box<[AtomicU64]>,
+    /// vmfs's extent lease on the file, for as long as it is served.
+    _lease: vmfs::fs::ExtentLease,
     /// The file is small (resident or sub-block layout): writes go through the datastore's
     /// general write path, one segment at a time, instead of the batched file-block path.
     small: bool,
@@ -102,6 +105,7 @@ impl VmfsBackend {
     /// Serves file `ino` of `ds` (already opened with [`Datastore::open`], which keeps it
     /// from being removed or shrunk while served).
     pub fn new(ds: Arc<Datastore>, ino: u64, name: &str, read_only: bool) -> Result<Self, String> {
+        let lease = ds.lease_extents(ino).map_err(|e| e.to_string())?;
         let inode = ds.stat(ino).map_err(|e| e.to_string())?;
         if inode.is_dir() {
             return Err(format!("{name} is a directory"));
@@ -125,6 +129,7 @@ impl VmfsBackend {
             map_cache: (0..size.div_ceil(FILE_BLOCK).min(MAP_CACHE_BLOCKS_MAX))
                 .map(|_| AtomicU64::new(0))
                 .collect(),
+            _lease: lease,
         })
     }
 
@@ -309,7 +314,17 @@ impl VmfsBackend {
                 return Some(v - 1 + off % FILE_BLOCK);
             }
         }
-        let at = self.ds.map_direct(self.ino, off, len).ok().flatten()?;
+        // The backend's own lease (`_lease`) keeps the block mapped; the per-call pin is
+        // redundant here and dropped at once.
+        let (at, _) = self.ds.map_direct(self.ino, off, len).ok().flatten()?;
+        // vmfs range-checks the block numbers it decodes; this bound keeps the io_uring path,
+        // which bypasses the device's own range check, inside the datastore regardless.
+        if at
+            .checked_add(len)
+            .is_none_or(|end| end > self.ds.device().size())
+        {
+            return None;
+        }
         if let Some(c) = cached {
             c.store(at - off % FILE_BLOCK + 1, Ordering::Relaxed);
         }
@@ -425,5 +440,46 @@ impl BlockBackend for VmfsBackend {
 impl Drop for VmfsBackend {
     fn drop(&mut self) {
         self.ds.close(self.ino);
+    }
+}
+
+#[cfg(test)]
+mod lease_tests {
+    use vmfs::device::SimDisk;
+    use vmfs::format::Provisioning;
+    use vmfs::fs::{FsError, MkfsOptions};
+    use vmfs::SetAttr;
+
+    use super::*;
+
+    /// Issue 12 finding 2: while a file is served, its blocks stay put whoever asks vmfs to
+    /// truncate (the file server's O_TRUNC path calls `setattr`) or punch it: the map cache
+    /// and in-flight I/O rely on it.
+    #[test]
+    fn served_file_cannot_be_truncated_or_punched_by_anyone() {
+        let disk = Arc::new(SimDisk::new(64 << 20));
+        Datastore::mkfs(disk.clone(), &MkfsOptions { uuid: None }, &mut |_, _| {}).unwrap();
+        let ds = Arc::new(Datastore::mount(disk).unwrap());
+        let ino = ds
+            .create_file("disk.img", Provisioning::Thin, 4 << 20, &mut |_, _| {})
+            .unwrap();
+        ds.write(ino, 1 << 20, &[9u8; 1 << 20]).unwrap();
+        // As stratad serves a disk: open, then the backend.
+        ds.open(ino).unwrap();
+        let b = VmfsBackend::new(ds.clone(), ino, "disk.img", false).unwrap();
+        let at = ds.map_direct(ino, 1 << 20, 4096).unwrap().unwrap().0;
+        let trunc = SetAttr {
+            size: Some(0),
+            ..SetAttr::default()
+        };
+        assert!(matches!(ds.setattr(ino, &trunc), Err(FsError::Busy(_))));
+        assert!(matches!(
+            ds.punch_hole(ino, 1 << 20, 1 << 20),
+            Err(FsError::Busy(_))
+        ));
+        assert_eq!(ds.stat(ino).unwrap().size, 4 << 20);
+        assert_eq!(ds.map_direct(ino, 1 << 20, 4096).unwrap().unwrap().0, at);
+        drop(b);
+        ds.setattr(ino, &trunc).unwrap();
     }
 }

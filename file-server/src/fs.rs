@@ -1019,7 +1019,8 @@ impl VmfsFs {
         size: u32,
     ) -> io::Result<usize> {
         let mut plan = Vec::new();
-        let total = self
+        // The pin keeps the planned extents this file's until the reply is copied.
+        let (total, _pin) = self
             .ds
             .read_plan(ino, offset, u64::from(size), &mut plan)
             .map_err(fs_err)?;
@@ -1088,7 +1089,7 @@ impl VmfsFs {
             return Err(errno(libc::EFBIG));
         }
         let len = size as usize;
-        if let (Some(f), Ok(Some(dev_off))) = (
+        if let (Some(f), Ok(Some((dev_off, _pin)))) = (
             self.dev_file.as_ref(),
             self.ds.map_direct(ino, offset, u64::from(size)),
         ) {

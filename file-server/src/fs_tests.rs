@@ -2008,3 +2008,54 @@ fn inode_quota_stops_creation_but_not_opening() {
     assert!(f.create(root(), ROOT, "g", 0o644).is_ok());
     assert_eq!(quota_share(&f, None, Some(3)).quota().used().1, 3);
 }
+
+/// Issue 12 finding 2: open with O_TRUNC (and create on an existing file) used to truncate a
+/// file a disk backend serves, freeing blocks the VM keeps using. vmfs now refuses it itself
+/// (the disk holds an extent lease), whatever guard the caller remembers.
+#[test]
+fn o_trunc_open_of_a_served_disk_file_is_refused_and_keeps_its_blocks() {
+    let f = fixture();
+    let (file, h) = f.create(root(), ROOT, "disk.img", 0o666).unwrap();
+    let mib = vec![7u8; 1 << 20];
+    for i in 0..2u64 {
+        f.fs.write(
+            root(),
+            file,
+            h,
+            SliceReader(&mib),
+            1 << 20,
+            i << 20,
+            None,
+            false,
+            false,
+            0,
+        )
+        .unwrap();
+    }
+    f.fs.release(root(), file, 0, h, false, false, None)
+        .unwrap();
+    let ino = f.fs_ino(file);
+    let at = f.ds.map_direct(ino, 1 << 20, 4096).unwrap().unwrap().0;
+    // What a served disk holds (the dataplane's VmfsBackend takes it).
+    let lease = f.ds.lease_extents(ino).unwrap();
+    let e = errno_of(f.open(root(), file, libc::O_RDWR | libc::O_TRUNC));
+    assert!(e == libc::EBUSY || e == libc::ETXTBSY, "errno {e}");
+    let e = errno_of(f.fs.create(
+        root(),
+        ROOT,
+        &c("disk.img"),
+        0o666,
+        false,
+        (libc::O_RDWR | libc::O_TRUNC) as u32,
+        0,
+        Extensions::default(),
+    ));
+    assert!(e == libc::EBUSY || e == libc::ETXTBSY, "errno {e}");
+    assert_eq!(f.ds.stat(ino).unwrap().size, 2 << 20);
+    assert_eq!(f.ds.map_direct(ino, 1 << 20, 4096).unwrap().unwrap().0, at);
+    drop(lease);
+    let h = f.open(root(), file, libc::O_RDWR | libc::O_TRUNC).unwrap();
+    assert_eq!(f.ds.stat(ino).unwrap().size, 0);
+    f.fs.release(root(), file, 0, h, false, false, None)
+        .unwrap();
+}

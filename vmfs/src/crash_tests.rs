@@ -72,7 +72,7 @@ fn assert_clean_after_mount(disk: &dyn BlockDevice, ctx: &str) {
         let mut img = vec![0u8; disk.size() as usize];
         disk.read_at(0, &mut img).unwrap();
         let d = SimDisk::from_image(img);
-        let (_, rep) = Journal::replay(&d, layout().journal).unwrap();
+        let (_, rep) = Journal::replay(&d, &layout()).unwrap();
         assert_eq!(
             rep.transactions, 0,
             "{ctx}: the journal really holds a transaction"
@@ -711,9 +711,9 @@ fn crash_at_every_flush_point() {
             let dev = Arc::new(ImgDev::new(std::mem::take(&mut work)));
             // Replay is idempotent: a second replay writes nothing new.
             if images % 2 == 0 {
-                Journal::replay(&*dev, l.journal).unwrap();
+                Journal::replay(&*dev, &l).unwrap();
                 dev.changed.store(false, Ordering::Relaxed);
-                Journal::replay(&*dev, l.journal).unwrap();
+                Journal::replay(&*dev, &l).unwrap();
                 assert!(
                     !dev.changed.load(Ordering::Relaxed),
                     "{ctx}: a second replay changed the image"

@@ -121,6 +121,25 @@ impl FileDevice {
         })
     }
 
+    /// Opens `path` read-only with a shared lock (refused while a writer such as stratad
+    /// holds it): for a look that must not write, like `fsck --no-replay`. Writes fail.
+    pub fn open_read_only(path: &Path) -> Result<Self, DeviceError> {
+        let mut file = OpenOptions::new().read(true).open(path)?;
+        // SAFETY: flock on a descriptor we own has no memory effects.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } != 0 {
+            return Err(DeviceError::Locked);
+        }
+        let size = file.seek(SeekFrom::End(0))?;
+        let block_device =
+            std::os::unix::fs::FileTypeExt::is_block_device(&file.metadata()?.file_type());
+        Ok(FileDevice {
+            file,
+            size,
+            direct: false,
+            block_device,
+        })
+    }
+
     /// Creates (or extends) a sparse file of `size` bytes and opens it.
     pub fn create(path: &Path, size: u64) -> Result<Self, DeviceError> {
         let f = OpenOptions::new()
@@ -187,7 +206,7 @@ impl BlockDevice for FileDevice {
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
         check_range(self.size, offset, 0)?;
-        check_range(self.size, offset + len, 0)?;
+        check_range(self.size, offset.saturating_add(len), 0)?;
         let (Ok(off), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
             return Err(DeviceError::OutOfRange { offset, len: 0 });
         };

@@ -25,6 +25,8 @@ pub const BITS_PER_BITMAP_BLOCK: u64 = ((MD_BLOCK - MD_HEADER_BYTES) * 8) as u64
 pub const INODE_ADDRS: usize = (MD_BLOCK - INODE_ADDR_OFFSET) / 8;
 /// Where the address array (or resident data) starts in an inode block.
 pub const INODE_ADDR_OFFSET: usize = 256;
+/// Offset of the data-layout byte in an inode block ([`DataLayout`] as `u8`).
+pub const INODE_LAYOUT_OFFSET: usize = 96;
 /// Bytes of data an inode holds resident.
 pub const RESIDENT_MAX: u64 = (MD_BLOCK - INODE_ADDR_OFFSET) as u64;
 /// Sub-blocks a small file may use before it is converted to file blocks (1 MiB).
@@ -322,24 +324,64 @@ impl Layout {
         })
     }
 
-    /// Byte offset of file block `i` (0-based).
+    /// Byte offset of file block `i` (0-based). Callers check `i < fb_count`; an index that
+    /// slipped past that saturates (never wraps round to a small, valid-looking offset), so
+    /// the device refuses it as out of range.
     pub fn fb_offset(&self, i: u64) -> u64 {
-        (self.fb_region.start + i * MD_PER_FB) * MD_BLOCK as u64
+        i.saturating_mul(MD_PER_FB)
+            .saturating_add(self.fb_region.start)
+            .saturating_mul(MD_BLOCK as u64)
     }
 
-    /// Byte offset of sub-block `i` (0-based).
+    /// Byte offset of sub-block `i` (0-based); saturates like [`Layout::fb_offset`].
     pub fn sb_offset(&self, i: u64) -> u64 {
-        (self.sb_region.start + i * (SUB_BLOCK / MD_BLOCK as u64)) * MD_BLOCK as u64
+        i.saturating_mul(SUB_BLOCK / MD_BLOCK as u64)
+            .saturating_add(self.sb_region.start)
+            .saturating_mul(MD_BLOCK as u64)
     }
 
-    /// Metadata block of inode `ino` (1-based; 0 is never used).
+    /// The magic a metadata block at `block` must carry, by the region it lies in; `None`
+    /// outside the regions that hold journaled metadata (headers, heartbeat, journal,
+    /// sub-block region). The file-block region holds sealed directory blocks. Journal
+    /// replay writes only where this is `Some` (pointer-table blocks may also be xattr
+    /// blocks: see [`Layout::accepts_home`]).
+    pub fn home_magic(&self, block: u64) -> Option<u32> {
+        let within = |r: Region| block >= r.start && block - r.start < r.blocks;
+        if within(self.fd_table) {
+            Some(magic::INODE)
+        } else if within(self.pb_table) {
+            Some(magic::POINTER)
+        } else if within(self.fb_region) {
+            Some(magic::DIR)
+        } else if within(self.fd_bitmap)
+            || within(self.pb_bitmap)
+            || within(self.sb_bitmap)
+            || within(self.fb_bitmap)
+        {
+            Some(magic::BITMAP)
+        } else {
+            None
+        }
+    }
+
+    /// True when a block image of magic `m` may live at `block` (journal replay's check).
+    pub fn accepts_home(&self, block: u64, m: u32) -> bool {
+        match self.home_magic(block) {
+            Some(magic::POINTER) => m == magic::POINTER || m == magic::XATTR,
+            Some(want) => m == want,
+            None => false,
+        }
+    }
+
+    /// Metadata block of inode `ino` (1-based; 0 is never used). Saturates on a wild number
+    /// (which then lies in no region and is refused as not metadata).
     pub fn inode_block(&self, ino: u64) -> u64 {
-        self.fd_table.start + ino
+        self.fd_table.start.saturating_add(ino)
     }
 
-    /// Metadata block of pointer block `i` (0-based).
+    /// Metadata block of pointer block `i` (0-based); saturates like [`Layout::inode_block`].
     pub fn pb_block(&self, i: u64) -> u64 {
-        self.pb_table.start + i
+        self.pb_table.start.saturating_add(i)
     }
 }
 
@@ -577,7 +619,7 @@ impl Inode {
         put_u64(b, 64, self.size);
         put_u64(b, 72, self.mtime_ns as u64);
         put_u64(b, 80, self.ctime_ns as u64);
-        b[96] = self.layout as u8;
+        b[INODE_LAYOUT_OFFSET] = self.layout as u8;
         put_u64(b, 104, self.parent);
         put_u64(b, 112, self.allocated);
         put_u64(b, 120, self.atime_ns as u64);
@@ -594,12 +636,25 @@ impl Inode {
             2 => Provisioning::ThickLazy,
             _ => return Err(FormatError::Geometry("inode: bad provisioning")),
         };
-        let layout = match b[96] {
+        let layout = match b[INODE_LAYOUT_OFFSET] {
             0 => DataLayout::Resident,
             1 => DataLayout::SubBlocks,
             2 => DataLayout::FileBlocks,
             _ => return Err(FormatError::Geometry("inode: bad data layout")),
         };
+        // The size must fit the layout: the resident and sub-block paths index the inode's
+        // address area (or its 16 sub-block slots) by offsets below the size.
+        let size = get_u64(b, 64);
+        let size_max = match layout {
+            DataLayout::Resident => RESIDENT_MAX,
+            DataLayout::SubBlocks => SB_FILE_MAX_BLOCKS * SUB_BLOCK,
+            DataLayout::FileBlocks => FILE_BYTES_MAX,
+        };
+        if size > size_max {
+            return Err(FormatError::Geometry(
+                "inode: size too large for its layout",
+            ));
+        }
         Ok(Inode {
             ino: get_u64(b, 32),
             generation: get_u32(b, 40),
@@ -608,7 +663,7 @@ impl Inode {
             uid: get_u32(b, 52),
             gid: get_u32(b, 56),
             provisioning,
-            size: get_u64(b, 64),
+            size,
             mtime_ns: get_u64(b, 72) as i64,
             ctime_ns: get_u64(b, 80) as i64,
             layout,
@@ -756,12 +811,64 @@ mod tests {
     }
 
     proptest! {
+        /// Random blocks are sealed (and a valid header and inode mutated, then re-sealed)
+        /// before decoding, so the checksum passes and the decoders' own checks are reached.
         #[test]
-        fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), MD_BLOCK)) {
-            let _ = VolumeHeader::decode(&bytes, 0, u64::MAX);
-            let _ = Inode::decode(&bytes);
+        fn decoders_never_panic(
+            bytes in proptest::collection::vec(any::<u8>(), MD_BLOCK),
+            muts in proptest::collection::vec((MD_HEADER_BYTES..MD_BLOCK, any::<u8>()), 1..12),
+        ) {
+            let mut vb = bytes.clone();
+            seal(&mut vb, magic::VOLUME, 0, 0);
+            prop_assert!(verify(&vb, magic::VOLUME, 0).is_ok());
+            let _ = VolumeHeader::decode(&vb, 0, u64::MAX);
+            let size = 64u64 << 20;
+            let vh = VolumeHeader {
+                uuid: [7; 16],
+                features_compat: 0,
+                features_incompat: 0,
+                features_ro_compat: 0,
+                volume_bytes: size,
+                layout: Layout::compute(size).unwrap(),
+                generation: 1,
+            };
+            let mut hb = vh.encode(0);
+            for &(i, v) in &muts {
+                hb[i] = v;
+            }
+            seal(&mut hb, magic::VOLUME, 0, 0);
+            if let Ok(h) = VolumeHeader::decode(&hb, 0, u64::MAX) {
+                prop_assert!(Layout::is_valid_for(&h.layout, h.volume_bytes));
+            }
+            let mut ib = bytes.clone();
+            seal(&mut ib, magic::INODE, 9, 3);
+            prop_assert!(verify(&ib, magic::INODE, 9).is_ok());
+            let mut ib2 = vec![0u8; MD_BLOCK];
+            Inode {
+                ino: 9, generation: 1, mode: S_IFREG | 0o644, nlink: 1, uid: 0, gid: 0,
+                provisioning: Provisioning::Thin, size: 100, mtime_ns: 0, ctime_ns: 0,
+                layout: DataLayout::Resident, parent: 1, allocated: 0, atime_ns: 0, rdev: 0,
+                attr_gen: 1, xattr_block: 0,
+            }
+            .encode_into(&mut ib2);
+            for &(i, v) in &muts {
+                ib2[i.min(INODE_ADDR_OFFSET - 1)] = v;
+            }
+            seal(&mut ib2, magic::INODE, 9, 3);
+            for b in [&ib, &ib2] {
+                if let Ok(i) = Inode::decode(b) {
+                    let max = match i.layout {
+                        DataLayout::Resident => RESIDENT_MAX,
+                        DataLayout::SubBlocks => SB_FILE_MAX_BLOCKS * SUB_BLOCK,
+                        DataLayout::FileBlocks => FILE_BYTES_MAX,
+                    };
+                    prop_assert!(i.size <= max);
+                }
+            }
             let _ = DirEntry::decode(&bytes[..DIRENT_BYTES]);
-            let _ = verify(&bytes, magic::JDESC, 0);
+            let mut jb = bytes.clone();
+            seal(&mut jb, magic::JDESC, 0, 1);
+            prop_assert!(verify(&jb, magic::JDESC, 0).is_ok());
         }
 
         #[test]

@@ -133,6 +133,50 @@ impl FsError {
     }
 }
 
+/// An extent lease held for a long time (a disk being served): see
+/// [`Datastore::lease_extents`]. Released on drop.
+#[derive(Debug)]
+pub struct ExtentLease {
+    ds: Arc<Datastore>,
+    ino: u64,
+}
+
+impl ExtentLease {
+    /// The leased inode.
+    pub fn ino(&self) -> u64 {
+        self.ino
+    }
+}
+
+impl Drop for ExtentLease {
+    fn drop(&mut self) {
+        self.ds.unpin(self.ino);
+    }
+}
+
+/// An extent lease for the duration of one I/O (a planned READ, a direct WRITE): returned
+/// with the device offsets by [`Datastore::map_direct`] and [`Datastore::read_plan`]; the
+/// offsets stay the file's until it is dropped.
+#[derive(Debug)]
+#[must_use = "the device offsets are valid only while the pin lives"]
+pub struct ExtentPin<'a> {
+    ds: &'a Datastore,
+    ino: u64,
+}
+
+impl<'a> ExtentPin<'a> {
+    /// Wraps a pin already counted under the lock.
+    pub(crate) fn new(ds: &'a Datastore, ino: u64) -> Self {
+        ExtentPin { ds, ino }
+    }
+}
+
+impl Drop for ExtentPin<'_> {
+    fn drop(&mut self) {
+        self.ds.unpin(self.ino);
+    }
+}
+
 /// mkfs options.
 #[derive(Debug, Clone)]
 pub struct MkfsOptions {
@@ -203,6 +247,12 @@ pub(crate) struct Inner {
     pub(crate) hints: HashMap<Res, u64>,
     pub(crate) free: HashMap<Res, u64>,
     pub(crate) open: HashMap<u64, u32>,
+    /// Extent leases per inode ([`ExtentLease`], [`ExtentPin`]): holders use device offsets
+    /// of the file's blocks outside the lock, so no block of it may be freed or moved.
+    pub(crate) pins: HashMap<u64, u32>,
+    /// File blocks set aside by a chunked allocation ([`Datastore::allocate`]) while they are
+    /// zeroed without the lock: not in the bitmap yet, counted as used, never handed out.
+    pub(crate) reserved: HashSet<u64>,
     pub(crate) zero_block: Vec<u8>,
     pub(crate) failed: bool,
     /// When the open transaction got its first dirty block (for the commit interval).
@@ -402,7 +452,7 @@ impl Datastore {
                 }
             }
         };
-        let (journal, replay) = Journal::replay(&*dev, vh.layout.journal)?;
+        let (journal, replay) = Journal::replay(&*dev, &vh.layout)?;
         if replay.transactions > 0 {
             tracing::info!(
                 transactions = replay.transactions,
@@ -421,6 +471,8 @@ impl Datastore {
             hints: HashMap::new(),
             free: HashMap::new(),
             open: HashMap::new(),
+            pins: HashMap::new(),
+            reserved: HashSet::new(),
             zero_block: vec![0u8; FILE_BLOCK as usize],
             failed: false,
             dirty_since: None,
@@ -733,21 +785,92 @@ impl Datastore {
 
     /// Maps a byte range of a file-block file to a device offset when it lies within one
     /// allocated, already-zeroed file block: the fast path that needs no metadata update.
-    pub fn map_direct(&self, ino: u64, offset: u64, len: u64) -> Result<Option<u64>, FsError> {
-        self.with(|g, dev| {
+    /// The offset comes with an [`ExtentPin`]: until it is dropped the block stays the
+    /// file's (shrink, truncate and punch are refused with [`FsError::Busy`]).
+    pub fn map_direct(
+        &self,
+        ino: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<(u64, ExtentPin<'_>)>, FsError> {
+        let at = self.with(|g, dev| {
+            let at = Self::map_direct_locked(g, dev, ino, offset, len)?;
+            if at.is_some() {
+                g.pin(ino);
+            }
+            Ok(at)
+        })?;
+        Ok(at.map(|a| (a, ExtentPin { ds: self, ino })))
+    }
+
+    fn map_direct_locked(
+        g: &mut Inner,
+        dev: &Arc<dyn BlockDevice>,
+        ino: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<u64>, FsError> {
+        {
             let fbi = offset / FILE_BLOCK;
-            if len == 0 || (offset + len - 1) / FILE_BLOCK != fbi {
+            let Some(end) = offset.checked_add(len) else {
+                return Ok(None);
+            };
+            if len == 0 || (end - 1) / FILE_BLOCK != fbi {
                 return Ok(None);
             }
             let inode = g.get_inode(dev, ino)?;
-            if inode.layout != DataLayout::FileBlocks || offset + len > inode.size {
+            if inode.layout != DataLayout::FileBlocks || end > inode.size {
                 return Ok(None);
             }
             match g.fb_lookup(dev, ino, fbi)? {
                 Some((fb, false)) => Ok(Some(g.vh.layout.fb_offset(fb) + offset % FILE_BLOCK)),
                 _ => Ok(None),
             }
+        }
+    }
+
+    /// Takes an extent lease on `ino` for as long as the returned value lives: a disk
+    /// backend caches where the file's blocks are and has I/O to them in flight, so none may
+    /// be freed or moved (shrink, truncate, punch, layout conversion, removal are refused
+    /// with [`FsError::Busy`], by whoever asks). Growing stays allowed.
+    pub fn lease_extents(self: &Arc<Self>, ino: u64) -> Result<ExtentLease, FsError> {
+        self.with(|g, dev| {
+            g.get_inode(dev, ino)?;
+            g.pin(ino);
+            Ok(())
+        })?;
+        Ok(ExtentLease {
+            ds: self.clone(),
+            ino,
         })
+    }
+
+    /// Extent leases (and pins) `ino` has.
+    pub fn lease_count(&self, ino: u64) -> u64 {
+        self.inner
+            .lock()
+            .map(|g| g.pins.get(&ino).map_or(0, |&n| u64::from(n)))
+            .unwrap_or(0)
+    }
+
+    pub(crate) fn unpin(&self, ino: u64) {
+        let mut last = false;
+        // A poisoned lock means a panic elsewhere; the lease table goes with the datastore.
+        if let Ok(mut g) = self.inner.lock() {
+            if let Some(n) = g.pins.get_mut(&ino) {
+                *n -= 1;
+                if *n == 0 {
+                    g.pins.remove(&ino);
+                    last = !g.open.contains_key(&ino);
+                }
+            }
+        }
+        // An orphan whose last user was a lease is freed now, as at a last close.
+        if last {
+            if let Err(e) = self.reclaim_if_orphan(ino) {
+                tracing::warn!(ino, err = %e, "freeing an orphan after its last lease failed");
+            }
+        }
     }
 
     /// Marks a file open (served as a disk): it cannot be removed or shrunk until closed.
@@ -775,7 +898,7 @@ impl Datastore {
                 *n -= 1;
                 if *n == 0 {
                     g.open.remove(&ino);
-                    last = true;
+                    last = !g.pins.contains_key(&ino);
                 }
             }
         }
@@ -795,6 +918,21 @@ fn region_of(l: &Layout, r: Res) -> (Region, u64) {
         Res::Sb => (l.sb_bitmap, l.sb_count),
         Res::Fb => (l.fb_bitmap, l.fb_count),
     }
+}
+
+/// A resource index decoded from disk (inode address, pointer-block entry, xattr block, ...)
+/// must lie inside its region: outside it, the bitmap bit would fall into another metadata
+/// block and the data offset outside the region (or past the device).
+fn check_index(r: Res, i: u64, count: u64) -> Result<(), FsError> {
+    if i >= count {
+        return Err(FsError::Corrupt(FormatError::Geometry(match r {
+            Res::Fd => "inode number out of range",
+            Res::Pb => "pointer block number out of range",
+            Res::Sb => "sub-block number out of range",
+            Res::Fb => "file block number out of range",
+        })));
+    }
+    Ok(())
 }
 
 fn res_name(r: Res) -> &'static str {
@@ -819,24 +957,7 @@ fn split_path(path: &str) -> Result<Vec<&str>, FsError> {
 impl Inner {
     /// Expected magic for a metadata block, by region.
     pub(crate) fn magic_for(&self, block: u64) -> Option<u32> {
-        let l = &self.vh.layout;
-        let within = |r: Region| block >= r.start && block < r.start + r.blocks;
-        if within(l.fd_table) {
-            Some(magic::INODE)
-        } else if within(l.pb_table) {
-            Some(magic::POINTER)
-        } else if within(l.fb_region) {
-            // The only metadata in the file-block region: blocks of sealed directories.
-            Some(magic::DIR)
-        } else if within(l.fd_bitmap)
-            || within(l.pb_bitmap)
-            || within(l.sb_bitmap)
-            || within(l.fb_bitmap)
-        {
-            Some(magic::BITMAP)
-        } else {
-            None
-        }
+        self.vh.layout.home_magic(block)
     }
 
     pub(crate) fn load(&mut self, dev: &Arc<dyn BlockDevice>, block: u64) -> Result<(), FsError> {
@@ -916,7 +1037,8 @@ impl Inner {
         r: Res,
         i: u64,
     ) -> Result<bool, FsError> {
-        let (bm, _) = region_of(&self.vh.layout, r);
+        let (bm, count) = region_of(&self.vh.layout, r);
+        check_index(r, i, count)?;
         let b = self.md(dev, bm.start + i / BITS_PER_BITMAP_BLOCK)?;
         Ok(bit(b, i % BITS_PER_BITMAP_BLOCK))
     }
@@ -928,7 +1050,8 @@ impl Inner {
         i: u64,
         v: bool,
     ) -> Result<(), FsError> {
-        let (bm, _) = region_of(&self.vh.layout, r);
+        let (bm, count) = region_of(&self.vh.layout, r);
+        check_index(r, i, count)?;
         let b = self.md_mut(dev, bm.start + i / BITS_PER_BITMAP_BLOCK)?;
         set_bit(b, i % BITS_PER_BITMAP_BLOCK, v);
         Ok(())
@@ -949,7 +1072,7 @@ impl Inner {
                 continue;
             }
             if self.pending_free.contains(&(r, i))
-                || (r == Res::Fb && self.revoked.contains(&i))
+                || (r == Res::Fb && (self.revoked.contains(&i) || self.reserved.contains(&i)))
                 || self.get_bit(dev, r, i)?
             {
                 continue;
@@ -971,7 +1094,13 @@ impl Inner {
         r: Res,
         i: u64,
     ) -> Result<(), FsError> {
-        assert!(self.get_bit(dev, r, i)?, "freeing a free {}", res_name(r));
+        // A block mapped twice on a crafted or damaged image (cross-linked) is freed twice:
+        // that is corruption to report, never a panic that would poison the datastore lock.
+        if !self.get_bit(dev, r, i)? {
+            return Err(FsError::Corrupt(FormatError::Geometry(
+                "freeing a resource that is already free (cross-linked blocks)",
+            )));
+        }
         self.put_bit(dev, r, i, false)?;
         self.pending_free.insert((r, i));
         Ok(())
@@ -989,10 +1118,67 @@ impl Inner {
         self.pending_free.clear();
         self.hints.clear();
         for r in [Res::Fd, Res::Pb, Res::Sb, Res::Fb] {
-            let n = self.count_free(dev, r)?;
+            let mut n = self.count_free(dev, r)?;
+            if r == Res::Fb {
+                n = n.saturating_sub(self.reserved.len() as u64);
+            }
             self.free.insert(r, n);
         }
         Ok(())
+    }
+
+    /// Sets aside up to `n` free file blocks for a chunked allocation (see `reserved`).
+    pub(crate) fn reserve_fb(
+        &mut self,
+        dev: &Arc<dyn BlockDevice>,
+        n: u64,
+    ) -> Result<Vec<u64>, FsError> {
+        let count = self.vh.layout.fb_count;
+        if self.free.get(&Res::Fb).copied().unwrap_or(0) < n {
+            return Err(FsError::NoSpace(res_name(Res::Fb)));
+        }
+        let mut got = Vec::new();
+        let start = self.hints.get(&Res::Fb).copied().unwrap_or(0) % count;
+        // Bounded: at most one pass over the bitmap.
+        for k in 0..count {
+            if got.len() as u64 == n {
+                break;
+            }
+            let i = (start + k) % count;
+            if self.pending_free.contains(&(Res::Fb, i))
+                || self.revoked.contains(&i)
+                || self.reserved.contains(&i)
+                || self.get_bit(dev, Res::Fb, i)?
+            {
+                continue;
+            }
+            self.reserved.insert(i);
+            got.push(i);
+        }
+        if (got.len() as u64) < n {
+            for i in got {
+                self.reserved.remove(&i);
+            }
+            return Err(FsError::NoSpace(res_name(Res::Fb)));
+        }
+        if let Some(&last) = got.last() {
+            self.hints.insert(Res::Fb, last + 1);
+        }
+        if let Some(f) = self.free.get_mut(&Res::Fb) {
+            *f -= n;
+        }
+        Ok(got)
+    }
+
+    /// Returns reserved file blocks that were not used.
+    pub(crate) fn unreserve_fb(&mut self, blocks: &[u64]) {
+        for i in blocks {
+            if self.reserved.remove(i) {
+                if let Some(f) = self.free.get_mut(&Res::Fb) {
+                    *f += 1;
+                }
+            }
+        }
     }
 
     pub(crate) fn commit(
@@ -1060,6 +1246,25 @@ impl Inner {
         Ok(())
     }
 
+    pub(crate) fn pin(&mut self, ino: u64) {
+        *self.pins.entry(ino).or_insert(0) += 1;
+    }
+
+    /// Open (a handle, a disk) or holding an extent lease: not to be freed.
+    pub(crate) fn in_use(&self, ino: u64) -> bool {
+        self.open.contains_key(&ino) || self.pins.contains_key(&ino)
+    }
+
+    /// Refuses to free or move blocks of a file someone holds an extent lease on.
+    pub(crate) fn check_unleased(&self, ino: u64) -> Result<(), FsError> {
+        if self.pins.contains_key(&ino) {
+            return Err(FsError::Busy(format!(
+                "inode {ino} (its blocks are in use by a disk or an I/O in flight)"
+            )));
+        }
+        Ok(())
+    }
+
     // ----- inodes -----
 
     pub(crate) fn check_ino(&self, ino: u64) -> Result<(), FsError> {
@@ -1083,6 +1288,17 @@ impl Inner {
         if inode.ino != ino {
             return Err(FsError::Corrupt(FormatError::Geometry(
                 "inode number mismatch",
+            )));
+        }
+        let l = &self.vh.layout;
+        if inode.xattr_block > l.pb_count {
+            return Err(FsError::Corrupt(FormatError::Geometry(
+                "inode: xattr block out of range",
+            )));
+        }
+        if inode.parent >= l.fd_count {
+            return Err(FsError::Corrupt(FormatError::Geometry(
+                "inode: parent out of range",
             )));
         }
         Ok(inode)
@@ -1115,7 +1331,22 @@ impl Inner {
         i: usize,
     ) -> Result<u64, FsError> {
         let b = self.vh.layout.inode_block(ino);
-        Ok(inode_addr(self.md(dev, b)?, i))
+        let (sb_count, pb_count) = (self.vh.layout.sb_count, self.vh.layout.pb_count);
+        let blk = self.md(dev, b)?;
+        let a = inode_addr(blk, i);
+        // Addresses are index + 1 of a sub-block or pointer block, by the inode's layout;
+        // resident inodes hold data there, never read through this.
+        let limit = match blk[INODE_LAYOUT_OFFSET] {
+            x if x == DataLayout::SubBlocks as u8 => sb_count,
+            x if x == DataLayout::FileBlocks as u8 => pb_count,
+            _ => u64::MAX,
+        };
+        if a > limit {
+            return Err(FsError::Corrupt(FormatError::Geometry(
+                "inode: block address out of range",
+            )));
+        }
+        Ok(a)
     }
 
     pub(crate) fn set_inode_addr(
@@ -1149,10 +1380,12 @@ impl Inner {
         }
         let pbb = self.vh.layout.pb_block(pb - 1);
         let e = pb_entry(self.md(dev, pbb)?, (fbi % PB_ENTRIES as u64) as usize);
-        if e & !PB_TBZ == 0 {
+        let fb = e & !PB_TBZ;
+        if fb == 0 {
             return Ok(None);
         }
-        Ok(Some(((e & !PB_TBZ) - 1, e & PB_TBZ != 0)))
+        check_index(Res::Fb, fb - 1, self.vh.layout.fb_count)?;
+        Ok(Some((fb - 1, e & PB_TBZ != 0)))
     }
 
     /// Sets the entry for file block `fbi` (allocating the pointer block if needed);
@@ -1350,7 +1583,7 @@ impl Inner {
         self.write_dir(dev, &stats, parent, &entries)?;
         if dir {
             let mut p = self.get_inode(dev, parent)?;
-            p.nlink += 1;
+            p.nlink = p.nlink.saturating_add(1);
             self.put_inode(dev, &p)?;
         }
         Ok(ino)
@@ -1381,20 +1614,20 @@ impl Inner {
         if inode.is_dir() && !self.read_dir(dev, ino)?.is_empty() {
             return Err(FsError::NotEmpty(path.into()));
         }
-        if self.open.contains_key(&ino) {
+        if self.in_use(ino) {
             return Err(FsError::Busy(path.into()));
         }
         entries.remove(pos);
         self.write_dir(dev, stats, parent, &entries)?;
         if inode.is_dir() {
             let mut p = self.get_inode(dev, parent)?;
-            p.nlink -= 1;
+            p.nlink = p.nlink.saturating_sub(1);
             self.put_inode(dev, &p)?;
         }
         if !inode.is_dir() && inode.nlink > 1 {
             // Other hard links remain.
             let mut i2 = self.get_inode(dev, ino)?;
-            i2.nlink -= 1;
+            i2.nlink = i2.nlink.saturating_sub(1);
             i2.ctime_ns = now_ns();
             return self.put_inode(dev, &i2);
         }
@@ -1483,10 +1716,10 @@ impl Inner {
             d.parent = tp;
             self.put_inode(dev, &d)?;
             let mut a = self.get_inode(dev, fp)?;
-            a.nlink -= 1;
+            a.nlink = a.nlink.saturating_sub(1);
             self.put_inode(dev, &a)?;
             let mut b = self.get_inode(dev, tp)?;
-            b.nlink += 1;
+            b.nlink = b.nlink.saturating_add(1);
             self.put_inode(dev, &b)?;
         }
         Ok(())
@@ -1601,7 +1834,7 @@ impl Inner {
                         self.data_written = true;
                         self.set_inode_addr(dev, ino, sbi, a)?;
                         let mut i2 = self.get_inode(dev, ino)?;
-                        i2.allocated += 1;
+                        i2.allocated = i2.allocated.saturating_add(1);
                         self.put_inode(dev, &i2)?;
                     } else {
                         dev.write_at(
@@ -1674,6 +1907,9 @@ impl Inner {
         ino: u64,
         size: u64,
     ) -> Result<(), FsError> {
+        // The one place blocks leave a file (shrink, truncate, layout conversion, free): an
+        // extent lease forbids it, whoever asks (see `ExtentLease`).
+        self.check_unleased(ino)?;
         let inode = self.get_inode(dev, ino)?;
         match inode.layout {
             DataLayout::Resident => {
@@ -1688,7 +1924,7 @@ impl Inner {
                         self.release(dev, Res::Sb, a - 1)?;
                         self.set_inode_addr(dev, ino, i, 0)?;
                         let mut i2 = self.get_inode(dev, ino)?;
-                        i2.allocated -= 1;
+                        i2.allocated = i2.allocated.saturating_sub(1);
                         self.put_inode(dev, &i2)?;
                     }
                 }
@@ -1712,7 +1948,7 @@ impl Inner {
                         self.fb_set(dev, ino, fbi, None)?;
                         self.release(dev, Res::Fb, fb)?;
                         let mut i2 = self.get_inode(dev, ino)?;
-                        i2.allocated -= 1;
+                        i2.allocated = i2.allocated.saturating_sub(1);
                         self.put_inode(dev, &i2)?;
                         self.maybe_commit(dev, stats)?;
                     }
@@ -1744,7 +1980,7 @@ impl Inner {
         }
         let mut inode = self.get_inode(dev, ino)?;
         if size < inode.size {
-            if self.open.contains_key(&ino) {
+            if self.in_use(ino) {
                 return Err(FsError::Busy(format!("inode {ino} (shrink while open)")));
             }
             self.truncate_storage(dev, stats, ino, size)?;
@@ -1783,7 +2019,7 @@ impl Inner {
                 }
                 self.fb_set(dev, ino, fbi, Some((fb, !eager)))?;
                 let mut i2 = self.get_inode(dev, ino)?;
-                i2.allocated += 1;
+                i2.allocated = i2.allocated.saturating_add(1);
                 self.put_inode(dev, &i2)?;
                 progress(fbi - first + 1, need);
                 self.maybe_commit(dev, stats)?;
@@ -1891,7 +2127,7 @@ impl Inner {
             self.fb_set(dev, ino, fbi, Some((fb, false)))?;
             if existing.is_none() {
                 let mut inode = self.get_inode(dev, ino)?;
-                inode.allocated += 1;
+                inode.allocated = inode.allocated.saturating_add(1);
                 self.put_inode(dev, &inode)?;
                 stats.blocks_allocated.fetch_add(1, Ordering::Relaxed);
             }

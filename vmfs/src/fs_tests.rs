@@ -281,3 +281,19 @@ fn fsck_finds_damage() {
         r.problems
     );
 }
+
+#[test]
+fn fsck_recover_replays_a_crashed_journal_then_checks_clean() {
+    let (disk, ds) = fresh();
+    ds.mkdir("d").unwrap();
+    // A crash: the journal still holds the committed transactions.
+    drop(ds);
+    assert!(crate::fsck::journal_pending(&*disk).unwrap());
+    assert!(!crate::fsck::fsck(&*disk).unwrap().clean());
+    let rep = crate::fsck::recover(disk.clone()).unwrap();
+    assert!(rep.transactions > 0);
+    assert!(!crate::fsck::journal_pending(&*disk).unwrap());
+    assert_clean(&*disk);
+    let ds = Datastore::mount(disk.clone()).unwrap();
+    assert!(ds.lookup("d").is_ok());
+}

@@ -5,11 +5,18 @@
 //! addresses of every metadata block, an empty journal, each allocated resource referenced
 //! exactly once, no reference to a free resource, sizes against block maps, directory entries
 //! against inodes (allocation, generation, type), link counts, and reachability.
+//!
+//! [`recover`] is the one step that writes: after a crash it replays the journal and frees
+//! orphans exactly as mount does (as e2fsck replays a journal before checking), so an
+//! operator can check a datastore offline without starting stratad first.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 
 use crate::device::{BlockDevice, DeviceError};
 use crate::format::*;
+use crate::fs::{Datastore, FsError};
+use crate::journal::ReplayReport;
 
 /// The result of a check.
 #[derive(Debug, Clone, Default)]
@@ -92,6 +99,48 @@ impl Checker<'_> {
         }
         Ok(bits)
     }
+}
+
+/// True when the journal holds committed transactions after its tail (a crash before
+/// unmount): [`recover`] (or a mount) applies them. `false` when there is no readable
+/// volume header or journal superblock ([`fsck`] reports those).
+pub fn journal_pending(dev: &dyn BlockDevice) -> Result<bool, DeviceError> {
+    let size = dev.size();
+    if size < 2 * MD_BLOCK as u64 {
+        return Ok(false);
+    }
+    let mut b = vec![0u8; MD_BLOCK];
+    let mut vh = None;
+    for at in [0, 1] {
+        dev.read_at(blk(at), &mut b)?;
+        if let Ok(h) = VolumeHeader::decode(&b, at, size) {
+            vh = Some(h);
+            break;
+        }
+    }
+    let Some(vh) = vh else {
+        return Ok(false);
+    };
+    let j = vh.layout.journal;
+    dev.read_at(blk(j.start), &mut b)?;
+    if verify(&b, magic::JSB, j.start).is_err() {
+        return Ok(false);
+    }
+    let (tail, seq) = (get_u64(&b, 32), get_u64(&b, 40));
+    if tail == 0 || tail >= j.blocks {
+        return Ok(false);
+    }
+    dev.read_at(blk(j.start + tail), &mut b)?;
+    Ok(verify(&b, magic::JDESC, j.start + tail).is_ok() && get_u64(&b, 32) == seq)
+}
+
+/// Crash recovery, offline: mounts (journal replay, orphans freed) and unmounts cleanly,
+/// leaving an empty journal. Returns what replay did.
+pub fn recover(dev: Arc<dyn BlockDevice>) -> Result<ReplayReport, FsError> {
+    let ds = Datastore::mount(dev)?;
+    let report = ds.replay_report().clone();
+    ds.unmount()?;
+    Ok(report)
 }
 
 /// Checks the datastore on `dev`. `Err` only when the device cannot be read at all.
@@ -280,7 +329,7 @@ fn check_journal(c: &mut Checker<'_>) -> Result<(), DeviceError> {
     let mut d = vec![0u8; MD_BLOCK];
     c.dev.read_at(blk(j.start + tail), &mut d)?;
     if verify(&d, magic::JDESC, j.start + tail).is_ok() && get_u64(&d, 32) == seq {
-        c.problem("the journal holds transactions not yet replayed (mount to recover)".into());
+        c.problem("the journal holds transactions not yet replayed (fsck without --no-replay, or a mount, recovers)".into());
     }
     Ok(())
 }

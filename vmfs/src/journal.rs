@@ -17,7 +17,7 @@ use thiserror::Error;
 
 use crate::device::{BlockDevice, DeviceError};
 use crate::format::{
-    get_u32, get_u64, lsn_of, magic, put_u32, put_u64, seal, verify, FormatError, Region,
+    get_u32, get_u64, lsn_of, magic, put_u32, put_u64, seal, verify, FormatError, Layout, Region,
     JDESC_ENTRIES_OFFSET, MD_BLOCK, TXN_BLOCKS_MAX,
 };
 
@@ -30,6 +30,13 @@ pub enum JournalError {
     /// The journal superblock is unreadable.
     #[error("journal superblock: {0}")]
     Superblock(FormatError),
+    /// A committed transaction names a home block outside the metadata regions of its
+    /// image's kind (a crafted or damaged journal): nothing of it is replayed.
+    #[error("journal transaction targets block {0}, which is not a metadata block of its kind")]
+    BadHome(u64),
+    /// A committed transaction holds an image that is not sealed for its home block.
+    #[error("journal transaction holds a damaged image: {0}")]
+    BadImage(FormatError),
     /// A transaction larger than the limit (the caller must commit earlier).
     #[error("transaction of {0} blocks exceeds the limit of {TXN_BLOCKS_MAX}")]
     TooLarge(usize),
@@ -127,10 +134,14 @@ impl Journal {
 
     /// Replays committed transactions after the tail, then resets the journal. Returns the
     /// journal ready for new transactions.
+    /// Every image is written only to a home that `layout` places in a metadata region of
+    /// the image's own kind ([`Layout::accepts_home`]), sealed for that home: a crafted
+    /// journal cannot write over the volume header, the journal, data, or past the device.
     pub fn replay(
         dev: &dyn BlockDevice,
-        region: Region,
+        layout: &Layout,
     ) -> Result<(Journal, ReplayReport), JournalError> {
+        let region = layout.journal;
         let mut sb = vec![0u8; MD_BLOCK];
         dev.read_at(blk(region.start), &mut sb)?;
         verify(&sb, magic::JSB, region.start).map_err(JournalError::Superblock)?;
@@ -157,6 +168,16 @@ impl Journal {
                 break;
             };
             let count = images.len() / MD_BLOCK;
+            // Validate the whole transaction before writing any of it home.
+            for i in 0..count {
+                let home_block = get_u64(&desc, JDESC_ENTRIES_OFFSET + i * 16);
+                let image = &images[i * MD_BLOCK..(i + 1) * MD_BLOCK];
+                let m = get_u32(image, 0);
+                if !layout.accepts_home(home_block, m) {
+                    return Err(JournalError::BadHome(home_block));
+                }
+                verify(image, m, home_block).map_err(JournalError::BadImage)?;
+            }
             for i in 0..count {
                 let home_block = get_u64(&desc, JDESC_ENTRIES_OFFSET + i * 16);
                 let image = &images[i * MD_BLOCK..(i + 1) * MD_BLOCK];
@@ -278,10 +299,21 @@ mod tests {
     use super::*;
     use crate::device::SimDisk;
 
-    const JOURNAL: Region = Region {
-        start: 16,
-        blocks: 64,
-    };
+    /// A 64 MiB layout with a small journal (so tests wrap it) in the reserved header area;
+    /// test images live in the pointer-block table, a region replay writes to.
+    fn layout() -> Layout {
+        let mut l = Layout::compute(64 << 20).unwrap();
+        l.journal = Region {
+            start: 16,
+            blocks: 64,
+        };
+        l
+    }
+
+    /// Home block `n` of the tests (a pointer-table block).
+    fn h(n: u64) -> u64 {
+        layout().pb_table.start + n
+    }
 
     fn image(home: u64, fill: u8) -> Vec<u8> {
         let mut b = vec![fill; MD_BLOCK];
@@ -291,38 +323,38 @@ mod tests {
 
     #[test]
     fn commit_then_replay_applies_and_is_idempotent() {
-        let d = SimDisk::new(1 << 20);
-        Journal::format(&d, JOURNAL).unwrap();
-        let (mut j, r) = Journal::replay(&d, JOURNAL).unwrap();
+        let d = SimDisk::new(8 << 20);
+        Journal::format(&d, layout().journal).unwrap();
+        let (mut j, r) = Journal::replay(&d, &layout()).unwrap();
         assert_eq!(r.transactions, 0);
         let base = d.image();
         let start = d.log_len();
-        j.commit(&d, &mut [(100, image(100, 1)), (101, image(101, 2))])
+        j.commit(&d, &mut [(h(0), image(h(0), 1)), (h(1), image(h(1), 2))])
             .unwrap();
         let log = d.log();
         // Crash right after the commit, before any home write: replay must apply both.
         let img = SimDisk::crash_image(&base, &log, log.len(), &mut |_| true, &mut |_| None);
         let d2 = SimDisk::from_image(img);
-        let (_, r) = Journal::replay(&d2, JOURNAL).unwrap();
+        let (_, r) = Journal::replay(&d2, &layout()).unwrap();
         assert_eq!((r.transactions, r.blocks_applied), (1, 2));
         let mut b = vec![0u8; MD_BLOCK];
-        d2.read_at(100 * 4096, &mut b).unwrap();
-        verify(&b, magic::POINTER, 100).unwrap();
+        d2.read_at(h(0) * 4096, &mut b).unwrap();
+        verify(&b, magic::POINTER, h(0)).unwrap();
         assert_eq!(lsn_of(&b), 1);
         // Replaying again finds an empty journal.
-        let (_, r) = Journal::replay(&d2, JOURNAL).unwrap();
+        let (_, r) = Journal::replay(&d2, &layout()).unwrap();
         assert_eq!(r.transactions, 0);
         assert!(start < log.len());
     }
 
     #[test]
     fn torn_transaction_is_discarded() {
-        let d = SimDisk::new(1 << 20);
-        Journal::format(&d, JOURNAL).unwrap();
-        let (mut j, _) = Journal::replay(&d, JOURNAL).unwrap();
+        let d = SimDisk::new(8 << 20);
+        Journal::format(&d, layout().journal).unwrap();
+        let (mut j, _) = Journal::replay(&d, &layout()).unwrap();
         let base = d.image();
         let before = d.log_len();
-        j.commit(&d, &mut [(100, image(100, 1))]).unwrap();
+        j.commit(&d, &mut [(h(0), image(h(0), 1))]).unwrap();
         let log = d.log();
         // Only the first sector of the 3-block journal write landed (the flush never did).
         let upto = log[before..]
@@ -332,43 +364,43 @@ mod tests {
             + before;
         let img = SimDisk::crash_image(&base, &log, upto, &mut |_| true, &mut |_| Some(1));
         let d2 = SimDisk::from_image(img);
-        let (_, r) = Journal::replay(&d2, JOURNAL).unwrap();
+        let (_, r) = Journal::replay(&d2, &layout()).unwrap();
         assert_eq!(r.transactions, 0);
     }
 
     #[test]
     fn replay_never_regresses_newer_home() {
-        let d = SimDisk::new(1 << 20);
-        Journal::format(&d, JOURNAL).unwrap();
-        let (mut j, _) = Journal::replay(&d, JOURNAL).unwrap();
-        let mut t1 = [(100, image(100, 1))];
+        let d = SimDisk::new(8 << 20);
+        Journal::format(&d, layout().journal).unwrap();
+        let (mut j, _) = Journal::replay(&d, &layout()).unwrap();
+        let mut t1 = [(h(0), image(h(0), 1))];
         j.commit(&d, &mut t1).unwrap();
-        let mut t2 = [(100, image(100, 2))];
+        let mut t2 = [(h(0), image(h(0), 2))];
         j.commit(&d, &mut t2).unwrap();
         // Home holds the newer image (lsn 2); replay of txn 1 must not overwrite it.
-        d.write_at(100 * 4096, &t2[0].1).unwrap();
-        let (_, r) = Journal::replay(&d, JOURNAL).unwrap();
+        d.write_at(h(0) * 4096, &t2[0].1).unwrap();
+        let (_, r) = Journal::replay(&d, &layout()).unwrap();
         assert_eq!(r.transactions, 2);
         let mut b = vec![0u8; MD_BLOCK];
-        d.read_at(100 * 4096, &mut b).unwrap();
+        d.read_at(h(0) * 4096, &mut b).unwrap();
         assert_eq!(lsn_of(&b), 2);
         assert_eq!(b[1000], 2);
     }
 
     #[test]
     fn wraps_and_rejects_oversized() {
-        let d = SimDisk::new(1 << 20);
-        Journal::format(&d, JOURNAL).unwrap();
-        let (mut j, _) = Journal::replay(&d, JOURNAL).unwrap();
+        let d = SimDisk::new(8 << 20);
+        Journal::format(&d, layout().journal).unwrap();
+        let (mut j, _) = Journal::replay(&d, &layout()).unwrap();
         for i in 0..100u64 {
-            let mut t = [(200 + i % 5, image(200 + i % 5, i as u8))];
+            let mut t = [(h(20 + i % 5), image(h(20 + i % 5), i as u8))];
             j.commit(&d, &mut t).unwrap();
-            d.write_at((200 + i % 5) * 4096, &t[0].1).unwrap();
+            d.write_at(h(20 + i % 5) * 4096, &t[0].1).unwrap();
         }
-        let (j2, _) = Journal::replay(&d, JOURNAL).unwrap();
+        let (j2, _) = Journal::replay(&d, &layout()).unwrap();
         assert_eq!(j2.next_seq(), 101);
         let mut big: Vec<(u64, Vec<u8>)> = (0..TXN_BLOCKS_MAX as u64 + 1)
-            .map(|i| (300 + i, image(300 + i, 0)))
+            .map(|i| (h(i), image(h(i), 0)))
             .collect();
         assert!(matches!(
             j.commit(&d, &mut big),

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use crate::device::BlockDevice;
 use crate::format::*;
-use crate::fs::{now_ns, Datastore, FsError, FsStats, Inner, Res, Undo, DIR_BYTES_MAX};
+use crate::fs::{now_ns, Datastore, ExtentPin, FsError, FsStats, Inner, Res, Undo, DIR_BYTES_MAX};
 
 /// Longest symlink target (PATH_MAX - 1: the kernel's limit including the NUL).
 pub const SYMLINK_MAX: usize = 4095;
@@ -117,6 +117,22 @@ pub struct DirCursorEntry {
 /// directory rewrite): a deferred operation starts a new transaction when less room is left,
 /// so it never commits half-done.
 const OP_RESERVE: usize = 64;
+/// File blocks one step of a large FALLOCATE allocates (16 MiB). Each step holds the
+/// datastore lock twice, briefly (set free blocks aside; map them, one journal commit of a
+/// few blocks), and zeroes its blocks in between without it; so one request stalls other
+/// disks and shares for at most one step's metadata work, never for the zeroing of a whole
+/// range up to the largest file, and a crash keeps every committed step.
+pub const ALLOC_CHUNK_FBS: u64 = 16;
+
+/// What [`Datastore::allocate`]'s steps cover: file blocks `first..last` of the inode of
+/// this generation, up to byte `end`.
+#[derive(Debug, Clone, Copy)]
+struct AllocPlan {
+    generation: u32,
+    first: u64,
+    last: u64,
+    end: u64,
+}
 /// Byte offset in an inode block of the orphan-list link (FORMAT.md §7): in the root inode the
 /// first orphan, in an orphan the next one; 0 ends the list.
 const ORPHAN_LINK: usize = 152;
@@ -450,7 +466,7 @@ impl Inner {
                     self.cache.remove(&b);
                 }
                 self.fb_set(dev, dir, blocks / per_fb, Some((fb, false)))?;
-                self.upd(dev, dir, |i| i.allocated += 1)?;
+                self.upd(dev, dir, |i| i.allocated = i.allocated.saturating_add(1))?;
             }
             blocks += 1;
         }
@@ -576,6 +592,7 @@ impl Inner {
             if next == 0 {
                 return Ok(());
             }
+            self.check_ino(next)?;
             if next == ino {
                 let after = get_u64(self.md(dev, self.vh.layout.inode_block(ino))?, ORPHAN_LINK);
                 self.set_link(dev, prev, after)?;
@@ -598,7 +615,7 @@ impl Inner {
             i.ctime_ns = now;
         })?;
         if inode.nlink == 0 {
-            if self.open.contains_key(&ino) {
+            if self.in_use(ino) {
                 self.dir_index.remove(&ino);
                 self.orphan_add(dev, ino)?;
             } else {
@@ -703,7 +720,7 @@ impl Inner {
         self.index(dev, parent)?.remove(slot);
         self.dir_store(dev, stats, parent, now)?;
         if inode.is_dir() {
-            self.upd(dev, parent, |p| p.nlink -= 1)?;
+            self.upd(dev, parent, |p| p.nlink = p.nlink.saturating_sub(1))?;
         }
         self.drop_link(dev, stats, e.ino, now)
     }
@@ -740,7 +757,7 @@ impl Inner {
         });
         self.dir_store(dev, stats, new_parent, now)?;
         self.upd(dev, ino, |i| {
-            i.nlink += 1;
+            i.nlink = i.nlink.saturating_add(1);
             i.ctime_ns = now;
         })
     }
@@ -803,7 +820,7 @@ impl Inner {
                 self.dir_store(dev, stats, dp, now)?;
                 if src.is_dir() != dsti.is_dir() {
                     let (from, to) = if src.is_dir() { (sp, dp) } else { (dp, sp) };
-                    self.upd(dev, from, |i| i.nlink -= 1)?;
+                    self.upd(dev, from, |i| i.nlink = i.nlink.saturating_sub(1))?;
                     self.upd(dev, to, |i| i.nlink += 1)?;
                 }
             }
@@ -869,12 +886,12 @@ impl Inner {
         }
         if let Some((_, dsti)) = replaced {
             if dsti.is_dir() {
-                self.upd(dev, dp, |i| i.nlink -= 1)?;
+                self.upd(dev, dp, |i| i.nlink = i.nlink.saturating_sub(1))?;
             }
             self.drop_link(dev, stats, dsti.ino, now)?;
         }
         if src.is_dir() && dp != sp {
-            self.upd(dev, sp, |i| i.nlink -= 1)?;
+            self.upd(dev, sp, |i| i.nlink = i.nlink.saturating_sub(1))?;
             self.upd(dev, dp, |i| i.nlink += 1)?;
         }
         self.upd(dev, se.ino, |i| {
@@ -926,17 +943,17 @@ impl Inner {
         let mut i = self.get_inode(dev, ino)?;
         if let Some(m) = a.mode {
             i.mode = (i.mode & S_IFMT) | (m & 0o7777);
-            i.attr_gen += 1;
+            i.attr_gen = i.attr_gen.wrapping_add(1);
             changed = true;
         }
         if let Some(u) = a.uid {
             i.uid = u;
-            i.attr_gen += 1;
+            i.attr_gen = i.attr_gen.wrapping_add(1);
             changed = true;
         }
         if let Some(g) = a.gid {
             i.gid = g;
-            i.attr_gen += 1;
+            i.attr_gen = i.attr_gen.wrapping_add(1);
             changed = true;
         }
         if let Some(t) = a.atime {
@@ -1004,7 +1021,7 @@ impl Inner {
             put_u32(blk, 0, magic::XATTR);
             xattr_encode(blk, list);
         }
-        inode.attr_gen += 1;
+        inode.attr_gen = inode.attr_gen.wrapping_add(1);
         inode.ctime_ns = now_ns();
         self.put_inode(dev, &inode)
     }
@@ -1056,6 +1073,9 @@ impl Inner {
         }
     }
 
+    /// posix_fallocate, first step: validates, grows the layout, allocates sub-blocks
+    /// (bounded: a sub-block file is at most 1 MiB) and, for a file-block file, checks the
+    /// space and returns the range for [`Datastore::allocate`]'s chunks.
     fn ns_allocate(
         &mut self,
         dev: &Dev,
@@ -1064,7 +1084,7 @@ impl Inner {
         offset: u64,
         len: u64,
         keep_size: bool,
-    ) -> Result<(), FsError> {
+    ) -> Result<Option<AllocPlan>, FsError> {
         let inode = self.reg_inode(dev, ino)?;
         let end = offset
             .checked_add(len)
@@ -1074,7 +1094,7 @@ impl Inner {
         // are not allowed (fsck, truncate and free all work up to the size).
         let end = if keep_size { end.min(inode.size) } else { end };
         if end <= offset {
-            return Ok(());
+            return Ok(None);
         }
         let inode = self.grow_layout(dev, stats, ino, end.max(inode.size))?;
         let now = now_ns();
@@ -1087,7 +1107,7 @@ impl Inner {
                         dev.write_zeroes(self.vh.layout.sb_offset(a - 1), SUB_BLOCK)?;
                         self.data_written = true;
                         self.set_inode_addr(dev, ino, i, a)?;
-                        self.upd(dev, ino, |i| i.allocated += 1)?;
+                        self.upd(dev, ino, |i| i.allocated = i.allocated.saturating_add(1))?;
                     }
                 }
             }
@@ -1100,20 +1120,17 @@ impl Inner {
                         need += 1;
                     }
                 }
+                // Fail before anything when the space is plainly not there; a chunk can still
+                // find it gone (taken meanwhile) and stop with what it committed.
                 if need > self.free.get(&Res::Fb).copied().unwrap_or(0) {
                     return Err(FsError::NoSpace("file blocks"));
                 }
-                for fbi in first..last {
-                    if self.fb_lookup(dev, ino, fbi)?.is_some() {
-                        continue;
-                    }
-                    let fb = self.alloc(dev, Res::Fb)?;
-                    dev.write_zeroes(self.vh.layout.fb_offset(fb), FILE_BLOCK)?;
-                    self.data_written = true;
-                    self.fb_set(dev, ino, fbi, Some((fb, false)))?;
-                    self.upd(dev, ino, |i| i.allocated += 1)?;
-                    self.maybe_commit(dev, stats)?;
-                }
+                return Ok(Some(AllocPlan {
+                    generation: inode.generation,
+                    first,
+                    last,
+                    end,
+                }));
             }
         }
         self.upd(dev, ino, |i| {
@@ -1123,7 +1140,7 @@ impl Inner {
             }
             i.ctime_ns = now;
         })?;
-        Ok(())
+        Ok(None)
     }
 
     fn ns_punch(
@@ -1138,6 +1155,8 @@ impl Inner {
         let end = offset.saturating_add(len).min(inode.size);
         let now = now_ns();
         if offset < end {
+            // Punching frees blocks (and zeroes in place what a lease holder may be using).
+            self.check_unleased(ino)?;
             match inode.layout {
                 DataLayout::Resident => {
                     let b = self.md_mut(dev, self.vh.layout.inode_block(ino))?;
@@ -1187,12 +1206,12 @@ impl Inner {
             if a != 0 {
                 self.release(dev, Res::Sb, a - 1)?;
                 self.set_inode_addr(dev, ino, u as usize, 0)?;
-                self.upd(dev, ino, |i| i.allocated -= 1)?;
+                self.upd(dev, ino, |i| i.allocated = i.allocated.saturating_sub(1))?;
             }
         } else if let Some((fb, _)) = self.fb_lookup(dev, ino, u)? {
             self.fb_set(dev, ino, u, None)?;
             self.release(dev, Res::Fb, fb)?;
-            self.upd(dev, ino, |i| i.allocated -= 1)?;
+            self.upd(dev, ino, |i| i.allocated = i.allocated.saturating_sub(1))?;
             self.maybe_commit(dev, stats)?;
         }
         Ok(())
@@ -1210,8 +1229,9 @@ impl Inner {
             if cur == 0 {
                 break;
             }
+            self.check_ino(cur)?;
             let next = get_u64(self.md(dev, self.vh.layout.inode_block(cur))?, ORPHAN_LINK);
-            if !self.open.contains_key(&cur) {
+            if !self.in_use(cur) {
                 self.orphan_remove(dev, cur)?;
                 self.free_inode(dev, stats, cur)?;
                 n += 1;
@@ -1497,14 +1517,34 @@ impl Datastore {
     /// Plans a read of `[offset, offset + len)` clipped at the end of the file: device
     /// extents (data blocks, written in place, safe to pread), zero extents (holes,
     /// to-be-zeroed blocks) and inline bytes (resident data). Returns the bytes covered.
+    ///
+    /// The device extents come with an [`ExtentPin`]: until it is dropped the blocks stay the
+    /// file's (shrink, truncate and punch are refused with [`FsError::Busy`]), so a reader
+    /// never copies bytes that meanwhile became another file's.
     pub fn read_plan(
         &self,
         ino: u64,
         offset: u64,
         len: u64,
         out: &mut Vec<Extent>,
+    ) -> Result<(u64, ExtentPin<'_>), FsError> {
+        let n = self.with(|g, dev| {
+            let n = Self::read_plan_locked(g, dev, ino, offset, len, out)?;
+            g.pin(ino);
+            Ok(n)
+        })?;
+        Ok((n, ExtentPin::new(self, ino)))
+    }
+
+    fn read_plan_locked(
+        g: &mut Inner,
+        dev: &Dev,
+        ino: u64,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<Extent>,
     ) -> Result<u64, FsError> {
-        self.with(|g, dev| {
+        {
             let inode = g.get_inode(dev, ino)?;
             if inode.is_dir() {
                 return Err(FsError::IsDir(format!("inode {ino}")));
@@ -1543,7 +1583,7 @@ impl Datastore {
                 done += l;
             }
             Ok(n)
-        })
+        }
     }
 
     /// Writes `data` at `offset` of a regular file of any layout, extending it; sets
@@ -1579,7 +1619,10 @@ impl Datastore {
     }
 
     /// posix_fallocate: allocates (zeroed) blocks for the range and extends the size unless
-    /// `keep_size`.
+    /// `keep_size`. A file-block range is allocated in steps of [`ALLOC_CHUNK_FBS`] blocks,
+    /// each zeroed without the datastore lock and committed on its own: other disks and
+    /// shares proceed between (and during) the steps. Out of space part-way, the steps done
+    /// stay (with the size covering them), as with Linux filesystems.
     pub fn allocate(
         &self,
         ino: u64,
@@ -1587,7 +1630,88 @@ impl Datastore {
         len: u64,
         keep_size: bool,
     ) -> Result<(), FsError> {
-        self.ns_op(|g, dev, st| g.ns_allocate(dev, st, ino, offset, len, keep_size))
+        let plan = self.ns_op(|g, dev, st| g.ns_allocate(dev, st, ino, offset, len, keep_size))?;
+        let Some(p) = plan else {
+            return Ok(());
+        };
+        let mut fbi = p.first;
+        // Bounded: each step advances by up to ALLOC_CHUNK_FBS blocks to `last`.
+        while fbi < p.last {
+            let stop = fbi.saturating_add(ALLOC_CHUNK_FBS).min(p.last);
+            self.allocate_step(ino, &p, fbi, stop, keep_size)?;
+            fbi = stop;
+        }
+        Ok(())
+    }
+
+    /// One step of [`Datastore::allocate`]: sets free blocks aside under the lock, zeroes
+    /// them without it (a reserved block is nobody's), then maps them and commits.
+    fn allocate_step(
+        &self,
+        ino: u64,
+        p: &AllocPlan,
+        first: u64,
+        stop: u64,
+        keep_size: bool,
+    ) -> Result<(), FsError> {
+        let gone = || FsError::NotFound(format!("inode {ino} (removed during fallocate)"));
+        let (missing, blocks, layout) = self.with(|g, dev| {
+            if g.reg_inode(dev, ino)?.generation != p.generation {
+                return Err(gone());
+            }
+            let mut missing = Vec::new();
+            for fbi in first..stop {
+                if g.fb_lookup(dev, ino, fbi)?.is_none() {
+                    missing.push(fbi);
+                }
+            }
+            let blocks = g.reserve_fb(dev, missing.len() as u64)?;
+            Ok((missing, blocks, g.vh.layout))
+        })?;
+        let zeroed = blocks
+            .iter()
+            .try_for_each(|&fb| self.dev.write_zeroes(layout.fb_offset(fb), FILE_BLOCK));
+        let r = match zeroed {
+            Err(e) => Err(FsError::Device(e)),
+            Ok(()) => self.with_op(|g, dev| {
+                let inode = g.reg_inode(dev, ino)?;
+                if inode.generation != p.generation {
+                    return Err(gone());
+                }
+                // With KEEP_SIZE, never past a size that shrank meanwhile.
+                let keep_to = if keep_size {
+                    inode.size.div_ceil(FILE_BLOCK)
+                } else {
+                    u64::MAX
+                };
+                for (&fbi, &fb) in missing.iter().zip(&blocks) {
+                    if fbi >= keep_to || g.fb_lookup(dev, ino, fbi)?.is_some() {
+                        continue;
+                    }
+                    // Counted as used since it was reserved; now the bitmap says so.
+                    g.reserved.remove(&fb);
+                    g.put_bit(dev, Res::Fb, fb, true)?;
+                    g.data_written = true;
+                    g.fb_set(dev, ino, fbi, Some((fb, false)))?;
+                    g.upd(dev, ino, |i| i.allocated = i.allocated.saturating_add(1))?;
+                }
+                let now = now_ns();
+                let step_end = p.end.min(stop.saturating_mul(FILE_BLOCK));
+                g.upd(dev, ino, |i| {
+                    if !keep_size && step_end > i.size {
+                        i.size = step_end;
+                        i.mtime_ns = now;
+                    }
+                    i.ctime_ns = now;
+                })?;
+                g.end_op(dev, &self.stats)
+            }),
+        };
+        // Whatever this step did not publish (an error, blocks mapped meanwhile) goes back.
+        if let Ok(mut g) = self.inner.lock() {
+            g.unreserve_fb(&blocks);
+        }
+        r
     }
 
     /// Punches a hole: the range reads back as zeroes; whole blocks are freed, partial
@@ -1639,16 +1763,17 @@ impl Datastore {
     pub(crate) fn reclaim_if_orphan(&self, ino: u64) -> Result<(), FsError> {
         // Most closes are of linked files: decide that without the undo snapshot of an
         // operation (the file server closes a handle per release).
-        let orphan = self.with(|g, dev| {
-            Ok(!g.open.contains_key(&ino)
-                && g.get_bit(dev, Res::Fd, ino)?
-                && g.get_inode(dev, ino)?.nlink == 0)
-        })?;
+        let orphan =
+            self.with(|g, dev| {
+                Ok(!g.in_use(ino)
+                    && g.get_bit(dev, Res::Fd, ino)?
+                    && g.get_inode(dev, ino)?.nlink == 0)
+            })?;
         if !orphan {
             return Ok(());
         }
         self.ns_op(|g, dev, st| {
-            if g.open.contains_key(&ino) || !g.get_bit(dev, Res::Fd, ino)? {
+            if g.in_use(ino) || !g.get_bit(dev, Res::Fd, ino)? {
                 return Ok(());
             }
             if g.get_inode(dev, ino)?.nlink == 0 {

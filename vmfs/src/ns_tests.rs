@@ -497,7 +497,7 @@ fn data_path_plan_seek_allocate_punch() {
         .unwrap();
     ds.write_at(f.ino, 0, b"abc").unwrap();
     let mut plan = Vec::new();
-    assert_eq!(ds.read_plan(f.ino, 1, 100, &mut plan).unwrap(), 2);
+    assert_eq!(ds.read_plan(f.ino, 1, 100, &mut plan).unwrap().0, 2);
     assert_eq!(plan, vec![Extent::Inline(b"bc".to_vec())]);
     assert_eq!(ds.seek(f.ino, 0, Whence::Hole).unwrap(), 3);
     assert_eq!(
@@ -507,7 +507,7 @@ fn data_path_plan_seek_allocate_punch() {
     // Grows to sub-blocks with a hole in the middle.
     ds.write_at(f.ino, 300_000, b"xyz").unwrap();
     plan.clear();
-    let n = ds.read_plan(f.ino, 0, u64::MAX, &mut plan).unwrap();
+    let n = ds.read_plan(f.ino, 0, u64::MAX, &mut plan).unwrap().0;
     assert_eq!(n, 300_003);
     let mut got = Vec::new();
     for e in &plan {
@@ -748,4 +748,267 @@ fn ten_thousand_files_in_one_directory() {
     drop(ds);
     let r = fsck(&*dev).unwrap();
     assert!(r.clean(), "{:?}", r.problems);
+}
+
+/// Issue 12 finding 2: the rule that a served file's blocks never move lives in vmfs. An
+/// extent lease (a disk) refuses shrink, truncate (setattr size, O_TRUNC's path), punch and
+/// removal, whoever asks; growing stays allowed and the blocks stay where they were.
+#[test]
+fn extent_lease_refuses_truncate_shrink_and_punch_but_allows_growth() {
+    let (disk, ds) = fresh();
+    let ds = Arc::new(ds);
+    let f = ds
+        .make_node(ROOT_INO, b"disk.img", S_IFREG | 0o644, 0, 0, 0)
+        .unwrap();
+    ds.write_at(f.ino, 0, &vec![7u8; 3 << 20]).unwrap();
+    let where_ = |ds: &Datastore| {
+        (0..3u64)
+            .map(|i| ds.map_direct(f.ino, i << 20, 4096).unwrap().map(|(o, _)| o))
+            .collect::<Vec<_>>()
+    };
+    let before = where_(&ds);
+    assert!(before.iter().all(Option::is_some));
+    let lease = ds.lease_extents(f.ino).unwrap();
+    fn busy<T>(r: Result<T, FsError>) {
+        assert!(matches!(r, Err(FsError::Busy(_))), "{:?}", r.map(|_| ()));
+    }
+    let trunc = SetAttr {
+        size: Some(0),
+        ..SetAttr::default()
+    };
+    busy(ds.setattr(f.ino, &trunc));
+    busy(ds.set_size(f.ino, 1 << 20));
+    busy(ds.punch_hole(f.ino, 0, 1 << 20));
+    busy(ds.punch_hole(f.ino, 4096, 8192));
+    busy(ds.unlink("disk.img"));
+    // Growing is fine (thin: no blocks move).
+    let grow = SetAttr {
+        size: Some(8 << 20),
+        ..SetAttr::default()
+    };
+    ds.setattr(f.ino, &grow).unwrap();
+    ds.allocate(f.ino, 8 << 20, 1 << 20, false).unwrap();
+    assert_eq!(where_(&ds), before, "a leased file's blocks moved");
+    let mut buf = vec![0u8; 3 << 20];
+    ds.read(f.ino, 0, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 7));
+    drop(lease);
+    assert_eq!(ds.lease_count(f.ino), 0);
+    ds.setattr(f.ino, &trunc).unwrap();
+    ds.unmount().unwrap();
+    clean(&*disk);
+}
+
+/// A READ's planned extents (and a direct WRITE's offset) are pinned until the caller drops
+/// the pin: a truncation in between is refused instead of handing the blocks to another
+/// file while the copy runs.
+#[test]
+fn planned_extents_are_pinned_until_dropped() {
+    let (_disk, ds) = fresh();
+    let f = ds
+        .make_node(ROOT_INO, b"f", S_IFREG | 0o644, 0, 0, 0)
+        .unwrap();
+    ds.write_at(f.ino, 0, &vec![1u8; 2 << 20]).unwrap();
+    let trunc = SetAttr {
+        size: Some(0),
+        ..SetAttr::default()
+    };
+    let mut plan = Vec::new();
+    let (n, pin) = ds.read_plan(f.ino, 0, 1 << 20, &mut plan).unwrap();
+    assert_eq!(n, 1 << 20);
+    assert!(matches!(ds.setattr(f.ino, &trunc), Err(FsError::Busy(_))));
+    drop(pin);
+    let (_, pin) = ds.map_direct(f.ino, 0, 4096).unwrap().unwrap();
+    assert!(matches!(
+        ds.punch_hole(f.ino, 0, 1 << 20),
+        Err(FsError::Busy(_))
+    ));
+    drop(pin);
+    ds.setattr(f.ino, &trunc).unwrap();
+    assert_eq!(ds.stat(f.ino).unwrap().size, 0);
+}
+
+/// An unlinked file whose last user is a lease is freed when the lease goes.
+#[test]
+fn orphan_held_by_a_lease_is_freed_when_the_lease_drops() {
+    let (disk, ds) = fresh();
+    let ds = Arc::new(ds);
+    let f = ds
+        .make_node(ROOT_INO, b"f", S_IFREG | 0o644, 0, 0, 0)
+        .unwrap();
+    ds.write_at(f.ino, 0, &vec![1u8; 2 << 20]).unwrap();
+    let free0 = ds.statfs().unwrap().fb_free;
+    ds.open(f.ino).unwrap();
+    let lease = ds.lease_extents(f.ino).unwrap();
+    ds.unlink_at(ROOT_INO, b"f").unwrap();
+    ds.close(f.ino);
+    // Still leased: the blocks are kept.
+    assert_eq!(ds.stat(f.ino).unwrap().nlink, 0);
+    drop(lease);
+    assert!(ds.stat(f.ino).is_err());
+    ds.commit().unwrap();
+    assert_eq!(ds.statfs().unwrap().fb_free, free0 + 2);
+    ds.unmount().unwrap();
+    clean(&*disk);
+}
+
+/// A SimDisk that calls a hook before every `write_zeroes` (how allocation zeroes blocks).
+struct HookDisk {
+    inner: SimDisk,
+    #[allow(clippy::type_complexity)]
+    hook: std::sync::Mutex<Option<Box<dyn FnMut() + Send>>>,
+}
+
+impl std::fmt::Debug for HookDisk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HookDisk").finish()
+    }
+}
+
+impl BlockDevice for HookDisk {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), crate::device::DeviceError> {
+        self.inner.read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), crate::device::DeviceError> {
+        self.inner.write_at(offset, buf)
+    }
+    fn flush(&self) -> Result<(), crate::device::DeviceError> {
+        self.inner.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<(), crate::device::DeviceError> {
+        self.inner.discard(offset, len)
+    }
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), crate::device::DeviceError> {
+        // Taken out while it runs, so a hook may itself allocate (no re-entry).
+        let hook = self.hook.lock().unwrap().take();
+        if let Some(mut h) = hook {
+            h();
+            *self.hook.lock().unwrap() = Some(h);
+        }
+        self.inner.write_zeroes(offset, len)
+    }
+}
+
+fn hook_fresh() -> (Arc<HookDisk>, Arc<Datastore>) {
+    let disk = Arc::new(HookDisk {
+        inner: SimDisk::new(VOL),
+        hook: std::sync::Mutex::new(None),
+    });
+    Datastore::mkfs(disk.clone(), &MkfsOptions { uuid: None }, &mut |_, _| {}).unwrap();
+    let ds = Arc::new(Datastore::mount(disk.clone()).unwrap());
+    (disk, ds)
+}
+
+/// Issue 12 finding 6: a large FALLOCATE zeroes its blocks without the datastore lock, in
+/// steps each committed, so another operation proceeds in the middle of it.
+#[test]
+fn large_fallocate_zeroes_without_the_lock_in_committed_steps() {
+    let (disk, ds) = hook_fresh();
+    let big = ds
+        .make_node(ROOT_INO, b"big", S_IFREG | 0o644, 0, 0, 0)
+        .unwrap();
+    let other = ds
+        .make_node(ROOT_INO, b"other", S_IFREG | 0o644, 0, 0, 0)
+        .unwrap();
+    ds.write_at(big.ino, 0, &vec![1u8; 2 << 20]).unwrap();
+    let calls = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let locked = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let commits_seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    {
+        let (ds, calls, locked, seen) = (
+            Arc::downgrade(&ds),
+            calls.clone(),
+            locked.clone(),
+            commits_seen.clone(),
+        );
+        *disk.hook.lock().unwrap() = Some(Box::new(move || {
+            let Some(ds) = ds.upgrade() else { return };
+            calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            // Held by this thread, the lock would deadlock anything below: only try it.
+            if ds.inner.try_lock().is_err() {
+                locked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return;
+            }
+            // Another tenant's operation completes in the middle of the FALLOCATE.
+            ds.write_at(other.ino, 0, b"meanwhile").unwrap();
+            seen.lock()
+                .unwrap()
+                .push(ds.stats.commits.load(std::sync::atomic::Ordering::Relaxed));
+        }));
+    }
+    let want = 2 + 3 * ALLOC_CHUNK_FBS + 3;
+    ds.allocate(big.ino, 0, want << 20, false).unwrap();
+    *disk.hook.lock().unwrap() = None;
+    let zeroings = calls.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(zeroings, want - 2, "one zeroing per new block");
+    assert_eq!(
+        locked.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "blocks were zeroed with the datastore lock held"
+    );
+    // Steps commit on their own: the commit count grows between the steps.
+    let seen = commits_seen.lock().unwrap().clone();
+    assert!(seen.first() < seen.last(), "{seen:?}");
+    let i = ds.stat(big.ino).unwrap();
+    assert_eq!((i.size, i.allocated), (want << 20, want));
+    let mut buf = vec![9u8; 1 << 20];
+    ds.read(big.ino, (want - 1) << 20, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 0));
+    ds.read(big.ino, 0, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 1));
+    ds.unmount().unwrap();
+    clean(&*disk);
+}
+
+/// Out of space in the middle of a stepped FALLOCATE (another file took the blocks between
+/// steps): ENOSPC, the committed steps stay with a size that covers them, no block leaks,
+/// and the datastore is fsck-clean.
+#[test]
+fn fallocate_running_out_of_space_midway_stays_consistent() {
+    let (disk, ds) = hook_fresh();
+    let big = ds
+        .make_node(ROOT_INO, b"big", S_IFREG | 0o644, 0, 0, 0)
+        .unwrap();
+    let hog = ds
+        .make_node(ROOT_INO, b"hog", S_IFREG | 0o644, 0, 0, 0)
+        .unwrap();
+    ds.write_at(hog.ino, 0, &vec![1u8; 2 << 20]).unwrap();
+    let free = ds.statfs().unwrap().fb_free;
+    assert!(
+        free > 2 * ALLOC_CHUNK_FBS + 8,
+        "volume too small for the test"
+    );
+    {
+        let ds = Arc::downgrade(&ds);
+        let mut n = 0u64;
+        *disk.hook.lock().unwrap() = Some(Box::new(move || {
+            n += 1;
+            let Some(ds) = ds.upgrade() else { return };
+            // During the first step, the hog takes all but a few blocks.
+            if n == 1 && ds.inner.try_lock().is_ok() {
+                let left = ds.statfs().unwrap().fb_free;
+                let take = left - 4;
+                ds.allocate(hog.ino, 2 << 20, take << 20, false).unwrap();
+            }
+        }));
+    }
+    let r = ds.allocate(big.ino, 0, (free - 4) << 20, false);
+    *disk.hook.lock().unwrap() = None;
+    assert!(matches!(r, Err(FsError::NoSpace(_))), "{r:?}");
+    let i = ds.stat(big.ino).unwrap();
+    // The first step committed; the second could not find its blocks.
+    assert_eq!(i.allocated, ALLOC_CHUNK_FBS);
+    assert_eq!(i.size, ALLOC_CHUNK_FBS << 20);
+    let free_now = ds.statfs().unwrap().fb_free;
+    ds.unmount().unwrap();
+    clean(&*disk);
+    let ds = Datastore::mount(disk.clone()).unwrap();
+    assert_eq!(
+        ds.statfs().unwrap().fb_free,
+        free_now,
+        "reserved blocks leaked"
+    );
 }

@@ -70,8 +70,15 @@ pub enum VmfsCommand {
     /// Virtual disk files.
     #[command(subcommand)]
     Disk(DiskCommand),
-    /// Check every invariant of an unmounted datastore; exit status 0 only when clean.
-    Fsck,
+    /// Check every invariant of an unmounted datastore; exit status 0 only when clean. After
+    /// a crash it first recovers as a mount would (journal replay, orphans freed), as e2fsck
+    /// replays a journal before checking.
+    Fsck {
+        /// Do not recover: open the datastore read-only, write nothing, and report a journal
+        /// still to replay as a problem.
+        #[arg(long)]
+        no_replay: bool,
+    },
     /// stratad's counters (needs --control): reactors, disks' and shares' queues, shares'
     /// permission caches, packet queues.
     Stats,
@@ -374,7 +381,7 @@ pub fn run(target: &Target, cmd: &VmfsCommand, as_json: bool) -> Result<(), Vmfs
         VmfsCommand::Mkfs { path, size, force } => {
             return mkfs(path, size.as_deref(), *force, as_json)
         }
-        VmfsCommand::Fsck => return fsck(target, as_json),
+        VmfsCommand::Fsck { no_replay } => return fsck(target, *no_replay, as_json),
         VmfsCommand::Stats => {
             let sock = target.control.as_ref().ok_or_else(|| {
                 VmfsCmdError::Usage("stats needs --control SOCKET (stratad running)".into())
@@ -422,7 +429,7 @@ pub fn run(target: &Target, cmd: &VmfsCommand, as_json: bool) -> Result<(), Vmfs
             "disk.resize",
             json!({"name": name, "size": size_arg(size)?}),
         ),
-        VmfsCommand::Mkfs { .. } | VmfsCommand::Fsck | VmfsCommand::Stats => {
+        VmfsCommand::Mkfs { .. } | VmfsCommand::Fsck { .. } | VmfsCommand::Stats => {
             return Err(VmfsCmdError::Usage("mkfs and fsck run offline".into()))
         }
     };
@@ -469,28 +476,63 @@ fn mkfs(path: &Path, size: Option<&str>, force: bool, as_json: bool) -> Result<(
     Ok(())
 }
 
-fn fsck(target: &Target, as_json: bool) -> Result<(), VmfsCmdError> {
+fn fsck(target: &Target, no_replay: bool, as_json: bool) -> Result<(), VmfsCmdError> {
     let Some(path) = &target.datastore else {
         return Err(VmfsCmdError::Usage(
             "fsck runs offline: give --datastore PATH (and stop stratad first)".into(),
         ));
     };
-    let dev = FileDevice::open(path, false).map_err(|e| {
+    let open_err = |e| {
         VmfsCmdError::Failed(match e {
             vmfs::device::DeviceError::Locked => {
                 format!("{} is in use; fsck needs stratad stopped", path.display())
             }
             e => format!("{}: {e}", path.display()),
         })
-    })?;
-    let r = vmfs::fsck::fsck_with_progress(&dev, &mut progress("fsck"))
+    };
+    let dev: Arc<dyn BlockDevice> = if no_replay {
+        Arc::new(FileDevice::open_read_only(path).map_err(open_err)?)
+    } else {
+        Arc::new(FileDevice::open(path, false).map_err(open_err)?)
+    };
+    // Recovery first (unless --no-replay): a crash leaves committed transactions in the
+    // journal, which are not problems but work a mount would do.
+    let mut recovered = Value::Null;
+    let pending =
+        vmfs::fsck::journal_pending(&*dev).map_err(|e| VmfsCmdError::Failed(e.to_string()))?;
+    if pending && !no_replay {
+        match vmfs::fsck::recover(dev.clone()) {
+            Ok(rep) => {
+                if !as_json {
+                    println!(
+                        "recovered: replayed {} journal transaction(s) ({} block(s) written home)",
+                        rep.transactions, rep.blocks_applied
+                    );
+                }
+                recovered = json!({"transactions": rep.transactions,
+                                   "blocks_applied": rep.blocks_applied});
+            }
+            // The check below reports what is wrong; the recovery error says why it stopped.
+            Err(e) => {
+                if !as_json {
+                    println!("problem: recovery failed: {e}");
+                }
+                recovered = json!({"error": e.to_string()});
+            }
+        }
+    }
+    let mut r = vmfs::fsck::fsck_with_progress(&*dev, &mut progress("fsck"))
         .map_err(|e| VmfsCmdError::Failed(e.to_string()))?;
+    if let Some(e) = recovered.get("error").and_then(|e| e.as_str()) {
+        r.problems.insert(0, format!("recovery failed: {e}"));
+    }
     if as_json {
         println!(
             "{}",
             json!({"clean": r.clean(), "problems": r.problems, "files": r.files,
                    "dirs": r.dirs, "file_blocks_used": r.fb_used,
-                   "sub_blocks_used": r.sb_used, "pointer_blocks_used": r.pb_used})
+                   "sub_blocks_used": r.sb_used, "pointer_blocks_used": r.pb_used,
+                   "recovered": recovered})
         );
     } else {
         for p in &r.problems {
