@@ -7,9 +7,19 @@
 //! Soft zoning: a source sees a node when both are members of a common *active* DD (a DD in
 //! no DD Set, or in at least one enabled DD Set), when the node is itself, when the source is
 //! a control node, or, under the default-DD policy, when neither is a member of any active DD.
+//!
+//! Authorization (RFC 4171 §5.6.5, §6.4.2): control nodes are the ones the administrator
+//! lists ([`Registry::set_control_nodes`], optionally pinned to a peer address); a node
+//! registering the control bit without being listed is refused. A network request
+//! ([`Registry::execute_from`], with the peer's address) may change only the entity its
+//! source node belongs to, and only from the address that registered that entity (the
+//! source attribute is unauthenticated: the peer address is what binds an entity to its
+//! owner); DD and DD-set changes and management SCN registrations need a control node. SCNs
+//! and ESI probes go only to the address of the peer that registered the entity, never to
+//! an address a client names.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::net::{Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -117,6 +127,11 @@ pub struct Entity {
     /// every entity gets a full period).
     #[serde(skip)]
     pub refreshed_secs: u64,
+    /// Address of the peer that registered the entity: the only address that may change it
+    /// (besides control nodes) and the only one SCNs and ESI probes are sent to. `None` for
+    /// entities logged before addresses were recorded: no SCN/ESI until they re-register.
+    #[serde(default)]
+    pub peer: Option<IpAddr>,
 }
 
 impl Portal {
@@ -247,6 +262,10 @@ pub enum RegistryError {
         crate::esi::MAX_ESI_PORTALS
     )]
     EsiNotAvailable,
+    #[error("source {0} is not authorized: {1}")]
+    Unauthorized(String, &'static str),
+    #[error("SCN registration rejected: {0}")]
+    ScnRejected(&'static str),
 }
 
 impl RegistryError {
@@ -259,6 +278,8 @@ impl RegistryError {
             RegistryError::Full(_) => Status::Busy,
             RegistryError::ReplyTooLarge => Status::Internal,
             RegistryError::EsiNotAvailable => Status::EsiNotAvailable,
+            RegistryError::Unauthorized(..) => Status::SourceUnauthorized,
+            RegistryError::ScnRejected(_) => Status::ScnRegistrationRejected,
         }
     }
 }
@@ -279,6 +300,26 @@ impl Scope {
             control: true,
             dds: BTreeSet::new(),
         }
+    }
+}
+
+/// Where a network request comes from: the TCP peer's address (canonical: an IPv4 peer on
+/// a dual-stack socket is its IPv4 address). `None` when unknown (e.g. a fuzzer driving
+/// the registry directly): such a requester owns no entity and gets no SCN or ESI.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Peer {
+    pub addr: Option<IpAddr>,
+}
+
+impl Peer {
+    pub fn new(addr: IpAddr) -> Peer {
+        Peer {
+            addr: Some(addr.to_canonical()),
+        }
+    }
+
+    pub fn unknown() -> Peer {
+        Peer { addr: None }
     }
 }
 
@@ -307,6 +348,10 @@ pub struct Registry {
     /// Registration period given to entities that do not ask for one (configuration).
     #[serde(skip)]
     default_period_secs: u32,
+    /// Control nodes the administrator authorized (configuration), each optionally pinned
+    /// to the one peer address it may act from.
+    #[serde(skip)]
+    control_nodes: BTreeMap<String, Option<IpAddr>>,
 }
 
 impl Registry {
@@ -323,6 +368,41 @@ impl Registry {
     /// Sets the registration period for entities that do not ask for one.
     pub fn set_default_period(&mut self, secs: u32) {
         self.default_period_secs = secs;
+    }
+
+    /// Sets the administrator's list of control nodes: name → the peer address it must
+    /// come from (`None`: any address).
+    pub fn set_control_nodes(&mut self, nodes: BTreeMap<String, Option<IpAddr>>) {
+        self.control_nodes = nodes;
+    }
+
+    /// Whether `name` is a listed control node (for what it may see: SCN scoping).
+    fn is_control_name(&self, name: &str) -> bool {
+        self.control_nodes.contains_key(name)
+    }
+
+    /// Whether a request from `source` at `peer` carries control-node authority.
+    fn is_control(&self, source: &str, peer: &Peer) -> bool {
+        match self.control_nodes.get(source) {
+            Some(None) => true,
+            Some(Some(a)) => peer.addr == Some(a.to_canonical()),
+            None => false,
+        }
+    }
+
+    /// Whether `source` at `peer` may change entity `e`. `joining`: nodes the request adds,
+    /// which may act for their entity (tgt registers each new target with that target as
+    /// the source). Control nodes may change any entity.
+    fn may_change(&self, source: &str, peer: &Peer, e: &Entity, joining: &[&str]) -> bool {
+        if self.is_control(source, peer) {
+            return true;
+        }
+        let member = e.nodes.iter().any(|n| n.name == source);
+        match e.peer {
+            // Logged before addresses were recorded: the source must already be a member.
+            None => member,
+            Some(a) => peer.addr == Some(a) && (member || joining.contains(&source)),
+        }
     }
 
     /// Rebuilds derived indexes (after deserialising a snapshot).
@@ -511,13 +591,12 @@ impl Registry {
 
     // --- visibility ---------------------------------------------------------------------------
 
+    /// What `name` sees (control nodes: everything). Used for SCN subscribers, whose
+    /// notifications go to their own registered address.
     pub fn scope_for(&self, name: &str) -> Scope {
-        let control = self
-            .node(name)
-            .is_some_and(|(_, n)| n.node_type & NODE_CONTROL != 0);
         Scope {
             name: Some(name.to_owned()),
-            control,
+            control: self.is_control_name(name),
             dds: self.active_dds_of(name),
         }
     }
@@ -566,31 +645,74 @@ impl Registry {
 
     // --- execution ----------------------------------------------------------------------------
 
-    /// Executes a validated command from `p.source`.
+    /// Executes a validated command from `p.source` at an unknown address (see
+    /// [`Peer::unknown`]): what a fuzzer or a test without a socket uses.
     pub fn execute(&mut self, p: &Parsed, now_secs: u64) -> Result<Outcome, RegistryError> {
-        self.touch(&p.source, now_secs);
+        self.execute_from(p, &Peer::unknown(), now_secs)
+    }
+
+    /// Executes a validated command from `p.source`, received from `peer`, after checking
+    /// that the source may do it (see the module documentation).
+    pub fn execute_from(
+        &mut self,
+        p: &Parsed,
+        peer: &Peer,
+        now_secs: u64,
+    ) -> Result<Outcome, RegistryError> {
+        let dd_change = matches!(
+            p.command,
+            Command::DdReg { .. }
+                | Command::DdDereg { .. }
+                | Command::DdsReg { .. }
+                | Command::DdsDereg { .. }
+        );
+        if dd_change && !self.is_control(&p.source, peer) {
+            return Err(RegistryError::Unauthorized(
+                p.source.clone(),
+                "discovery domains are changed by control nodes only",
+            ));
+        }
+        // Only the owner's messages refresh its registration period.
+        if let Some(eid) = self.node_eid.get(&p.source) {
+            if self
+                .entities
+                .get(eid)
+                .is_some_and(|e| e.peer.is_none() || e.peer == peer.addr)
+            {
+                self.touch(&p.source, now_secs);
+            }
+        }
         match &p.command {
             Command::DevAttrReg {
                 key,
                 replace,
                 entity,
                 objects,
-            } => self.register(&p.source, key, *replace, entity, objects, now_secs),
+            } => self.register(&p.source, peer, key, *replace, entity, objects, now_secs),
             Command::DevAttrQry(q) => {
-                let scope = self.checked_scope(&p.source)?;
+                let scope = self.checked_scope(&p.source, peer)?;
                 self.query(&scope, q)
             }
             Command::DevGetNext(q) => {
-                let scope = self.checked_scope(&p.source)?;
+                let scope = self.checked_scope(&p.source, peer)?;
                 self.get_next(&scope, q)
             }
             Command::DevDereg {
                 eids,
                 nodes,
                 portals,
-            } => Ok(self.deregister(eids, nodes, portals)),
-            Command::ScnReg { node, bitmap } => self.scn_register(node, Some(*bitmap)),
-            Command::ScnDereg { node } => self.scn_register(node, None),
+            } => {
+                self.check_dereg(&p.source, peer, eids, nodes, portals)?;
+                Ok(self.deregister(eids, nodes, portals))
+            }
+            Command::ScnReg { node, bitmap } => {
+                self.check_scn(&p.source, peer, node, Some(*bitmap))?;
+                self.scn_register(node, Some(*bitmap))
+            }
+            Command::ScnDereg { node } => {
+                self.check_scn(&p.source, peer, node, None)?;
+                self.scn_register(node, None)
+            }
             Command::DdReg {
                 key,
                 id,
@@ -613,22 +735,81 @@ impl Registry {
     /// The scope of a querying source. An unregistered source is answered from its DD
     /// memberships (a DD may name nodes before they register); with no DD and no default
     /// DD it has nothing to see and is told so (open-iscsi then registers and retries).
-    fn checked_scope(&self, source: &str) -> Result<Scope, RegistryError> {
-        let s = self.scope_for(source);
+    fn checked_scope(&self, source: &str, peer: &Peer) -> Result<Scope, RegistryError> {
+        let mut s = self.scope_for(source);
+        s.control = self.is_control(source, peer);
         if self.node(source).is_none() && s.dds.is_empty() && !self.policy.default_dd {
             return Err(RegistryError::SourceUnknown(source.to_owned()));
         }
         Ok(s)
     }
 
+    /// RFC 4171 §5.6.5.4: a DevDereg may remove only objects of the source's own entity
+    /// (or come from a control node). Checked for every named object before any is removed.
+    fn check_dereg(
+        &self,
+        source: &str,
+        peer: &Peer,
+        eids: &[String],
+        nodes: &[String],
+        portals: &[(Ipv6Addr, u32)],
+    ) -> Result<(), RegistryError> {
+        let owners = eids
+            .iter()
+            .cloned()
+            .chain(nodes.iter().filter_map(|n| self.node_eid.get(n).cloned()))
+            .chain(
+                portals
+                    .iter()
+                    .filter_map(|k| self.portal_eid.get(k).cloned()),
+            );
+        for eid in owners {
+            if let Some(e) = self.entities.get(&eid) {
+                if !self.may_change(source, peer, e, &[]) {
+                    return Err(RegistryError::Unauthorized(
+                        source.to_owned(),
+                        "it may deregister only objects of its own entity",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// SCN registrations: for nodes of the source's own entity; the management bit only for
+    /// control nodes (RFC 4171 §6.4.4).
+    fn check_scn(
+        &self,
+        source: &str,
+        peer: &Peer,
+        node: &str,
+        bitmap: Option<u32>,
+    ) -> Result<(), RegistryError> {
+        if let Some((e, _)) = self.node(node) {
+            if !self.may_change(source, peer, e, &[]) {
+                return Err(RegistryError::Unauthorized(
+                    source.to_owned(),
+                    "it may register SCNs only for nodes of its own entity",
+                ));
+            }
+        }
+        let mgmt = bitmap.is_some_and(|b| normalize_scn_bitmap(b) & scn::MANAGEMENT != 0);
+        if mgmt && !self.is_control(source, peer) {
+            return Err(RegistryError::ScnRejected(
+                "management SCNs are for control nodes only",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Where `node` receives SCNs: the SCN port of a portal of its entity, at the address of
+    /// the peer that registered the entity (never an address taken from the registration,
+    /// which would let a client aim the server's connections at a third party).
     fn scn_addr(&self, node: &str) -> Option<SocketAddr> {
         let (e, _) = self.node(node)?;
+        let ip = e.peer?;
         e.portals.iter().find_map(|p| {
             let port = u16::try_from(p.scn_port? & 0xffff).ok()?;
-            let ip = match p.ip.to_ipv4_mapped() {
-                Some(v4) => std::net::IpAddr::V4(v4),
-                None => std::net::IpAddr::V6(p.ip),
-            };
             Some(SocketAddr::new(ip, port))
         })
     }
@@ -672,9 +853,11 @@ impl Registry {
         true
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn register(
         &mut self,
         source: &str,
+        peer: &Peer,
         key: &RegKey,
         replace: bool,
         attrs: &EntityAttrs,
@@ -721,6 +904,42 @@ impl Registry {
             },
         };
         let old = self.entities.get(&eid).cloned();
+        let joining: Vec<&str> = objects
+            .iter()
+            .filter_map(|o| match o {
+                RegObject::Node(n) => Some(n.name.as_str()),
+                _ => None,
+            })
+            .collect();
+        let control = self.is_control(source, peer);
+        match &old {
+            Some(o) if !self.may_change(source, peer, o, &joining) => {
+                return Err(RegistryError::Unauthorized(
+                    source.to_owned(),
+                    "it may update only its own entity, from the address that registered it",
+                ))
+            }
+            // RFC 4171 §5.6.5.1: a new entity is registered by one of its own nodes.
+            None if !control && !joining.contains(&source) => {
+                return Err(RegistryError::Unauthorized(
+                    source.to_owned(),
+                    "a new entity must contain the source node",
+                ))
+            }
+            _ => {}
+        }
+        for o in objects {
+            if let RegObject::Node(n) = o {
+                if n.node_type.is_some_and(|t| t & NODE_CONTROL != 0)
+                    && !self.is_control_name(&n.name)
+                {
+                    return Err(RegistryError::Unauthorized(
+                        source.to_owned(),
+                        "control-node status is granted by the administrator only",
+                    ));
+                }
+            }
+        }
         if old.is_none() && self.entities.len() >= MAX_NODES {
             return Err(RegistryError::Full("entities"));
         }
@@ -735,7 +954,13 @@ impl Registry {
             nodes: Vec::new(),
             pgs: Vec::new(),
             refreshed_secs: now_secs,
+            peer: None,
         });
+        // The registering peer becomes the entity's owner and SCN/ESI address; a control
+        // node updating another host's entity leaves that address alone.
+        if old.is_none() || !control {
+            e.peer = peer.addr;
+        }
         if e.index == 0 {
             e.index = self.alloc_index();
         }
@@ -1028,10 +1253,8 @@ impl Registry {
                 let e = self.entities.get(eid)?;
                 let p = e.portals.iter().find(|p| p.ip == *ip && p.port == *port)?;
                 let esi_port = u16::try_from(p.esi_port? & 0xffff).ok()?;
-                let addr = match ip.to_ipv4_mapped() {
-                    Some(v4) => std::net::IpAddr::V4(v4),
-                    None => std::net::IpAddr::V6(*ip),
-                };
+                // Probes go to the registering peer, not to the portal address it named.
+                let addr = e.peer?;
                 Some(crate::esi::EsiTarget {
                     eid: eid.clone(),
                     ip: *ip,
@@ -2018,6 +2241,7 @@ fn ddset_matches(s: &DdSet, keys: &[Tlv]) -> bool {
 mod tests {
     use super::*;
     use crate::command::{NodeAttrs, PortalAttrs};
+    use std::collections::BTreeMap;
 
     fn reg_entity(r: &mut Registry, eid: &str, node: &str, esi_port: Option<u32>, now: u64) {
         let ip: Ipv6Addr = "::ffff:127.0.0.1".parse().unwrap();
@@ -2040,8 +2264,312 @@ mod tests {
             period_secs: Some(10),
             ..Default::default()
         };
-        r.register(node, &RegKey::Eid(eid.into()), false, &attrs, &objects, now)
+        let peer = Peer::new("127.0.0.1".parse().unwrap());
+        r.register(
+            node,
+            &peer,
+            &RegKey::Eid(eid.into()),
+            false,
+            &attrs,
+            &objects,
+            now,
+        )
+        .unwrap();
+    }
+
+    fn parsed(source: &str, command: Command) -> Parsed {
+        Parsed {
+            source: source.into(),
+            command,
+        }
+    }
+
+    fn reg_cmd(
+        eid: &str,
+        replace: bool,
+        portal: (&str, u32, Option<u32>),
+        nodes: &[(&str, u32)],
+    ) -> Command {
+        let mut objects = vec![RegObject::Portal(PortalAttrs {
+            ip: Some(portal.0.parse().unwrap()),
+            port: Some(portal.1),
+            scn_port: portal.2,
+            esi_port: portal.2,
+            ..Default::default()
+        })];
+        for (n, t) in nodes {
+            objects.push(RegObject::Node(NodeAttrs {
+                name: (*n).into(),
+                node_type: Some(*t),
+                ..Default::default()
+            }));
+        }
+        Command::DevAttrReg {
+            key: RegKey::Eid(eid.into()),
+            replace,
+            entity: EntityAttrs::default(),
+            objects,
+        }
+    }
+
+    fn status(r: Result<Outcome, RegistryError>) -> Status {
+        match r {
+            Ok(_) => Status::Success,
+            Err(e) => e.status(),
+        }
+    }
+
+    #[test]
+    fn only_the_owner_or_a_control_node_changes_an_entity() {
+        let mut r = Registry::new(Policy::default(), 900);
+        r.set_control_nodes(BTreeMap::from([
+            ("iqn.ctl:any".to_owned(), None),
+            (
+                "iqn.ctl:pinned".to_owned(),
+                Some("10.0.0.9".parse().unwrap()),
+            ),
+        ]));
+        let owner = Peer::new("10.0.0.1".parse().unwrap());
+        let evil = Peer::new("10.0.0.66".parse().unwrap());
+        let tgt = reg_cmd(
+            "e1",
+            false,
+            ("::ffff:10.0.0.1", 3260, Some(4000)),
+            &[("iqn.t:a", NODE_TARGET)],
+        );
+        assert_eq!(
+            status(r.execute_from(&parsed("iqn.t:a", tgt), &owner, 1)),
+            Status::Success
+        );
+        // Hijack: REPLACE with the attacker's portal, claiming the target's own name.
+        let hijack = reg_cmd(
+            "e1",
+            true,
+            ("::ffff:10.0.0.66", 3260, None),
+            &[("iqn.t:a", NODE_TARGET)],
+        );
+        assert_eq!(
+            status(r.execute_from(&parsed("iqn.t:a", hijack.clone()), &evil, 2)),
+            Status::SourceUnauthorized
+        );
+        // ... or naming a node of its own that "joins" the entity.
+        let join = reg_cmd(
+            "e1",
+            true,
+            ("::ffff:10.0.0.66", 3260, None),
+            &[("iqn.x:evil", NODE_TARGET)],
+        );
+        assert_eq!(
+            status(r.execute_from(&parsed("iqn.x:evil", join), &evil, 2)),
+            Status::SourceUnauthorized
+        );
+        let p = &r.entities["e1"].portals;
+        assert_eq!((p.len(), p[0].ip), (1, "::ffff:10.0.0.1".parse().unwrap()));
+        // Deregistration of someone else's entity, node or portal.
+        for cmd in [
+            Command::DevDereg {
+                eids: vec!["e1".into()],
+                nodes: vec![],
+                portals: vec![],
+            },
+            Command::DevDereg {
+                eids: vec![],
+                nodes: vec!["iqn.t:a".into()],
+                portals: vec![],
+            },
+            Command::DevDereg {
+                eids: vec![],
+                nodes: vec![],
+                portals: vec![("::ffff:10.0.0.1".parse().unwrap(), 3260)],
+            },
+        ] {
+            assert_eq!(
+                status(r.execute_from(&parsed("iqn.t:a", cmd), &evil, 3)),
+                Status::SourceUnauthorized
+            );
+        }
+        // SCN registration for someone else's node.
+        let scn = Command::ScnReg {
+            node: "iqn.t:a".into(),
+            bitmap: scn::OBJECT_ADDED,
+        };
+        assert_eq!(
+            status(r.execute_from(&parsed("iqn.t:a", scn), &evil, 3)),
+            Status::SourceUnauthorized
+        );
+        assert_eq!(r.counts().1, 1);
+        // A new entity must hold its source; the control bit is the administrator's to give.
+        let other = reg_cmd(
+            "e2",
+            false,
+            ("::ffff:10.0.0.66", 3260, None),
+            &[("iqn.x:other", NODE_TARGET)],
+        );
+        assert_eq!(
+            status(r.execute_from(&parsed("iqn.x:evil", other), &evil, 4)),
+            Status::SourceUnauthorized
+        );
+        let ctl = reg_cmd(
+            "e3",
+            false,
+            ("::ffff:10.0.0.66", 3260, None),
+            &[("iqn.x:evil", NODE_CONTROL)],
+        );
+        assert_eq!(
+            status(r.execute_from(&parsed("iqn.x:evil", ctl), &evil, 4)),
+            Status::SourceUnauthorized
+        );
+        // DDs: control nodes only; a pinned control node only from its address.
+        let dd = || Command::DdReg {
+            key: None,
+            id: None,
+            name: Some("z".into()),
+            features: None,
+            members: vec![DdMember::Name("iqn.x:evil".into())],
+        };
+        assert_eq!(
+            status(r.execute_from(&parsed("iqn.t:a", dd()), &owner, 5)),
+            Status::SourceUnauthorized
+        );
+        assert_eq!(
+            status(r.execute_from(&parsed("iqn.ctl:pinned", dd()), &evil, 5)),
+            Status::SourceUnauthorized
+        );
+        assert_eq!(
+            status(r.execute_from(
+                &parsed("iqn.ctl:pinned", dd()),
+                &Peer::new("10.0.0.9".parse().unwrap()),
+                5
+            )),
+            Status::Success
+        );
+        let dds = Command::DdsReg {
+            key: None,
+            id: None,
+            name: Some("s".into()),
+            enabled: Some(true),
+            dds: vec![],
+        };
+        assert_eq!(
+            status(r.execute_from(&parsed("iqn.t:a", dds), &owner, 5)),
+            Status::SourceUnauthorized
+        );
+        // Management SCNs: control nodes only.
+        let mgmt = Command::ScnReg {
+            node: "iqn.t:a".into(),
+            bitmap: scn::MANAGEMENT | scn::DD_MEMBER_ADDED,
+        };
+        assert_eq!(
+            status(r.execute_from(&parsed("iqn.t:a", mgmt), &owner, 6)),
+            Status::ScnRegistrationRejected
+        );
+        // The owner may update (a second target joining from the same host, as tgt does),
+        // and a control node may act on any entity from anywhere.
+        let second = reg_cmd(
+            "e1",
+            false,
+            ("::ffff:10.0.0.1", 3261, None),
+            &[("iqn.t:b", NODE_TARGET)],
+        );
+        assert_eq!(
+            status(r.execute_from(&parsed("iqn.t:b", second), &owner, 7)),
+            Status::Success
+        );
+        let rm = Command::DevDereg {
+            eids: vec![],
+            nodes: vec!["iqn.t:b".into()],
+            portals: vec![],
+        };
+        assert_eq!(
+            status(r.execute_from(&parsed("iqn.ctl:any", rm), &evil, 8)),
+            Status::Success
+        );
+        assert_eq!(r.counts().1, 1);
+        // ...without becoming the entity's SCN/ESI address.
+        assert_eq!(r.entities["e1"].peer, owner.addr);
+        // An unknown requester (no address) owns nothing.
+        let rm = Command::DevDereg {
+            eids: vec!["e1".into()],
+            nodes: vec![],
+            portals: vec![],
+        };
+        assert_eq!(
+            status(r.execute(&parsed("iqn.t:a", rm), 9)),
+            Status::SourceUnauthorized
+        );
+    }
+
+    #[test]
+    fn scn_and_esi_go_to_the_registering_peer_not_to_a_named_address() {
+        let mut r = Registry::new(Policy::default(), 900);
+        let owner = Peer::new("10.0.0.1".parse().unwrap());
+        // The portal names a third party's address (192.0.2.7) with SCN and ESI ports.
+        let c = reg_cmd(
+            "e1",
+            false,
+            ("::ffff:192.0.2.7", 3260, Some(4000)),
+            &[("iqn.t:a", NODE_TARGET)],
+        );
+        r.execute_from(&parsed("iqn.t:a", c), &owner, 1).unwrap();
+        let scn = Command::ScnReg {
+            node: "iqn.t:a".into(),
+            bitmap: scn::OBJECT_ADDED,
+        };
+        r.execute_from(&parsed("iqn.t:a", scn), &owner, 1).unwrap();
+        let c = reg_cmd(
+            "e2",
+            false,
+            ("::ffff:10.0.0.2", 3260, None),
+            &[("iqn.i:b", NODE_INITIATOR)],
+        );
+        let out = r
+            .execute_from(
+                &parsed("iqn.i:b", c),
+                &Peer::new("10.0.0.2".parse().unwrap()),
+                2,
+            )
             .unwrap();
+        assert_eq!(out.notifications.len(), 1);
+        assert_eq!(
+            out.notifications[0].addr,
+            Some("10.0.0.1:4000".parse().unwrap())
+        );
+        let t = r.esi_targets(&crate::esi::EsiConfig::default());
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].addr, "10.0.0.1:4000".parse().unwrap());
+    }
+
+    #[test]
+    fn the_control_node_type_alone_does_not_see_past_zoning() {
+        let mut r = Registry::new(Policy { default_dd: false }, 900);
+        let p = Peer::new("10.0.0.1".parse().unwrap());
+        let c = reg_cmd(
+            "e1",
+            false,
+            ("::ffff:10.0.0.1", 3260, None),
+            &[("iqn.t:a", NODE_TARGET)],
+        );
+        r.execute_from(&parsed("iqn.t:a", c), &p, 1).unwrap();
+        // A node that made itself "control" before authorization existed (e.g. replayed
+        // from an old log) is not a control node unless the administrator lists it.
+        let mut e = r.entities["e1"].clone();
+        e.eid = "e9".into();
+        e.portals[0].port = 9;
+        e.nodes = vec![Node {
+            name: "iqn.x:ctl".into(),
+            node_type: NODE_CONTROL,
+            index: 99,
+            alias: None,
+            scn_bitmap: None,
+            auth_method: None,
+        }];
+        r.apply(&Record {
+            counters: r.counters,
+            mutation: Mutation::PutEntity(e),
+        });
+        assert!(!r.visible(&r.scope_for("iqn.x:ctl"), "iqn.t:a"));
+        r.set_control_nodes(BTreeMap::from([("iqn.x:ctl".to_owned(), None)]));
+        assert!(r.visible(&r.scope_for("iqn.x:ctl"), "iqn.t:a"));
     }
 
     #[test]

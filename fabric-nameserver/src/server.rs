@@ -3,7 +3,7 @@
 //! before answering, the housekeeping thread (registration-period expiry, snapshots) and the
 //! ESI monitor thread (see [`crate::esi`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -16,7 +16,7 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::command::{parse_command, CommandError};
-use crate::registry::{Outcome, Policy, Record, Registry, RegistryError};
+use crate::registry::{Outcome, Peer, Policy, Record, Registry, RegistryError};
 use crate::scn::ScnSender;
 use crate::store::{snapshot_state, Store, StoreError};
 use crate::wire::{
@@ -71,6 +71,11 @@ pub struct Config {
     pub registration_period_secs: u32,
     /// Entity Status Inquiry timing.
     pub esi: crate::esi::EsiConfig,
+    /// Control nodes (iSCSI names) the administrator authorizes, each optionally pinned to
+    /// the peer address it must connect from. Only these may change discovery domains, act
+    /// on other entities, register the control node type or management SCNs, and see
+    /// everything. The control socket is always authorized.
+    pub control_nodes: BTreeMap<String, Option<IpAddr>>,
 }
 
 impl Config {
@@ -82,6 +87,7 @@ impl Config {
             default_dd: true,
             registration_period_secs: 900,
             esi: crate::esi::EsiConfig::default(),
+            control_nodes: BTreeMap::new(),
         }
     }
 
@@ -116,6 +122,8 @@ pub struct Stats {
     pub esi_sent: AtomicU64,
     pub esi_failed: AtomicU64,
     pub esi_removed_portals: AtomicU64,
+    /// Requests refused with Source Unauthorized.
+    pub unauthorized: AtomicU64,
 }
 
 /// A stats report (JSON for `stratactl ns stats`).
@@ -143,6 +151,7 @@ pub struct StatsReport {
     pub esi_sent: u64,
     pub esi_failed: u64,
     pub esi_removed_portals: u64,
+    pub unauthorized: u64,
     pub scns_sent: u64,
     pub scns_failed: u64,
     pub scns_retried: u64,
@@ -195,15 +204,20 @@ impl Service {
         Ok(out)
     }
 
-    /// Handles one client message; returns the reply PDUs (None for messages that take no
-    /// reply, such as responses from the client).
+    /// Handles one client message from an unknown address (see [`Peer::unknown`]).
     pub fn handle(&self, m: &Message) -> Option<Vec<u8>> {
+        self.handle_from(m, &Peer::unknown())
+    }
+
+    /// Handles one client message received from `peer`; returns the reply PDUs (None for
+    /// messages that take no reply, such as responses from the client).
+    pub fn handle_from(&self, m: &Message, peer: &Peer) -> Option<Vec<u8>> {
         if m.function & RESPONSE_BIT != 0 {
             return None;
         }
         self.stats.messages.fetch_add(1, Ordering::Relaxed);
         let resp_fn = m.function | RESPONSE_BIT;
-        let reply = match self.execute(m) {
+        let reply = match self.execute(m, peer) {
             Ok(w) => w,
             Err(status) => {
                 self.stats.errors.fetch_add(1, Ordering::Relaxed);
@@ -218,7 +232,7 @@ impl Service {
         Some(pdus)
     }
 
-    fn execute(&self, m: &Message) -> Result<TlvWriter, Status> {
+    fn execute(&self, m: &Message, peer: &Peer) -> Result<TlvWriter, Status> {
         let req = parse_request(m).map_err(|e| {
             self.stats.format_errors.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(error = %e, "malformed message");
@@ -244,9 +258,14 @@ impl Service {
         };
         counter.fetch_add(1, Ordering::Relaxed);
         let now = unix_now();
-        match self.run(|reg| reg.execute(&parsed, now)) {
+        match self.run(|reg| reg.execute_from(&parsed, peer, now)) {
             Ok(out) => Ok(out.reply),
             Err(RunError::Registry(e)) => {
+                if matches!(e, RegistryError::Unauthorized(..)) {
+                    self.stats.unauthorized.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(source = %parsed.source, peer = ?peer.addr, error = %e,
+                        "request refused");
+                }
                 tracing::debug!(source = %parsed.source, error = %e, "request failed");
                 Err(e.status())
             }
@@ -286,6 +305,7 @@ impl Service {
             esi_sent: g(&self.stats.esi_sent),
             esi_failed: g(&self.stats.esi_failed),
             esi_removed_portals: g(&self.stats.esi_removed_portals),
+            unauthorized: g(&self.stats.unauthorized),
             scns_sent: g(&self.scn.stats.sent),
             scns_failed: g(&self.scn.stats.failed),
             scns_retried: g(&self.scn.stats.retried),
@@ -390,6 +410,7 @@ fn load(rec: crate::store::Recovered, cfg: &Config) -> Result<Registry, ServerEr
         ),
     };
     reg.set_default_period(cfg.registration_period_secs);
+    reg.set_control_nodes(cfg.control_nodes.clone());
     for (i, bytes) in rec.records.iter().enumerate() {
         let r: Record = serde_json::from_slice(bytes)
             .map_err(|e| ServerError::Load(format!("log record {i}: {e}")))?;
@@ -643,6 +664,7 @@ fn read_full(s: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<bool> {
 }
 
 fn serve_connection(mut s: TcpStream, svc: &Service) -> std::io::Result<()> {
+    let peer = Peer::new(s.peer_addr()?.ip());
     s.set_nodelay(true)?;
     s.set_write_timeout(Some(WRITE_TIMEOUT))?;
     let mut r = Reassembler::new();
@@ -662,7 +684,7 @@ fn serve_connection(mut s: TcpStream, svc: &Service) -> std::io::Result<()> {
         match r.push(&h, &payload) {
             Ok(None) => {}
             Ok(Some(m)) => {
-                if let Some(reply) = svc.handle(&m) {
+                if let Some(reply) = svc.handle_from(&m, &peer) {
                     s.write_all(&reply)?;
                 }
             }
