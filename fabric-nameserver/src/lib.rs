@@ -11,13 +11,17 @@
 //! - [`esi`]: Entity Status Inquiry: probing portals that asked for it, deciding which
 //!   are dead (pure message codec and schedule; the server thread applies the verdicts).
 //! - [`scn`]: delivery of state-change notifications to clients' SCN ports, with retries.
-//! - [`server`]: the TCP listener and connection threads, the service that makes every
-//!   change durable before answering, expiry and snapshot housekeeping.
+//! - [`server`]: the TCP listener and connection threads (per-PDU, per-message and per-reply
+//!   deadlines), the service that makes every change durable before answering, expiry and
+//!   snapshot housekeeping.
+//! - [`admission`]: connection limits per host (IPv4 address, IPv6 /64), per network (IPv4
+//!   /24, IPv6 /48) and in all. Pure.
 //! - [`control`]: the JSON-RPC control socket behind `stratactl ns`.
 //!
 //! The binary `strata-nameserver` (src/bin) owns process concerns: command line, logging,
 //! signals.
 
+pub mod admission;
 pub mod command;
 pub mod control;
 pub mod esi;

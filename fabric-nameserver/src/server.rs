@@ -3,18 +3,19 @@
 //! before answering, the housekeeping thread (registration-period expiry, snapshots) and the
 //! ESI monitor thread (see [`crate::esi`]).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use thiserror::Error;
 
+use crate::admission::Admission;
 use crate::command::{parse_command, CommandError};
 use crate::registry::{Outcome, Peer, Policy, Record, Registry, RegistryError};
 use crate::scn::ScnSender;
@@ -24,17 +25,23 @@ use crate::wire::{
     FLAG_SERVER, HEADER_LEN, MAX_REPLY_PAYLOAD_BYTES, RESPONSE_BIT,
 };
 
-/// Most simultaneous client connections; more are accepted and closed at once.
-pub const MAX_CONNECTIONS: usize = 1024;
-/// Most simultaneous connections from one IP address, so that one client cannot take them
-/// all.
-pub const MAX_CONNECTIONS_PER_PEER: usize = 128;
-/// A connection idle this long is closed (tgt keeps its connection and queries every 30 s).
+pub use crate::admission::{
+    MAX_CONNECTIONS, MAX_CONNECTIONS_PER_HOST, MAX_CONNECTIONS_PER_NETWORK,
+};
+
+/// A connection idle this long between PDUs is closed (tgt keeps its connection and queries
+/// every 30 s).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
-/// Time allowed for the rest of a PDU once its header arrived (slow-loris bound).
+/// Absolute time allowed for a whole PDU (header and payload, at most 64 KiB) from its first
+/// byte: a deadline, not a per-read timeout, so that a client trickling a byte at a time
+/// cannot hold its connection (a thread and its buffers) forever.
 pub const PDU_TIMEOUT: Duration = Duration::from_secs(10);
-/// Time allowed to write a reply to a client that does not read.
-pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Absolute time allowed for a multi-PDU message from its first PDU to its last (clients
+/// send a message in one go; this bounds how long one can pin up to 1 MiB of reassembly).
+pub const MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Absolute time allowed to write one reply (at most `registry::MAX_REPLY_BYTES`: at
+/// least ~280 KiB/s at the largest) to a client that reads slowly or not at all.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Housekeeping period: expiry checks and snapshot decisions.
 pub const HOUSEKEEPING_PERIOD: Duration = Duration::from_secs(1);
 
@@ -71,6 +78,8 @@ pub struct Config {
     pub registration_period_secs: u32,
     /// Entity Status Inquiry timing.
     pub esi: crate::esi::EsiConfig,
+    /// Connection limits and deadlines.
+    pub limits: Limits,
     /// Control nodes (iSCSI names) the administrator authorizes, each optionally pinned to
     /// the peer address it must connect from. Only these may change discovery domains, act
     /// on other entities, register the control node type or management SCNs, and see
@@ -88,6 +97,7 @@ impl Config {
             registration_period_secs: 900,
             esi: crate::esi::EsiConfig::default(),
             control_nodes: BTreeMap::new(),
+            limits: Limits::default(),
         }
     }
 
@@ -95,6 +105,29 @@ impl Config {
         self.control
             .clone()
             .unwrap_or_else(|| self.data_dir.join("control.sock"))
+    }
+}
+
+/// How many connections the server holds and how long it waits for them (the constants
+/// above by default; tests shrink them to reach them quickly).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub conns: crate::admission::ConnLimits,
+    pub idle_timeout: Duration,
+    pub pdu_timeout: Duration,
+    pub message_timeout: Duration,
+    pub write_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            conns: crate::admission::ConnLimits::default(),
+            idle_timeout: IDLE_TIMEOUT,
+            pdu_timeout: PDU_TIMEOUT,
+            message_timeout: MESSAGE_TIMEOUT,
+            write_timeout: WRITE_TIMEOUT,
+        }
     }
 }
 
@@ -109,6 +142,8 @@ pub fn unix_now() -> u64 {
 pub struct Stats {
     pub connections: AtomicU64,
     pub connections_refused: AtomicU64,
+    /// Connections closed because a PDU, a message or a reply missed its deadline.
+    pub connections_timed_out: AtomicU64,
     pub messages: AtomicU64,
     pub registrations: AtomicU64,
     pub queries: AtomicU64,
@@ -137,6 +172,7 @@ pub struct StatsReport {
     pub default_dd: bool,
     pub connections: u64,
     pub connections_refused: u64,
+    pub connections_timed_out: u64,
     pub messages: u64,
     pub registrations: u64,
     pub queries: u64,
@@ -291,6 +327,7 @@ impl Service {
             default_dd,
             connections: g(&self.stats.connections),
             connections_refused: g(&self.stats.connections_refused),
+            connections_timed_out: g(&self.stats.connections_timed_out),
             messages: g(&self.stats.messages),
             registrations: g(&self.stats.registrations),
             queries: g(&self.stats.queries),
@@ -555,10 +592,10 @@ pub fn start(cfg: Config) -> Result<ServerHandle, ServerError> {
         )?);
     }
     {
-        let (svc, stop) = (service.clone(), stop.clone());
+        let (svc, stop, limits) = (service.clone(), stop.clone(), cfg.limits);
         threads.push(spawn(
             "isns-accept",
-            Box::new(move || accept_loop(&listener, &svc, &stop)),
+            Box::new(move || accept_loop(&listener, &svc, &stop, limits)),
         )?);
     }
     {
@@ -582,12 +619,8 @@ pub fn start(cfg: Config) -> Result<ServerHandle, ServerError> {
     })
 }
 
-/// Open connections per peer address.
-type PeerCounts = Arc<Mutex<HashMap<IpAddr, usize>>>;
-
-fn accept_loop(listener: &TcpListener, svc: &Arc<Service>, stop: &AtomicBool) {
-    let peers: PeerCounts = Arc::default();
-    let total = Arc::new(AtomicU64::new(0));
+fn accept_loop(listener: &TcpListener, svc: &Arc<Service>, stop: &AtomicBool, limits: Limits) {
+    let admission = Arc::new(Mutex::new(Admission::new(limits.conns)));
     for conn in listener.incoming() {
         if stop.load(Ordering::SeqCst) {
             return;
@@ -605,87 +638,142 @@ fn accept_loop(listener: &TcpListener, svc: &Arc<Service>, stop: &AtomicBool) {
         let Ok(peer) = stream.peer_addr() else {
             continue;
         };
-        let admitted = {
-            let mut p = peers.lock().unwrap_or_else(|e| e.into_inner());
-            let c = p.entry(peer.ip()).or_insert(0);
-            if *c >= MAX_CONNECTIONS_PER_PEER
-                || total.load(Ordering::SeqCst) as usize >= MAX_CONNECTIONS
-            {
-                false
-            } else {
-                *c += 1;
-                total.fetch_add(1, Ordering::SeqCst);
-                true
-            }
-        };
-        if !admitted {
+        let admitted = admission
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .admit(peer.ip());
+        if let Err(why) = admitted {
             svc.stats
                 .connections_refused
                 .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%peer, ?why, "connection refused: limit reached");
             let _ = stream.shutdown(Shutdown::Both);
             continue;
         }
         svc.stats.connections.fetch_add(1, Ordering::Relaxed);
-        let (svc, peers, total) = (svc.clone(), peers.clone(), total.clone());
+        let (svc, adm) = (svc.clone(), admission.clone());
         let spawned = std::thread::Builder::new()
             .name("isns-conn".into())
             .spawn(move || {
-                if let Err(e) = serve_connection(stream, &svc) {
+                if let Err(e) = serve_connection(stream, &svc, &limits) {
+                    if e.kind() == ErrorKind::TimedOut || e.kind() == ErrorKind::WouldBlock {
+                        svc.stats
+                            .connections_timed_out
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
                     tracing::debug!(%peer, error = %e, "connection closed");
                 }
-                let mut p = peers.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(c) = p.get_mut(&peer.ip()) {
-                    *c -= 1;
-                    if *c == 0 {
-                        p.remove(&peer.ip());
-                    }
-                }
-                total.fetch_sub(1, Ordering::SeqCst);
+                adm.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .release(peer.ip());
             });
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start connection thread");
+            admission
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .release(peer.ip());
         }
     }
 }
 
-/// Reads exactly `buf.len()` bytes; `Ok(false)` on a clean end of stream before any byte.
-fn read_full(s: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<bool> {
+/// Reads exactly `buf.len()` bytes before `deadline` (an absolute bound however the bytes
+/// trickle in). Pre-deadline end of stream is `UnexpectedEof`; the deadline is `TimedOut`.
+fn read_before(s: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> std::io::Result<()> {
     let mut off = 0;
     while off < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ErrorKind::TimedOut.into());
+        }
+        s.set_read_timeout(Some(left))?;
         match s.read(&mut buf[off..]) {
-            Ok(0) if off == 0 => return Ok(false),
             Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
             Ok(n) => off += n,
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
     }
-    Ok(true)
+    Ok(())
 }
 
-fn serve_connection(mut s: TcpStream, svc: &Service) -> std::io::Result<()> {
+/// Writes all of `buf` before `deadline`.
+fn write_before(s: &mut TcpStream, buf: &[u8], deadline: Instant) -> std::io::Result<()> {
+    let mut off = 0;
+    while off < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ErrorKind::TimedOut.into());
+        }
+        s.set_write_timeout(Some(left))?;
+        match s.write(&buf[off..]) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(n) => off += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Waits up to `wait` for the first byte of the next PDU; `Ok(None)` on a clean end of
+/// stream.
+fn first_byte(s: &mut TcpStream, wait: Duration) -> std::io::Result<Option<u8>> {
+    let mut b = [0u8; 1];
+    loop {
+        if wait.is_zero() {
+            return Err(ErrorKind::TimedOut.into());
+        }
+        s.set_read_timeout(Some(wait))?;
+        match s.read(&mut b) {
+            Ok(0) => return Ok(None),
+            Ok(_) => return Ok(Some(b[0])),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn serve_connection(mut s: TcpStream, svc: &Service, limits: &Limits) -> std::io::Result<()> {
     let peer = Peer::new(s.peer_addr()?.ip());
     s.set_nodelay(true)?;
-    s.set_write_timeout(Some(WRITE_TIMEOUT))?;
     let mut r = Reassembler::new();
     let mut payload = Vec::new();
+    // Deadline of the message being reassembled, if one is.
+    let mut message_deadline: Option<Instant> = None;
     loop {
-        s.set_read_timeout(Some(IDLE_TIMEOUT))?;
-        let mut hb = [0u8; HEADER_LEN];
-        if !read_full(&mut s, &mut hb)? {
+        // Between PDUs: the idle timeout, or what is left of the message's time.
+        let wait = match message_deadline {
+            Some(d) => d
+                .saturating_duration_since(Instant::now())
+                .min(limits.idle_timeout),
+            None => limits.idle_timeout,
+        };
+        let Some(b0) = first_byte(&mut s, wait)? else {
             return Ok(());
+        };
+        let started = Instant::now();
+        let mut deadline = started + limits.pdu_timeout;
+        if let Some(d) = message_deadline {
+            deadline = deadline.min(d);
         }
+        let mut hb = [0u8; HEADER_LEN];
+        hb[0] = b0;
+        read_before(&mut s, &mut hb[1..], deadline)?;
         let h = Header::decode(&hb);
-        s.set_read_timeout(Some(PDU_TIMEOUT))?;
         payload.resize(usize::from(h.length), 0);
-        if !read_full(&mut s, &mut payload)? {
-            return Err(ErrorKind::UnexpectedEof.into());
-        }
-        match r.push(&h, &payload) {
+        read_before(&mut s, &mut payload, deadline)?;
+        let pushed = r.push(&h, &payload);
+        message_deadline = match (&pushed, message_deadline) {
+            (Ok(None), None) => Some(started + limits.message_timeout),
+            (Ok(None), d) => d,
+            _ => None,
+        };
+        match pushed {
             Ok(None) => {}
             Ok(Some(m)) => {
                 if let Some(reply) = svc.handle_from(&m, &peer) {
-                    s.write_all(&reply)?;
+                    write_before(&mut s, &reply, Instant::now() + limits.write_timeout)?;
                 }
             }
             Err(e) => {
@@ -701,7 +789,7 @@ fn serve_connection(mut s: TcpStream, svc: &Service) -> std::io::Result<()> {
                     MAX_REPLY_PAYLOAD_BYTES,
                 );
                 if h.function & RESPONSE_BIT == 0 {
-                    s.write_all(&reply)?;
+                    write_before(&mut s, &reply, Instant::now() + limits.write_timeout)?;
                 }
                 // After a framing error the byte stream cannot be trusted to be in step:
                 // close (RFC 4171 §5.1: out-of-order or unparseable PDUs end the message;
