@@ -20,6 +20,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -38,9 +39,11 @@ pub const MAX_OBJECTS_PER_ENTITY: usize = 4096;
 pub const MAX_DDS: usize = 16_384;
 /// Most members of one DD.
 pub const MAX_DD_MEMBERS: usize = 100_000;
-/// Largest reply we build (a 1 000 000-node "all nodes" query with names is ~60 MiB); beyond
-/// it the query fails with Internal Error rather than exhausting memory.
-pub const MAX_REPLY_BYTES: usize = 128 * 1024 * 1024;
+/// Largest reply we build: the "all targets" query (name and type, ~48 bytes a node) at
+/// 100 000 nodes is ~5 MiB, so 16 MiB answers ~340 000 nodes that way; larger sets are what
+/// DevGetNext iteration is for. Beyond it the query fails with Internal Error rather than
+/// pinning memory (the server also caps the total of replies in flight).
+pub const MAX_REPLY_BYTES: usize = 16 * 1024 * 1024;
 /// Most (subscriber, changed node) visibility checks one DD change may cost for SCNs; a
 /// larger change still applies, but its SCNs are limited to the first checks.
 pub const MAX_SCN_CHECKS: usize = 4_000_000;
@@ -266,6 +269,8 @@ pub enum RegistryError {
     Unauthorized(String, &'static str),
     #[error("SCN registration rejected: {0}")]
     ScnRejected(&'static str),
+    #[error("server busy: too many large replies in flight")]
+    Busy,
 }
 
 impl RegistryError {
@@ -280,6 +285,7 @@ impl RegistryError {
             RegistryError::EsiNotAvailable => Status::EsiNotAvailable,
             RegistryError::Unauthorized(..) => Status::SourceUnauthorized,
             RegistryError::ScnRejected(_) => Status::ScnRegistrationRejected,
+            RegistryError::Busy => Status::Busy,
         }
     }
 }
@@ -323,10 +329,37 @@ impl Peer {
     }
 }
 
+/// Entities are shared (`Arc`) so that a query can take the ones it answers with out of the
+/// registry lock and encode its reply after releasing it; a change to an entity a reply is
+/// still being built from copies it first (`Arc::make_mut`). Serialised as plain entities.
+mod shared_entities {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::Entity;
+
+    pub fn serialize<S: Serializer>(
+        m: &BTreeMap<String, Arc<Entity>>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_map(m.iter().map(|(k, v)| (k, &**v)))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<String, Arc<Entity>>, D::Error> {
+        let m = BTreeMap::<String, Entity>::deserialize(d)?;
+        Ok(m.into_iter().map(|(k, v)| (k, Arc::new(v))).collect())
+    }
+}
+
 /// The whole registry. Serialised as-is into snapshots.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Registry {
-    entities: BTreeMap<String, Entity>,
+    #[serde(with = "shared_entities")]
+    entities: BTreeMap<String, Arc<Entity>>,
     dds: BTreeMap<u32, Dd>,
     ddsets: BTreeMap<u32, DdSet>,
     policy: Policy,
@@ -437,7 +470,7 @@ impl Registry {
     /// Gives every entity a fresh registration period (after loading).
     pub fn refresh_all(&mut self, now_secs: u64) {
         for e in self.entities.values_mut() {
-            e.refreshed_secs = now_secs;
+            Arc::make_mut(e).refreshed_secs = now_secs;
         }
     }
 
@@ -475,7 +508,7 @@ impl Registry {
     }
 
     pub fn entities(&self) -> impl Iterator<Item = &Entity> {
-        self.entities.values()
+        self.entities.values().map(|e| &**e)
     }
 
     pub fn dds(&self) -> impl Iterator<Item = &Dd> {
@@ -487,7 +520,7 @@ impl Registry {
     }
 
     pub fn node(&self, name: &str) -> Option<(&Entity, &Node)> {
-        let e = self.entities.get(self.node_eid.get(name)?)?;
+        let e: &Entity = self.entities.get(self.node_eid.get(name)?)?;
         e.nodes.iter().find(|n| n.name == name).map(|n| (e, n))
     }
 
@@ -515,7 +548,7 @@ impl Registry {
                         self.esi_portals.insert((p.ip, p.port), e.eid.clone());
                     }
                 }
-                self.entities.insert(e.eid.clone(), e.clone());
+                self.entities.insert(e.eid.clone(), Arc::new(e.clone()));
             }
             Mutation::RemoveEntity(eid) => {
                 self.remove_entity_raw(eid);
@@ -547,7 +580,7 @@ impl Registry {
         }
     }
 
-    fn remove_entity_raw(&mut self, eid: &str) -> Option<Entity> {
+    fn remove_entity_raw(&mut self, eid: &str) -> Option<Arc<Entity>> {
         let old = self.entities.remove(eid)?;
         for n in &old.nodes {
             self.node_eid.remove(&n.name);
@@ -638,7 +671,7 @@ impl Registry {
     pub fn touch(&mut self, source: &str, now_secs: u64) {
         if let Some(eid) = self.node_eid.get(source) {
             if let Some(e) = self.entities.get_mut(eid) {
-                e.refreshed_secs = now_secs;
+                Arc::make_mut(e).refreshed_secs = now_secs;
             }
         }
     }
@@ -652,13 +685,31 @@ impl Registry {
     }
 
     /// Executes a validated command from `p.source`, received from `peer`, after checking
-    /// that the source may do it (see the module documentation).
+    /// that the source may do it (see the module documentation). Encodes query replies
+    /// in place (see [`Registry::execute_planned`] for the server's way).
     pub fn execute_from(
         &mut self,
         p: &Parsed,
         peer: &Peer,
         now_secs: u64,
     ) -> Result<Outcome, RegistryError> {
+        match self.execute_planned(p, peer, now_secs)? {
+            Executed::Done(out) => Ok(out),
+            Executed::Query(plan) => Ok(Outcome {
+                reply: plan.encode(&mut |_| Ok(()))?,
+                ..Default::default()
+            }),
+        }
+    }
+
+    /// Like [`Registry::execute_from`], but a DevAttrQry over entities comes back as a
+    /// [`QueryPlan`] to encode after the registry lock is released.
+    pub fn execute_planned(
+        &mut self,
+        p: &Parsed,
+        peer: &Peer,
+        now_secs: u64,
+    ) -> Result<Executed, RegistryError> {
         let dd_change = matches!(
             p.command,
             Command::DdReg { .. }
@@ -682,7 +733,7 @@ impl Registry {
                 self.touch(&p.source, now_secs);
             }
         }
-        match &p.command {
+        let out = match &p.command {
             Command::DevAttrReg {
                 key,
                 replace,
@@ -691,7 +742,7 @@ impl Registry {
             } => self.register(&p.source, peer, key, *replace, entity, objects, now_secs),
             Command::DevAttrQry(q) => {
                 let scope = self.checked_scope(&p.source, peer)?;
-                self.query(&scope, q)
+                return self.query(&scope, q);
             }
             Command::DevGetNext(q) => {
                 let scope = self.checked_scope(&p.source, peer)?;
@@ -729,7 +780,8 @@ impl Registry {
                 dds,
             } => self.dds_register(*key, *id, name.as_deref(), *enabled, dds),
             Command::DdsDereg { id, dds } => self.dds_deregister(*id, dds),
-        }
+        };
+        out.map(Executed::Done)
     }
 
     /// The scope of a querying source. An unregistered source is answered from its DD
@@ -903,7 +955,7 @@ impl Registry {
                 }
             },
         };
-        let old = self.entities.get(&eid).cloned();
+        let old = self.entities.get(&eid).map(|e| (**e).clone());
         let joining: Vec<&str> = objects
             .iter()
             .filter_map(|o| match o {
@@ -1178,7 +1230,7 @@ impl Registry {
             let Some(eid) = self.node_eid.get(name).cloned() else {
                 continue;
             };
-            let Some(mut e) = self.entities.get(&eid).cloned() else {
+            let Some(mut e) = self.entities.get(&eid).map(|e| (**e).clone()) else {
                 continue;
             };
             if let Some(n) = e.nodes.iter().find(|n| n.name == *name).cloned() {
@@ -1192,7 +1244,7 @@ impl Registry {
             let Some(eid) = self.portal_eid.get(key).cloned() else {
                 continue;
             };
-            let Some(mut e) = self.entities.get(&eid).cloned() else {
+            let Some(mut e) = self.entities.get(&eid).map(|e| (**e).clone()) else {
                 continue;
             };
             e.portals.retain(|p| (p.ip, p.port) != *key);
@@ -1269,7 +1321,7 @@ impl Registry {
     /// Refreshes an entity's registration period (it answered an ESI).
     pub fn touch_entity(&mut self, eid: &str, now_secs: u64) {
         if let Some(e) = self.entities.get_mut(eid) {
-            e.refreshed_secs = now_secs;
+            Arc::make_mut(e).refreshed_secs = now_secs;
         }
     }
 
@@ -1278,7 +1330,7 @@ impl Registry {
     /// the same); otherwise its nodes' subscribers are told the nodes were updated.
     pub fn esi_drop_portal(&mut self, eid: &str, ip: Ipv6Addr, port: u32) -> Outcome {
         let mut out = Outcome::default();
-        let Some(mut e) = self.entities.get(eid).cloned() else {
+        let Some(mut e) = self.entities.get(eid).map(|e| (**e).clone()) else {
             return out;
         };
         if !e.portals.iter().any(|p| p.ip == ip && p.port == port) {
@@ -1325,7 +1377,7 @@ impl Registry {
         let mut e = self
             .entities
             .get(&eid)
-            .cloned()
+            .map(|e| (**e).clone())
             .ok_or(RegistryError::NoSuchEntry)?;
         for n in e.nodes.iter_mut().filter(|n| n.name == node) {
             n.scn_bitmap = bitmap;
@@ -1686,8 +1738,11 @@ impl Registry {
         encode_dd_with(w, d, want, |m| self.node(m).map(|(_, n)| n.index));
     }
 
-    /// Key objects of a query, as (entity, node if the key was a node) pairs, or DDs/sets.
-    fn query(&self, scope: &Scope, q: &QuerySpec) -> Result<Outcome, RegistryError> {
+    /// A query (DevAttrQry). Entity-family answers are planned under the registry lock
+    /// (which objects, what the source may see of them) and encoded by
+    /// [`QueryPlan::encode`], which the server runs after releasing the lock; DD and DD-set
+    /// answers (bounded by DD counts) are encoded here.
+    fn query(&self, scope: &Scope, q: &QuerySpec) -> Result<Executed, RegistryError> {
         let want: HashSet<u32> = q.wanted.iter().copied().collect();
         let want_opt = if want.is_empty() { None } else { Some(&want) };
         let mut wanted_types: BTreeSet<ObjType> = q
@@ -1713,7 +1768,21 @@ impl Registry {
             w.tlv(k);
         }
         w.delimiter();
-        let mut emitted: HashSet<u32> = HashSet::new();
+        let dd_family = match q.key_type {
+            Some(t) => matches!(t, ObjType::Dd | ObjType::DdSet),
+            None => wanted_types.contains(&ObjType::Dd) || wanted_types.contains(&ObjType::DdSet),
+        };
+        if !dd_family {
+            let mut plan = QueryPlan {
+                head: w,
+                items: Vec::new(),
+                visible: Vec::new(),
+                types: wanted_types,
+                want: (!want.is_empty()).then_some(want),
+            };
+            self.plan_key_objects(scope, q, &mut plan)?;
+            return Ok(Executed::Query(plan));
+        }
         let check = |w: &TlvWriter| {
             if w.buf.len() > MAX_REPLY_BYTES {
                 Err(RegistryError::ReplyTooLarge)
@@ -1721,56 +1790,30 @@ impl Registry {
                 Ok(())
             }
         };
-        let dd_family = match q.key_type {
-            Some(t) => matches!(t, ObjType::Dd | ObjType::DdSet),
-            None => wanted_types.contains(&ObjType::Dd) || wanted_types.contains(&ObjType::DdSet),
-        };
-        if dd_family {
-            {
-                // DD and DD set queries (administrative: scoped to DDs the source is in,
-                // unless control).
-                for d in self.dds.values() {
-                    if !(wanted_types.contains(&ObjType::Dd)) {
-                        break;
-                    }
-                    let visible =
-                        scope.control || scope.name.as_ref().is_some_and(|n| d.members.contains(n));
-                    if visible && (q.key_type != Some(ObjType::Dd) || self.dd_matches(d, &q.keys)) {
-                        self.encode_dd(&mut w, d, want_opt);
-                    }
-                }
-                for s in self.ddsets.values() {
-                    if !(wanted_types.contains(&ObjType::DdSet)) {
-                        break;
-                    }
-                    if scope.control
-                        && (q.key_type != Some(ObjType::DdSet) || ddset_matches(s, &q.keys))
-                    {
-                        encode_ddset(&mut w, s, want_opt);
-                    }
-                }
-            }
-        } else {
-            {
-                let key_objs = self.key_objects(scope, q)?;
-                for (e, key_node) in key_objs {
-                    self.emit_related(
-                        &mut w,
-                        scope,
-                        e,
-                        key_node,
-                        &wanted_types,
-                        want_opt,
-                        &mut emitted,
-                    );
+        // DD and DD set queries (administrative: scoped to DDs the source is in, unless
+        // control).
+        if wanted_types.contains(&ObjType::Dd) {
+            for d in self.dds.values() {
+                let visible =
+                    scope.control || scope.name.as_ref().is_some_and(|n| d.members.contains(n));
+                if visible && (q.key_type != Some(ObjType::Dd) || self.dd_matches(d, &q.keys)) {
+                    self.encode_dd(&mut w, d, want_opt);
                     check(&w)?;
                 }
             }
         }
-        Ok(Outcome {
+        if wanted_types.contains(&ObjType::DdSet) && scope.control {
+            for s in self.ddsets.values() {
+                if q.key_type != Some(ObjType::DdSet) || ddset_matches(s, &q.keys) {
+                    encode_ddset(&mut w, s, want_opt);
+                    check(&w)?;
+                }
+            }
+        }
+        Ok(Executed::Done(Outcome {
             reply: w,
             ..Default::default()
-        })
+        }))
     }
 
     fn dd_matches(&self, d: &Dd, keys: &[Tlv]) -> bool {
@@ -1779,13 +1822,17 @@ impl Registry {
         tlvs_match(&w, keys)
     }
 
-    /// Entities (with the key node, when the key was a node) matching the query key.
-    fn key_objects<'a>(
-        &'a self,
+    /// Adds to `plan` the entities matching the query key (with the key node, when the key
+    /// was a node) and, for each, which of its nodes and portal groups the source may see.
+    fn plan_key_objects(
+        &self,
         scope: &Scope,
         q: &QuerySpec,
-    ) -> Result<Vec<(&'a Entity, Option<&'a Node>)>, RegistryError> {
-        let mut out = Vec::new();
+        plan: &mut QueryPlan,
+    ) -> Result<(), RegistryError> {
+        let mut add = |e: &Arc<Entity>, key_node: Option<usize>| {
+            plan.add(e.clone(), key_node, |name| self.visible(scope, name))
+        };
         match q.key_type {
             Some(ObjType::Node) => {
                 // Fast path: key by name.
@@ -1794,18 +1841,21 @@ impl Registry {
                         let name = k
                             .as_string()
                             .map_err(|e| RegistryError::InvalidQuery(e.to_string()))?;
-                        if let Some((e, n)) = self.node(&name) {
-                            if self.visible(scope, &n.name) {
-                                out.push((e, Some(n)));
+                        if let Some(e) = self.node_eid.get(&name).and_then(|i| self.entities.get(i))
+                        {
+                            if let Some(i) = e.nodes.iter().position(|n| n.name == name) {
+                                if self.visible(scope, &name) {
+                                    add(e, Some(i))?;
+                                }
                             }
                         }
-                        return Ok(out);
+                        return Ok(());
                     }
                 }
                 for e in self.entities.values() {
-                    for n in &e.nodes {
+                    for (i, n) in e.nodes.iter().enumerate() {
                         if node_matches(n, &q.keys) && self.visible(scope, &n.name) {
-                            out.push((e, Some(n)));
+                            add(e, Some(i))?;
                         }
                     }
                 }
@@ -1813,7 +1863,7 @@ impl Registry {
             Some(ObjType::Entity) => {
                 for e in self.entities.values() {
                     if entity_matches(e, &q.keys) && self.entity_visible(scope, e) {
-                        out.push((e, None));
+                        add(e, None)?;
                     }
                 }
             }
@@ -1822,7 +1872,7 @@ impl Registry {
                     if e.portals.iter().any(|p| portal_matches(p, &q.keys))
                         && self.entity_visible(scope, e)
                     {
-                        out.push((e, None));
+                        add(e, None)?;
                     }
                 }
             }
@@ -1830,8 +1880,8 @@ impl Registry {
                 for e in self.entities.values() {
                     for g in &e.pgs {
                         if pg_matches(g, &q.keys) && self.visible(scope, &g.node_name) {
-                            if let Some(n) = e.nodes.iter().find(|n| n.name == g.node_name) {
-                                out.push((e, Some(n)));
+                            if let Some(i) = e.nodes.iter().position(|n| n.name == g.node_name) {
+                                add(e, Some(i))?;
                             }
                         }
                     }
@@ -1840,69 +1890,13 @@ impl Registry {
             None => {
                 for e in self.entities.values() {
                     if self.entity_visible(scope, e) {
-                        out.push((e, None));
+                        add(e, None)?;
                     }
                 }
             }
             Some(ObjType::Dd | ObjType::DdSet) => {}
         }
-        Ok(out)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn emit_related(
-        &self,
-        w: &mut TlvWriter,
-        scope: &Scope,
-        e: &Entity,
-        key_node: Option<&Node>,
-        types: &BTreeSet<ObjType>,
-        want: Option<&HashSet<u32>>,
-        emitted: &mut HashSet<u32>,
-    ) {
-        for t in types {
-            match t {
-                ObjType::Entity => {
-                    if emitted.insert(e.index) {
-                        encode_entity(w, e, want);
-                    }
-                }
-                ObjType::Node => {
-                    let nodes: Vec<&Node> = match key_node {
-                        Some(n) => vec![n],
-                        None => e
-                            .nodes
-                            .iter()
-                            .filter(|n| self.visible(scope, &n.name))
-                            .collect(),
-                    };
-                    for n in nodes {
-                        if emitted.insert(n.index) {
-                            encode_node(w, n, want);
-                        }
-                    }
-                }
-                ObjType::Portal => {
-                    for p in &e.portals {
-                        if emitted.insert(p.index) {
-                            encode_portal(w, p, want);
-                        }
-                    }
-                }
-                ObjType::PortalGroup => {
-                    for g in &e.pgs {
-                        let ok = match key_node {
-                            Some(n) => g.node_name == n.name,
-                            None => self.visible(scope, &g.node_name),
-                        };
-                        if ok && emitted.insert(g.index) {
-                            encode_pg(w, g, want);
-                        }
-                    }
-                }
-                ObjType::Dd | ObjType::DdSet => {}
-            }
-        }
+        Ok(())
     }
 
     fn get_next(&self, scope: &Scope, q: &QuerySpec) -> Result<Outcome, RegistryError> {
@@ -2041,6 +2035,142 @@ impl Registry {
             reply: w,
             ..Default::default()
         })
+    }
+}
+
+/// What executing a command produced: a finished outcome, or a query whose reply is still to
+/// be encoded (outside the registry lock) from the plan.
+#[derive(Debug)]
+pub enum Executed {
+    Done(Outcome),
+    Query(QueryPlan),
+}
+
+/// Most entities one query plan may hold: every entity the registry can have (a plan entry
+/// is a pointer and an index, ~24 bytes, so the largest plan is ~24 MiB).
+pub const MAX_PLAN_ITEMS: usize = MAX_NODES;
+
+/// A DevAttrQry answer decided under the registry lock: the matching entities (shared,
+/// immutable snapshots of them) and what the source may see of each. Encoding it needs no
+/// registry access, so the server does it after releasing the lock.
+#[derive(Debug)]
+pub struct QueryPlan {
+    /// Status, echoed keys and delimiter.
+    head: TlvWriter,
+    items: Vec<PlanItem>,
+    /// Visibility of each item's nodes then portal groups, from `PlanItem::vis`.
+    visible: Vec<bool>,
+    types: BTreeSet<ObjType>,
+    want: Option<HashSet<u32>>,
+}
+
+#[derive(Debug)]
+struct PlanItem {
+    e: Arc<Entity>,
+    key_node: Option<usize>,
+    vis: usize,
+}
+
+impl QueryPlan {
+    fn add(
+        &mut self,
+        e: Arc<Entity>,
+        key_node: Option<usize>,
+        visible: impl Fn(&str) -> bool,
+    ) -> Result<(), RegistryError> {
+        if self.items.len() >= MAX_PLAN_ITEMS {
+            return Err(RegistryError::ReplyTooLarge);
+        }
+        let vis = self.visible.len();
+        // Visibility is needed only where no key node decides it.
+        if key_node.is_none()
+            && (self.types.contains(&ObjType::Node) || self.types.contains(&ObjType::PortalGroup))
+        {
+            self.visible
+                .extend(e.nodes.iter().map(|n| visible(&n.name)));
+            self.visible
+                .extend(e.pgs.iter().map(|g| visible(&g.node_name)));
+        }
+        self.items.push(PlanItem { e, key_node, vis });
+        Ok(())
+    }
+
+    /// Number of entities the reply covers.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Encodes the reply. `grow` is told the reply's size after each entity and may stop
+    /// it (the server's memory budget); the reply never exceeds [`MAX_REPLY_BYTES`].
+    pub fn encode(
+        self,
+        grow: &mut dyn FnMut(usize) -> Result<(), RegistryError>,
+    ) -> Result<TlvWriter, RegistryError> {
+        let mut w = self.head;
+        let want = self.want.as_ref();
+        let mut emitted: HashSet<u32> = HashSet::new();
+        for it in &self.items {
+            let e = &*it.e;
+            let key_node = it.key_node.and_then(|i| e.nodes.get(i));
+            let node_visible = |i: usize| self.visible.get(it.vis + i).copied().unwrap_or(false);
+            let pg_visible = |i: usize| {
+                self.visible
+                    .get(it.vis + e.nodes.len() + i)
+                    .copied()
+                    .unwrap_or(false)
+            };
+            for t in &self.types {
+                match t {
+                    ObjType::Entity => {
+                        if emitted.insert(e.index) {
+                            encode_entity(&mut w, e, want);
+                        }
+                    }
+                    ObjType::Node => match key_node {
+                        Some(n) => {
+                            if emitted.insert(n.index) {
+                                encode_node(&mut w, n, want);
+                            }
+                        }
+                        None => {
+                            for (i, n) in e.nodes.iter().enumerate() {
+                                if node_visible(i) && emitted.insert(n.index) {
+                                    encode_node(&mut w, n, want);
+                                }
+                            }
+                        }
+                    },
+                    ObjType::Portal => {
+                        for p in &e.portals {
+                            if emitted.insert(p.index) {
+                                encode_portal(&mut w, p, want);
+                            }
+                        }
+                    }
+                    ObjType::PortalGroup => {
+                        for (i, g) in e.pgs.iter().enumerate() {
+                            let ok = match key_node {
+                                Some(n) => g.node_name == n.name,
+                                None => pg_visible(i),
+                            };
+                            if ok && emitted.insert(g.index) {
+                                encode_pg(&mut w, g, want);
+                            }
+                        }
+                    }
+                    ObjType::Dd | ObjType::DdSet => {}
+                }
+            }
+            if w.buf.len() > MAX_REPLY_BYTES {
+                return Err(RegistryError::ReplyTooLarge);
+            }
+            grow(w.buf.len())?;
+        }
+        Ok(w)
     }
 }
 
@@ -2552,7 +2682,7 @@ mod tests {
         r.execute_from(&parsed("iqn.t:a", c), &p, 1).unwrap();
         // A node that made itself "control" before authorization existed (e.g. replayed
         // from an old log) is not a control node unless the administrator lists it.
-        let mut e = r.entities["e1"].clone();
+        let mut e = (*r.entities["e1"]).clone();
         e.eid = "e9".into();
         e.portals[0].port = 9;
         e.nodes = vec![Node {
@@ -2570,6 +2700,136 @@ mod tests {
         assert!(!r.visible(&r.scope_for("iqn.x:ctl"), "iqn.t:a"));
         r.set_control_nodes(BTreeMap::from([("iqn.x:ctl".to_owned(), None)]));
         assert!(r.visible(&r.scope_for("iqn.x:ctl"), "iqn.t:a"));
+    }
+
+    /// Registers `count` target nodes named `{prefix}{i:07}` (from `first`) in one entity,
+    /// with `alias` on each, from the entity's own first node.
+    fn bulk(
+        r: &mut Registry,
+        eid: &str,
+        prefix: &str,
+        first: usize,
+        count: usize,
+        alias: &str,
+    ) -> Result<Outcome, RegistryError> {
+        let objects: Vec<RegObject> = (first..first + count)
+            .map(|i| {
+                RegObject::Node(NodeAttrs {
+                    name: format!("{prefix}{i:07}"),
+                    node_type: Some(NODE_TARGET),
+                    alias: (!alias.is_empty()).then(|| alias.to_owned()),
+                    ..Default::default()
+                })
+            })
+            .collect();
+        let source = format!("{prefix}{first:07}");
+        let peer = Peer::new("10.0.0.1".parse().unwrap());
+        r.register(
+            &source,
+            &peer,
+            &RegKey::Eid(eid.into()),
+            false,
+            &EntityAttrs::default(),
+            &objects,
+            1,
+        )
+    }
+
+    fn all_targets(wanted: &[u32]) -> Parsed {
+        let mut key = TlvWriter::new();
+        key.u32(tag::ISCSI_NODE_TYPE, NODE_TARGET);
+        let keys = crate::wire::parse_tlvs(&key.buf).unwrap();
+        parsed(
+            "iqn.q:asker",
+            Command::DevAttrQry(QuerySpec {
+                key_type: Some(ObjType::Node),
+                keys: keys.clone(),
+                raw_keys: keys,
+                filters: vec![],
+                wanted: wanted.to_vec(),
+            }),
+        )
+    }
+
+    /// MAX_NODES is reached: exactly that many nodes register, one more is refused (Busy).
+    #[test]
+    fn max_nodes_is_reached() {
+        let mut r = Registry::new(Policy::default(), 900);
+        let mut n = 0;
+        let mut k = 0;
+        while n < MAX_NODES {
+            let count = (MAX_NODES - n).min(MAX_OBJECTS_PER_ENTITY);
+            bulk(&mut r, &format!("e{k}"), "iqn.n:", n, count, "").unwrap();
+            n += count;
+            k += 1;
+        }
+        assert_eq!(r.counts().1, MAX_NODES);
+        let e = bulk(&mut r, "e-over", "iqn.n:", MAX_NODES, 1, "").unwrap_err();
+        assert_eq!(e, RegistryError::Full("nodes"));
+        assert_eq!(e.status(), Status::Busy);
+    }
+
+    /// A reply that would exceed MAX_REPLY_BYTES is refused (Internal Error), not built.
+    #[test]
+    fn reply_beyond_max_reply_bytes_is_refused() {
+        let mut r = Registry::new(Policy::default(), 900);
+        let alias = "a".repeat(250);
+        // 284 bytes a node with its alias: 15 × 4096 nodes ≈ 17.4 MB > 16 MiB.
+        for k in 0..15 {
+            bulk(&mut r, &format!("e{k}"), "iqn.big:", k * 4096, 4096, &alias).unwrap();
+        }
+        let q = all_targets(&[tag::ISCSI_NAME, tag::ISCSI_ALIAS]);
+        let r1 = r.execute_from(&q, &Peer::unknown(), 2);
+        assert!(
+            matches!(r1, Err(RegistryError::ReplyTooLarge)),
+            "reply of {:?} bytes",
+            r1.map(|o| o.reply.buf.len())
+        );
+        // Names only (~48 bytes a node) fit.
+        let out = r
+            .execute_from(&all_targets(&[tag::ISCSI_NAME]), &Peer::unknown(), 2)
+            .unwrap();
+        assert!(out.reply.buf.len() < MAX_REPLY_BYTES);
+    }
+
+    /// A query plan is encoded from what it captured, without the registry: changes made
+    /// after planning (the server releases the lock first) neither block nor alter it.
+    #[test]
+    fn query_plan_encodes_without_the_registry() {
+        let mut r = Registry::new(Policy::default(), 900);
+        bulk(&mut r, "e0", "iqn.p:", 0, 100, "").unwrap();
+        let q = all_targets(&[tag::ISCSI_NAME]);
+        let Executed::Query(plan) = r.execute_planned(&q, &Peer::unknown(), 2).unwrap() else {
+            panic!("expected a plan");
+        };
+        assert_eq!(plan.len(), 100);
+        // Meanwhile the entity is replaced and then removed.
+        bulk(&mut r, "e0", "iqn.p:", 0, 1, "changed").unwrap();
+        r.admin_remove_entity("e0").unwrap();
+        assert_eq!(r.counts().1, 0);
+        let mut steps = 0;
+        let w = plan
+            .encode(&mut |_| {
+                steps += 1;
+                Ok(())
+            })
+            .unwrap();
+        let names = crate::wire::parse_tlvs(&w.buf[4..])
+            .unwrap()
+            .into_iter()
+            .filter(|t| t.tag == tag::ISCSI_NAME)
+            .count();
+        assert_eq!(names, 100);
+        assert_eq!(steps, 100);
+        // The budget callback stops the encoding.
+        bulk(&mut r, "e1", "iqn.p:", 0, 10, "").unwrap();
+        let Executed::Query(plan) = r.execute_planned(&q, &Peer::unknown(), 3).unwrap() else {
+            panic!("expected a plan");
+        };
+        assert_eq!(
+            plan.encode(&mut |_| Err(RegistryError::Busy)).unwrap_err(),
+            RegistryError::Busy
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -17,7 +17,7 @@ use thiserror::Error;
 
 use crate::admission::Admission;
 use crate::command::{parse_command, CommandError};
-use crate::registry::{Outcome, Peer, Policy, Record, Registry, RegistryError};
+use crate::registry::{Executed, Outcome, Peer, Policy, Record, Registry, RegistryError};
 use crate::scn::ScnSender;
 use crate::store::{snapshot_state, Store, StoreError};
 use crate::wire::{
@@ -117,6 +117,8 @@ pub struct Limits {
     pub pdu_timeout: Duration,
     pub message_timeout: Duration,
     pub write_timeout: Duration,
+    /// Reply bytes all connections may hold at once ([`MAX_REPLY_BYTES_IN_FLIGHT`]).
+    pub reply_bytes_in_flight: usize,
 }
 
 impl Default for Limits {
@@ -127,6 +129,7 @@ impl Default for Limits {
             pdu_timeout: PDU_TIMEOUT,
             message_timeout: MESSAGE_TIMEOUT,
             write_timeout: WRITE_TIMEOUT,
+            reply_bytes_in_flight: MAX_REPLY_BYTES_IN_FLIGHT,
         }
     }
 }
@@ -200,6 +203,26 @@ pub struct StatsReport {
     pub snapshots: u64,
 }
 
+/// Most reply bytes held by all connections at once (replies being encoded plus their PDU
+/// copies, until written): 128 MiB, four replies of the largest size each with its copy. A
+/// query that would exceed it is answered Busy (12); clients retry.
+pub const MAX_REPLY_BYTES_IN_FLIGHT: usize = 128 * 1024 * 1024;
+/// Granularity of reply reservations (a reply grows by many small TLVs).
+pub const REPLY_RESERVE_STEP: usize = 1024 * 1024;
+
+/// A reply's share of [`MAX_REPLY_BYTES_IN_FLIGHT`], returned when dropped.
+#[derive(Debug)]
+struct ReplyReservation<'a> {
+    counter: &'a AtomicUsize,
+    bytes: usize,
+}
+
+impl Drop for ReplyReservation<'_> {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(self.bytes, Ordering::SeqCst);
+    }
+}
+
 /// Executes requests: registry + durability + notifications.
 #[derive(Debug)]
 pub struct Service {
@@ -207,6 +230,9 @@ pub struct Service {
     store: Arc<Store>,
     scn: ScnSender,
     pub stats: Stats,
+    /// Reply bytes in flight, and their limit (see [`MAX_REPLY_BYTES_IN_FLIGHT`]).
+    reply_bytes: AtomicUsize,
+    reply_budget: usize,
 }
 
 impl Service {
@@ -222,22 +248,51 @@ impl Service {
         &self,
         op: impl FnOnce(&mut Registry) -> Result<Outcome, RegistryError>,
     ) -> Result<Outcome, RunError> {
-        let (out, seq) = {
+        match self.run_planned(|reg| op(reg).map(Executed::Done))? {
+            Executed::Done(out) => Ok(out),
+            // `op` returns only finished outcomes.
+            Executed::Query(_) => Err(RunError::Registry(RegistryError::Busy)),
+        }
+    }
+
+    /// Like [`Service::run`], for operations that may return a query plan: the lock is
+    /// released before the plan is encoded.
+    fn run_planned(
+        &self,
+        op: impl FnOnce(&mut Registry) -> Result<Executed, RegistryError>,
+    ) -> Result<Executed, RunError> {
+        let (ex, seq) = {
             let mut reg = self.registry();
-            let out = op(&mut reg)?;
+            let ex = op(&mut reg)?;
             let mut seq = self.store.last_seq();
-            for r in &out.mutations {
-                let json = serde_json::to_vec(r).map_err(|e| RunError::Encode(e.to_string()))?;
-                seq = self.store.append(&json)?;
+            if let Executed::Done(out) = &ex {
+                for r in &out.mutations {
+                    let json =
+                        serde_json::to_vec(r).map_err(|e| RunError::Encode(e.to_string()))?;
+                    seq = self.store.append(&json)?;
+                }
             }
-            (out, seq)
+            (ex, seq)
         };
         // Queries wait too: they must not expose state that is not yet durable.
         self.store.wait_durable(seq)?;
-        for n in &out.notifications {
-            self.scn.send(n.clone());
+        if let Executed::Done(out) = &ex {
+            for n in &out.notifications {
+                self.scn.send(n.clone());
+            }
         }
-        Ok(out)
+        Ok(ex)
+    }
+
+    /// Reserves reply memory (`bytes` more) against the in-flight budget.
+    fn reserve(&self, r: &mut ReplyReservation<'_>, bytes: usize, force: bool) -> bool {
+        let before = self.reply_bytes.fetch_add(bytes, Ordering::SeqCst);
+        if !force && before + bytes > self.reply_budget {
+            self.reply_bytes.fetch_sub(bytes, Ordering::SeqCst);
+            return false;
+        }
+        r.bytes += bytes;
+        true
     }
 
     /// Handles one client message from an unknown address (see [`Peer::unknown`]).
@@ -248,12 +303,23 @@ impl Service {
     /// Handles one client message received from `peer`; returns the reply PDUs (None for
     /// messages that take no reply, such as responses from the client).
     pub fn handle_from(&self, m: &Message, peer: &Peer) -> Option<Vec<u8>> {
+        self.handle_reserved(m, peer)
+            .map(|(pdus, _reservation)| pdus)
+    }
+
+    /// [`Service::handle_from`], with the reply's share of the in-flight budget, to keep
+    /// until the reply is written.
+    fn handle_reserved(&self, m: &Message, peer: &Peer) -> Option<(Vec<u8>, ReplyReservation<'_>)> {
         if m.function & RESPONSE_BIT != 0 {
             return None;
         }
         self.stats.messages.fetch_add(1, Ordering::Relaxed);
         let resp_fn = m.function | RESPONSE_BIT;
-        let reply = match self.execute(m, peer) {
+        let mut res = ReplyReservation {
+            counter: &self.reply_bytes,
+            bytes: 0,
+        };
+        let reply = match self.execute(m, peer, &mut res) {
             Ok(w) => w,
             Err(status) => {
                 self.stats.errors.fetch_add(1, Ordering::Relaxed);
@@ -265,10 +331,15 @@ impl Service {
             reply.buf.len().div_ceil(MAX_REPLY_PAYLOAD_BYTES).max(1) as u64,
             Ordering::Relaxed,
         );
-        Some(pdus)
+        Some((pdus, res))
     }
 
-    fn execute(&self, m: &Message, peer: &Peer) -> Result<TlvWriter, Status> {
+    fn execute(
+        &self,
+        m: &Message,
+        peer: &Peer,
+        res: &mut ReplyReservation<'_>,
+    ) -> Result<TlvWriter, Status> {
         let req = parse_request(m).map_err(|e| {
             self.stats.format_errors.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(error = %e, "malformed message");
@@ -294,8 +365,29 @@ impl Service {
         };
         counter.fetch_add(1, Ordering::Relaxed);
         let now = unix_now();
-        match self.run(|reg| reg.execute_from(&parsed, peer, now)) {
-            Ok(out) => Ok(out.reply),
+        let encoded = match self.run_planned(|reg| reg.execute_planned(&parsed, peer, now)) {
+            // A finished reply (at most one entity, or DDs) is counted, never refused: its
+            // effects are already made.
+            Ok(Executed::Done(out)) => {
+                self.reserve(res, 2 * out.reply.buf.len(), true);
+                Ok(out.reply)
+            }
+            // Encoded outside the registry lock, in steps of REPLY_RESERVE_STEP, each
+            // reserving room for the reply and its PDU copy.
+            Ok(Executed::Query(plan)) => plan
+                .encode(&mut |len| {
+                    while 2 * len > res.bytes {
+                        if !self.reserve(res, REPLY_RESERVE_STEP, false) {
+                            return Err(RegistryError::Busy);
+                        }
+                    }
+                    Ok(())
+                })
+                .map_err(RunError::Registry),
+            Err(e) => Err(e),
+        };
+        match encoded {
+            Ok(w) => Ok(w),
             Err(RunError::Registry(e)) => {
                 if matches!(e, RegistryError::Unauthorized(..)) {
                     self.stats.unauthorized.fetch_add(1, Ordering::Relaxed);
@@ -382,13 +474,16 @@ impl Service {
             }
         }
         for (eid, ip, port) in &r.dead {
-            match self.run(|reg| Ok(reg.esi_drop_portal(eid, *ip, *port))) {
-                Ok(_) => {
-                    self.stats
-                        .esi_removed_portals
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-                Err(e) => tracing::error!(error = %e, "ESI deregistration failed"),
+            // Counted before the SCNs go out, so that whoever hears of the removal sees it
+            // counted.
+            let drop = |reg: &mut Registry| {
+                self.stats
+                    .esi_removed_portals
+                    .fetch_add(1, Ordering::Relaxed);
+                Ok(reg.esi_drop_portal(eid, *ip, *port))
+            };
+            if let Err(e) = self.run(drop) {
+                tracing::error!(error = %e, "ESI deregistration failed");
             }
         }
     }
@@ -546,6 +641,8 @@ pub fn start(cfg: Config) -> Result<ServerHandle, ServerError> {
         store: store.clone(),
         scn: ScnSender::start(unix_now),
         stats: Stats::default(),
+        reply_bytes: AtomicUsize::new(0),
+        reply_budget: cfg.limits.reply_bytes_in_flight,
     });
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
@@ -772,7 +869,8 @@ fn serve_connection(mut s: TcpStream, svc: &Service, limits: &Limits) -> std::io
         match pushed {
             Ok(None) => {}
             Ok(Some(m)) => {
-                if let Some(reply) = svc.handle_from(&m, &peer) {
+                // The reservation is held until the reply is written.
+                if let Some((reply, _reservation)) = svc.handle_reserved(&m, &peer) {
                     write_before(&mut s, &reply, Instant::now() + limits.write_timeout)?;
                 }
             }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use fabric_nameserver::admission::ConnLimits;
 use fabric_nameserver::server::{start, Config, Limits, MAX_CONNECTIONS_PER_HOST, PDU_TIMEOUT};
-use fabric_nameserver::wire::{func, Header, FLAG_CLIENT, FLAG_FIRST_PDU, FLAG_LAST_PDU};
+use fabric_nameserver::wire::{func, Header, Status, FLAG_CLIENT, FLAG_FIRST_PDU, FLAG_LAST_PDU};
 
 const TARGET: u32 = 1;
 
@@ -224,5 +224,46 @@ fn one_network_holds_at_most_a_quarter_of_the_slots() {
     assert!(closed_within(&mut third, Duration::from_secs(5)));
     let mut elsewhere = Client::connect_from(srv.local_addr, Ipv4Addr::new(127, 0, 9, 1));
     assert!(served(&mut elsewhere));
+    srv.shutdown();
+}
+
+/// Replies are bounded in total: with a small in-flight budget, a query whose reply does not
+/// fit is answered Busy while small ones are served; with the default budget it succeeds.
+#[test]
+fn replies_beyond_the_in_flight_budget_are_answered_busy() {
+    let names: Vec<String> = (0..20_000)
+        .map(|i| format!("iqn.2024-01.test:n{i:06}"))
+        .collect();
+    let load = |c: &mut Client| {
+        for (k, chunk) in names.chunks(4000).enumerate() {
+            let nodes: Vec<(&str, u32)> = chunk.iter().map(|n| (n.as_str(), TARGET)).collect();
+            let r = c.call(
+                func::DEV_ATTR_REG,
+                0,
+                &registration(nodes[0].0, &format!("e{k}"), 3260 + k as u32, None, &nodes),
+            );
+            assert_eq!(r.status, 0);
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let srv = server_with(dir.path(), |l| l.reply_bytes_in_flight = 1024 * 1024);
+    let mut c = Client::connect(srv.local_addr);
+    load(&mut c);
+    // ~20 000 × 48 bytes ≈ 1 MiB of reply (2 MiB with its PDU copy): over the budget.
+    let r = c.call(func::DEV_ATTR_QRY, 0, &query_type(&names[0], TARGET));
+    assert_eq!(r.status, Status::Busy as u32);
+    let r = c.call(func::DEV_ATTR_QRY, 0, &query_name(&names[0], &names[7]));
+    assert_eq!(r.status, 0);
+    srv.shutdown();
+    let dir = tempfile::tempdir().unwrap();
+    let srv = start_server(dir.path());
+    let mut c = Client::connect(srv.local_addr);
+    load(&mut c);
+    let r = c.call(func::DEV_ATTR_QRY, 0, &query_type(&names[0], TARGET));
+    assert_eq!(r.status, 0);
+    assert_eq!(
+        r.strings(fabric_nameserver::wire::tag::ISCSI_NAME).len(),
+        20_000
+    );
     srv.shutdown();
 }
