@@ -6,8 +6,11 @@
 //!   splitting into ≤ 8 KiB PDUs. Pure.
 //! - [`command`]: validation of a parsed request into a typed [`command::Command`]. Pure.
 //! - [`registry`]: the state (entities, portals, nodes, portal groups, DDs, DD sets, policy),
-//!   soft zoning, and the execution of commands into replies, logged mutations and SCNs.
-//! - [`store`]: the write-ahead log with group commit, snapshots and crash recovery.
+//!   authorization (owner address, administrator-listed control nodes), soft zoning, and the
+//!   execution of commands into replies (query plans encoded outside the lock), logged
+//!   mutations and SCNs.
+//! - [`store`]: the write-ahead log with group commit, snapshots and crash recovery (a torn
+//!   tail is cut; corruption before it stops startup).
 //! - [`esi`]: Entity Status Inquiry: probing portals that asked for it, deciding which
 //!   are dead (pure message codec and schedule; the server thread applies the verdicts).
 //! - [`scn`]: delivery of state-change notifications to clients' SCN ports, with retries.

@@ -409,9 +409,16 @@ impl Registry {
         self.control_nodes = nodes;
     }
 
-    /// Whether `name` is a listed control node (for what it may see: SCN scoping).
+    /// Whether `name` is a listed control node whose registration (where its SCNs go) came
+    /// from its pinned address, if it has one: what it may see through SCNs.
     fn is_control_name(&self, name: &str) -> bool {
-        self.control_nodes.contains_key(name)
+        match self.control_nodes.get(name) {
+            Some(None) => true,
+            Some(Some(a)) => self
+                .node(name)
+                .is_some_and(|(e, _)| e.peer == Some(a.to_canonical())),
+            None => false,
+        }
     }
 
     /// Whether a request from `source` at `peer` carries control-node authority.
@@ -982,8 +989,18 @@ impl Registry {
         }
         for o in objects {
             if let RegObject::Node(n) = o {
+                // A pinned control node's name is registered only from its address (else a
+                // look-alike would receive its unscoped SCNs).
+                if let Some(Some(pin)) = self.control_nodes.get(&n.name) {
+                    if peer.addr != Some(pin.to_canonical()) {
+                        return Err(RegistryError::Unauthorized(
+                            source.to_owned(),
+                            "a pinned control node registers from its own address only",
+                        ));
+                    }
+                }
                 if n.node_type.is_some_and(|t| t & NODE_CONTROL != 0)
-                    && !self.is_control_name(&n.name)
+                    && !self.control_nodes.contains_key(&n.name)
                 {
                     return Err(RegistryError::Unauthorized(
                         source.to_owned(),
@@ -2617,6 +2634,18 @@ mod tests {
         assert_eq!(r.counts().1, 1);
         // ...without becoming the entity's SCN/ESI address.
         assert_eq!(r.entities["e1"].peer, owner.addr);
+        // A pinned control node's name cannot be registered from elsewhere (its SCNs are
+        // unscoped).
+        let lookalike = reg_cmd(
+            "e7",
+            false,
+            ("::ffff:10.0.0.66", 3390, Some(4000)),
+            &[("iqn.ctl:pinned", NODE_INITIATOR)],
+        );
+        assert_eq!(
+            status(r.execute_from(&parsed("iqn.ctl:pinned", lookalike), &evil, 9)),
+            Status::SourceUnauthorized
+        );
         // An unknown requester (no address) owns nothing.
         let rm = Command::DevDereg {
             eids: vec!["e1".into()],
