@@ -6,18 +6,25 @@
 //!   splitting into ≤ 8 KiB PDUs. Pure.
 //! - [`command`]: validation of a parsed request into a typed [`command::Command`]. Pure.
 //! - [`registry`]: the state (entities, portals, nodes, portal groups, DDs, DD sets, policy),
-//!   soft zoning, and the execution of commands into replies, logged mutations and SCNs.
-//! - [`store`]: the write-ahead log with group commit, snapshots and crash recovery.
+//!   authorization (owner address, administrator-listed control nodes), soft zoning, and the
+//!   execution of commands into replies (query plans encoded outside the lock), logged
+//!   mutations and SCNs.
+//! - [`store`]: the write-ahead log with group commit, snapshots and crash recovery (a torn
+//!   tail is cut; corruption before it stops startup).
 //! - [`esi`]: Entity Status Inquiry: probing portals that asked for it, deciding which
 //!   are dead (pure message codec and schedule; the server thread applies the verdicts).
 //! - [`scn`]: delivery of state-change notifications to clients' SCN ports, with retries.
-//! - [`server`]: the TCP listener and connection threads, the service that makes every
-//!   change durable before answering, expiry and snapshot housekeeping.
+//! - [`server`]: the TCP listener and connection threads (per-PDU, per-message and per-reply
+//!   deadlines), the service that makes every change durable before answering, expiry and
+//!   snapshot housekeeping.
+//! - [`admission`]: connection limits per host (IPv4 address, IPv6 /64), per network (IPv4
+//!   /24, IPv6 /48) and in all. Pure.
 //! - [`control`]: the JSON-RPC control socket behind `stratactl ns`.
 //!
 //! The binary `strata-nameserver` (src/bin) owns process concerns: command line, logging,
 //! signals.
 
+pub mod admission;
 pub mod command;
 pub mod control;
 pub mod esi;

@@ -7,9 +7,20 @@
 //! Soft zoning: a source sees a node when both are members of a common *active* DD (a DD in
 //! no DD Set, or in at least one enabled DD Set), when the node is itself, when the source is
 //! a control node, or, under the default-DD policy, when neither is a member of any active DD.
+//!
+//! Authorization (RFC 4171 §5.6.5, §6.4.2): control nodes are the ones the administrator
+//! lists ([`Registry::set_control_nodes`], optionally pinned to a peer address); a node
+//! registering the control bit without being listed is refused. A network request
+//! ([`Registry::execute_from`], with the peer's address) may change only the entity its
+//! source node belongs to, and only from the address that registered that entity (the
+//! source attribute is unauthenticated: the peer address is what binds an entity to its
+//! owner); DD and DD-set changes and management SCN registrations need a control node. SCNs
+//! and ESI probes go only to the address of the peer that registered the entity, never to
+//! an address a client names.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::net::{Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -28,9 +39,11 @@ pub const MAX_OBJECTS_PER_ENTITY: usize = 4096;
 pub const MAX_DDS: usize = 16_384;
 /// Most members of one DD.
 pub const MAX_DD_MEMBERS: usize = 100_000;
-/// Largest reply we build (a 1 000 000-node "all nodes" query with names is ~60 MiB); beyond
-/// it the query fails with Internal Error rather than exhausting memory.
-pub const MAX_REPLY_BYTES: usize = 128 * 1024 * 1024;
+/// Largest reply we build: the "all targets" query (name and type, ~48 bytes a node) at
+/// 100 000 nodes is ~5 MiB, so 16 MiB answers ~340 000 nodes that way; larger sets are what
+/// DevGetNext iteration is for. Beyond it the query fails with Internal Error rather than
+/// pinning memory (the server also caps the total of replies in flight).
+pub const MAX_REPLY_BYTES: usize = 16 * 1024 * 1024;
 /// Most (subscriber, changed node) visibility checks one DD change may cost for SCNs; a
 /// larger change still applies, but its SCNs are limited to the first checks.
 pub const MAX_SCN_CHECKS: usize = 4_000_000;
@@ -117,6 +130,11 @@ pub struct Entity {
     /// every entity gets a full period).
     #[serde(skip)]
     pub refreshed_secs: u64,
+    /// Address of the peer that registered the entity: the only address that may change it
+    /// (besides control nodes) and the only one SCNs and ESI probes are sent to. `None` for
+    /// entities logged before addresses were recorded: no SCN/ESI until they re-register.
+    #[serde(default)]
+    pub peer: Option<IpAddr>,
 }
 
 impl Portal {
@@ -247,6 +265,12 @@ pub enum RegistryError {
         crate::esi::MAX_ESI_PORTALS
     )]
     EsiNotAvailable,
+    #[error("source {0} is not authorized: {1}")]
+    Unauthorized(String, &'static str),
+    #[error("SCN registration rejected: {0}")]
+    ScnRejected(&'static str),
+    #[error("server busy: too many large replies in flight")]
+    Busy,
 }
 
 impl RegistryError {
@@ -259,6 +283,9 @@ impl RegistryError {
             RegistryError::Full(_) => Status::Busy,
             RegistryError::ReplyTooLarge => Status::Internal,
             RegistryError::EsiNotAvailable => Status::EsiNotAvailable,
+            RegistryError::Unauthorized(..) => Status::SourceUnauthorized,
+            RegistryError::ScnRejected(_) => Status::ScnRegistrationRejected,
+            RegistryError::Busy => Status::Busy,
         }
     }
 }
@@ -282,10 +309,57 @@ impl Scope {
     }
 }
 
+/// Where a network request comes from: the TCP peer's address (canonical: an IPv4 peer on
+/// a dual-stack socket is its IPv4 address). `None` when unknown (e.g. a fuzzer driving
+/// the registry directly): such a requester owns no entity and gets no SCN or ESI.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Peer {
+    pub addr: Option<IpAddr>,
+}
+
+impl Peer {
+    pub fn new(addr: IpAddr) -> Peer {
+        Peer {
+            addr: Some(addr.to_canonical()),
+        }
+    }
+
+    pub fn unknown() -> Peer {
+        Peer { addr: None }
+    }
+}
+
+/// Entities are shared (`Arc`) so that a query can take the ones it answers with out of the
+/// registry lock and encode its reply after releasing it; a change to an entity a reply is
+/// still being built from copies it first (`Arc::make_mut`). Serialised as plain entities.
+mod shared_entities {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::Entity;
+
+    pub fn serialize<S: Serializer>(
+        m: &BTreeMap<String, Arc<Entity>>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_map(m.iter().map(|(k, v)| (k, &**v)))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<String, Arc<Entity>>, D::Error> {
+        let m = BTreeMap::<String, Entity>::deserialize(d)?;
+        Ok(m.into_iter().map(|(k, v)| (k, Arc::new(v))).collect())
+    }
+}
+
 /// The whole registry. Serialised as-is into snapshots.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Registry {
-    entities: BTreeMap<String, Entity>,
+    #[serde(with = "shared_entities")]
+    entities: BTreeMap<String, Arc<Entity>>,
     dds: BTreeMap<u32, Dd>,
     ddsets: BTreeMap<u32, DdSet>,
     policy: Policy,
@@ -307,6 +381,10 @@ pub struct Registry {
     /// Registration period given to entities that do not ask for one (configuration).
     #[serde(skip)]
     default_period_secs: u32,
+    /// Control nodes the administrator authorized (configuration), each optionally pinned
+    /// to the one peer address it may act from.
+    #[serde(skip)]
+    control_nodes: BTreeMap<String, Option<IpAddr>>,
 }
 
 impl Registry {
@@ -323,6 +401,48 @@ impl Registry {
     /// Sets the registration period for entities that do not ask for one.
     pub fn set_default_period(&mut self, secs: u32) {
         self.default_period_secs = secs;
+    }
+
+    /// Sets the administrator's list of control nodes: name → the peer address it must
+    /// come from (`None`: any address).
+    pub fn set_control_nodes(&mut self, nodes: BTreeMap<String, Option<IpAddr>>) {
+        self.control_nodes = nodes;
+    }
+
+    /// Whether `name` is a listed control node whose registration (where its SCNs go) came
+    /// from its pinned address, if it has one: what it may see through SCNs.
+    fn is_control_name(&self, name: &str) -> bool {
+        match self.control_nodes.get(name) {
+            Some(None) => true,
+            Some(Some(a)) => self
+                .node(name)
+                .is_some_and(|(e, _)| e.peer == Some(a.to_canonical())),
+            None => false,
+        }
+    }
+
+    /// Whether a request from `source` at `peer` carries control-node authority.
+    fn is_control(&self, source: &str, peer: &Peer) -> bool {
+        match self.control_nodes.get(source) {
+            Some(None) => true,
+            Some(Some(a)) => peer.addr == Some(a.to_canonical()),
+            None => false,
+        }
+    }
+
+    /// Whether `source` at `peer` may change entity `e`. `joining`: nodes the request adds,
+    /// which may act for their entity (tgt registers each new target with that target as
+    /// the source). Control nodes may change any entity.
+    fn may_change(&self, source: &str, peer: &Peer, e: &Entity, joining: &[&str]) -> bool {
+        if self.is_control(source, peer) {
+            return true;
+        }
+        let member = e.nodes.iter().any(|n| n.name == source);
+        match e.peer {
+            // Logged before addresses were recorded: the source must already be a member.
+            None => member,
+            Some(a) => peer.addr == Some(a) && (member || joining.contains(&source)),
+        }
     }
 
     /// Rebuilds derived indexes (after deserialising a snapshot).
@@ -357,7 +477,7 @@ impl Registry {
     /// Gives every entity a fresh registration period (after loading).
     pub fn refresh_all(&mut self, now_secs: u64) {
         for e in self.entities.values_mut() {
-            e.refreshed_secs = now_secs;
+            Arc::make_mut(e).refreshed_secs = now_secs;
         }
     }
 
@@ -395,7 +515,7 @@ impl Registry {
     }
 
     pub fn entities(&self) -> impl Iterator<Item = &Entity> {
-        self.entities.values()
+        self.entities.values().map(|e| &**e)
     }
 
     pub fn dds(&self) -> impl Iterator<Item = &Dd> {
@@ -407,7 +527,7 @@ impl Registry {
     }
 
     pub fn node(&self, name: &str) -> Option<(&Entity, &Node)> {
-        let e = self.entities.get(self.node_eid.get(name)?)?;
+        let e: &Entity = self.entities.get(self.node_eid.get(name)?)?;
         e.nodes.iter().find(|n| n.name == name).map(|n| (e, n))
     }
 
@@ -435,7 +555,7 @@ impl Registry {
                         self.esi_portals.insert((p.ip, p.port), e.eid.clone());
                     }
                 }
-                self.entities.insert(e.eid.clone(), e.clone());
+                self.entities.insert(e.eid.clone(), Arc::new(e.clone()));
             }
             Mutation::RemoveEntity(eid) => {
                 self.remove_entity_raw(eid);
@@ -467,7 +587,7 @@ impl Registry {
         }
     }
 
-    fn remove_entity_raw(&mut self, eid: &str) -> Option<Entity> {
+    fn remove_entity_raw(&mut self, eid: &str) -> Option<Arc<Entity>> {
         let old = self.entities.remove(eid)?;
         for n in &old.nodes {
             self.node_eid.remove(&n.name);
@@ -511,13 +631,12 @@ impl Registry {
 
     // --- visibility ---------------------------------------------------------------------------
 
+    /// What `name` sees (control nodes: everything). Used for SCN subscribers, whose
+    /// notifications go to their own registered address.
     pub fn scope_for(&self, name: &str) -> Scope {
-        let control = self
-            .node(name)
-            .is_some_and(|(_, n)| n.node_type & NODE_CONTROL != 0);
         Scope {
             name: Some(name.to_owned()),
-            control,
+            control: self.is_control_name(name),
             dds: self.active_dds_of(name),
         }
     }
@@ -559,38 +678,99 @@ impl Registry {
     pub fn touch(&mut self, source: &str, now_secs: u64) {
         if let Some(eid) = self.node_eid.get(source) {
             if let Some(e) = self.entities.get_mut(eid) {
-                e.refreshed_secs = now_secs;
+                Arc::make_mut(e).refreshed_secs = now_secs;
             }
         }
     }
 
     // --- execution ----------------------------------------------------------------------------
 
-    /// Executes a validated command from `p.source`.
+    /// Executes a validated command from `p.source` at an unknown address (see
+    /// [`Peer::unknown`]): what a fuzzer or a test without a socket uses.
     pub fn execute(&mut self, p: &Parsed, now_secs: u64) -> Result<Outcome, RegistryError> {
-        self.touch(&p.source, now_secs);
-        match &p.command {
+        self.execute_from(p, &Peer::unknown(), now_secs)
+    }
+
+    /// Executes a validated command from `p.source`, received from `peer`, after checking
+    /// that the source may do it (see the module documentation). Encodes query replies
+    /// in place (see [`Registry::execute_planned`] for the server's way).
+    pub fn execute_from(
+        &mut self,
+        p: &Parsed,
+        peer: &Peer,
+        now_secs: u64,
+    ) -> Result<Outcome, RegistryError> {
+        match self.execute_planned(p, peer, now_secs)? {
+            Executed::Done(out) => Ok(out),
+            Executed::Query(plan) => Ok(Outcome {
+                reply: plan.encode(&mut |_| Ok(()))?,
+                ..Default::default()
+            }),
+        }
+    }
+
+    /// Like [`Registry::execute_from`], but a DevAttrQry over entities comes back as a
+    /// [`QueryPlan`] to encode after the registry lock is released.
+    pub fn execute_planned(
+        &mut self,
+        p: &Parsed,
+        peer: &Peer,
+        now_secs: u64,
+    ) -> Result<Executed, RegistryError> {
+        let dd_change = matches!(
+            p.command,
+            Command::DdReg { .. }
+                | Command::DdDereg { .. }
+                | Command::DdsReg { .. }
+                | Command::DdsDereg { .. }
+        );
+        if dd_change && !self.is_control(&p.source, peer) {
+            return Err(RegistryError::Unauthorized(
+                p.source.clone(),
+                "discovery domains are changed by control nodes only",
+            ));
+        }
+        // Only the owner's messages refresh its registration period.
+        if let Some(eid) = self.node_eid.get(&p.source) {
+            if self
+                .entities
+                .get(eid)
+                .is_some_and(|e| e.peer.is_none() || e.peer == peer.addr)
+            {
+                self.touch(&p.source, now_secs);
+            }
+        }
+        let out = match &p.command {
             Command::DevAttrReg {
                 key,
                 replace,
                 entity,
                 objects,
-            } => self.register(&p.source, key, *replace, entity, objects, now_secs),
+            } => self.register(&p.source, peer, key, *replace, entity, objects, now_secs),
             Command::DevAttrQry(q) => {
-                let scope = self.checked_scope(&p.source)?;
-                self.query(&scope, q)
+                let scope = self.checked_scope(&p.source, peer)?;
+                return self.query(&scope, q);
             }
             Command::DevGetNext(q) => {
-                let scope = self.checked_scope(&p.source)?;
+                let scope = self.checked_scope(&p.source, peer)?;
                 self.get_next(&scope, q)
             }
             Command::DevDereg {
                 eids,
                 nodes,
                 portals,
-            } => Ok(self.deregister(eids, nodes, portals)),
-            Command::ScnReg { node, bitmap } => self.scn_register(node, Some(*bitmap)),
-            Command::ScnDereg { node } => self.scn_register(node, None),
+            } => {
+                self.check_dereg(&p.source, peer, eids, nodes, portals)?;
+                Ok(self.deregister(eids, nodes, portals))
+            }
+            Command::ScnReg { node, bitmap } => {
+                self.check_scn(&p.source, peer, node, Some(*bitmap))?;
+                self.scn_register(node, Some(*bitmap))
+            }
+            Command::ScnDereg { node } => {
+                self.check_scn(&p.source, peer, node, None)?;
+                self.scn_register(node, None)
+            }
             Command::DdReg {
                 key,
                 id,
@@ -607,28 +787,88 @@ impl Registry {
                 dds,
             } => self.dds_register(*key, *id, name.as_deref(), *enabled, dds),
             Command::DdsDereg { id, dds } => self.dds_deregister(*id, dds),
-        }
+        };
+        out.map(Executed::Done)
     }
 
     /// The scope of a querying source. An unregistered source is answered from its DD
     /// memberships (a DD may name nodes before they register); with no DD and no default
     /// DD it has nothing to see and is told so (open-iscsi then registers and retries).
-    fn checked_scope(&self, source: &str) -> Result<Scope, RegistryError> {
-        let s = self.scope_for(source);
+    fn checked_scope(&self, source: &str, peer: &Peer) -> Result<Scope, RegistryError> {
+        let mut s = self.scope_for(source);
+        s.control = self.is_control(source, peer);
         if self.node(source).is_none() && s.dds.is_empty() && !self.policy.default_dd {
             return Err(RegistryError::SourceUnknown(source.to_owned()));
         }
         Ok(s)
     }
 
+    /// RFC 4171 §5.6.5.4: a DevDereg may remove only objects of the source's own entity
+    /// (or come from a control node). Checked for every named object before any is removed.
+    fn check_dereg(
+        &self,
+        source: &str,
+        peer: &Peer,
+        eids: &[String],
+        nodes: &[String],
+        portals: &[(Ipv6Addr, u32)],
+    ) -> Result<(), RegistryError> {
+        let owners = eids
+            .iter()
+            .cloned()
+            .chain(nodes.iter().filter_map(|n| self.node_eid.get(n).cloned()))
+            .chain(
+                portals
+                    .iter()
+                    .filter_map(|k| self.portal_eid.get(k).cloned()),
+            );
+        for eid in owners {
+            if let Some(e) = self.entities.get(&eid) {
+                if !self.may_change(source, peer, e, &[]) {
+                    return Err(RegistryError::Unauthorized(
+                        source.to_owned(),
+                        "it may deregister only objects of its own entity",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// SCN registrations: for nodes of the source's own entity; the management bit only for
+    /// control nodes (RFC 4171 §6.4.4).
+    fn check_scn(
+        &self,
+        source: &str,
+        peer: &Peer,
+        node: &str,
+        bitmap: Option<u32>,
+    ) -> Result<(), RegistryError> {
+        if let Some((e, _)) = self.node(node) {
+            if !self.may_change(source, peer, e, &[]) {
+                return Err(RegistryError::Unauthorized(
+                    source.to_owned(),
+                    "it may register SCNs only for nodes of its own entity",
+                ));
+            }
+        }
+        let mgmt = bitmap.is_some_and(|b| normalize_scn_bitmap(b) & scn::MANAGEMENT != 0);
+        if mgmt && !self.is_control(source, peer) {
+            return Err(RegistryError::ScnRejected(
+                "management SCNs are for control nodes only",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Where `node` receives SCNs: the SCN port of a portal of its entity, at the address of
+    /// the peer that registered the entity (never an address taken from the registration,
+    /// which would let a client aim the server's connections at a third party).
     fn scn_addr(&self, node: &str) -> Option<SocketAddr> {
         let (e, _) = self.node(node)?;
+        let ip = e.peer?;
         e.portals.iter().find_map(|p| {
             let port = u16::try_from(p.scn_port? & 0xffff).ok()?;
-            let ip = match p.ip.to_ipv4_mapped() {
-                Some(v4) => std::net::IpAddr::V4(v4),
-                None => std::net::IpAddr::V6(p.ip),
-            };
             Some(SocketAddr::new(ip, port))
         })
     }
@@ -672,9 +912,11 @@ impl Registry {
         true
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn register(
         &mut self,
         source: &str,
+        peer: &Peer,
         key: &RegKey,
         replace: bool,
         attrs: &EntityAttrs,
@@ -720,7 +962,53 @@ impl Registry {
                 }
             },
         };
-        let old = self.entities.get(&eid).cloned();
+        let old = self.entities.get(&eid).map(|e| (**e).clone());
+        let joining: Vec<&str> = objects
+            .iter()
+            .filter_map(|o| match o {
+                RegObject::Node(n) => Some(n.name.as_str()),
+                _ => None,
+            })
+            .collect();
+        let control = self.is_control(source, peer);
+        match &old {
+            Some(o) if !self.may_change(source, peer, o, &joining) => {
+                return Err(RegistryError::Unauthorized(
+                    source.to_owned(),
+                    "it may update only its own entity, from the address that registered it",
+                ))
+            }
+            // RFC 4171 §5.6.5.1: a new entity is registered by one of its own nodes.
+            None if !control && !joining.contains(&source) => {
+                return Err(RegistryError::Unauthorized(
+                    source.to_owned(),
+                    "a new entity must contain the source node",
+                ))
+            }
+            _ => {}
+        }
+        for o in objects {
+            if let RegObject::Node(n) = o {
+                // A pinned control node's name is registered only from its address (else a
+                // look-alike would receive its unscoped SCNs).
+                if let Some(Some(pin)) = self.control_nodes.get(&n.name) {
+                    if peer.addr != Some(pin.to_canonical()) {
+                        return Err(RegistryError::Unauthorized(
+                            source.to_owned(),
+                            "a pinned control node registers from its own address only",
+                        ));
+                    }
+                }
+                if n.node_type.is_some_and(|t| t & NODE_CONTROL != 0)
+                    && !self.control_nodes.contains_key(&n.name)
+                {
+                    return Err(RegistryError::Unauthorized(
+                        source.to_owned(),
+                        "control-node status is granted by the administrator only",
+                    ));
+                }
+            }
+        }
         if old.is_none() && self.entities.len() >= MAX_NODES {
             return Err(RegistryError::Full("entities"));
         }
@@ -735,7 +1023,13 @@ impl Registry {
             nodes: Vec::new(),
             pgs: Vec::new(),
             refreshed_secs: now_secs,
+            peer: None,
         });
+        // The registering peer becomes the entity's owner and SCN/ESI address; a control
+        // node updating another host's entity leaves that address alone.
+        if old.is_none() || !control {
+            e.peer = peer.addr;
+        }
         if e.index == 0 {
             e.index = self.alloc_index();
         }
@@ -953,7 +1247,7 @@ impl Registry {
             let Some(eid) = self.node_eid.get(name).cloned() else {
                 continue;
             };
-            let Some(mut e) = self.entities.get(&eid).cloned() else {
+            let Some(mut e) = self.entities.get(&eid).map(|e| (**e).clone()) else {
                 continue;
             };
             if let Some(n) = e.nodes.iter().find(|n| n.name == *name).cloned() {
@@ -967,7 +1261,7 @@ impl Registry {
             let Some(eid) = self.portal_eid.get(key).cloned() else {
                 continue;
             };
-            let Some(mut e) = self.entities.get(&eid).cloned() else {
+            let Some(mut e) = self.entities.get(&eid).map(|e| (**e).clone()) else {
                 continue;
             };
             e.portals.retain(|p| (p.ip, p.port) != *key);
@@ -1028,10 +1322,8 @@ impl Registry {
                 let e = self.entities.get(eid)?;
                 let p = e.portals.iter().find(|p| p.ip == *ip && p.port == *port)?;
                 let esi_port = u16::try_from(p.esi_port? & 0xffff).ok()?;
-                let addr = match ip.to_ipv4_mapped() {
-                    Some(v4) => std::net::IpAddr::V4(v4),
-                    None => std::net::IpAddr::V6(*ip),
-                };
+                // Probes go to the registering peer, not to the portal address it named.
+                let addr = e.peer?;
                 Some(crate::esi::EsiTarget {
                     eid: eid.clone(),
                     ip: *ip,
@@ -1046,7 +1338,7 @@ impl Registry {
     /// Refreshes an entity's registration period (it answered an ESI).
     pub fn touch_entity(&mut self, eid: &str, now_secs: u64) {
         if let Some(e) = self.entities.get_mut(eid) {
-            e.refreshed_secs = now_secs;
+            Arc::make_mut(e).refreshed_secs = now_secs;
         }
     }
 
@@ -1055,7 +1347,7 @@ impl Registry {
     /// the same); otherwise its nodes' subscribers are told the nodes were updated.
     pub fn esi_drop_portal(&mut self, eid: &str, ip: Ipv6Addr, port: u32) -> Outcome {
         let mut out = Outcome::default();
-        let Some(mut e) = self.entities.get(eid).cloned() else {
+        let Some(mut e) = self.entities.get(eid).map(|e| (**e).clone()) else {
             return out;
         };
         if !e.portals.iter().any(|p| p.ip == ip && p.port == port) {
@@ -1102,7 +1394,7 @@ impl Registry {
         let mut e = self
             .entities
             .get(&eid)
-            .cloned()
+            .map(|e| (**e).clone())
             .ok_or(RegistryError::NoSuchEntry)?;
         for n in e.nodes.iter_mut().filter(|n| n.name == node) {
             n.scn_bitmap = bitmap;
@@ -1463,8 +1755,11 @@ impl Registry {
         encode_dd_with(w, d, want, |m| self.node(m).map(|(_, n)| n.index));
     }
 
-    /// Key objects of a query, as (entity, node if the key was a node) pairs, or DDs/sets.
-    fn query(&self, scope: &Scope, q: &QuerySpec) -> Result<Outcome, RegistryError> {
+    /// A query (DevAttrQry). Entity-family answers are planned under the registry lock
+    /// (which objects, what the source may see of them) and encoded by
+    /// [`QueryPlan::encode`], which the server runs after releasing the lock; DD and DD-set
+    /// answers (bounded by DD counts) are encoded here.
+    fn query(&self, scope: &Scope, q: &QuerySpec) -> Result<Executed, RegistryError> {
         let want: HashSet<u32> = q.wanted.iter().copied().collect();
         let want_opt = if want.is_empty() { None } else { Some(&want) };
         let mut wanted_types: BTreeSet<ObjType> = q
@@ -1490,7 +1785,21 @@ impl Registry {
             w.tlv(k);
         }
         w.delimiter();
-        let mut emitted: HashSet<u32> = HashSet::new();
+        let dd_family = match q.key_type {
+            Some(t) => matches!(t, ObjType::Dd | ObjType::DdSet),
+            None => wanted_types.contains(&ObjType::Dd) || wanted_types.contains(&ObjType::DdSet),
+        };
+        if !dd_family {
+            let mut plan = QueryPlan {
+                head: w,
+                items: Vec::new(),
+                visible: Vec::new(),
+                types: wanted_types,
+                want: (!want.is_empty()).then_some(want),
+            };
+            self.plan_key_objects(scope, q, &mut plan)?;
+            return Ok(Executed::Query(plan));
+        }
         let check = |w: &TlvWriter| {
             if w.buf.len() > MAX_REPLY_BYTES {
                 Err(RegistryError::ReplyTooLarge)
@@ -1498,56 +1807,30 @@ impl Registry {
                 Ok(())
             }
         };
-        let dd_family = match q.key_type {
-            Some(t) => matches!(t, ObjType::Dd | ObjType::DdSet),
-            None => wanted_types.contains(&ObjType::Dd) || wanted_types.contains(&ObjType::DdSet),
-        };
-        if dd_family {
-            {
-                // DD and DD set queries (administrative: scoped to DDs the source is in,
-                // unless control).
-                for d in self.dds.values() {
-                    if !(wanted_types.contains(&ObjType::Dd)) {
-                        break;
-                    }
-                    let visible =
-                        scope.control || scope.name.as_ref().is_some_and(|n| d.members.contains(n));
-                    if visible && (q.key_type != Some(ObjType::Dd) || self.dd_matches(d, &q.keys)) {
-                        self.encode_dd(&mut w, d, want_opt);
-                    }
-                }
-                for s in self.ddsets.values() {
-                    if !(wanted_types.contains(&ObjType::DdSet)) {
-                        break;
-                    }
-                    if scope.control
-                        && (q.key_type != Some(ObjType::DdSet) || ddset_matches(s, &q.keys))
-                    {
-                        encode_ddset(&mut w, s, want_opt);
-                    }
-                }
-            }
-        } else {
-            {
-                let key_objs = self.key_objects(scope, q)?;
-                for (e, key_node) in key_objs {
-                    self.emit_related(
-                        &mut w,
-                        scope,
-                        e,
-                        key_node,
-                        &wanted_types,
-                        want_opt,
-                        &mut emitted,
-                    );
+        // DD and DD set queries (administrative: scoped to DDs the source is in, unless
+        // control).
+        if wanted_types.contains(&ObjType::Dd) {
+            for d in self.dds.values() {
+                let visible =
+                    scope.control || scope.name.as_ref().is_some_and(|n| d.members.contains(n));
+                if visible && (q.key_type != Some(ObjType::Dd) || self.dd_matches(d, &q.keys)) {
+                    self.encode_dd(&mut w, d, want_opt);
                     check(&w)?;
                 }
             }
         }
-        Ok(Outcome {
+        if wanted_types.contains(&ObjType::DdSet) && scope.control {
+            for s in self.ddsets.values() {
+                if q.key_type != Some(ObjType::DdSet) || ddset_matches(s, &q.keys) {
+                    encode_ddset(&mut w, s, want_opt);
+                    check(&w)?;
+                }
+            }
+        }
+        Ok(Executed::Done(Outcome {
             reply: w,
             ..Default::default()
-        })
+        }))
     }
 
     fn dd_matches(&self, d: &Dd, keys: &[Tlv]) -> bool {
@@ -1556,13 +1839,17 @@ impl Registry {
         tlvs_match(&w, keys)
     }
 
-    /// Entities (with the key node, when the key was a node) matching the query key.
-    fn key_objects<'a>(
-        &'a self,
+    /// Adds to `plan` the entities matching the query key (with the key node, when the key
+    /// was a node) and, for each, which of its nodes and portal groups the source may see.
+    fn plan_key_objects(
+        &self,
         scope: &Scope,
         q: &QuerySpec,
-    ) -> Result<Vec<(&'a Entity, Option<&'a Node>)>, RegistryError> {
-        let mut out = Vec::new();
+        plan: &mut QueryPlan,
+    ) -> Result<(), RegistryError> {
+        let mut add = |e: &Arc<Entity>, key_node: Option<usize>| {
+            plan.add(e.clone(), key_node, |name| self.visible(scope, name))
+        };
         match q.key_type {
             Some(ObjType::Node) => {
                 // Fast path: key by name.
@@ -1571,18 +1858,21 @@ impl Registry {
                         let name = k
                             .as_string()
                             .map_err(|e| RegistryError::InvalidQuery(e.to_string()))?;
-                        if let Some((e, n)) = self.node(&name) {
-                            if self.visible(scope, &n.name) {
-                                out.push((e, Some(n)));
+                        if let Some(e) = self.node_eid.get(&name).and_then(|i| self.entities.get(i))
+                        {
+                            if let Some(i) = e.nodes.iter().position(|n| n.name == name) {
+                                if self.visible(scope, &name) {
+                                    add(e, Some(i))?;
+                                }
                             }
                         }
-                        return Ok(out);
+                        return Ok(());
                     }
                 }
                 for e in self.entities.values() {
-                    for n in &e.nodes {
+                    for (i, n) in e.nodes.iter().enumerate() {
                         if node_matches(n, &q.keys) && self.visible(scope, &n.name) {
-                            out.push((e, Some(n)));
+                            add(e, Some(i))?;
                         }
                     }
                 }
@@ -1590,7 +1880,7 @@ impl Registry {
             Some(ObjType::Entity) => {
                 for e in self.entities.values() {
                     if entity_matches(e, &q.keys) && self.entity_visible(scope, e) {
-                        out.push((e, None));
+                        add(e, None)?;
                     }
                 }
             }
@@ -1599,7 +1889,7 @@ impl Registry {
                     if e.portals.iter().any(|p| portal_matches(p, &q.keys))
                         && self.entity_visible(scope, e)
                     {
-                        out.push((e, None));
+                        add(e, None)?;
                     }
                 }
             }
@@ -1607,8 +1897,8 @@ impl Registry {
                 for e in self.entities.values() {
                     for g in &e.pgs {
                         if pg_matches(g, &q.keys) && self.visible(scope, &g.node_name) {
-                            if let Some(n) = e.nodes.iter().find(|n| n.name == g.node_name) {
-                                out.push((e, Some(n)));
+                            if let Some(i) = e.nodes.iter().position(|n| n.name == g.node_name) {
+                                add(e, Some(i))?;
                             }
                         }
                     }
@@ -1617,69 +1907,13 @@ impl Registry {
             None => {
                 for e in self.entities.values() {
                     if self.entity_visible(scope, e) {
-                        out.push((e, None));
+                        add(e, None)?;
                     }
                 }
             }
             Some(ObjType::Dd | ObjType::DdSet) => {}
         }
-        Ok(out)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn emit_related(
-        &self,
-        w: &mut TlvWriter,
-        scope: &Scope,
-        e: &Entity,
-        key_node: Option<&Node>,
-        types: &BTreeSet<ObjType>,
-        want: Option<&HashSet<u32>>,
-        emitted: &mut HashSet<u32>,
-    ) {
-        for t in types {
-            match t {
-                ObjType::Entity => {
-                    if emitted.insert(e.index) {
-                        encode_entity(w, e, want);
-                    }
-                }
-                ObjType::Node => {
-                    let nodes: Vec<&Node> = match key_node {
-                        Some(n) => vec![n],
-                        None => e
-                            .nodes
-                            .iter()
-                            .filter(|n| self.visible(scope, &n.name))
-                            .collect(),
-                    };
-                    for n in nodes {
-                        if emitted.insert(n.index) {
-                            encode_node(w, n, want);
-                        }
-                    }
-                }
-                ObjType::Portal => {
-                    for p in &e.portals {
-                        if emitted.insert(p.index) {
-                            encode_portal(w, p, want);
-                        }
-                    }
-                }
-                ObjType::PortalGroup => {
-                    for g in &e.pgs {
-                        let ok = match key_node {
-                            Some(n) => g.node_name == n.name,
-                            None => self.visible(scope, &g.node_name),
-                        };
-                        if ok && emitted.insert(g.index) {
-                            encode_pg(w, g, want);
-                        }
-                    }
-                }
-                ObjType::Dd | ObjType::DdSet => {}
-            }
-        }
+        Ok(())
     }
 
     fn get_next(&self, scope: &Scope, q: &QuerySpec) -> Result<Outcome, RegistryError> {
@@ -1818,6 +2052,142 @@ impl Registry {
             reply: w,
             ..Default::default()
         })
+    }
+}
+
+/// What executing a command produced: a finished outcome, or a query whose reply is still to
+/// be encoded (outside the registry lock) from the plan.
+#[derive(Debug)]
+pub enum Executed {
+    Done(Outcome),
+    Query(QueryPlan),
+}
+
+/// Most entities one query plan may hold: every entity the registry can have (a plan entry
+/// is a pointer and an index, ~24 bytes, so the largest plan is ~24 MiB).
+pub const MAX_PLAN_ITEMS: usize = MAX_NODES;
+
+/// A DevAttrQry answer decided under the registry lock: the matching entities (shared,
+/// immutable snapshots of them) and what the source may see of each. Encoding it needs no
+/// registry access, so the server does it after releasing the lock.
+#[derive(Debug)]
+pub struct QueryPlan {
+    /// Status, echoed keys and delimiter.
+    head: TlvWriter,
+    items: Vec<PlanItem>,
+    /// Visibility of each item's nodes then portal groups, from `PlanItem::vis`.
+    visible: Vec<bool>,
+    types: BTreeSet<ObjType>,
+    want: Option<HashSet<u32>>,
+}
+
+#[derive(Debug)]
+struct PlanItem {
+    e: Arc<Entity>,
+    key_node: Option<usize>,
+    vis: usize,
+}
+
+impl QueryPlan {
+    fn add(
+        &mut self,
+        e: Arc<Entity>,
+        key_node: Option<usize>,
+        visible: impl Fn(&str) -> bool,
+    ) -> Result<(), RegistryError> {
+        if self.items.len() >= MAX_PLAN_ITEMS {
+            return Err(RegistryError::ReplyTooLarge);
+        }
+        let vis = self.visible.len();
+        // Visibility is needed only where no key node decides it.
+        if key_node.is_none()
+            && (self.types.contains(&ObjType::Node) || self.types.contains(&ObjType::PortalGroup))
+        {
+            self.visible
+                .extend(e.nodes.iter().map(|n| visible(&n.name)));
+            self.visible
+                .extend(e.pgs.iter().map(|g| visible(&g.node_name)));
+        }
+        self.items.push(PlanItem { e, key_node, vis });
+        Ok(())
+    }
+
+    /// Number of entities the reply covers.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Encodes the reply. `grow` is told the reply's size after each entity and may stop
+    /// it (the server's memory budget); the reply never exceeds [`MAX_REPLY_BYTES`].
+    pub fn encode(
+        self,
+        grow: &mut dyn FnMut(usize) -> Result<(), RegistryError>,
+    ) -> Result<TlvWriter, RegistryError> {
+        let mut w = self.head;
+        let want = self.want.as_ref();
+        let mut emitted: HashSet<u32> = HashSet::new();
+        for it in &self.items {
+            let e = &*it.e;
+            let key_node = it.key_node.and_then(|i| e.nodes.get(i));
+            let node_visible = |i: usize| self.visible.get(it.vis + i).copied().unwrap_or(false);
+            let pg_visible = |i: usize| {
+                self.visible
+                    .get(it.vis + e.nodes.len() + i)
+                    .copied()
+                    .unwrap_or(false)
+            };
+            for t in &self.types {
+                match t {
+                    ObjType::Entity => {
+                        if emitted.insert(e.index) {
+                            encode_entity(&mut w, e, want);
+                        }
+                    }
+                    ObjType::Node => match key_node {
+                        Some(n) => {
+                            if emitted.insert(n.index) {
+                                encode_node(&mut w, n, want);
+                            }
+                        }
+                        None => {
+                            for (i, n) in e.nodes.iter().enumerate() {
+                                if node_visible(i) && emitted.insert(n.index) {
+                                    encode_node(&mut w, n, want);
+                                }
+                            }
+                        }
+                    },
+                    ObjType::Portal => {
+                        for p in &e.portals {
+                            if emitted.insert(p.index) {
+                                encode_portal(&mut w, p, want);
+                            }
+                        }
+                    }
+                    ObjType::PortalGroup => {
+                        for (i, g) in e.pgs.iter().enumerate() {
+                            let ok = match key_node {
+                                Some(n) => g.node_name == n.name,
+                                None => pg_visible(i),
+                            };
+                            if ok && emitted.insert(g.index) {
+                                encode_pg(&mut w, g, want);
+                            }
+                        }
+                    }
+                    ObjType::Dd | ObjType::DdSet => {}
+                }
+            }
+            if w.buf.len() > MAX_REPLY_BYTES {
+                return Err(RegistryError::ReplyTooLarge);
+            }
+            grow(w.buf.len())?;
+        }
+        Ok(w)
     }
 }
 
@@ -2018,6 +2388,7 @@ fn ddset_matches(s: &DdSet, keys: &[Tlv]) -> bool {
 mod tests {
     use super::*;
     use crate::command::{NodeAttrs, PortalAttrs};
+    use std::collections::BTreeMap;
 
     fn reg_entity(r: &mut Registry, eid: &str, node: &str, esi_port: Option<u32>, now: u64) {
         let ip: Ipv6Addr = "::ffff:127.0.0.1".parse().unwrap();
@@ -2040,8 +2411,454 @@ mod tests {
             period_secs: Some(10),
             ..Default::default()
         };
-        r.register(node, &RegKey::Eid(eid.into()), false, &attrs, &objects, now)
+        let peer = Peer::new("127.0.0.1".parse().unwrap());
+        r.register(
+            node,
+            &peer,
+            &RegKey::Eid(eid.into()),
+            false,
+            &attrs,
+            &objects,
+            now,
+        )
+        .unwrap();
+    }
+
+    fn parsed(source: &str, command: Command) -> Parsed {
+        Parsed {
+            source: source.into(),
+            command,
+        }
+    }
+
+    fn reg_cmd(
+        eid: &str,
+        replace: bool,
+        portal: (&str, u32, Option<u32>),
+        nodes: &[(&str, u32)],
+    ) -> Command {
+        let mut objects = vec![RegObject::Portal(PortalAttrs {
+            ip: Some(portal.0.parse().unwrap()),
+            port: Some(portal.1),
+            scn_port: portal.2,
+            esi_port: portal.2,
+            ..Default::default()
+        })];
+        for (n, t) in nodes {
+            objects.push(RegObject::Node(NodeAttrs {
+                name: (*n).into(),
+                node_type: Some(*t),
+                ..Default::default()
+            }));
+        }
+        Command::DevAttrReg {
+            key: RegKey::Eid(eid.into()),
+            replace,
+            entity: EntityAttrs::default(),
+            objects,
+        }
+    }
+
+    fn status(r: Result<Outcome, RegistryError>) -> Status {
+        match r {
+            Ok(_) => Status::Success,
+            Err(e) => e.status(),
+        }
+    }
+
+    #[test]
+    fn only_the_owner_or_a_control_node_changes_an_entity() {
+        let mut r = Registry::new(Policy::default(), 900);
+        r.set_control_nodes(BTreeMap::from([
+            ("iqn.ctl:any".to_owned(), None),
+            (
+                "iqn.ctl:pinned".to_owned(),
+                Some("10.0.0.9".parse().unwrap()),
+            ),
+        ]));
+        let owner = Peer::new("10.0.0.1".parse().unwrap());
+        let evil = Peer::new("10.0.0.66".parse().unwrap());
+        let tgt = reg_cmd(
+            "e1",
+            false,
+            ("::ffff:10.0.0.1", 3260, Some(4000)),
+            &[("iqn.t:a", NODE_TARGET)],
+        );
+        assert_eq!(
+            status(r.execute_from(&parsed("iqn.t:a", tgt), &owner, 1)),
+            Status::Success
+        );
+        // Hijack: REPLACE with the attacker's portal, claiming the target's own name.
+        let hijack = reg_cmd(
+            "e1",
+            true,
+            ("::ffff:10.0.0.66", 3260, None),
+            &[("iqn.t:a", NODE_TARGET)],
+        );
+        assert_eq!(
+            status(r.execute_from(&parsed("iqn.t:a", hijack.clone()), &evil, 2)),
+            Status::SourceUnauthorized
+        );
+        // ... or naming a node of its own that "joins" the entity.
+        let join = reg_cmd(
+            "e1",
+            true,
+            ("::ffff:10.0.0.66", 3260, None),
+            &[("iqn.x:evil", NODE_TARGET)],
+        );
+        assert_eq!(
+            status(r.execute_from(&parsed("iqn.x:evil", join), &evil, 2)),
+            Status::SourceUnauthorized
+        );
+        let p = &r.entities["e1"].portals;
+        assert_eq!((p.len(), p[0].ip), (1, "::ffff:10.0.0.1".parse().unwrap()));
+        // Deregistration of someone else's entity, node or portal.
+        for cmd in [
+            Command::DevDereg {
+                eids: vec!["e1".into()],
+                nodes: vec![],
+                portals: vec![],
+            },
+            Command::DevDereg {
+                eids: vec![],
+                nodes: vec!["iqn.t:a".into()],
+                portals: vec![],
+            },
+            Command::DevDereg {
+                eids: vec![],
+                nodes: vec![],
+                portals: vec![("::ffff:10.0.0.1".parse().unwrap(), 3260)],
+            },
+        ] {
+            assert_eq!(
+                status(r.execute_from(&parsed("iqn.t:a", cmd), &evil, 3)),
+                Status::SourceUnauthorized
+            );
+        }
+        // SCN registration for someone else's node.
+        let scn = Command::ScnReg {
+            node: "iqn.t:a".into(),
+            bitmap: scn::OBJECT_ADDED,
+        };
+        assert_eq!(
+            status(r.execute_from(&parsed("iqn.t:a", scn), &evil, 3)),
+            Status::SourceUnauthorized
+        );
+        assert_eq!(r.counts().1, 1);
+        // A new entity must hold its source; the control bit is the administrator's to give.
+        let other = reg_cmd(
+            "e2",
+            false,
+            ("::ffff:10.0.0.66", 3260, None),
+            &[("iqn.x:other", NODE_TARGET)],
+        );
+        assert_eq!(
+            status(r.execute_from(&parsed("iqn.x:evil", other), &evil, 4)),
+            Status::SourceUnauthorized
+        );
+        let ctl = reg_cmd(
+            "e3",
+            false,
+            ("::ffff:10.0.0.66", 3260, None),
+            &[("iqn.x:evil", NODE_CONTROL)],
+        );
+        assert_eq!(
+            status(r.execute_from(&parsed("iqn.x:evil", ctl), &evil, 4)),
+            Status::SourceUnauthorized
+        );
+        // DDs: control nodes only; a pinned control node only from its address.
+        let dd = || Command::DdReg {
+            key: None,
+            id: None,
+            name: Some("z".into()),
+            features: None,
+            members: vec![DdMember::Name("iqn.x:evil".into())],
+        };
+        assert_eq!(
+            status(r.execute_from(&parsed("iqn.t:a", dd()), &owner, 5)),
+            Status::SourceUnauthorized
+        );
+        assert_eq!(
+            status(r.execute_from(&parsed("iqn.ctl:pinned", dd()), &evil, 5)),
+            Status::SourceUnauthorized
+        );
+        assert_eq!(
+            status(r.execute_from(
+                &parsed("iqn.ctl:pinned", dd()),
+                &Peer::new("10.0.0.9".parse().unwrap()),
+                5
+            )),
+            Status::Success
+        );
+        let dds = Command::DdsReg {
+            key: None,
+            id: None,
+            name: Some("s".into()),
+            enabled: Some(true),
+            dds: vec![],
+        };
+        assert_eq!(
+            status(r.execute_from(&parsed("iqn.t:a", dds), &owner, 5)),
+            Status::SourceUnauthorized
+        );
+        // Management SCNs: control nodes only.
+        let mgmt = Command::ScnReg {
+            node: "iqn.t:a".into(),
+            bitmap: scn::MANAGEMENT | scn::DD_MEMBER_ADDED,
+        };
+        assert_eq!(
+            status(r.execute_from(&parsed("iqn.t:a", mgmt), &owner, 6)),
+            Status::ScnRegistrationRejected
+        );
+        // The owner may update (a second target joining from the same host, as tgt does),
+        // and a control node may act on any entity from anywhere.
+        let second = reg_cmd(
+            "e1",
+            false,
+            ("::ffff:10.0.0.1", 3261, None),
+            &[("iqn.t:b", NODE_TARGET)],
+        );
+        assert_eq!(
+            status(r.execute_from(&parsed("iqn.t:b", second), &owner, 7)),
+            Status::Success
+        );
+        let rm = Command::DevDereg {
+            eids: vec![],
+            nodes: vec!["iqn.t:b".into()],
+            portals: vec![],
+        };
+        assert_eq!(
+            status(r.execute_from(&parsed("iqn.ctl:any", rm), &evil, 8)),
+            Status::Success
+        );
+        assert_eq!(r.counts().1, 1);
+        // ...without becoming the entity's SCN/ESI address.
+        assert_eq!(r.entities["e1"].peer, owner.addr);
+        // A pinned control node's name cannot be registered from elsewhere (its SCNs are
+        // unscoped).
+        let lookalike = reg_cmd(
+            "e7",
+            false,
+            ("::ffff:10.0.0.66", 3390, Some(4000)),
+            &[("iqn.ctl:pinned", NODE_INITIATOR)],
+        );
+        assert_eq!(
+            status(r.execute_from(&parsed("iqn.ctl:pinned", lookalike), &evil, 9)),
+            Status::SourceUnauthorized
+        );
+        // An unknown requester (no address) owns nothing.
+        let rm = Command::DevDereg {
+            eids: vec!["e1".into()],
+            nodes: vec![],
+            portals: vec![],
+        };
+        assert_eq!(
+            status(r.execute(&parsed("iqn.t:a", rm), 9)),
+            Status::SourceUnauthorized
+        );
+    }
+
+    #[test]
+    fn scn_and_esi_go_to_the_registering_peer_not_to_a_named_address() {
+        let mut r = Registry::new(Policy::default(), 900);
+        let owner = Peer::new("10.0.0.1".parse().unwrap());
+        // The portal names a third party's address (192.0.2.7) with SCN and ESI ports.
+        let c = reg_cmd(
+            "e1",
+            false,
+            ("::ffff:192.0.2.7", 3260, Some(4000)),
+            &[("iqn.t:a", NODE_TARGET)],
+        );
+        r.execute_from(&parsed("iqn.t:a", c), &owner, 1).unwrap();
+        let scn = Command::ScnReg {
+            node: "iqn.t:a".into(),
+            bitmap: scn::OBJECT_ADDED,
+        };
+        r.execute_from(&parsed("iqn.t:a", scn), &owner, 1).unwrap();
+        let c = reg_cmd(
+            "e2",
+            false,
+            ("::ffff:10.0.0.2", 3260, None),
+            &[("iqn.i:b", NODE_INITIATOR)],
+        );
+        let out = r
+            .execute_from(
+                &parsed("iqn.i:b", c),
+                &Peer::new("10.0.0.2".parse().unwrap()),
+                2,
+            )
             .unwrap();
+        assert_eq!(out.notifications.len(), 1);
+        assert_eq!(
+            out.notifications[0].addr,
+            Some("10.0.0.1:4000".parse().unwrap())
+        );
+        let t = r.esi_targets(&crate::esi::EsiConfig::default());
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].addr, "10.0.0.1:4000".parse().unwrap());
+    }
+
+    #[test]
+    fn the_control_node_type_alone_does_not_see_past_zoning() {
+        let mut r = Registry::new(Policy { default_dd: false }, 900);
+        let p = Peer::new("10.0.0.1".parse().unwrap());
+        let c = reg_cmd(
+            "e1",
+            false,
+            ("::ffff:10.0.0.1", 3260, None),
+            &[("iqn.t:a", NODE_TARGET)],
+        );
+        r.execute_from(&parsed("iqn.t:a", c), &p, 1).unwrap();
+        // A node that made itself "control" before authorization existed (e.g. replayed
+        // from an old log) is not a control node unless the administrator lists it.
+        let mut e = (*r.entities["e1"]).clone();
+        e.eid = "e9".into();
+        e.portals[0].port = 9;
+        e.nodes = vec![Node {
+            name: "iqn.x:ctl".into(),
+            node_type: NODE_CONTROL,
+            index: 99,
+            alias: None,
+            scn_bitmap: None,
+            auth_method: None,
+        }];
+        r.apply(&Record {
+            counters: r.counters,
+            mutation: Mutation::PutEntity(e),
+        });
+        assert!(!r.visible(&r.scope_for("iqn.x:ctl"), "iqn.t:a"));
+        r.set_control_nodes(BTreeMap::from([("iqn.x:ctl".to_owned(), None)]));
+        assert!(r.visible(&r.scope_for("iqn.x:ctl"), "iqn.t:a"));
+    }
+
+    /// Registers `count` target nodes named `{prefix}{i:07}` (from `first`) in one entity,
+    /// with `alias` on each, from the entity's own first node.
+    fn bulk(
+        r: &mut Registry,
+        eid: &str,
+        prefix: &str,
+        first: usize,
+        count: usize,
+        alias: &str,
+    ) -> Result<Outcome, RegistryError> {
+        let objects: Vec<RegObject> = (first..first + count)
+            .map(|i| {
+                RegObject::Node(NodeAttrs {
+                    name: format!("{prefix}{i:07}"),
+                    node_type: Some(NODE_TARGET),
+                    alias: (!alias.is_empty()).then(|| alias.to_owned()),
+                    ..Default::default()
+                })
+            })
+            .collect();
+        let source = format!("{prefix}{first:07}");
+        let peer = Peer::new("10.0.0.1".parse().unwrap());
+        r.register(
+            &source,
+            &peer,
+            &RegKey::Eid(eid.into()),
+            false,
+            &EntityAttrs::default(),
+            &objects,
+            1,
+        )
+    }
+
+    fn all_targets(wanted: &[u32]) -> Parsed {
+        let mut key = TlvWriter::new();
+        key.u32(tag::ISCSI_NODE_TYPE, NODE_TARGET);
+        let keys = crate::wire::parse_tlvs(&key.buf).unwrap();
+        parsed(
+            "iqn.q:asker",
+            Command::DevAttrQry(QuerySpec {
+                key_type: Some(ObjType::Node),
+                keys: keys.clone(),
+                raw_keys: keys,
+                filters: vec![],
+                wanted: wanted.to_vec(),
+            }),
+        )
+    }
+
+    /// MAX_NODES is reached: exactly that many nodes register, one more is refused (Busy).
+    #[test]
+    fn max_nodes_is_reached() {
+        let mut r = Registry::new(Policy::default(), 900);
+        let mut n = 0;
+        let mut k = 0;
+        while n < MAX_NODES {
+            let count = (MAX_NODES - n).min(MAX_OBJECTS_PER_ENTITY);
+            bulk(&mut r, &format!("e{k}"), "iqn.n:", n, count, "").unwrap();
+            n += count;
+            k += 1;
+        }
+        assert_eq!(r.counts().1, MAX_NODES);
+        let e = bulk(&mut r, "e-over", "iqn.n:", MAX_NODES, 1, "").unwrap_err();
+        assert_eq!(e, RegistryError::Full("nodes"));
+        assert_eq!(e.status(), Status::Busy);
+    }
+
+    /// A reply that would exceed MAX_REPLY_BYTES is refused (Internal Error), not built.
+    #[test]
+    fn reply_beyond_max_reply_bytes_is_refused() {
+        let mut r = Registry::new(Policy::default(), 900);
+        let alias = "a".repeat(250);
+        // 284 bytes a node with its alias: 15 × 4096 nodes ≈ 17.4 MB > 16 MiB.
+        for k in 0..15 {
+            bulk(&mut r, &format!("e{k}"), "iqn.big:", k * 4096, 4096, &alias).unwrap();
+        }
+        let q = all_targets(&[tag::ISCSI_NAME, tag::ISCSI_ALIAS]);
+        let r1 = r.execute_from(&q, &Peer::unknown(), 2);
+        assert!(
+            matches!(r1, Err(RegistryError::ReplyTooLarge)),
+            "reply of {:?} bytes",
+            r1.map(|o| o.reply.buf.len())
+        );
+        // Names only (~48 bytes a node) fit.
+        let out = r
+            .execute_from(&all_targets(&[tag::ISCSI_NAME]), &Peer::unknown(), 2)
+            .unwrap();
+        assert!(out.reply.buf.len() < MAX_REPLY_BYTES);
+    }
+
+    /// A query plan is encoded from what it captured, without the registry: changes made
+    /// after planning (the server releases the lock first) neither block nor alter it.
+    #[test]
+    fn query_plan_encodes_without_the_registry() {
+        let mut r = Registry::new(Policy::default(), 900);
+        bulk(&mut r, "e0", "iqn.p:", 0, 100, "").unwrap();
+        let q = all_targets(&[tag::ISCSI_NAME]);
+        let Executed::Query(plan) = r.execute_planned(&q, &Peer::unknown(), 2).unwrap() else {
+            panic!("expected a plan");
+        };
+        assert_eq!(plan.len(), 100);
+        // Meanwhile the entity is replaced and then removed.
+        bulk(&mut r, "e0", "iqn.p:", 0, 1, "changed").unwrap();
+        r.admin_remove_entity("e0").unwrap();
+        assert_eq!(r.counts().1, 0);
+        let mut steps = 0;
+        let w = plan
+            .encode(&mut |_| {
+                steps += 1;
+                Ok(())
+            })
+            .unwrap();
+        let names = crate::wire::parse_tlvs(&w.buf[4..])
+            .unwrap()
+            .into_iter()
+            .filter(|t| t.tag == tag::ISCSI_NAME)
+            .count();
+        assert_eq!(names, 100);
+        assert_eq!(steps, 100);
+        // The budget callback stops the encoding.
+        bulk(&mut r, "e1", "iqn.p:", 0, 10, "").unwrap();
+        let Executed::Query(plan) = r.execute_planned(&q, &Peer::unknown(), 3).unwrap() else {
+            panic!("expected a plan");
+        };
+        assert_eq!(
+            plan.encode(&mut |_| Err(RegistryError::Busy)).unwrap_err(),
+            RegistryError::Busy
+        );
     }
 
     #[test]

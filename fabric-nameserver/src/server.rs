@@ -3,20 +3,21 @@
 //! before answering, the housekeeping thread (registration-period expiry, snapshots) and the
 //! ESI monitor thread (see [`crate::esi`]).
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use thiserror::Error;
 
+use crate::admission::Admission;
 use crate::command::{parse_command, CommandError};
-use crate::registry::{Outcome, Policy, Record, Registry, RegistryError};
+use crate::registry::{Executed, Outcome, Peer, Policy, Record, Registry, RegistryError};
 use crate::scn::ScnSender;
 use crate::store::{snapshot_state, Store, StoreError};
 use crate::wire::{
@@ -24,17 +25,23 @@ use crate::wire::{
     FLAG_SERVER, HEADER_LEN, MAX_REPLY_PAYLOAD_BYTES, RESPONSE_BIT,
 };
 
-/// Most simultaneous client connections; more are accepted and closed at once.
-pub const MAX_CONNECTIONS: usize = 1024;
-/// Most simultaneous connections from one IP address, so that one client cannot take them
-/// all.
-pub const MAX_CONNECTIONS_PER_PEER: usize = 128;
-/// A connection idle this long is closed (tgt keeps its connection and queries every 30 s).
+pub use crate::admission::{
+    MAX_CONNECTIONS, MAX_CONNECTIONS_PER_HOST, MAX_CONNECTIONS_PER_NETWORK,
+};
+
+/// A connection idle this long between PDUs is closed (tgt keeps its connection and queries
+/// every 30 s).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
-/// Time allowed for the rest of a PDU once its header arrived (slow-loris bound).
+/// Absolute time allowed for a whole PDU (header and payload, at most 64 KiB) from its first
+/// byte: a deadline, not a per-read timeout, so that a client trickling a byte at a time
+/// cannot hold its connection (a thread and its buffers) forever.
 pub const PDU_TIMEOUT: Duration = Duration::from_secs(10);
-/// Time allowed to write a reply to a client that does not read.
-pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Absolute time allowed for a multi-PDU message from its first PDU to its last (clients
+/// send a message in one go; this bounds how long one can pin up to 1 MiB of reassembly).
+pub const MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Absolute time allowed to write one reply (at most `registry::MAX_REPLY_BYTES`: at
+/// least ~280 KiB/s at the largest) to a client that reads slowly or not at all.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Housekeeping period: expiry checks and snapshot decisions.
 pub const HOUSEKEEPING_PERIOD: Duration = Duration::from_secs(1);
 
@@ -71,6 +78,13 @@ pub struct Config {
     pub registration_period_secs: u32,
     /// Entity Status Inquiry timing.
     pub esi: crate::esi::EsiConfig,
+    /// Connection limits and deadlines.
+    pub limits: Limits,
+    /// Control nodes (iSCSI names) the administrator authorizes, each optionally pinned to
+    /// the peer address it must connect from. Only these may change discovery domains, act
+    /// on other entities, register the control node type or management SCNs, and see
+    /// everything. The control socket is always authorized.
+    pub control_nodes: BTreeMap<String, Option<IpAddr>>,
 }
 
 impl Config {
@@ -82,6 +96,8 @@ impl Config {
             default_dd: true,
             registration_period_secs: 900,
             esi: crate::esi::EsiConfig::default(),
+            control_nodes: BTreeMap::new(),
+            limits: Limits::default(),
         }
     }
 
@@ -89,6 +105,32 @@ impl Config {
         self.control
             .clone()
             .unwrap_or_else(|| self.data_dir.join("control.sock"))
+    }
+}
+
+/// How many connections the server holds and how long it waits for them (the constants
+/// above by default; tests shrink them to reach them quickly).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub conns: crate::admission::ConnLimits,
+    pub idle_timeout: Duration,
+    pub pdu_timeout: Duration,
+    pub message_timeout: Duration,
+    pub write_timeout: Duration,
+    /// Reply bytes all connections may hold at once ([`MAX_REPLY_BYTES_IN_FLIGHT`]).
+    pub reply_bytes_in_flight: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            conns: crate::admission::ConnLimits::default(),
+            idle_timeout: IDLE_TIMEOUT,
+            pdu_timeout: PDU_TIMEOUT,
+            message_timeout: MESSAGE_TIMEOUT,
+            write_timeout: WRITE_TIMEOUT,
+            reply_bytes_in_flight: MAX_REPLY_BYTES_IN_FLIGHT,
+        }
     }
 }
 
@@ -103,6 +145,8 @@ pub fn unix_now() -> u64 {
 pub struct Stats {
     pub connections: AtomicU64,
     pub connections_refused: AtomicU64,
+    /// Connections closed because a PDU, a message or a reply missed its deadline.
+    pub connections_timed_out: AtomicU64,
     pub messages: AtomicU64,
     pub registrations: AtomicU64,
     pub queries: AtomicU64,
@@ -116,6 +160,8 @@ pub struct Stats {
     pub esi_sent: AtomicU64,
     pub esi_failed: AtomicU64,
     pub esi_removed_portals: AtomicU64,
+    /// Requests refused with Source Unauthorized.
+    pub unauthorized: AtomicU64,
 }
 
 /// A stats report (JSON for `stratactl ns stats`).
@@ -129,6 +175,7 @@ pub struct StatsReport {
     pub default_dd: bool,
     pub connections: u64,
     pub connections_refused: u64,
+    pub connections_timed_out: u64,
     pub messages: u64,
     pub registrations: u64,
     pub queries: u64,
@@ -143,6 +190,7 @@ pub struct StatsReport {
     pub esi_sent: u64,
     pub esi_failed: u64,
     pub esi_removed_portals: u64,
+    pub unauthorized: u64,
     pub scns_sent: u64,
     pub scns_failed: u64,
     pub scns_retried: u64,
@@ -155,6 +203,26 @@ pub struct StatsReport {
     pub snapshots: u64,
 }
 
+/// Most reply bytes held by all connections at once (replies being encoded plus their PDU
+/// copies, until written): 128 MiB, four replies of the largest size each with its copy. A
+/// query that would exceed it is answered Busy (12); clients retry.
+pub const MAX_REPLY_BYTES_IN_FLIGHT: usize = 128 * 1024 * 1024;
+/// Granularity of reply reservations (a reply grows by many small TLVs).
+pub const REPLY_RESERVE_STEP: usize = 1024 * 1024;
+
+/// A reply's share of [`MAX_REPLY_BYTES_IN_FLIGHT`], returned when dropped.
+#[derive(Debug)]
+struct ReplyReservation<'a> {
+    counter: &'a AtomicUsize,
+    bytes: usize,
+}
+
+impl Drop for ReplyReservation<'_> {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(self.bytes, Ordering::SeqCst);
+    }
+}
+
 /// Executes requests: registry + durability + notifications.
 #[derive(Debug)]
 pub struct Service {
@@ -162,6 +230,9 @@ pub struct Service {
     store: Arc<Store>,
     scn: ScnSender,
     pub stats: Stats,
+    /// Reply bytes in flight, and their limit (see [`MAX_REPLY_BYTES_IN_FLIGHT`]).
+    reply_bytes: AtomicUsize,
+    reply_budget: usize,
 }
 
 impl Service {
@@ -177,33 +248,78 @@ impl Service {
         &self,
         op: impl FnOnce(&mut Registry) -> Result<Outcome, RegistryError>,
     ) -> Result<Outcome, RunError> {
-        let (out, seq) = {
+        match self.run_planned(|reg| op(reg).map(Executed::Done))? {
+            Executed::Done(out) => Ok(out),
+            // `op` returns only finished outcomes.
+            Executed::Query(_) => Err(RunError::Registry(RegistryError::Busy)),
+        }
+    }
+
+    /// Like [`Service::run`], for operations that may return a query plan: the lock is
+    /// released before the plan is encoded.
+    fn run_planned(
+        &self,
+        op: impl FnOnce(&mut Registry) -> Result<Executed, RegistryError>,
+    ) -> Result<Executed, RunError> {
+        let (ex, seq) = {
             let mut reg = self.registry();
-            let out = op(&mut reg)?;
+            let ex = op(&mut reg)?;
             let mut seq = self.store.last_seq();
-            for r in &out.mutations {
-                let json = serde_json::to_vec(r).map_err(|e| RunError::Encode(e.to_string()))?;
-                seq = self.store.append(&json)?;
+            if let Executed::Done(out) = &ex {
+                for r in &out.mutations {
+                    let json =
+                        serde_json::to_vec(r).map_err(|e| RunError::Encode(e.to_string()))?;
+                    seq = self.store.append(&json)?;
+                }
             }
-            (out, seq)
+            (ex, seq)
         };
         // Queries wait too: they must not expose state that is not yet durable.
         self.store.wait_durable(seq)?;
-        for n in &out.notifications {
-            self.scn.send(n.clone());
+        if let Executed::Done(out) = &ex {
+            for n in &out.notifications {
+                self.scn.send(n.clone());
+            }
         }
-        Ok(out)
+        Ok(ex)
     }
 
-    /// Handles one client message; returns the reply PDUs (None for messages that take no
-    /// reply, such as responses from the client).
+    /// Reserves reply memory (`bytes` more) against the in-flight budget.
+    fn reserve(&self, r: &mut ReplyReservation<'_>, bytes: usize, force: bool) -> bool {
+        let before = self.reply_bytes.fetch_add(bytes, Ordering::SeqCst);
+        if !force && before + bytes > self.reply_budget {
+            self.reply_bytes.fetch_sub(bytes, Ordering::SeqCst);
+            return false;
+        }
+        r.bytes += bytes;
+        true
+    }
+
+    /// Handles one client message from an unknown address (see [`Peer::unknown`]).
     pub fn handle(&self, m: &Message) -> Option<Vec<u8>> {
+        self.handle_from(m, &Peer::unknown())
+    }
+
+    /// Handles one client message received from `peer`; returns the reply PDUs (None for
+    /// messages that take no reply, such as responses from the client).
+    pub fn handle_from(&self, m: &Message, peer: &Peer) -> Option<Vec<u8>> {
+        self.handle_reserved(m, peer)
+            .map(|(pdus, _reservation)| pdus)
+    }
+
+    /// [`Service::handle_from`], with the reply's share of the in-flight budget, to keep
+    /// until the reply is written.
+    fn handle_reserved(&self, m: &Message, peer: &Peer) -> Option<(Vec<u8>, ReplyReservation<'_>)> {
         if m.function & RESPONSE_BIT != 0 {
             return None;
         }
         self.stats.messages.fetch_add(1, Ordering::Relaxed);
         let resp_fn = m.function | RESPONSE_BIT;
-        let reply = match self.execute(m) {
+        let mut res = ReplyReservation {
+            counter: &self.reply_bytes,
+            bytes: 0,
+        };
+        let reply = match self.execute(m, peer, &mut res) {
             Ok(w) => w,
             Err(status) => {
                 self.stats.errors.fetch_add(1, Ordering::Relaxed);
@@ -215,10 +331,15 @@ impl Service {
             reply.buf.len().div_ceil(MAX_REPLY_PAYLOAD_BYTES).max(1) as u64,
             Ordering::Relaxed,
         );
-        Some(pdus)
+        Some((pdus, res))
     }
 
-    fn execute(&self, m: &Message) -> Result<TlvWriter, Status> {
+    fn execute(
+        &self,
+        m: &Message,
+        peer: &Peer,
+        res: &mut ReplyReservation<'_>,
+    ) -> Result<TlvWriter, Status> {
         let req = parse_request(m).map_err(|e| {
             self.stats.format_errors.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(error = %e, "malformed message");
@@ -244,9 +365,35 @@ impl Service {
         };
         counter.fetch_add(1, Ordering::Relaxed);
         let now = unix_now();
-        match self.run(|reg| reg.execute(&parsed, now)) {
-            Ok(out) => Ok(out.reply),
+        let encoded = match self.run_planned(|reg| reg.execute_planned(&parsed, peer, now)) {
+            // A finished reply (at most one entity, or DDs) is counted, never refused: its
+            // effects are already made.
+            Ok(Executed::Done(out)) => {
+                self.reserve(res, 2 * out.reply.buf.len(), true);
+                Ok(out.reply)
+            }
+            // Encoded outside the registry lock, in steps of REPLY_RESERVE_STEP, each
+            // reserving room for the reply and its PDU copy.
+            Ok(Executed::Query(plan)) => plan
+                .encode(&mut |len| {
+                    while 2 * len > res.bytes {
+                        if !self.reserve(res, REPLY_RESERVE_STEP, false) {
+                            return Err(RegistryError::Busy);
+                        }
+                    }
+                    Ok(())
+                })
+                .map_err(RunError::Registry),
+            Err(e) => Err(e),
+        };
+        match encoded {
+            Ok(w) => Ok(w),
             Err(RunError::Registry(e)) => {
+                if matches!(e, RegistryError::Unauthorized(..)) {
+                    self.stats.unauthorized.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(source = %parsed.source, peer = ?peer.addr, error = %e,
+                        "request refused");
+                }
                 tracing::debug!(source = %parsed.source, error = %e, "request failed");
                 Err(e.status())
             }
@@ -272,6 +419,7 @@ impl Service {
             default_dd,
             connections: g(&self.stats.connections),
             connections_refused: g(&self.stats.connections_refused),
+            connections_timed_out: g(&self.stats.connections_timed_out),
             messages: g(&self.stats.messages),
             registrations: g(&self.stats.registrations),
             queries: g(&self.stats.queries),
@@ -286,6 +434,7 @@ impl Service {
             esi_sent: g(&self.stats.esi_sent),
             esi_failed: g(&self.stats.esi_failed),
             esi_removed_portals: g(&self.stats.esi_removed_portals),
+            unauthorized: g(&self.stats.unauthorized),
             scns_sent: g(&self.scn.stats.sent),
             scns_failed: g(&self.scn.stats.failed),
             scns_retried: g(&self.scn.stats.retried),
@@ -325,13 +474,16 @@ impl Service {
             }
         }
         for (eid, ip, port) in &r.dead {
-            match self.run(|reg| Ok(reg.esi_drop_portal(eid, *ip, *port))) {
-                Ok(_) => {
-                    self.stats
-                        .esi_removed_portals
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-                Err(e) => tracing::error!(error = %e, "ESI deregistration failed"),
+            // Counted before the SCNs go out, so that whoever hears of the removal sees it
+            // counted.
+            let drop = |reg: &mut Registry| {
+                self.stats
+                    .esi_removed_portals
+                    .fetch_add(1, Ordering::Relaxed);
+                Ok(reg.esi_drop_portal(eid, *ip, *port))
+            };
+            if let Err(e) = self.run(drop) {
+                tracing::error!(error = %e, "ESI deregistration failed");
             }
         }
     }
@@ -390,6 +542,7 @@ fn load(rec: crate::store::Recovered, cfg: &Config) -> Result<Registry, ServerEr
         ),
     };
     reg.set_default_period(cfg.registration_period_secs);
+    reg.set_control_nodes(cfg.control_nodes.clone());
     for (i, bytes) in rec.records.iter().enumerate() {
         let r: Record = serde_json::from_slice(bytes)
             .map_err(|e| ServerError::Load(format!("log record {i}: {e}")))?;
@@ -488,6 +641,8 @@ pub fn start(cfg: Config) -> Result<ServerHandle, ServerError> {
         store: store.clone(),
         scn: ScnSender::start(unix_now),
         stats: Stats::default(),
+        reply_bytes: AtomicUsize::new(0),
+        reply_budget: cfg.limits.reply_bytes_in_flight,
     });
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
@@ -534,10 +689,10 @@ pub fn start(cfg: Config) -> Result<ServerHandle, ServerError> {
         )?);
     }
     {
-        let (svc, stop) = (service.clone(), stop.clone());
+        let (svc, stop, limits) = (service.clone(), stop.clone(), cfg.limits);
         threads.push(spawn(
             "isns-accept",
-            Box::new(move || accept_loop(&listener, &svc, &stop)),
+            Box::new(move || accept_loop(&listener, &svc, &stop, limits)),
         )?);
     }
     {
@@ -561,12 +716,8 @@ pub fn start(cfg: Config) -> Result<ServerHandle, ServerError> {
     })
 }
 
-/// Open connections per peer address.
-type PeerCounts = Arc<Mutex<HashMap<IpAddr, usize>>>;
-
-fn accept_loop(listener: &TcpListener, svc: &Arc<Service>, stop: &AtomicBool) {
-    let peers: PeerCounts = Arc::default();
-    let total = Arc::new(AtomicU64::new(0));
+fn accept_loop(listener: &TcpListener, svc: &Arc<Service>, stop: &AtomicBool, limits: Limits) {
+    let admission = Arc::new(Mutex::new(Admission::new(limits.conns)));
     for conn in listener.incoming() {
         if stop.load(Ordering::SeqCst) {
             return;
@@ -584,86 +735,143 @@ fn accept_loop(listener: &TcpListener, svc: &Arc<Service>, stop: &AtomicBool) {
         let Ok(peer) = stream.peer_addr() else {
             continue;
         };
-        let admitted = {
-            let mut p = peers.lock().unwrap_or_else(|e| e.into_inner());
-            let c = p.entry(peer.ip()).or_insert(0);
-            if *c >= MAX_CONNECTIONS_PER_PEER
-                || total.load(Ordering::SeqCst) as usize >= MAX_CONNECTIONS
-            {
-                false
-            } else {
-                *c += 1;
-                total.fetch_add(1, Ordering::SeqCst);
-                true
-            }
-        };
-        if !admitted {
+        let admitted = admission
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .admit(peer.ip());
+        if let Err(why) = admitted {
             svc.stats
                 .connections_refused
                 .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%peer, ?why, "connection refused: limit reached");
             let _ = stream.shutdown(Shutdown::Both);
             continue;
         }
         svc.stats.connections.fetch_add(1, Ordering::Relaxed);
-        let (svc, peers, total) = (svc.clone(), peers.clone(), total.clone());
+        let (svc, adm) = (svc.clone(), admission.clone());
         let spawned = std::thread::Builder::new()
             .name("isns-conn".into())
             .spawn(move || {
-                if let Err(e) = serve_connection(stream, &svc) {
+                if let Err(e) = serve_connection(stream, &svc, &limits) {
+                    if e.kind() == ErrorKind::TimedOut || e.kind() == ErrorKind::WouldBlock {
+                        svc.stats
+                            .connections_timed_out
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
                     tracing::debug!(%peer, error = %e, "connection closed");
                 }
-                let mut p = peers.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(c) = p.get_mut(&peer.ip()) {
-                    *c -= 1;
-                    if *c == 0 {
-                        p.remove(&peer.ip());
-                    }
-                }
-                total.fetch_sub(1, Ordering::SeqCst);
+                adm.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .release(peer.ip());
             });
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start connection thread");
+            admission
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .release(peer.ip());
         }
     }
 }
 
-/// Reads exactly `buf.len()` bytes; `Ok(false)` on a clean end of stream before any byte.
-fn read_full(s: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<bool> {
+/// Reads exactly `buf.len()` bytes before `deadline` (an absolute bound however the bytes
+/// trickle in). Pre-deadline end of stream is `UnexpectedEof`; the deadline is `TimedOut`.
+fn read_before(s: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> std::io::Result<()> {
     let mut off = 0;
     while off < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ErrorKind::TimedOut.into());
+        }
+        s.set_read_timeout(Some(left))?;
         match s.read(&mut buf[off..]) {
-            Ok(0) if off == 0 => return Ok(false),
             Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
             Ok(n) => off += n,
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
     }
-    Ok(true)
+    Ok(())
 }
 
-fn serve_connection(mut s: TcpStream, svc: &Service) -> std::io::Result<()> {
+/// Writes all of `buf` before `deadline`.
+fn write_before(s: &mut TcpStream, buf: &[u8], deadline: Instant) -> std::io::Result<()> {
+    let mut off = 0;
+    while off < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ErrorKind::TimedOut.into());
+        }
+        s.set_write_timeout(Some(left))?;
+        match s.write(&buf[off..]) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(n) => off += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Waits up to `wait` for the first byte of the next PDU; `Ok(None)` on a clean end of
+/// stream.
+fn first_byte(s: &mut TcpStream, wait: Duration) -> std::io::Result<Option<u8>> {
+    let mut b = [0u8; 1];
+    loop {
+        if wait.is_zero() {
+            return Err(ErrorKind::TimedOut.into());
+        }
+        s.set_read_timeout(Some(wait))?;
+        match s.read(&mut b) {
+            Ok(0) => return Ok(None),
+            Ok(_) => return Ok(Some(b[0])),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn serve_connection(mut s: TcpStream, svc: &Service, limits: &Limits) -> std::io::Result<()> {
+    let peer = Peer::new(s.peer_addr()?.ip());
     s.set_nodelay(true)?;
-    s.set_write_timeout(Some(WRITE_TIMEOUT))?;
     let mut r = Reassembler::new();
     let mut payload = Vec::new();
+    // Deadline of the message being reassembled, if one is.
+    let mut message_deadline: Option<Instant> = None;
     loop {
-        s.set_read_timeout(Some(IDLE_TIMEOUT))?;
-        let mut hb = [0u8; HEADER_LEN];
-        if !read_full(&mut s, &mut hb)? {
+        // Between PDUs: the idle timeout, or what is left of the message's time.
+        let wait = match message_deadline {
+            Some(d) => d
+                .saturating_duration_since(Instant::now())
+                .min(limits.idle_timeout),
+            None => limits.idle_timeout,
+        };
+        let Some(b0) = first_byte(&mut s, wait)? else {
             return Ok(());
+        };
+        let started = Instant::now();
+        let mut deadline = started + limits.pdu_timeout;
+        if let Some(d) = message_deadline {
+            deadline = deadline.min(d);
         }
+        let mut hb = [0u8; HEADER_LEN];
+        hb[0] = b0;
+        read_before(&mut s, &mut hb[1..], deadline)?;
         let h = Header::decode(&hb);
-        s.set_read_timeout(Some(PDU_TIMEOUT))?;
         payload.resize(usize::from(h.length), 0);
-        if !read_full(&mut s, &mut payload)? {
-            return Err(ErrorKind::UnexpectedEof.into());
-        }
-        match r.push(&h, &payload) {
+        read_before(&mut s, &mut payload, deadline)?;
+        let pushed = r.push(&h, &payload);
+        message_deadline = match (&pushed, message_deadline) {
+            (Ok(None), None) => Some(started + limits.message_timeout),
+            (Ok(None), d) => d,
+            _ => None,
+        };
+        match pushed {
             Ok(None) => {}
             Ok(Some(m)) => {
-                if let Some(reply) = svc.handle(&m) {
-                    s.write_all(&reply)?;
+                // The reservation is held until the reply is written.
+                if let Some((reply, _reservation)) = svc.handle_reserved(&m, &peer) {
+                    write_before(&mut s, &reply, Instant::now() + limits.write_timeout)?;
                 }
             }
             Err(e) => {
@@ -679,7 +887,7 @@ fn serve_connection(mut s: TcpStream, svc: &Service) -> std::io::Result<()> {
                     MAX_REPLY_PAYLOAD_BYTES,
                 );
                 if h.function & RESPONSE_BIT == 0 {
-                    s.write_all(&reply)?;
+                    write_before(&mut s, &reply, Instant::now() + limits.write_timeout)?;
                 }
                 // After a framing error the byte stream cannot be trusted to be in step:
                 // close (RFC 4171 §5.1: out-of-order or unparseable PDUs end the message;

@@ -10,8 +10,15 @@
 //!   | 8..16 | `seq`: sequence number, strictly increasing from 1 |
 //!   | 16..16+len | payload (a JSON-encoded registry record) |
 //!
-//!   Recovery reads records until the first one that is short or fails its CRC (a write torn
-//!   by a crash), truncates the file there and replays every record newer than the snapshot.
+//!   Recovery reads records until the first one that is short or fails its CRC. If no valid
+//!   record follows, that is a write torn by a crash (only the last, unacknowledged batch can
+//!   be): the file is truncated there and every record newer than the snapshot replayed. If
+//!   a valid record does follow, the log is corrupt in the middle: truncating would silently
+//!   drop records that were durable and acknowledged, so recovery fails with
+//!   [`StoreError::CorruptLog`] naming the offset, and the operator decides (restore the
+//!   file, or truncate it there knowingly). A filesystem that persisted a later page of the
+//!   last unsynced batch before an earlier one would also be reported; it loses nothing
+//!   acknowledged, and the message says how to proceed.
 //! - `snapshot.json`: `{"seq": S, "state": ...}`, the whole state after record S; written to
 //!   `snapshot.json.tmp`, fsynced, renamed over the old one, and the directory fsynced, before
 //!   the log is truncated.
@@ -56,6 +63,19 @@ pub enum StoreError {
     Failed,
     #[error("snapshot {0} is corrupt: {1}")]
     Snapshot(PathBuf, String),
+    #[error(
+        "write-ahead log {path} is corrupt at byte {offset}, and a valid record (sequence \
+         {next_seq}) follows at byte {next_offset}: this is not a torn tail, and cutting the \
+         log there would lose durable records. Restore the file from a copy, or, to discard \
+         everything from byte {offset} on, truncate it to {offset} bytes \
+         (`truncate -s {offset} {path}`)"
+    )]
+    CorruptLog {
+        path: PathBuf,
+        offset: usize,
+        next_offset: usize,
+        next_seq: u64,
+    },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -153,6 +173,42 @@ pub fn decode_records(buf: &[u8]) -> (Vec<(u64, &[u8])>, usize) {
     (out, off)
 }
 
+/// After a bad record at `bad`, the first valid record further on, as (offset, sequence
+/// number), if any. Pure. Records are written with consecutive sequence numbers, each at
+/// least a header long, so a record after `bad` has a sequence number above `prev_seq` (the
+/// last good one; `floor_seq`, the snapshot's, bounds it when there is none) by at most the
+/// number of headers that fit: candidates outside that window are skipped before their CRC
+/// is computed, which keeps the scan linear on garbage.
+pub fn find_record_after(
+    buf: &[u8],
+    bad: usize,
+    prev_seq: u64,
+    floor_seq: u64,
+) -> Option<(usize, u64)> {
+    let remaining = buf.len().saturating_sub(bad);
+    let max_seq = prev_seq
+        .max(floor_seq)
+        .saturating_add((remaining / RECORD_HEADER_LEN) as u64 + 1);
+    let mut off = bad + 1;
+    while let Some(h) = buf.get(off..off + RECORD_HEADER_LEN) {
+        let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
+        let crc = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
+        let mut sb = [0u8; 8];
+        sb.copy_from_slice(&h[8..16]);
+        let seq = u64::from_le_bytes(sb);
+        let start = off + RECORD_HEADER_LEN;
+        if seq > prev_seq && seq <= max_seq && len <= MAX_RECORD_BYTES {
+            if let Some(payload) = buf.get(start..start + len) {
+                if crc32c::crc32c_append(crc32c::crc32c(&h[8..16]), payload) == crc {
+                    return Some((off, seq));
+                }
+            }
+        }
+        off += 1;
+    }
+    None
+}
+
 fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
 }
@@ -202,13 +258,25 @@ impl Store {
         wal.read_to_end(&mut buf).map_err(io(&wal_path))?;
         let (records, valid) = decode_records(&buf);
         let mut last_seq = snap_seq;
+        let mut last_logged = 0;
         for (seq, payload) in records {
             if seq > snap_seq {
                 rec.records.push(payload.to_vec());
             }
             last_seq = last_seq.max(seq);
+            last_logged = seq;
         }
         if valid < buf.len() {
+            if let Some((next_offset, next_seq)) =
+                find_record_after(&buf, valid, last_logged, snap_seq)
+            {
+                return Err(StoreError::CorruptLog {
+                    path: wal_path,
+                    offset: valid,
+                    next_offset,
+                    next_seq,
+                });
+            }
             rec.truncated_bytes = (buf.len() - valid) as u64;
             tracing::warn!(
                 bytes = rec.truncated_bytes,
@@ -440,6 +508,65 @@ mod tests {
         assert_eq!(s.last_seq(), 9);
     }
 
+    fn write_log(dir: &Path, n: u32) -> Vec<u64> {
+        let (s, _) = Store::open(dir).unwrap();
+        let s = Arc::new(s);
+        let c = s.clone();
+        let t = std::thread::spawn(move || c.run_committer());
+        let mut ends = Vec::new();
+        for i in 0..n {
+            let seq = s.append(format!("record {i}").as_bytes()).unwrap();
+            s.wait_durable(seq).unwrap();
+            ends.push(std::fs::metadata(dir.join(WAL_FILE)).unwrap().len());
+        }
+        s.shutdown();
+        t.join().unwrap();
+        ends
+    }
+
+    /// Issue 12 finding 14: a bad record with valid ones after it is corruption, not a torn
+    /// tail: recovery refuses (naming the offset) and leaves the file as it was.
+    #[test]
+    fn corruption_before_the_tail_is_an_error_not_a_truncation() {
+        let dir = tempfile::tempdir().unwrap();
+        let ends = write_log(dir.path(), 10);
+        let wal = dir.path().join(WAL_FILE);
+        let mut bytes = std::fs::read(&wal).unwrap();
+        // Flip a payload byte of the fourth record (records 5..10 stay valid).
+        let bad = ends[2] as usize;
+        bytes[bad + RECORD_HEADER_LEN + 2] ^= 0x40;
+        std::fs::write(&wal, &bytes).unwrap();
+        match Store::open(dir.path()) {
+            Err(e @ StoreError::CorruptLog { .. }) => {
+                let StoreError::CorruptLog {
+                    offset,
+                    next_offset,
+                    next_seq,
+                    ..
+                } = &e
+                else {
+                    unreachable!()
+                };
+                assert_eq!(
+                    (*offset, *next_offset, *next_seq),
+                    (bad, ends[3] as usize, 5)
+                );
+                assert!(e.to_string().contains(&format!("byte {bad}")), "{e}");
+            }
+            other => panic!("expected CorruptLog, got {other:?}"),
+        }
+        assert_eq!(std::fs::read(&wal).unwrap(), bytes, "the log was modified");
+        // The same damage in the last record is a torn tail: cut, the rest replayed.
+        let mut bytes = std::fs::read(&wal).unwrap();
+        bytes[bad + RECORD_HEADER_LEN + 2] ^= 0x40;
+        let last = ends[8] as usize;
+        bytes[last + RECORD_HEADER_LEN + 2] ^= 0x40;
+        std::fs::write(&wal, &bytes).unwrap();
+        let (_, rec) = Store::open(dir.path()).unwrap();
+        assert_eq!(rec.records.len(), 9);
+        assert_eq!(std::fs::metadata(&wal).unwrap().len(), ends[8]);
+    }
+
     #[test]
     fn snapshot_supersedes_log() {
         let dir = tempfile::tempdir().unwrap();
@@ -492,6 +619,33 @@ mod tests {
             for (i, (seq, p)) in recs.iter().enumerate() {
                 // Whatever decodes from a torn log is a true prefix (up to a CRC collision).
                 if valid <= cut { prop_assert_eq!(*seq, i as u64 + 1); prop_assert_eq!(*p, &payloads[i][..]); }
+            }
+        }
+
+        // Damage to any record but the last is told apart from a torn tail: the next record
+        // is found (up to a CRC collision); damage to the last one finds nothing.
+        #[test]
+        fn damage_before_the_tail_is_found(
+            payloads in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..40), 2..8),
+            victim in any::<prop::sample::Index>(), at in any::<prop::sample::Index>(), bit in 0u8..8) {
+            let mut buf = Vec::new();
+            let mut starts = Vec::new();
+            for (i, p) in payloads.iter().enumerate() {
+                starts.push(buf.len());
+                encode_record(i as u64 + 1, p, &mut buf);
+            }
+            starts.push(buf.len());
+            let v = victim.index(payloads.len());
+            let byte = starts[v] + at.index(starts[v + 1] - starts[v]);
+            buf[byte] ^= 1 << bit;
+            let (recs, valid) = decode_records(&buf);
+            prop_assume!(valid == starts[v]);
+            let prev = recs.last().map_or(0, |r| r.0);
+            let found = find_record_after(&buf, valid, prev, 0);
+            if v + 1 < payloads.len() {
+                prop_assert_eq!(found, Some((starts[v + 1], v as u64 + 2)));
+            } else {
+                prop_assert_eq!(found, None);
             }
         }
     }

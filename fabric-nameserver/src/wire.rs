@@ -773,6 +773,59 @@ mod tests {
         assert_eq!(done.unwrap().payload, w.buf);
     }
 
+    /// MAX_TLVS is reached: that many minimal TLVs parse, one more is refused; a maximal
+    /// message (MAX_MESSAGE_BYTES) of minimal TLVs is exactly at the limit.
+    #[test]
+    fn max_tlvs_is_reached() {
+        let nil = [0u8, 0, 0, 32, 0, 0, 0, 0];
+        let at: Vec<u8> = nil
+            .iter()
+            .copied()
+            .cycle()
+            .take(MAX_TLVS * TLV_HEADER_LEN)
+            .collect();
+        assert_eq!(at.len(), MAX_MESSAGE_BYTES);
+        assert_eq!(parse_tlvs(&at).unwrap().len(), MAX_TLVS);
+        let mut over = at.clone();
+        over.extend_from_slice(&nil);
+        assert_eq!(parse_tlvs(&over), Err(WireError::TooManyTlvs));
+        // Through reassembly: 17 PDUs of up to 65532 bytes make the whole message.
+        let mut r = Reassembler::new();
+        let chunks: Vec<&[u8]> = at.chunks(65532 & !7).collect();
+        let mut done = None;
+        for (i, c) in chunks.iter().enumerate() {
+            let mut flags = FLAG_CLIENT;
+            if i == 0 {
+                flags |= FLAG_FIRST_PDU;
+            }
+            if i + 1 == chunks.len() {
+                flags |= FLAG_LAST_PDU;
+            }
+            let (h, p) = pdu(func::DEV_ATTR_QRY, flags, 1, i as u16, c);
+            done = r.push(&h, &p).unwrap();
+        }
+        let m = done.unwrap();
+        assert_eq!(parse_request(&m).unwrap().keys.len() + 1, MAX_TLVS);
+        // One PDU more than the message limit allows is refused.
+        let (h, p) = pdu(
+            func::DEV_ATTR_QRY,
+            FLAG_CLIENT | FLAG_FIRST_PDU,
+            2,
+            0,
+            &at[..65528],
+        );
+        r.push(&h, &p).unwrap();
+        let mut seq = 1;
+        let res = loop {
+            let (h, p) = pdu(func::DEV_ATTR_QRY, FLAG_CLIENT, 2, seq, &at[..65528]);
+            match r.push(&h, &p) {
+                Ok(None) => seq += 1,
+                other => break other,
+            }
+        };
+        assert_eq!(res, Err(WireError::MessageTooLarge));
+    }
+
     proptest! {
         // The parser is total: arbitrary bytes give a value or an error, never a panic, and
         // whatever parses re-encodes to the same bytes.

@@ -6,7 +6,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -179,7 +179,7 @@ fn hundred_thousand_nodes_all_targets_query_is_split_into_8k_pdus() {
 #[test]
 fn discovery_domains_and_sets_scope_queries() {
     let dir = tempfile::tempdir().unwrap();
-    let srv = start_server(dir.path());
+    let srv = start_server_with_admin(dir.path());
     let mut c = Client::connect(srv.local_addr);
     for (n, e, p, t) in [
         ("iqn.t:a", "ea", 3260, TARGET),
@@ -200,7 +200,7 @@ fn discovery_domains_and_sets_scope_queries() {
     assert_eq!(visible(&mut c, "iqn.i:c", TARGET), vec!["iqn.t:a"]);
     // DD {a, b}: b sees a, c (default domain) does not.
     let mut w = TlvWriter::new();
-    w.string(tag::ISCSI_NAME, "iqn.i:b");
+    w.string(tag::ISCSI_NAME, ADMIN);
     w.delimiter();
     w.string(tag::DD_NAME, "zone1");
     w.string(tag::DD_MEMBER_ISCSI_NAME, "iqn.t:a");
@@ -219,7 +219,7 @@ fn discovery_domains_and_sets_scope_queries() {
     assert_eq!(visible(&mut c, "iqn.t:a", INITIATOR), vec!["iqn.i:b"]);
     // A disabled DD set holding the DD deactivates it: back to the default domain.
     let mut w = TlvWriter::new();
-    w.string(tag::ISCSI_NAME, "iqn.i:b");
+    w.string(tag::ISCSI_NAME, ADMIN);
     w.delimiter();
     w.string(tag::DDS_NAME, "set1");
     w.u32(tag::DDS_STATUS, 0);
@@ -236,7 +236,7 @@ fn discovery_domains_and_sets_scope_queries() {
     assert_eq!(visible(&mut c, "iqn.i:c", TARGET), vec!["iqn.t:a"]);
     // Enabling it re-activates the DD.
     let mut w = TlvWriter::new();
-    w.string(tag::ISCSI_NAME, "iqn.i:b");
+    w.string(tag::ISCSI_NAME, ADMIN);
     w.u32(tag::DDS_ID, dds_id);
     w.delimiter();
     w.u32(tag::DDS_STATUS, 1);
@@ -244,7 +244,7 @@ fn discovery_domains_and_sets_scope_queries() {
     assert!(visible(&mut c, "iqn.i:c", TARGET).is_empty());
     // Removing b from the DD: b is back in the default domain, with c (a is still zoned).
     let mut w = TlvWriter::new();
-    w.string(tag::ISCSI_NAME, "iqn.i:b");
+    w.string(tag::ISCSI_NAME, ADMIN);
     w.u32(tag::DD_ID, dd_id);
     w.delimiter();
     w.string(tag::DD_MEMBER_ISCSI_NAME, "iqn.i:b");
@@ -511,4 +511,129 @@ fn state_survives_restart_and_directories_are_independent() {
     assert_eq!(dds["result"][0]["members"].as_array().unwrap().len(), 2);
     a.shutdown();
     b.shutdown();
+}
+
+/// Accepts SCN connections on `addr`, reports each (its first TLVs) and answers Success.
+fn scn_sink(addr: SocketAddr) -> std::sync::mpsc::Receiver<()> {
+    let l = TcpListener::bind(addr).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut s) = conn else { return };
+            let mut hb = [0u8; HEADER_LEN];
+            if s.read_exact(&mut hb).is_err() {
+                continue;
+            }
+            let h = Header::decode(&hb);
+            let mut p = vec![0u8; h.length as usize];
+            if s.read_exact(&mut p).is_err() {
+                continue;
+            }
+            let w = TlvWriter::response(Status::Success);
+            let resp = fabric_nameserver::wire::split_pdus(
+                h.function | 0x8000,
+                FLAG_CLIENT,
+                h.xid,
+                &w,
+                8000,
+            );
+            let _ = s.write_all(&resp);
+            if tx.send(()).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Issue 12 finding 3: another host (127.0.0.2) naming a registered target as its source
+/// can neither take over nor remove its entity, create discovery domains, make itself a
+/// control node, nor aim the server's SCNs at a third party's address.
+#[test]
+fn another_host_cannot_hijack_entities_or_aim_scns_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = start_server(dir.path());
+    let mut owner = Client::connect(srv.local_addr);
+    let reg = registration(
+        "iqn.t:victim",
+        "ev",
+        3260,
+        None,
+        &[("iqn.t:victim", TARGET)],
+    );
+    assert_eq!(owner.call(func::DEV_ATTR_REG, 0, &reg).status, 0);
+    let mut evil = Client::connect_from(srv.local_addr, "127.0.0.2".parse().unwrap());
+    let unauthorized = Status::SourceUnauthorized as u32;
+
+    // REPLACE the victim's entity with a portal of the attacker's, as the victim.
+    let mut w = TlvWriter::new();
+    w.string(tag::ISCSI_NAME, "iqn.t:victim");
+    w.string(tag::EID, "ev");
+    w.delimiter();
+    w.string(tag::EID, "ev");
+    w.ip(tag::PORTAL_IP, &"::ffff:127.0.0.2".parse().unwrap());
+    w.u32(tag::PORTAL_PORT, 3260);
+    w.string(tag::ISCSI_NAME, "iqn.t:victim");
+    w.u32(tag::ISCSI_NODE_TYPE, TARGET);
+    assert_eq!(
+        evil.call(func::DEV_ATTR_REG, 0x1000, &w).status,
+        unauthorized
+    );
+    // Deregister it.
+    let mut w = TlvWriter::new();
+    w.string(tag::ISCSI_NAME, "iqn.t:victim");
+    w.delimiter();
+    w.string(tag::EID, "ev");
+    assert_eq!(evil.call(func::DEV_DEREG, 0, &w).status, unauthorized);
+    // Create a discovery domain.
+    let mut w = TlvWriter::new();
+    w.string(tag::ISCSI_NAME, "iqn.t:victim");
+    w.delimiter();
+    w.string(tag::DD_NAME, "evil-zone");
+    w.string(tag::DD_MEMBER_ISCSI_NAME, "iqn.t:victim");
+    assert_eq!(evil.call(func::DD_REG, 0, &w).status, unauthorized);
+    // Make itself a control node.
+    let reg = registration("iqn.x:evil", "ex", 3300, None, &[("iqn.x:evil", 4)]);
+    assert_eq!(evil.call(func::DEV_ATTR_REG, 0, &reg).status, unauthorized);
+
+    // SCNs: the attacker registers a portal at the owner's address (127.0.0.1) with an SCN
+    // port where a third party listens; the SCN must go to the attacker's own address.
+    let probe = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = probe.local_addr().unwrap().port();
+    drop(probe);
+    let third_party = scn_sink(SocketAddr::from(([127, 0, 0, 1], port)));
+    let attacker_own = scn_sink(SocketAddr::from(([127, 0, 0, 2], port)));
+    let mut w = TlvWriter::new();
+    w.string(tag::ISCSI_NAME, "iqn.x:evil");
+    w.delimiter();
+    w.string(tag::EID, "ex");
+    w.ip(tag::PORTAL_IP, &"::ffff:127.0.0.1".parse().unwrap());
+    w.u32(tag::PORTAL_PORT, 3301);
+    w.u32(tag::SCN_PORT, u32::from(port));
+    w.string(tag::ISCSI_NAME, "iqn.x:evil");
+    w.u32(tag::ISCSI_NODE_TYPE, INITIATOR);
+    assert_eq!(evil.call(func::DEV_ATTR_REG, 0, &w).status, 0);
+    let mut w = TlvWriter::new();
+    w.string(tag::ISCSI_NAME, "iqn.x:evil");
+    w.string(tag::ISCSI_NAME, "iqn.x:evil");
+    w.delimiter();
+    w.u32(tag::ISCSI_SCN_BITMAP, 0x08); // object added
+    assert_eq!(evil.call(func::SCN_REG, 0, &w).status, 0);
+    let reg = registration("iqn.t:v2", "ev2", 3261, None, &[("iqn.t:v2", TARGET)]);
+    assert_eq!(owner.call(func::DEV_ATTR_REG, 0, &reg).status, 0);
+    assert!(attacker_own.recv_timeout(Duration::from_secs(10)).is_ok());
+    assert!(third_party.recv_timeout(Duration::from_secs(2)).is_err());
+
+    // The victim is untouched.
+    {
+        let reg = srv.service.registry();
+        let (e, _) = reg.node("iqn.t:victim").unwrap();
+        let ips: Vec<_> = e.portals.iter().map(|p| p.ip).collect();
+        assert_eq!(
+            ips,
+            vec!["::ffff:127.0.0.1".parse::<std::net::Ipv6Addr>().unwrap()]
+        );
+    }
+    assert!(srv.service.report().unauthorized >= 4);
+    srv.shutdown();
 }

@@ -50,7 +50,10 @@ fn client_conf(
 fn isnsadm_register_query_list_dd_deregister() {
     require_tool("isnsadm");
     let dir = tempfile::tempdir().unwrap();
-    let srv = Proc::spawn(&dir.path().join("data"));
+    // isnsadm acts as the administrator here: it registers nodes other than its source and
+    // manages DDs, which only a control node the server was told about may do.
+    let admin = ["--control-node", "iqn.2024-01.test:admin"];
+    let srv = Proc::spawn_with(&dir.path().join("data"), &admin);
     let conf = client_conf(
         dir.path(),
         "client.conf",
@@ -109,8 +112,8 @@ fn isnsadm_register_query_list_dd_deregister() {
     ));
     assert!(q.contains("iqn.2024-01.test:tgt1"), "{q}");
 
-    // Zoning: a DD with the target and init1; the admin source (not in it) no longer sees
-    // the target, init1 does.
+    // Zoning: a DD with the target and init1; a source not in it no longer sees the
+    // target, init1 does (the admin, a control node, sees everything).
     let dd = ok(&isnsadm(
         &conf,
         &[
@@ -127,7 +130,30 @@ fn isnsadm_register_query_list_dd_deregister() {
         "{dds}"
     );
     let admin_view = ok(&isnsadm(&conf, &["--list", "nodes"]));
-    assert!(!admin_view.contains("tgt1"), "{admin_view}");
+    assert!(admin_view.contains("tgt1"), "{admin_view}");
+    let outsider = client_conf(
+        dir.path(),
+        "outsider.conf",
+        srv.addr,
+        "iqn.2024-01.test:outsider",
+    );
+    let outsider_view = ok(&isnsadm(&outsider, &["--list", "nodes"]));
+    assert!(!outsider_view.contains("tgt1"), "{outsider_view}");
+    // Nor may it change what it does not own (Source Unauthorized).
+    let o = isnsadm(
+        &outsider,
+        &["--deregister", "iscsi-name=iqn.2024-01.test:init1"],
+    );
+    assert!(!o.status.success(), "outsider deregistered init1");
+    let o = isnsadm(
+        &outsider,
+        &[
+            "--dd-register",
+            "dd-name=evil",
+            "member-name=iqn.2024-01.test:outsider",
+        ],
+    );
+    assert!(!o.status.success(), "outsider created a DD");
     let init_conf = client_conf(dir.path(), "init.conf", srv.addr, "iqn.2024-01.test:init1");
     let init_view = ok(&isnsadm(&init_conf, &["--list", "nodes"]));
     assert!(init_view.contains("tgt1"), "{init_view}");
@@ -164,7 +190,7 @@ fn isnsadm_register_query_list_dd_deregister() {
     // The registrations survive a restart.
     let data = srv.data.clone();
     drop(srv);
-    let srv = Proc::spawn(&data);
+    let srv = Proc::spawn_with(&data, &admin);
     let conf = client_conf(
         dir.path(),
         "client2.conf",
@@ -228,6 +254,11 @@ fn tgtd_registers_receives_scns_and_enforces_zoning() {
     require_tool("iscsi-inq");
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
+        // In CI a missing prerequisite is a failure, not a silent skip.
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "tgtd needs root (its control socket lives in /var/run/tgtd), and CI=true"
+        );
         eprintln!("SKIPPED: tgtd needs root (its control socket lives in /var/run/tgtd)");
         return;
     }

@@ -1,6 +1,6 @@
 //! `strata-nameserver`: runs the iSNS name server on one address and one data directory.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -15,9 +15,19 @@ use fabric_nameserver::server::{start, Config};
 #[derive(Debug, Parser)]
 #[command(name = "strata-nameserver", version)]
 struct Args {
-    /// iSNSP TCP address to listen on (RFC 4171's port is 3205).
-    #[arg(long, default_value = "0.0.0.0:3205")]
+    /// iSNSP TCP address to listen on (RFC 4171's port is 3205). The default is loopback
+    /// only: serving a network is an explicit choice (e.g. `--listen 0.0.0.0:3205`), since
+    /// iSNSP carries no authentication here (see `--control-node`).
+    #[arg(long, default_value = "127.0.0.1:3205")]
     listen: SocketAddr,
+    /// An iSCSI name the administrator authorizes as a control node (repeatable): only
+    /// control nodes may create or change discovery domains and DD sets, change or
+    /// deregister other clients' entities, register with the control node type, register
+    /// management SCNs, and see every node. `NAME@ADDR` also requires the request to come
+    /// from that IP address (recommended on a network: the iSNS source name is not
+    /// authenticated). The control socket is always authorized.
+    #[arg(long = "control-node", value_name = "NAME[@ADDR]", value_parser = parse_control_node)]
+    control_nodes: Vec<(String, Option<IpAddr>)>,
     /// Data directory (created if missing).
     #[arg(long, value_name = "DIR")]
     data: PathBuf,
@@ -58,6 +68,15 @@ fn main() -> ExitCode {
     cfg.registration_period_secs = args.registration_period;
     cfg.esi.min_interval_secs = args.esi_min_interval;
     cfg.esi.retries = args.esi_retries;
+    cfg.control_nodes = args.control_nodes.into_iter().collect();
+    if !args.listen.ip().is_loopback() {
+        tracing::warn!(
+            listen = %args.listen,
+            control_nodes = cfg.control_nodes.len(),
+            "serving iSNS beyond this host: clients are bound to their entities by address, \
+             control nodes by name (pin them with NAME@ADDR)"
+        );
+    }
     // Block SIGTERM/SIGINT before any thread starts, so every thread inherits the mask and
     // the signals wait for sigwait below instead of killing the process.
     let set = match block_signals() {
@@ -87,6 +106,24 @@ fn main() -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Parses `NAME` or `NAME@ADDR` (an iSCSI name holds no `@`; the last one splits).
+fn parse_control_node(s: &str) -> Result<(String, Option<IpAddr>), String> {
+    let (name, addr) = match s.rsplit_once('@') {
+        Some((n, a)) => (
+            n,
+            Some(
+                a.parse::<IpAddr>()
+                    .map_err(|e| format!("bad address {a:?}: {e}"))?,
+            ),
+        ),
+        None => (s, None),
+    };
+    if name.is_empty() || name.len() > fabric_nameserver::command::MAX_NAME_BYTES {
+        return Err(format!("bad control node name {name:?}"));
+    }
+    Ok((name.to_owned(), addr))
+}
+
 /// Blocks SIGTERM and SIGINT in the calling thread (and threads it starts later).
 fn block_signals() -> std::io::Result<libc::sigset_t> {
     // SAFETY: sigset_t is plain data, initialised by sigemptyset before use; sigaddset and
@@ -113,4 +150,36 @@ fn wait_for_signal(set: &libc::sigset_t) -> std::io::Result<i32> {
         return Err(std::io::Error::from_raw_os_error(rc));
     }
     Ok(sig)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listens_on_loopback_unless_told_otherwise() {
+        let a = Args::parse_from(["strata-nameserver", "--data", "/tmp/x"]);
+        assert!(a.listen.ip().is_loopback(), "{}", a.listen);
+        assert!(a.control_nodes.is_empty());
+        let a = Args::parse_from([
+            "strata-nameserver",
+            "--data",
+            "/tmp/x",
+            "--listen",
+            "0.0.0.0:3205",
+            "--control-node",
+            "iqn.a:admin",
+            "--control-node",
+            "iqn.b:admin@10.0.0.1",
+        ]);
+        assert!(!a.listen.ip().is_loopback());
+        assert_eq!(
+            a.control_nodes,
+            vec![
+                ("iqn.a:admin".to_owned(), None),
+                ("iqn.b:admin".to_owned(), Some("10.0.0.1".parse().unwrap()))
+            ]
+        );
+        assert!(Args::try_parse_from(["x", "--data", "d", "--control-node", "a@nope"]).is_err());
+    }
 }

@@ -47,6 +47,44 @@ impl Client {
         Client { s, xid: 0 }
     }
 
+    /// Connects from a chosen local address (e.g. 127.0.0.2: another host, as far as the
+    /// server can tell).
+    pub fn connect_from(addr: SocketAddr, local: std::net::Ipv4Addr) -> Client {
+        use std::os::fd::FromRawFd;
+        let SocketAddr::V4(v4) = addr else {
+            panic!("IPv4 only")
+        };
+        let sin = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(ip).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        // SAFETY: plain socket calls on a descriptor created here, with sockaddr_in values
+        // that live across each call; the descriptor is handed to TcpStream, which owns it.
+        let s = unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            assert!(fd >= 0);
+            let a = sin(local, 0);
+            assert_eq!(
+                libc::bind(fd, (&a as *const libc::sockaddr_in).cast(), len),
+                0
+            );
+            let b = sin(*v4.ip(), v4.port());
+            assert_eq!(
+                libc::connect(fd, (&b as *const libc::sockaddr_in).cast(), len),
+                0
+            );
+            TcpStream::from_raw_fd(fd)
+        };
+        s.set_nodelay(true).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        Client { s, xid: 0 }
+    }
+
     pub fn send(&mut self, function: u16, flags: u16, w: &TlvWriter) -> u16 {
         self.xid = self.xid.wrapping_add(1);
         let bytes = split_pdus(function, FLAG_CLIENT | flags, self.xid, w, 65532);
@@ -161,6 +199,16 @@ pub fn start_server(dir: &Path) -> ServerHandle {
     start(Config::new("127.0.0.1:0".parse().unwrap(), dir.to_owned())).unwrap()
 }
 
+/// The control node the tests' administrator acts as (DD changes over iSNSP).
+pub const ADMIN: &str = "iqn.2024-01.test:admin";
+
+/// A server where [`ADMIN`] is an authorized control node.
+pub fn start_server_with_admin(dir: &Path) -> ServerHandle {
+    let mut cfg = Config::new("127.0.0.1:0".parse().unwrap(), dir.to_owned());
+    cfg.control_nodes.insert(ADMIN.to_owned(), None);
+    start(cfg).unwrap()
+}
+
 /// Names visible to `source` through DevAttrQry on node type `t`.
 pub fn visible(c: &mut Client, source: &str, t: u32) -> Vec<String> {
     let r = c.call(func::DEV_ATTR_QRY, 0, &query_type(source, t));
@@ -179,11 +227,17 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(data: &Path) -> Proc {
+        Self::spawn_with(data, &[])
+    }
+
+    /// With extra command-line arguments (e.g. `--control-node NAME`).
+    pub fn spawn_with(data: &Path, extra: &[&str]) -> Proc {
         let port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_strata-nameserver"))
             .args(["--listen", &addr.to_string(), "--data"])
             .arg(data)
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
