@@ -30,6 +30,11 @@ cargo build --release -p stratad
 step "cargo test --workspace --release"
 cargo test --workspace --release --no-fail-fast
 
+step "unit and property tests with overflow checks (profile checked)"
+cargo test --profile checked --lib --no-fail-fast -p vmfs -p dataplane -p file-server \
+    -p strata-perm -p fabric-nameserver
+cargo test --profile checked -p stratad --bin stratad spec::
+
 step "cargo test -p dataplane --features dpdk (DPDK backend: net_ring and net_null vdevs)"
 cargo test --release -p dataplane --features dpdk --lib net::dpdk
 
