@@ -37,6 +37,12 @@ use crate::mem_guard::{self, check_region_fd, Guard, Sealing};
 use crate::reactor::{ReactorError, ReactorLink};
 use crate::stats::QueueStats;
 
+/// The vhost-user protocol features served (see README "Supported virtio-blk features").
+const OFFERED_PROTOCOL_FEATURES: VhostUserProtocolFeatures = VhostUserProtocolFeatures::MQ
+    .union(VhostUserProtocolFeatures::CONFIG)
+    .union(VhostUserProtocolFeatures::REPLY_ACK)
+    .union(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS);
+
 /// Guest memory as a device of kind `K` maps it.
 pub type DeviceMemory<K> = GuestMemoryAtomic<GuestMemoryMmap<<K as DeviceKind>::Bitmap>>;
 
@@ -547,13 +553,15 @@ impl<K: DeviceKind> VhostUserBackendReqHandlerMut for VhostDevice<K> {
     }
 
     fn get_protocol_features(&mut self) -> VhostResult<VhostUserProtocolFeatures> {
-        Ok(VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS)
+        Ok(OFFERED_PROTOCOL_FEATURES)
     }
 
     fn set_protocol_features(&mut self, features: u64) -> VhostResult<()> {
+        // A frontend acks a subset of what was offered (vhost-user spec); anything else would
+        // make us believe in a protocol we do not speak (e.g. INFLIGHT_SHMFD, LOG_SHMFD).
+        if features & !OFFERED_PROTOCOL_FEATURES.bits() != 0 {
+            return Err(VhostError::InvalidParam);
+        }
         self.acked_protocol_features = features;
         Ok(())
     }
@@ -779,6 +787,17 @@ mod tests {
         d.set_vring_kick(0, Some(efd_file(&EventFd::new(0).unwrap())))
             .unwrap();
         assert!(d.set_vring_enable(0, true).is_err());
+    }
+
+    #[test]
+    fn protocol_features_never_offered_are_refused() {
+        let (_r, mut d) = device();
+        let offered = d.get_protocol_features().unwrap().bits();
+        d.set_protocol_features(offered).unwrap();
+        let inflight = VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits();
+        assert_eq!(offered & inflight, 0);
+        assert!(d.set_protocol_features(offered | inflight).is_err());
+        assert!(d.set_protocol_features(u64::MAX).is_err());
     }
 
     #[test]
