@@ -448,11 +448,11 @@ fn flush_makes_allocating_writes_durable() {
     // No SIGTERM: a flushed write must survive without stratad's own shutdown flush.
     drop(c);
     kill9(daemon);
-    let report = setup.ds.fsck().expect("fsck");
-    eprintln!(
-        "fsck after kill -9 (before replay): {}",
-        report.output.trim()
-    );
+    // Issue 12: fsck right after the crash replays the journal first (as e2fsck does), then
+    // checks: clean, with no mount in between.
+    setup
+        .ds
+        .assert_fsck_clean("right after kill -9 (replaying the journal)");
 
     let daemon = spawn_after_crash(&setup.args, &[&setup.sock]).expect("restart");
     let mut c = Client::connect(&setup.sock, 0, false);
