@@ -18,7 +18,7 @@
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use vmfs::format::{DataLayout, Inode, FILE_BLOCK, RESIDENT_MAX, SB_FILE_MAX_BLOCKS, SUB_BLOCK};
+use vmfs::format::{DataLayout, Inode, FILE_BLOCK, SUB_BLOCK};
 use vmfs::fs::{Datastore, FsError};
 
 /// Directory entries read per step of the usage walk (a bounded batch, not a whole directory).
@@ -58,13 +58,7 @@ pub fn allocated_bytes(i: &Inode) -> u64 {
 pub fn write_bound(i: &Inode, offset: u64, len: u64) -> u64 {
     let end = offset.saturating_add(len);
     let size = i.size.max(end);
-    let needed = if size <= RESIDENT_MAX {
-        DataLayout::Resident
-    } else if size <= SB_FILE_MAX_BLOCKS * SUB_BLOCK {
-        DataLayout::SubBlocks
-    } else {
-        DataLayout::FileBlocks
-    };
+    let needed = DataLayout::for_size(size);
     let layout = if (needed as u8) > (i.layout as u8) {
         needed
     } else {

@@ -105,9 +105,24 @@ impl FileDevice {
         if direct {
             opts.custom_flags(libc::O_DIRECT);
         }
-        let mut file = opts.open(path)?;
+        Self::locked(opts.open(path)?, libc::LOCK_EX, direct)
+    }
+
+    /// Opens `path` read-only with a shared lock (refused while a writer such as stratad
+    /// holds it): for a look that must not write, like `fsck --no-replay`. Writes fail.
+    pub fn open_read_only(path: &Path) -> Result<Self, DeviceError> {
+        Self::locked(
+            OpenOptions::new().read(true).open(path)?,
+            libc::LOCK_SH,
+            false,
+        )
+    }
+
+    /// Takes `lock` (flock, non-blocking: a datastore in use elsewhere is refused, not waited
+    /// for) on `file` and reads its size.
+    fn locked(mut file: File, lock: libc::c_int, direct: bool) -> Result<Self, DeviceError> {
         // SAFETY: flock on a descriptor we own has no memory effects.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        if unsafe { libc::flock(file.as_raw_fd(), lock | libc::LOCK_NB) } != 0 {
             return Err(DeviceError::Locked);
         }
         let size = file.seek(SeekFrom::End(0))?;
@@ -117,25 +132,6 @@ impl FileDevice {
             file,
             size,
             direct,
-            block_device,
-        })
-    }
-
-    /// Opens `path` read-only with a shared lock (refused while a writer such as stratad
-    /// holds it): for a look that must not write, like `fsck --no-replay`. Writes fail.
-    pub fn open_read_only(path: &Path) -> Result<Self, DeviceError> {
-        let mut file = OpenOptions::new().read(true).open(path)?;
-        // SAFETY: flock on a descriptor we own has no memory effects.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } != 0 {
-            return Err(DeviceError::Locked);
-        }
-        let size = file.seek(SeekFrom::End(0))?;
-        let block_device =
-            std::os::unix::fs::FileTypeExt::is_block_device(&file.metadata()?.file_type());
-        Ok(FileDevice {
-            file,
-            size,
-            direct: false,
             block_device,
         })
     }

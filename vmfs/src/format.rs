@@ -518,6 +518,20 @@ pub enum DataLayout {
     FileBlocks = 2,
 }
 
+impl DataLayout {
+    /// The smallest layout that holds `size` bytes (vmfs converts resident → sub-blocks →
+    /// file blocks as a file grows, never back).
+    pub fn for_size(size: u64) -> DataLayout {
+        if size <= RESIDENT_MAX {
+            DataLayout::Resident
+        } else if size <= SB_FILE_MAX_BLOCKS * SUB_BLOCK {
+            DataLayout::SubBlocks
+        } else {
+            DataLayout::FileBlocks
+        }
+    }
+}
+
 /// How a file's space is provisioned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Provisioning {

@@ -1863,13 +1863,7 @@ impl Inner {
         size: u64,
     ) -> Result<Inode, FsError> {
         let inode = self.get_inode(dev, ino)?;
-        let needed = if size <= RESIDENT_MAX {
-            DataLayout::Resident
-        } else if size <= SB_FILE_MAX_BLOCKS * SUB_BLOCK {
-            DataLayout::SubBlocks
-        } else {
-            DataLayout::FileBlocks
-        };
+        let needed = DataLayout::for_size(size);
         if (needed as u8) <= (inode.layout as u8) {
             return Ok(inode);
         }
