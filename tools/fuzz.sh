@@ -30,6 +30,10 @@ usage() {
 }
 
 build() {
+    # libfuzzer-sys compiles libFuzzer (C++): any C++ compiler will do.
+    if [ -z "${CXX:-}" ] && ! command -v c++ >/dev/null; then
+        export CXX=clang++
+    fi
     # --target makes RUSTFLAGS apply to the fuzzed code only, not to build scripts and proc
     # macros (which would then need libFuzzer's coverage callbacks to link).
     # Coverage: edge counters (inline 8-bit), PC table for libFuzzer's feature tracking,

@@ -6,8 +6,8 @@
 //! The datastore sits in a memfd behind vmfs's `FileDevice` (reset to the base image before
 //! every run), so reads and writes take the same zero-copy paths as in stratad.
 //!
-//! Input: `share flags u8`, then requests: `out_len u32, flags u8, request chunk` (u16 length
-//! and bytes). The header's `len` and `unique` are fixed up unless flag bit 0 says to keep the
+//! Input: `share flags u8`, then requests: `out_len u32` (top bit: up to 3.75 MiB, else up to
+//! 64 KiB), `flags u8`, `request chunk` (u16 length and bytes). The header's `len` and `unique` are fixed up unless flag bit 0 says to keep the
 //! input's; bit 1 splits the writable buffer in two descriptors, bit 2 the request. Node ids
 //! and file handles are deterministic (inode numbers, handles from 1), so requests can name
 //! what earlier ones created. An INIT opens every run.
@@ -49,6 +49,11 @@ const OUT_ADDR: u64 = 0x4_0000;
 /// Largest request and reply buffer.
 const REQ_MAX: usize = (OUT_ADDR - REQ_ADDR) as usize;
 const OUT_MAX: u32 = (MEM_BYTES as u64 - OUT_ADDR) as u32;
+/// Top bit of an input's `out_len`: a buffer of up to [`OUT_MAX`] bytes; without it, up to
+/// [`SMALL_OUT_MAX`] (filling and scanning megabytes per request would slow every run down).
+const BIG_OUT: u32 = 1 << 31;
+/// Largest reply buffer without [`BIG_OUT`].
+const SMALL_OUT_MAX: u32 = 64 << 10;
 /// Requests per run at most.
 const REQUESTS_MAX: usize = 24;
 /// Fill of reply buffers before each request.
@@ -94,7 +99,12 @@ fn settings(readonly: bool) -> Option<ShareSettings> {
         readonly,
         groups: None,
         cache: CachePolicy::Auto,
-        perm: PermCache::new(PermCacheConfig::default()).ok()?,
+        // A small cache: cheap to set up per run, and eviction gets exercised.
+        perm: PermCache::new(PermCacheConfig {
+            capacity: 1024,
+            ..PermCacheConfig::default()
+        })
+        .ok()?,
     })
 }
 
@@ -260,7 +270,12 @@ pub fn run(data: &[u8]) {
     let mut n = 0;
     while !inp.is_empty() && n < REQUESTS_MAX {
         n += 1;
-        let out_len = inp.u32() % (OUT_MAX + 1);
+        let raw = inp.u32();
+        let out_len = if raw & BIG_OUT != 0 {
+            (raw & !BIG_OUT) % (OUT_MAX + 1)
+        } else {
+            raw % (SMALL_OUT_MAX + 1)
+        };
         let flags = inp.u8();
         let mut req = inp.chunk().to_vec();
         req.truncate(REQ_MAX);
@@ -322,7 +337,12 @@ fn encode(share_flags: u8, reqs: &[Req]) -> Vec<u8> {
     let mut e = Enc::new();
     e.u8(share_flags);
     for (out_len, flags, bytes) in reqs {
-        e.u32(*out_len).u8(*flags).chunk(bytes);
+        let raw = if *out_len > SMALL_OUT_MAX {
+            out_len | BIG_OUT
+        } else {
+            *out_len
+        };
+        e.u32(raw).u8(*flags).chunk(bytes);
     }
     e.finish()
 }
