@@ -78,10 +78,17 @@ fn build() -> Base {
     populate(&ds).expect("populating the fuzz base datastore");
     ds.unmount().expect("unmount of the fuzz base datastore");
     drop(ds);
-    let image = disk.image();
+    let mut image = disk.image();
     let layout = VolumeHeader::decode(&image[..MD_BLOCK], 0, VOLUME_BYTES)
         .expect("base volume header")
         .layout;
+    // The log past its superblock holds only transactions already replayed (unmount reset
+    // it): zeroes instead, as mkfs leaves it, keep the image sparse and every run's journal
+    // state the same.
+    let j = layout.journal;
+    image[((j.start + 1) * MD_BLOCK as u64) as usize
+        ..((j.start + j.blocks) * MD_BLOCK as u64) as usize]
+        .fill(0);
     let metadata = image
         .chunks(MD_BLOCK)
         .enumerate()
@@ -126,9 +133,12 @@ fn populate(ds: &Datastore) -> Result<(), vmfs::fs::FsError> {
     ds.write_at(sub, 0, &[0x11; 100 << 10])?;
     let big = ds.make_node(share, b"big", reg, 0, 0, 0)?.ino;
     // Exactly one file block, then the secret's block right after it on the device: a READ
-    // of `big` that moves more than its block would hand out the secret.
-    // (Written past 1 MiB first, so it takes the file-block layout, then cut back.)
-    ds.write_at(big, 0, &[0x22; (1 << 20) + 4096])?;
+    // of `big` that moves more than its block would hand out the secret. (Written past 1 MiB
+    // first, so it takes the file-block layout, then cut back.) Both are mostly zeroes, which
+    // the FUSE target's sparse copy of the image skips.
+    let mut data = vec![0u8; (1 << 20) + 4096];
+    data[..4096].fill(0x22);
+    ds.write_at(big, 0, &data)?;
     ds.setattr(
         big,
         &vmfs::SetAttr {
@@ -139,7 +149,10 @@ fn populate(ds: &Datastore) -> Result<(), vmfs::fs::FsError> {
     let secret = ds
         .make_node(ROOT_INO, b"secret", S_IFREG | 0o600, 0, 0, 0)?
         .ino;
-    ds.write_at(secret, 0, &SECRET.repeat(((1 << 20) + 4096) / SECRET.len()))?;
+    let marked = SECRET.repeat((64 << 10) / SECRET.len());
+    data[..marked.len()].copy_from_slice(&marked);
+    data[marked.len()..].fill(0);
+    ds.write_at(secret, 0, &data)?;
     // Directories: one with enough entries to be sealed into directory blocks.
     let d = ds.make_node(share, b"d", S_IFDIR | 0o755, 0, 0, 0)?.ino;
     for i in 0..40 {

@@ -3,8 +3,8 @@
 //! ([`crate::datastore`]), each request in a descriptor chain over guest memory as a virtio-fs
 //! queue delivers it.
 //!
-//! The datastore sits in a memfd behind vmfs's `FileDevice` (reset to the base image before
-//! every run), so reads and writes take the same zero-copy paths as in stratad.
+//! The datastore sits in a memfd behind vmfs's `FileDevice` (brought back to the base image
+//! before every run), so reads and writes take the same zero-copy paths as in stratad.
 //!
 //! Input: `share flags u8`, then requests: `out_len u32` (top bit: up to 3.75 MiB, else up to
 //! 64 KiB), `flags u8`, `request chunk` (u16 length and bytes). The header's `len` and `unique` are fixed up unless flag bit 0 says to keep the
@@ -17,7 +17,7 @@
 //! reaches guest memory.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -76,20 +76,79 @@ thread_local! {
     };
 }
 
+/// Bytes per page of the memfd (its hole granularity).
+const PAGE: usize = 4096;
+
 /// The base datastore in this thread's memfd, opened as vmfs opens a datastore file.
+///
+/// Rewriting the whole image every run would dominate the run time, so the memfd is brought
+/// back to the base image by difference: pages of the image that changed are rewritten, and
+/// data the last run put where the image has holes is punched out again.
 fn file_disk() -> Option<Arc<FileDevice>> {
     let b = base();
     MEMFD.with(|m| {
         let f = m.as_ref()?;
-        f.set_len(0).ok()?;
-        f.set_len(VOLUME_BYTES).ok()?;
-        for r in &b.nonzero {
-            f.write_all_at(&b.image[r.start as usize..r.end as usize], r.start)
-                .ok()?;
+        if f.metadata().ok()?.len() != VOLUME_BYTES {
+            f.set_len(0).ok()?;
+            f.set_len(VOLUME_BYTES).ok()?;
         }
+        let mut page = [0u8; PAGE];
+        for r in &b.nonzero {
+            for at in (r.start..r.end).step_by(PAGE) {
+                let want = &b.image[at as usize..at as usize + PAGE];
+                f.read_exact_at(&mut page, at).ok()?;
+                if page != *want {
+                    f.write_all_at(want, at).ok()?;
+                }
+            }
+        }
+        punch_outside(f, &b.nonzero)?;
         let path = PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()));
         FileDevice::open(&path, false).ok().map(Arc::new)
     })
+}
+
+/// Punches every data range of `f` that lies outside `keep` (sorted, disjoint).
+fn punch_outside(f: &File, keep: &[std::ops::Range<u64>]) -> Option<()> {
+    let fd = f.as_raw_fd();
+    let mut pos: libc::off_t = 0;
+    loop {
+        // SAFETY: lseek on a descriptor we own; no memory is passed.
+        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+        if data < 0 {
+            return Some(()); // ENXIO: no data past pos.
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return None;
+        }
+        let (start, e) = (data as u64, hole as u64);
+        let mut s = start;
+        for k in keep.iter().filter(|k| k.end > start && k.start < e) {
+            if k.start > s {
+                punch(fd, s, k.start - s)?;
+            }
+            s = s.max(k.end);
+        }
+        if s < e {
+            punch(fd, s, e - s)?;
+        }
+        pos = hole;
+    }
+}
+
+fn punch(fd: RawFd, offset: u64, len: u64) -> Option<()> {
+    // SAFETY: fallocate on a descriptor we own; no memory is passed.
+    let r = unsafe {
+        libc::fallocate(
+            fd,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    (r == 0).then_some(())
 }
 
 fn settings(readonly: bool) -> Option<ShareSettings> {
@@ -474,4 +533,30 @@ pub fn seeds() -> Vec<Vec<u8>> {
             ],
         ),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs that write, create and remove leave nothing behind for the next run.
+    #[test]
+    fn memfd_is_back_to_the_base_image_before_each_run() {
+        for s in seeds() {
+            run(&s);
+        }
+        let dev = file_disk().expect("datastore memfd");
+        drop(dev);
+        let mut img = vec![0u8; VOLUME_BYTES as usize];
+        MEMFD.with(|m| {
+            m.as_ref()
+                .expect("memfd")
+                .read_exact_at(&mut img, 0)
+                .expect("reading the memfd")
+        });
+        assert!(
+            img == *base().image,
+            "the memfd differs from the base image"
+        );
+    }
 }
