@@ -58,8 +58,12 @@ run_one() {
     local rc=0
     # -rss_limit_mb: the FUSE target maps 4 MiB of guest memory and a datastore overlay per
     # run; 2 GiB leaves room while still catching runaway growth.
+    # Regression inputs run first, here with overflow checks (cargo test replays them too,
+    # in release mode, where an overflow wraps instead of panicking).
+    local extra=()
+    [ -d "$root/fuzz/regressions/$t" ] && extra+=("$root/fuzz/regressions/$t")
     # shellcheck disable=SC2086
-    "$bin_dir/$t" "$corpus" "$seeds" \
+    "$bin_dir/$t" "$corpus" "$seeds" "${extra[@]}" \
         -max_total_time="$secs" -timeout=20 -rss_limit_mb=2048 -max_len=65536 \
         -artifact_prefix="$artifacts/" -print_final_stats=1 ${FUZZ_ARGS:-} || rc=$?
     if [ "$rc" -ne 0 ]; then

@@ -132,20 +132,13 @@ fn populate(ds: &Datastore) -> Result<(), vmfs::fs::FsError> {
     let sub = ds.make_node(share, b"sub", reg, 0, 0, 0)?.ino;
     ds.write_at(sub, 0, &[0x11; 100 << 10])?;
     let big = ds.make_node(share, b"big", reg, 0, 0, 0)?.ino;
-    // Exactly one file block, then the secret's block right after it on the device: a READ
-    // of `big` that moves more than its block would hand out the secret. (Written past 1 MiB
-    // first, so it takes the file-block layout, then cut back.) Both are mostly zeroes, which
-    // the FUSE target's sparse copy of the image skips.
-    let mut data = vec![0u8; (1 << 20) + 4096];
+    // Two file blocks, then the secret's block right after them on the device: a READ of
+    // `big` that moves more than it should past its second block hands out the secret. Both
+    // files are mostly zeroes, which the FUSE target's sparse copy of the image skips.
+    let mut data = vec![0u8; 2 << 20];
     data[..4096].fill(0x22);
+    data[1 << 20..(1 << 20) + 4096].fill(0x33);
     ds.write_at(big, 0, &data)?;
-    ds.setattr(
-        big,
-        &vmfs::SetAttr {
-            size: Some(1 << 20),
-            ..vmfs::SetAttr::default()
-        },
-    )?;
     let secret = ds
         .make_node(ROOT_INO, b"secret", S_IFREG | 0o600, 0, 0, 0)?
         .ino;

@@ -406,8 +406,8 @@ fn encode(share_flags: u8, reqs: &[Req]) -> Vec<u8> {
     e.finish()
 }
 
-/// Sessions of valid requests: file I/O (including a READ of 1 MiB into a buffer of exactly
-/// its size), directories, creation and removal, xattrs, fallocate and lseek.
+/// Sessions of valid requests: file I/O (including a READ of `big`'s second MiB into a buffer
+/// of exactly its size: the secret's block follows on the device), directories, creation and removal, xattrs, fallocate and lseek.
 pub fn seeds() -> Vec<Vec<u8>> {
     // Inode numbers of the base datastore (node ids are inode numbers).
     let ino = |path: &str| -> u64 {
@@ -528,7 +528,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
                 (
                     16 + (1 << 20),
                     0,
-                    req(op::READ, big, &read_in(1, 0, 1 << 20)),
+                    req(op::READ, big, &read_in(1, 1 << 20, 1 << 20)),
                 ),
             ],
         ),
