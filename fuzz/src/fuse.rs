@@ -7,10 +7,12 @@
 //! before every run), so reads and writes take the same zero-copy paths as in stratad.
 //!
 //! Input: `share flags u8`, then requests: `out_len u32` (top bit: up to 3.75 MiB, else up to
-//! 64 KiB), `flags u8`, `request chunk` (u16 length and bytes). The header's `len` and `unique` are fixed up unless flag bit 0 says to keep the
-//! input's; bit 1 splits the writable buffer in two descriptors, bit 2 the request. Node ids
-//! and file handles are deterministic (inode numbers, handles from 1), so requests can name
-//! what earlier ones created. An INIT opens every run.
+//! 64 KiB), `flags u8`, `request chunk` (u16 length and bytes). The header's `len` and
+//! `unique` are fixed up unless flag bit 0 says to keep the input's; bit 1 splits the writable
+//! buffer in two descriptors, bit 2 the request; bit 3 sizes the buffer of a READ or READDIR
+//! from its `size`, as a kernel does. Node ids and file handles are deterministic (inode
+//! numbers, handles from 1), so requests can name what earlier ones created. An INIT opens
+//! every run.
 //!
 //! Oracle besides "no panic" (including panics the handler catches): a reply fits its buffer
 //! and its header says its length; and no byte of `/secret` — a file outside the share — ever
@@ -65,6 +67,9 @@ const KEEP_HEADER: u8 = 1;
 const SPLIT_OUT: u8 = 2;
 /// Two readable descriptors.
 const SPLIT_REQ: u8 = 4;
+/// A READ, READDIR or READDIRPLUS gets a reply buffer of exactly 16 + its `size` (what a
+/// kernel sends, and what the zero-copy READ path keys on).
+const MATCH_OUT: u8 = 8;
 
 thread_local! {
     /// This thread's datastore memfd (tests replay on several threads at once).
@@ -165,6 +170,25 @@ fn settings(readonly: bool) -> Option<ShareSettings> {
         })
         .ok()?,
     })
+}
+
+/// With [`MATCH_OUT`], the reply buffer a read-like request's `size` asks for.
+fn match_out(req: &[u8], flags: u8) -> Option<u32> {
+    const READ: u32 = 15;
+    const READDIR: u32 = 28;
+    const READDIRPLUS: u32 = 44;
+    if flags & MATCH_OUT == 0 {
+        return None;
+    }
+    let word = |at: usize| {
+        req.get(at..at + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    // fuse_in_header is 40 bytes; `size` is at 16 in fuse_read_in.
+    match word(4)? {
+        READ | READDIR | READDIRPLUS => Some(word(56)?.saturating_add(16).min(OUT_MAX)),
+        _ => None,
+    }
 }
 
 /// `OUT_MAX` bytes of [`FILL`].
@@ -338,6 +362,7 @@ pub fn run(data: &[u8]) {
         let flags = inp.u8();
         let mut req = inp.chunk().to_vec();
         req.truncate(REQ_MAX);
+        let out_len = match_out(&req, flags).unwrap_or(out_len);
         if flags & KEEP_HEADER == 0 && req.len() >= 16 {
             let len = req.len() as u32;
             req[0..4].copy_from_slice(&len.to_le_bytes());
@@ -527,7 +552,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
                 (k, 0, req(op::OPEN, big, &rdwr)),
                 (
                     16 + (1 << 20),
-                    0,
+                    MATCH_OUT,
                     req(op::READ, big, &read_in(1, 1 << 20, 1 << 20)),
                 ),
             ],

@@ -42,8 +42,6 @@ const DISK_BYTES: u64 = 1 << 20;
 const SERVE_WAIT: Duration = Duration::from_millis(2);
 /// Memfd sizes of the fd kinds (the fourth kind is an eventfd).
 const MEMFD_BYTES: [u64; 3] = [64 << 10, 4 << 10, 1 << 20];
-/// The fd kind of the short memfd.
-const SHORT_MEMFD: usize = 1;
 
 fn geometry() -> DiskGeometry {
     DiskGeometry {
@@ -109,13 +107,6 @@ fn wait_for_requests(dev: &Mutex<BlkDevice>) {
     }
 }
 
-/// `STRATA_FUZZ_NO_SHORT_MEMFD=1`: the short memfd kind is a full one, to fuzz past the
-/// known SIGBUS on short memfds (issue 12, finding 4) until its fix is merged.
-fn full_memfds() -> bool {
-    static FULL: OnceLock<bool> = OnceLock::new();
-    *FULL.get_or_init(|| std::env::var_os("STRATA_FUZZ_NO_SHORT_MEMFD").is_some())
-}
-
 /// Bytes waiting on socket `fd`.
 fn pending_bytes(fd: RawFd) -> libc::c_int {
     let mut n: libc::c_int = 0;
@@ -156,7 +147,6 @@ pub fn run(data: &[u8]) {
         for _ in 0..(spec & 3) {
             let kind = usize::from((spec >> 2) & 3);
             let f = match MEMFD_BYTES.get(kind) {
-                Some(_) if kind == SHORT_MEMFD && full_memfds() => memfd(MEMFD_BYTES[0], image),
                 Some(&size) => memfd(size, image),
                 None => eventfd(),
             };
