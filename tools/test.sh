@@ -5,7 +5,9 @@
 #      base guest, then pjdfstest via tools/guest/build-pjdfstest.sh, the test users and the
 #      acl tools for the virtio-fs share tests; a no-op once built),
 #   3. cargo fmt --check, clippy (-D warnings), the release stratad, and every test in release
-#      mode (the guest and blkio tests drive the release stratad).
+#      mode (the guest and blkio tests drive the release stratad),
+#   4. last, the fuzz smoke: every fuzz target (fuzz/README.md) for 30 s; a crash fails the run
+#      and leaves its input in fuzz/artifacts/.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -43,3 +45,6 @@ cargo test --release -p ebpf --features dpdk --test dpdk_af_xdp
 
 step "cargo test -p stratad --features dpdk (--port backend=dpdk: net_af_xdp and virtual devices)"
 cargo test --release -p stratad --features dpdk -- --test-threads=1
+
+step "fuzz smoke: every target for 30 s (tools/fuzz.sh; fails on a crash)"
+bash tools/fuzz.sh all 30

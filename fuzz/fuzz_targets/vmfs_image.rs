@@ -1,0 +1,4 @@
+//! libFuzzer entry of the `vmfs_image` target (see strata_fuzz::vmfs_image).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| strata_fuzz::vmfs_image::run(data));

@@ -1,0 +1,57 @@
+//! Coverage-guided fuzz targets over Strata's hostile-input paths (issue 12, "Fuzzing").
+//!
+//! Each target is a plain `run(data: &[u8])` that drives the real code with one input and
+//! panics when an invariant breaks; `seeds()` builds its small seed corpus (checked in under
+//! `fuzz/corpus/<target>/`). The libFuzzer binaries (`fuzz_targets/`, feature `libfuzzer`,
+//! built and run by `tools/fuzz.sh`) call `run`; `cargo test` replays every seed and every
+//! regression input through the same functions (`tests/replay.rs`).
+//!
+//! Map of the crate:
+//! - [`input`]: the byte cursor targets decode inputs with, and its inverse for seeds.
+//! - [`cow_disk`]: a copy-on-write block device over a shared base image, so each run starts
+//!   from the same small datastore without copying 64 MiB.
+//! - [`datastore`]: the small base datastore the vmfs-backed targets start from.
+//! - [`blk_chain`]: virtio-blk avail ring, descriptor chain walk and request parser over a
+//!   fake guest memory.
+//! - [`fuse`]: FUSE requests → replies through the file server's `ShareHandler` on a real
+//!   `VmfsFs` over a datastore in memory.
+//! - [`isns`]: iSNS PDU bytes → reassembly → command → registry, with a WAL-replay oracle.
+//! - [`vmfs_image`]: crafted datastore images (decoded fields mutated, checksums resealed) →
+//!   fsck, mount and namespace operations.
+//! - [`vmfs_journal`]: crafted journals (resealed transactions) → mount-time replay, fsck.
+//! - [`vhost_user`]: sequences of vhost-user messages, with memory and eventfd attachments,
+//!   through the vhost message layer into dataplane's `VhostDevice`.
+
+pub mod blk_chain;
+pub mod cow_disk;
+pub mod datastore;
+pub mod fuse;
+pub mod input;
+pub mod isns;
+pub mod vhost_user;
+pub mod vmfs_image;
+pub mod vmfs_journal;
+
+/// A target's entry point.
+pub type Run = fn(&[u8]);
+
+/// A target's seed corpus builder.
+pub type Seeds = fn() -> Vec<Vec<u8>>;
+
+/// Every target: (name, run, seeds). Names are the libFuzzer binaries' and the corpus
+/// directories'.
+pub const TARGETS: &[(&str, Run, Seeds)] = &[
+    ("blk_chain", blk_chain::run, blk_chain::seeds),
+    ("fuse", fuse::run, fuse::seeds),
+    ("isns", isns::run, isns::seeds),
+    ("vmfs_image", vmfs_image::run, vmfs_image::seeds),
+    ("vmfs_journal", vmfs_journal::run, vmfs_journal::seeds),
+    ("vhost_user", vhost_user::run, vhost_user::seeds),
+];
+
+/// Whether targets log what each step of an input did (`STRATA_FUZZ_TRACE=1`, to check what
+/// a seed or a crash reaches).
+pub(crate) fn trace() -> bool {
+    static TRACE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *TRACE.get_or_init(|| std::env::var_os("STRATA_FUZZ_TRACE").is_some())
+}
