@@ -28,6 +28,7 @@ use std::sync::Arc;
 use dataplane::vhost_fs::{FsMemory, FsRequestHandler};
 use file_server::fs::{CachePolicy, ShareSettings, VmfsFs};
 use file_server::handler::ShareHandler;
+use file_server::quota::QuotaLimits;
 use strata_perm::cache::{PermCache, PermCacheConfig};
 use strata_perm::idmap::IdMap;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
@@ -56,6 +57,9 @@ const OUT_MAX: u32 = (MEM_BYTES as u64 - OUT_ADDR) as u32;
 const BIG_OUT: u32 = 1 << 31;
 /// Largest reply buffer without [`BIG_OUT`].
 const SMALL_OUT_MAX: u32 = 64 << 10;
+/// The share's byte and inode quotas (a quarter of the datastore; a few hundred names).
+const QUOTA_BYTES: u64 = 16 << 20;
+const QUOTA_INODES: u64 = 256;
 /// Requests per run at most.
 const REQUESTS_MAX: usize = 24;
 /// Fill of reply buffers before each request.
@@ -169,6 +173,11 @@ fn settings(readonly: bool) -> Option<ShareSettings> {
             ..PermCacheConfig::default()
         })
         .ok()?,
+        // Limits well inside the 64 MiB datastore, so EDQUOT paths are reachable.
+        quota: QuotaLimits {
+            bytes: Some(QUOTA_BYTES),
+            inodes: Some(QUOTA_INODES),
+        },
     })
 }
 

@@ -29,7 +29,7 @@ pub fn run(data: &[u8]) {
     let txns = inp.u8() % (TXNS_MAX + 1);
     let b = base();
     let dev = b.disk();
-    let Ok((mut journal, _)) = Journal::replay(&*dev, b.layout.journal) else {
+    let Ok((mut journal, _)) = Journal::replay(&*dev, &b.layout) else {
         return;
     };
     for _ in 0..txns {
