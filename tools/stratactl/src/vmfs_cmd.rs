@@ -341,6 +341,19 @@ fn print_stats(v: &Value, as_json: bool) {
             g(&p, "expirations"),
             g(&p, "entries")
         );
+        // Usage is counted only for a share with a limit (no cost per request otherwise).
+        let q = s.get("quota").cloned().unwrap_or(Value::Null);
+        let limit = |k: &str| q.get(k).and_then(Value::as_u64).map(|n| n.to_string());
+        let (bytes, inodes) = (limit("bytes_max"), limit("inodes_max"));
+        if bytes.is_some() || inodes.is_some() {
+            println!(
+                "      quota: bytes {} of {} inodes {} of {}",
+                g(&q, "bytes_used"),
+                bytes.as_deref().unwrap_or("-"),
+                g(&q, "inodes_used"),
+                inodes.as_deref().unwrap_or("-")
+            );
+        }
     }
     for q in v
         .get("packet_queues")

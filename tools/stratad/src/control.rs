@@ -222,6 +222,10 @@ fn share_json(sh: &file_server::share::Share) -> Value {
         "requests": s.requests, "malformed": s.malformed, "panics": s.panics,
         "denied": s.denied, "unmapped_ids": s.unmapped_ids, "handles": s.handles,
         "unknown_nodes": s.unknown_nodes,
+        "quota": {
+            "bytes_max": sh.spec.quota.bytes, "inodes_max": sh.spec.quota.inodes,
+            "bytes_used": s.quota_bytes_used, "inodes_used": s.quota_inodes_used,
+        },
         "perm_cache": {
             "hits": p.hits, "misses": p.misses, "invalidations": p.invalidations,
             "evictions": p.evictions, "expirations": p.expirations,
