@@ -176,6 +176,84 @@ fn wild_orphan_link_and_xattr_block_are_refused() {
     corrupt(ds.getxattr(f, b"user.a"));
 }
 
+/// Problems fsck finds on `disk` (asserting it can read it at all).
+fn fsck_problems(disk: &SimDisk) -> Vec<String> {
+    crate::fsck::fsck(disk).unwrap().problems
+}
+
+#[test]
+fn tbz_bit_on_a_hole_does_not_keep_a_pointer_block_alive() {
+    // FORMAT.md §8: an entry whose bits 0-62 are 0 is a hole whatever bit 63 (TBZ) says, so
+    // fsck accepts a stray TBZ bit in an unused slot. Clearing the file's real entries must
+    // still free the pointer block (found by the vmfs_image fuzzer: the block leaked on
+    // unlink because "maps nothing" was tested as "every entry is 0").
+    let (disk, ds) = fresh();
+    let a = disk_file(&ds, "a", 2);
+    let b = disk_file(&ds, "b", 2);
+    let l = ds.layout().unwrap();
+    let ds = craft(&disk, ds, |l| {
+        for ino in [a, b] {
+            let pb = first_pb(&disk, l, ino);
+            reseal(&*disk, l.pb_block(pb), |blk| set_pb_entry(blk, 167, PB_TBZ));
+        }
+    });
+    ds.unmount().unwrap();
+    assert_eq!(fsck_problems(&disk), Vec::<String>::new());
+    let ds = Datastore::mount(disk.clone()).unwrap();
+    // The hole reads as zeroes and is not a mapped block.
+    let mut buf = vec![1u8; 8];
+    ds.read(a, 0, &mut buf).unwrap();
+    assert_eq!(buf, [0x5a; 8]);
+    // Shrink to a partial first block, then remove (the fuzzer's setattr size 10 + unlink);
+    // and a plain truncation to 0.
+    ds.set_size(a, 10).unwrap();
+    ds.unlink("a").unwrap();
+    ds.set_size(b, 0).unwrap();
+    ds.unmount().unwrap();
+    drop(ds);
+    assert_eq!(fsck_problems(&disk), Vec::<String>::new());
+    // b's pointer block was freed with its last mapped entry, not left in b's inode.
+    let mut ib = vec![0u8; MD_BLOCK];
+    disk.read_at(l.inode_block(b) * MD_BLOCK as u64, &mut ib)
+        .unwrap();
+    assert_eq!(inode_addr(&ib, 0), 0);
+}
+
+#[test]
+fn fsck_reports_a_pointer_block_that_maps_nothing() {
+    // FORMAT.md §8: a pointer block is freed in the transaction that clears its last entry,
+    // so a file holding one that maps nothing is inconsistent; vmfs would never free it
+    // (truncation frees pointer blocks through their entries), so it must not pass as clean.
+    let (disk, ds) = fresh();
+    let a = disk_file(&ds, "a", 2);
+    let l = ds.layout().unwrap();
+    ds.unmount().unwrap();
+    drop(ds);
+    let pb = first_pb(&disk, &l, a);
+    let mut blk = vec![0u8; MD_BLOCK];
+    disk.read_at(l.pb_block(pb) * MD_BLOCK as u64, &mut blk)
+        .unwrap();
+    let fbs = [pb_entry(&blk, 0) - 1, pb_entry(&blk, 1) - 1];
+    reseal(&*disk, l.pb_block(pb), |blk| {
+        set_pb_entry(blk, 0, 0);
+        set_pb_entry(blk, 1, 0);
+        set_pb_entry(blk, 3, PB_TBZ);
+    });
+    // Keep `allocated` and the file-block bitmap consistent, so only the empty pointer
+    // block is wrong.
+    reseal(&*disk, l.inode_block(a), |b| put_u64(b, 112, 0));
+    reseal(&*disk, l.fb_bitmap.start, |b| {
+        for fb in fbs {
+            set_bit(b, fb, false);
+        }
+    });
+    let problems = fsck_problems(&disk);
+    assert!(
+        problems.len() == 1 && problems[0].contains(&format!("pointer block {pb}")),
+        "{problems:?}"
+    );
+}
+
 #[test]
 fn journal_replay_writes_only_metadata_homes() {
     let (disk, ds) = fresh();

@@ -1422,8 +1422,11 @@ impl Inner {
             v,
         );
         if fb.is_none() {
-            // Free the pointer block once it maps nothing.
-            let empty = (0..PB_ENTRIES).all(|i| pb_entry(&self.cache[&pbb], i) == 0);
+            // Free the pointer block once it maps nothing. An entry is a hole when its
+            // block bits are 0, whatever its TBZ bit says (FORMAT.md §8; fb_lookup reads it
+            // so): a stray TBZ bit on a hole must not keep the block alive, or it would
+            // stay in the inode and leak when the inode is freed.
+            let empty = (0..PB_ENTRIES).all(|i| pb_entry(&self.cache[&pbb], i) & !PB_TBZ == 0);
             if empty {
                 self.set_inode_addr(dev, ino, slot, 0)?;
                 self.release(dev, Res::Pb, pb - 1)?;

@@ -409,11 +409,13 @@ fn check_blocks(
                 let Some(pb) = c.read_md(l.pb_block(a - 1), magic::POINTER, &what)? else {
                     continue;
                 };
+                let mut mapped = false;
                 for e in 0..PB_ENTRIES {
                     let v = pb_entry(&pb, e);
                     if v & !PB_TBZ == 0 {
                         continue;
                     }
+                    mapped = true;
                     let fbi = (slot * PB_ENTRIES + e) as u64;
                     if fbi >= used {
                         c.problem(format!("inode {ino} maps file block {fbi} past its size"));
@@ -421,6 +423,15 @@ fn check_blocks(
                     if claim(c, "file block", (v & !PB_TBZ) - 1, fb_bits, fb_ref) {
                         count += 1;
                     }
+                }
+                if !mapped {
+                    // vmfs frees a pointer block with its last entry and only ever frees it
+                    // that way, so one that maps nothing would never be freed (a leak once
+                    // the inode goes).
+                    c.problem(format!(
+                        "inode {ino} holds pointer block {} (slot {slot}), which maps nothing",
+                        a - 1
+                    ));
                 }
             }
         }
