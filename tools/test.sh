@@ -5,7 +5,8 @@
 #      base guest, then pjdfstest via tools/guest/build-pjdfstest.sh, the test users and the
 #      acl tools for the virtio-fs share tests; a no-op once built),
 #   3. cargo fmt --check, clippy (-D warnings), the release stratad, and every test in release
-#      mode (the guest and blkio tests drive the release stratad),
+#      mode (the guest and blkio tests drive the release stratad), the libraries' unit and
+#      property tests again with overflow checks (profile checked), the DPDK-feature tests,
 #   4. last, the fuzz smoke: every fuzz target (fuzz/README.md) for 30 s; a crash fails the run
 #      and leaves its input in fuzz/artifacts/.
 set -euo pipefail
