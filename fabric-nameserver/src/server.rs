@@ -21,8 +21,8 @@ use crate::registry::{Executed, Outcome, Peer, Policy, Record, Registry, Registr
 use crate::scn::ScnSender;
 use crate::store::{snapshot_state, Store, StoreError};
 use crate::wire::{
-    parse_request, split_pdus, Header, Message, Reassembler, Status, TlvWriter, WireError,
-    FLAG_SERVER, HEADER_LEN, MAX_REPLY_PAYLOAD_BYTES, RESPONSE_BIT,
+    parse_request, split_pdus, Header, Message, Reassembler, Status, TlvWriter, FLAG_SERVER,
+    HEADER_LEN, MAX_REPLY_PAYLOAD_BYTES, RESPONSE_BIT,
 };
 
 pub use crate::admission::{
@@ -889,17 +889,8 @@ fn serve_connection(mut s: TcpStream, svc: &Service, limits: &Limits) -> std::io
                 if h.function & RESPONSE_BIT == 0 {
                     write_before(&mut s, &reply, Instant::now() + limits.write_timeout)?;
                 }
-                // After a framing error the byte stream cannot be trusted to be in step:
-                // close (RFC 4171 §5.1: out-of-order or unparseable PDUs end the message;
-                // a version mismatch means we cannot speak with this client at all).
-                if matches!(
-                    e,
-                    WireError::OutOfOrder { .. }
-                        | WireError::MissingFirst(_)
-                        | WireError::MessageTooLarge
-                        | WireError::TooManyPdus
-                        | WireError::Version(_)
-                ) {
+                // After a framing error the stream is out of step (`ends_connection`).
+                if e.ends_connection() {
                     let _ = s.shutdown(Shutdown::Both);
                     return Ok(());
                 }

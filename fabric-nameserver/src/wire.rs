@@ -196,6 +196,20 @@ impl WireError {
             _ => Status::MessageFormat,
         }
     }
+
+    /// Whether the connection must close after answering: after a framing error the byte
+    /// stream cannot be trusted to be in step (RFC 4171 §5.1: out-of-order or unparseable
+    /// PDUs end the message; a version mismatch means we cannot speak with this client).
+    pub fn ends_connection(&self) -> bool {
+        matches!(
+            self,
+            WireError::OutOfOrder { .. }
+                | WireError::MissingFirst(_)
+                | WireError::MessageTooLarge
+                | WireError::TooManyPdus
+                | WireError::Version(_)
+        )
+    }
 }
 
 /// The fixed 12-byte PDU header.

@@ -45,6 +45,18 @@ impl Base {
     pub fn disk(&self) -> Arc<CowDisk> {
         Arc::new(CowDisk::new(self.image.clone()))
     }
+
+    /// Index in [`Base::metadata`] of the `nth` sealed block with `magic` (0 if there is none):
+    /// the block selector the seeds use.
+    pub fn nth_of(&self, magic: u32, nth: usize) -> u16 {
+        self.metadata
+            .iter()
+            .enumerate()
+            .filter(|(_, &(_, m))| m == magic)
+            .nth(nth)
+            .and_then(|(i, _)| u16::try_from(i).ok())
+            .unwrap_or(0)
+    }
 }
 
 /// The base datastore (built on first use).

@@ -14,7 +14,7 @@
 use fabric_nameserver::command::parse_command;
 use fabric_nameserver::registry::{Policy, Record, Registry};
 use fabric_nameserver::wire::{
-    func, parse_request, split_pdus, tag, Header, Reassembler, TlvWriter, WireError, FLAG_CLIENT,
+    func, parse_request, split_pdus, tag, Header, Reassembler, TlvWriter, FLAG_CLIENT,
     FLAG_REPLACE, FLAG_SERVER, HEADER_LEN, MAX_REPLY_PAYLOAD_BYTES, RESPONSE_BIT,
 };
 
@@ -97,14 +97,7 @@ pub fn run(data: &[u8]) {
                     &w,
                     MAX_REPLY_PAYLOAD_BYTES,
                 );
-                if matches!(
-                    e,
-                    WireError::OutOfOrder { .. }
-                        | WireError::MissingFirst(_)
-                        | WireError::MessageTooLarge
-                        | WireError::TooManyPdus
-                        | WireError::Version(_)
-                ) {
+                if e.ends_connection() {
                     break;
                 }
             }

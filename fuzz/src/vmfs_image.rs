@@ -218,15 +218,7 @@ pub fn run(data: &[u8]) {
 /// Seeds: no edit (every operation on the clean base), and one edit of each kind.
 pub fn seeds() -> Vec<Vec<u8>> {
     let b = base();
-    let find = |m: u32, nth: usize| {
-        b.metadata
-            .iter()
-            .enumerate()
-            .filter(|(_, &(_, mm))| mm == m)
-            .nth(nth)
-            .map(|(i, _)| i as u16)
-            .unwrap_or(0)
-    };
+    let find = |m: u32, nth: usize| b.nth_of(m, nth);
     use vmfs::format::magic;
     let mut out = vec![Enc::new().u8(0xf).u8(0).finish()];
     // (block selector, op, offset, value)

@@ -72,15 +72,7 @@ pub fn run(data: &[u8]) {
 pub fn seeds() -> Vec<Vec<u8>> {
     use vmfs::format::magic;
     let b = base();
-    let find = |m: u32, nth: usize| {
-        b.metadata
-            .iter()
-            .enumerate()
-            .filter(|(_, &(_, mm))| mm == m)
-            .nth(nth)
-            .map(|(i, _)| i as u16)
-            .unwrap_or(0)
-    };
+    let find = |m: u32, nth: usize| b.nth_of(m, nth);
     let block = |e: &mut Enc, sel: u16, op: u8, off: u16, val: u64, home: Option<u64>| {
         e.u16(sel).u8(op).u16(off).u64(val);
         match home {
