@@ -89,6 +89,11 @@ pub struct StartedVring<B: NewBitmap + Send + Sync + 'static> {
 
 /// Memory slots offered with CONFIGURE_MEM_SLOTS (the KVM limit vhost-user-backend uses too).
 pub const MEM_SLOTS_MAX: u64 = 509;
+/// Unsealed (SIGBUS-guarded) regions one device may hold, mapped or retired: the guard slots
+/// are process-wide (`mem_guard::GUARDED_MAX`), so one frontend must not take them all from
+/// the others. A VM has a handful of RAM regions (more only with many hot-plugged DIMMs, and
+/// QEMU's memfd backends are sealed and need no slot).
+pub const GUARDED_PER_DEVICE_MAX: usize = 128;
 
 /// One mapped guest memory region. Field order matters: the SIGBUS guard is dropped before the
 /// mapping can be unmapped (see [`crate::mem_guard`]).
@@ -338,6 +343,16 @@ impl<K: DeviceKind> VhostDevice<K> {
         }
     }
 
+    /// Guarded regions this device would hold with `table` as its memory table (retired
+    /// regions keep their guard until unmapped).
+    fn guarded_after<'r>(&self, table: impl Iterator<Item = &'r MappedRegion<K::Bitmap>>) -> usize
+    where
+        K::Bitmap: 'r,
+    {
+        let guarded = |m: &&MappedRegion<K::Bitmap>| m.guard.is_some();
+        table.filter(guarded).count() + self.retired.iter().filter(guarded).count()
+    }
+
     /// Unmaps retired regions that no memory table snapshot uses any more (the reactors drop
     /// theirs at their next poll, in-flight requests at completion); the others wait for the
     /// next call. The guard goes before the mapping.
@@ -435,7 +450,9 @@ impl<K: DeviceKind> VhostUserBackendReqHandlerMut for VhostDevice<K> {
         let mut regions: Vec<MappedRegion<K::Bitmap>> = Vec::with_capacity(ctx.len());
         for (region, file) in ctx.iter().zip(files) {
             let m = MappedRegion::map(region, file)?;
-            if regions.iter().any(|r| r.vmm_range_overlaps(&m)) {
+            if regions.iter().any(|r| r.vmm_range_overlaps(&m))
+                || self.guarded_after(regions.iter().chain([&m])) > GUARDED_PER_DEVICE_MAX
+            {
                 return Err(VhostError::InvalidParam);
             }
             regions.push(m);
@@ -636,7 +653,9 @@ impl<K: DeviceKind> VhostUserBackendReqHandlerMut for VhostDevice<K> {
             return Err(VhostError::InvalidParam);
         }
         let m = MappedRegion::map(region, fd)?;
-        if self.regions.iter().any(|r| r.vmm_range_overlaps(&m)) {
+        if self.regions.iter().any(|r| r.vmm_range_overlaps(&m))
+            || self.guarded_after(self.regions.iter().chain([&m])) > GUARDED_PER_DEVICE_MAX
+        {
             return Err(VhostError::InvalidParam);
         }
         // vm-memory refuses a region overlapping another in guest-physical space.
@@ -906,6 +925,23 @@ mod tests {
     }
 
     /// A sealed (F_SEAL_SHRINK) memfd, as QEMU's memory-backend-memfd sends, needs no guard.
+    #[test]
+    fn one_frontend_cannot_take_every_guard_slot() {
+        let (_r, mut d) = device();
+        let at = |i: u64| single(GPA + i * MEM, MEM, VMM + i * MEM);
+        for i in 0..GUARDED_PER_DEVICE_MAX as u64 {
+            d.add_mem_region(&at(i), memfd(MEM)).unwrap();
+        }
+        // Unsealed memfds are guarded: past the per-device share they are refused.
+        assert!(d
+            .add_mem_region(&at(GUARDED_PER_DEVICE_MAX as u64), memfd(MEM))
+            .is_err());
+        // Another frontend's device still gets its regions guarded.
+        let (_r2, mut other) = device();
+        other.add_mem_region(&at(0), memfd(MEM)).unwrap();
+        assert!(other.regions[0].guard.is_some());
+    }
+
     #[test]
     fn sealed_memory_needs_no_guard() {
         let (_r, mut d) = device();
