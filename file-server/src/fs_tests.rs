@@ -1771,19 +1771,7 @@ fn read_size_is_clamped() {
     let (file, h) = f.create(root(), ROOT, "big", 0o644).unwrap();
     let mib = vec![0x42u8; 1 << 20];
     for i in 0..4u64 {
-        f.fs.write(
-            root(),
-            file,
-            h,
-            SliceReader(&mib),
-            1 << 20,
-            i << 20,
-            None,
-            false,
-            false,
-            0,
-        )
-        .unwrap();
+        write_all(&f, file, h, i << 20, &mib).unwrap();
     }
     struct Count(usize);
     impl ZeroCopyWriter for Count {
@@ -2020,19 +2008,7 @@ fn o_trunc_open_of_a_served_disk_file_is_refused_and_keeps_its_blocks() {
     let (file, h) = f.create(root(), ROOT, "disk.img", 0o666).unwrap();
     let mib = vec![7u8; 1 << 20];
     for i in 0..2u64 {
-        f.fs.write(
-            root(),
-            file,
-            h,
-            SliceReader(&mib),
-            1 << 20,
-            i << 20,
-            None,
-            false,
-            false,
-            0,
-        )
-        .unwrap();
+        write_all(&f, file, h, i << 20, &mib).unwrap();
     }
     f.fs.release(root(), file, 0, h, false, false, None)
         .unwrap();
