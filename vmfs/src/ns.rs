@@ -1133,14 +1133,27 @@ impl Inner {
                 }));
             }
         }
+        self.allocated_to(dev, ino, end, keep_size, now)?;
+        Ok(None)
+    }
+
+    /// Records an allocation up to `end` at time `now`: the size grows to `end` unless
+    /// `keep_size` (FALLOC_FL_KEEP_SIZE), and ctime always changes.
+    fn allocated_to(
+        &mut self,
+        dev: &Dev,
+        ino: u64,
+        end: u64,
+        keep_size: bool,
+        now: i64,
+    ) -> Result<Inode, FsError> {
         self.upd(dev, ino, |i| {
             if !keep_size && end > i.size {
                 i.size = end;
                 i.mtime_ns = now;
             }
             i.ctime_ns = now;
-        })?;
-        Ok(None)
+        })
     }
 
     fn ns_punch(
@@ -1697,13 +1710,7 @@ impl Datastore {
                 }
                 let now = now_ns();
                 let step_end = p.end.min(stop.saturating_mul(FILE_BLOCK));
-                g.upd(dev, ino, |i| {
-                    if !keep_size && step_end > i.size {
-                        i.size = step_end;
-                        i.mtime_ns = now;
-                    }
-                    i.ctime_ns = now;
-                })?;
+                g.allocated_to(dev, ino, step_end, keep_size, now)?;
                 g.end_op(dev, &self.stats)
             }),
         };
