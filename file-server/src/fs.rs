@@ -388,7 +388,9 @@ impl VmfsFs {
     }
 
     /// Refuses to free blocks of a file that something besides this share's handles holds
-    /// open — a virtual disk being served caches where its blocks are.
+    /// open (ETXTBSY). For a served disk vmfs refuses on its own (its extent lease, EBUSY),
+    /// whoever asks; this check answers first and also keeps a share from shrinking a file
+    /// another share has open.
     fn not_served_elsewhere(&self, ino: u64) -> io::Result<()> {
         let ours = self
             .lock()
