@@ -854,23 +854,7 @@ impl Datastore {
     }
 
     pub(crate) fn unpin(&self, ino: u64) {
-        let mut last = false;
-        // A poisoned lock means a panic elsewhere; the lease table goes with the datastore.
-        if let Ok(mut g) = self.inner.lock() {
-            if let Some(n) = g.pins.get_mut(&ino) {
-                *n -= 1;
-                if *n == 0 {
-                    g.pins.remove(&ino);
-                    last = !g.open.contains_key(&ino);
-                }
-            }
-        }
-        // An orphan whose last user was a lease is freed now, as at a last close.
-        if last {
-            if let Err(e) = self.reclaim_if_orphan(ino) {
-                tracing::warn!(ino, err = %e, "freeing an orphan after its last lease failed");
-            }
-        }
+        self.release(ino, true);
     }
 
     /// Marks a file open (served as a disk): it cannot be removed or shrunk until closed.
@@ -892,20 +876,32 @@ impl Datastore {
 
     /// Undoes one [`Datastore::open`].
     pub fn close(&self, ino: u64) {
+        self.release(ino, false);
+    }
+
+    /// Drops one reference to `ino`: a lease or pin (`pin`) or an open. The last reference of
+    /// either kind frees an unlinked file, as at a last close.
+    fn release(&self, ino: u64, pin: bool) {
         let mut last = false;
+        // A poisoned lock means a panic elsewhere; the tables go with the datastore.
         if let Ok(mut g) = self.inner.lock() {
-            if let Some(n) = g.open.get_mut(&ino) {
+            let g = &mut *g;
+            let (mine, other) = if pin {
+                (&mut g.pins, &g.open)
+            } else {
+                (&mut g.open, &g.pins)
+            };
+            if let Some(n) = mine.get_mut(&ino) {
                 *n -= 1;
                 if *n == 0 {
-                    g.open.remove(&ino);
-                    last = !g.pins.contains_key(&ino);
+                    mine.remove(&ino);
+                    last = !other.contains_key(&ino);
                 }
             }
         }
-        // The last close of an unlinked file frees it.
         if last {
             if let Err(e) = self.reclaim_if_orphan(ino) {
-                tracing::warn!(ino, err = %e, "freeing an orphan at close failed");
+                tracing::warn!(ino, pin, err = %e, "freeing an orphan at its last release failed");
             }
         }
     }
