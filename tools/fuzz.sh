@@ -11,7 +11,7 @@
 # The working corpus grows in target/fuzz/corpus/TARGET, seeded read-only from the checked-in
 # fuzz/corpus/TARGET. A crash leaves its input in fuzz/artifacts/TARGET/ and exits non-zero:
 # replay it with `target/fuzz/x86_64-unknown-linux-gnu/release/TARGET FILE`, then move it to
-# fuzz/regressions/TARGET/ so `cargo test -p strata-fuzz` replays it from then on.
+# fuzz/regressions/TARGET/ so `cargo test -p fuzz` replays it from then on.
 # Extra libFuzzer flags: FUZZ_ARGS="-jobs=2 -workers=2" tools/fuzz.sh TARGET SECONDS.
 set -euo pipefail
 
@@ -46,7 +46,7 @@ build() {
 -Cllvm-args=-sanitizer-coverage-trace-compares \
 --cfg fuzzing -Cdebug-assertions -Coverflow-checks -Ccodegen-units=16" \
     CARGO_TARGET_DIR=$fuzz_dir \
-        cargo build --release --locked -p strata-fuzz --features libfuzzer \
+        cargo build --release --locked -p fuzz --features libfuzzer \
         --target "$triple" --bins
 }
 

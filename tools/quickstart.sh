@@ -37,9 +37,9 @@ alive() { [[ -r /proc/$1/status ]] && ! grep -q '^State:[[:space:]]*Z' "/proc/$1
 step "installing dependencies"
 bash tools/install-deps.sh
 step "building the test guest"
-bash tools/guest/build-guest.sh
+bash tools/test-guest/build-guest.sh
 step "building stratad and strata-vm (release)"
-cargo build --release -p stratad -p strata-guest
+cargo build --release -p stratad -p test-guest
 
 stratad_args=()
 if [[ -n "$DATA_DIR" ]]; then

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Strata's full check, as CI runs it (.ci/run) and as the README's test command:
 #   1. installs what the tests need (tools/install-deps.sh: QEMU, fio, guest build tools),
-#   2. builds the cached test guest and its fs variant (tools/guest/build-guest.sh --fs: the
-#      base guest, then pjdfstest via tools/guest/build-pjdfstest.sh, the test users and the
+#   2. builds the cached test guest and its fs variant (tools/test-guest/build-guest.sh --fs: the
+#      base guest, then pjdfstest via tools/test-guest/build-pjdfstest.sh, the test users and the
 #      acl tools for the virtio-fs share tests; a no-op once built),
 #   3. cargo fmt --check, clippy (-D warnings), the release stratad, and every test in release
 #      mode (the guest and blkio tests drive the release stratad), the libraries' unit and
@@ -19,7 +19,7 @@ step "installing dependencies"
 bash tools/install-deps.sh
 
 step "building the test guest (base and fs variants)"
-bash tools/guest/build-guest.sh --fs
+bash tools/test-guest/build-guest.sh --fs
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
@@ -35,7 +35,7 @@ cargo test --workspace --release --no-fail-fast
 
 step "unit and property tests with overflow checks (profile checked)"
 cargo test --profile checked --lib --no-fail-fast -p vmfs -p dataplane -p file-server \
-    -p strata-perm -p fabric-nameserver
+    -p posix-perm -p fabric-nameserver
 cargo test --profile checked -p stratad --bin stratad spec::
 
 step "cargo test -p dataplane --features dpdk (DPDK backend: net_ring and net_null vdevs)"

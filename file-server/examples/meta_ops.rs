@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use file_server::fs::{CachePolicy, ShareSettings, VmfsFs};
-use strata_perm::cache::{PermCache, PermCacheConfig};
-use strata_perm::idmap::IdMap;
+use posix_perm::cache::{PermCache, PermCacheConfig};
+use posix_perm::idmap::IdMap;
 use virtiofsd::filesystem::{Context, Extensions, FileSystem, SetattrValid};
 use virtiofsd::fuse;
 use vmfs::device::FileDevice;

@@ -7,7 +7,7 @@
 //! Every operation is checked here, on the server, as the caller described by the FUSE header
 //! (uid, gid mapped through the share's id maps; supplementary groups from the share's group
 //! file): the guest kernel checks too, but a guest is not trusted to. Checks use the exact
-//! POSIX.1e evaluation of `strata_perm` through the permission-profile cache. I/O on an open
+//! POSIX.1e evaluation of `posix_perm` through the permission-profile cache. I/O on an open
 //! handle uses the grant made at open (as SMB servers do), not a check per read or write.
 
 use std::collections::HashMap;
@@ -19,11 +19,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use strata_perm::acl::{inherit, Acl};
-use strata_perm::cache::{PermCache, ProfileKey};
-use strata_perm::eval::{profile, with_root_override, Cred, Object, Profile};
-use strata_perm::identity::GroupSource;
-use strata_perm::idmap::IdMap;
+use posix_perm::acl::{inherit, Acl};
+use posix_perm::cache::{PermCache, ProfileKey};
+use posix_perm::eval::{profile, with_root_override, Cred, Object, Profile};
+use posix_perm::identity::GroupSource;
+use posix_perm::idmap::IdMap;
 use virtiofsd::filesystem::{
     Context, DirEntry, DirectoryIterator, Entry, Extensions, FileSystem, FsOptions, GetxattrReply,
     ListxattrReply, OpenOptions, SerializableFileSystem, SetattrValid, SetxattrFlags,

@@ -8,10 +8,10 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use strata_perm::acl::{Acl, AclEntry, AclTag};
-use strata_perm::cache::{PermCache, PermCacheConfig};
-use strata_perm::identity::GroupSource;
-use strata_perm::idmap::IdMap;
+use posix_perm::acl::{Acl, AclEntry, AclTag};
+use posix_perm::cache::{PermCache, PermCacheConfig};
+use posix_perm::identity::GroupSource;
+use posix_perm::idmap::IdMap;
 use virtiofsd::filesystem::{
     Context, Extensions, FileSystem, SetattrValid, SetxattrFlags, ZeroCopyReader, ZeroCopyWriter,
 };

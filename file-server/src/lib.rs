@@ -3,7 +3,7 @@
 //! Map of the crate:
 //! - [`fs`]: [`fs::VmfsFs`], virtiofsd's `FileSystem` trait over a directory tree of the
 //!   datastore — inode mapping, server-side permission checks through the permission-profile
-//!   cache (`strata_perm`), POSIX ACLs (access and default, kept in xattrs), open handles with
+//!   cache (`posix_perm`), POSIX ACLs (access and default, kept in xattrs), open handles with
 //!   their open-time grants, data through the datastore file (zero-copy where in place).
 //! - [`handler`]: [`handler::ShareHandler`], dataplane's `FsRequestHandler`: one FUSE request
 //!   per descriptor chain, decoded by virtiofsd's `Server`, with EINVAL/EIO replies for what

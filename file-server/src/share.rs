@@ -20,9 +20,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use strata_perm::cache::{PermCache, PermCacheConfig, PermCacheStats};
-use strata_perm::identity::GroupSource;
-use strata_perm::idmap::IdMap;
+use posix_perm::cache::{PermCache, PermCacheConfig, PermCacheStats};
+use posix_perm::identity::GroupSource;
+use posix_perm::idmap::IdMap;
 use thiserror::Error;
 use vmfs::fs::Datastore;
 

@@ -1,4 +1,4 @@
-//! libFuzzer entry of the `blk_chain` target (see strata_fuzz::blk_chain).
+//! libFuzzer entry of the `blk_chain` target (see fuzz::blk_chain).
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| strata_fuzz::blk_chain::run(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| fuzz::blk_chain::run(data));

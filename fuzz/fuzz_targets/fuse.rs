@@ -1,4 +1,4 @@
-//! libFuzzer entry of the `fuse` target (see strata_fuzz::fuse).
+//! libFuzzer entry of the `fuse` target (see fuzz::fuse).
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| strata_fuzz::fuse::run(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| fuzz::fuse::run(data));

@@ -1,4 +1,4 @@
-//! libFuzzer entry of the `isns` target (see strata_fuzz::isns).
+//! libFuzzer entry of the `isns` target (see fuzz::isns).
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| strata_fuzz::isns::run(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| fuzz::isns::run(data));

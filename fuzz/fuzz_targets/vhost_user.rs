@@ -1,4 +1,4 @@
-//! libFuzzer entry of the `vhost_user` target (see strata_fuzz::vhost_user).
+//! libFuzzer entry of the `vhost_user` target (see fuzz::vhost_user).
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| strata_fuzz::vhost_user::run(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| fuzz::vhost_user::run(data));

@@ -1,4 +1,4 @@
-//! libFuzzer entry of the `vmfs_image` target (see strata_fuzz::vmfs_image).
+//! libFuzzer entry of the `vmfs_image` target (see fuzz::vmfs_image).
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| strata_fuzz::vmfs_image::run(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| fuzz::vmfs_image::run(data));

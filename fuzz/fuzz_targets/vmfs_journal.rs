@@ -1,4 +1,4 @@
-//! libFuzzer entry of the `vmfs_journal` target (see strata_fuzz::vmfs_journal).
+//! libFuzzer entry of the `vmfs_journal` target (see fuzz::vmfs_journal).
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| strata_fuzz::vmfs_journal::run(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| fuzz::vmfs_journal::run(data));

@@ -29,8 +29,8 @@ use dataplane::vhost_fs::{FsMemory, FsRequestHandler};
 use file_server::fs::{CachePolicy, ShareSettings, VmfsFs};
 use file_server::handler::ShareHandler;
 use file_server::quota::QuotaLimits;
-use strata_perm::cache::{PermCache, PermCacheConfig};
-use strata_perm::idmap::IdMap;
+use posix_perm::cache::{PermCache, PermCacheConfig};
+use posix_perm::idmap::IdMap;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::desc::RawDescriptor;
@@ -79,7 +79,7 @@ thread_local! {
     /// This thread's datastore memfd (tests replay on several threads at once).
     static MEMFD: Option<File> = {
         // SAFETY: a NUL-terminated name and flags; returns a new fd or -1.
-        let fd = unsafe { libc::memfd_create(c"strata-fuzz-ds".as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = unsafe { libc::memfd_create(c"fuzz-ds".as_ptr(), libc::MFD_CLOEXEC) };
         // SAFETY: fd is a fresh descriptor we own.
         (fd >= 0).then(|| unsafe { File::from_raw_fd(fd) })
     };

@@ -70,7 +70,7 @@ fn reactor() -> Option<ReactorLink> {
 
 fn memfd(size: u64, image: &[u8]) -> Option<File> {
     // SAFETY: a NUL-terminated name and flags; returns a new fd or -1.
-    let fd = unsafe { libc::memfd_create(c"strata-fuzz-guest".as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe { libc::memfd_create(c"fuzz-guest".as_ptr(), libc::MFD_CLOEXEC) };
     if fd < 0 {
         return None;
     }

@@ -2,7 +2,7 @@
 //! `run` functions the libFuzzer binaries call, so `cargo test` exercises the targets (and a
 //! crash once found stays fixed) without any fuzzing tool installed.
 //!
-//! `STRATA_FUZZ_WRITE_SEEDS=1 cargo test -p strata-fuzz` rewrites `corpus/<target>/seed-*`
+//! `STRATA_FUZZ_WRITE_SEEDS=1 cargo test -p fuzz` rewrites `corpus/<target>/seed-*`
 //! from the targets' `seeds()` after a change of an input layout.
 
 use std::fs;
@@ -29,7 +29,7 @@ fn files(d: &Path) -> Vec<PathBuf> {
 #[test]
 fn seeds_are_checked_in() {
     let write = std::env::var_os("STRATA_FUZZ_WRITE_SEEDS").is_some();
-    for (name, _, seeds) in strata_fuzz::TARGETS {
+    for (name, _, seeds) in fuzz::TARGETS {
         let d = dir("corpus", name);
         let seeds = seeds();
         assert!(!seeds.is_empty(), "{name}: no seeds");
@@ -63,7 +63,7 @@ fn seeds_are_checked_in() {
 }
 
 fn replay(kind: &str) {
-    for (name, run, _) in strata_fuzz::TARGETS {
+    for (name, run, _) in fuzz::TARGETS {
         for p in files(&dir(kind, name)) {
             let data = fs::read(&p).expect("reading a fuzz input");
             eprintln!("{name}: {}", p.display());
@@ -85,7 +85,7 @@ fn regressions_replay_cleanly() {
 /// Every target also survives the degenerate inputs a fuzzer starts from.
 #[test]
 fn empty_and_tiny_inputs() {
-    for (_, run, _) in strata_fuzz::TARGETS {
+    for (_, run, _) in fuzz::TARGETS {
         run(&[]);
         run(&[0]);
         run(&[0xff; 64]);
@@ -93,7 +93,7 @@ fn empty_and_tiny_inputs() {
 }
 
 /// Inputs that crash today's code on bugs being fixed elsewhere (`crashes/<target>/`, one
-/// file per crash, named after its cause): `cargo test -p strata-fuzz -- --ignored` lists
+/// file per crash, named after its cause): `cargo test -p fuzz -- --ignored` lists
 /// those that still panic. Inputs named `signal-*` (they kill the process) and `hang-*` are
 /// left to the libFuzzer binary (`tools/fuzz.sh` prints how). Once one passes, move it to
 /// `regressions/<target>/`.
@@ -101,7 +101,7 @@ fn empty_and_tiny_inputs() {
 #[ignore = "open crashes: fixed on other branches, then moved to regressions/"]
 fn open_crashes() {
     let mut still = Vec::new();
-    for (name, run, _) in strata_fuzz::TARGETS {
+    for (name, run, _) in fuzz::TARGETS {
         for p in files(&dir("crashes", name)) {
             let file = p.file_name().map(|n| n.to_string_lossy().into_owned());
             let file = file.unwrap_or_default();

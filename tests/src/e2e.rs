@@ -4,7 +4,7 @@
 use std::sync::{mpsc, Mutex};
 use std::time::Duration;
 
-use strata_guest::{GuestRun, VmConfig};
+use test_guest::{GuestRun, VmConfig};
 
 use crate::daemon::Stratad;
 

@@ -2,7 +2,7 @@
 //!
 //! - [`daemon`]: builds and spawns `stratad` (release build, so guest and blkio tests run at a
 //!   realistic speed), waits for its sockets and stops it with SIGTERM.
-//! - [`guest`]: re-export of `strata-guest` (tools/guest), which boots the cached test guest
+//! - [`guest`]: re-export of `test-guest` (tools/test-guest), which boots the cached test guest
 //!   under QEMU TCG with shared memfd memory and vhost-user devices, runs a script in it and
 //!   reads the results from the serial console with a hard time-out.
 //! - [`share`]: virtio-fs shares: the fs guest's user and group files, the control socket's
@@ -11,6 +11,6 @@
 
 pub mod daemon;
 pub mod e2e;
-pub use strata_guest as guest;
+pub use test_guest as guest;
 pub mod share;
 pub mod vmfs;

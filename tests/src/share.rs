@@ -13,12 +13,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde_json::Value;
-use strata_guest::vm::RunFiles;
-use strata_guest::{ensure_guest_variant, GuestVariant, ScratchDir, VmConfig};
+use test_guest::vm::RunFiles;
+use test_guest::{ensure_guest_variant, GuestVariant, ScratchDir, VmConfig};
 
 use crate::vmfs::stratactl_bin;
 
-/// The fs guest's /etc/passwd (tools/guest/build-guest.sh, `--fs`).
+/// The fs guest's /etc/passwd (tools/test-guest/build-guest.sh, `--fs`).
 pub const GUEST_PASSWD: &str = "\
 root:x:0:0:root:/root:/bin/sh
 alice:x:1000:1000:alice:/tmp:/bin/sh
@@ -27,7 +27,7 @@ tests:x:1100:1100:pjdfstest:/tmp:/bin/sh
 nobody:x:65534:65534:nobody:/nonexistent:/bin/false
 ";
 
-/// The fs guest's /etc/group (tools/guest/build-guest.sh, `--fs`).
+/// The fs guest's /etc/group (tools/test-guest/build-guest.sh, `--fs`).
 pub const GUEST_GROUP: &str = "\
 root:x:0:
 alice:x:1000:

@@ -10,8 +10,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use strata_guest::vm::RunFiles;
-use strata_guest::{ensure_guest, ScratchDir, VmConfig};
+use test_guest::vm::RunFiles;
+use test_guest::{ensure_guest, ScratchDir, VmConfig};
 
 use crate::daemon::{workspace_root, Stratad};
 

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
-use strata_tests::daemon::Stratad;
+use tests::daemon::Stratad;
 
 /// How long one request may take before the test declares the daemon hung.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);

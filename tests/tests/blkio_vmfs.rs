@@ -27,9 +27,9 @@ use std::time::Duration;
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
-use strata_guest::ScratchDir;
-use strata_tests::daemon::Stratad;
-use strata_tests::vmfs::{kill9, spawn_after_crash, Provisioning, TestDatastore};
+use test_guest::ScratchDir;
+use tests::daemon::Stratad;
+use tests::vmfs::{kill9, spawn_after_crash, Provisioning, TestDatastore};
 
 /// How long one request may take before the test declares the daemon hung.
 const IO_TIMEOUT: Duration = Duration::from_secs(20);

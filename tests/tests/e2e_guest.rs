@@ -1,4 +1,4 @@
-//! End-to-end tests: a Linux guest (tools/guest, QEMU TCG) against stratad over
+//! End-to-end tests: a Linux guest (tools/test-guest, QEMU TCG) against stratad over
 //! vhost-user-blk.
 //!
 //! - `data_survives_daemon_restart`: fio writes verifiable data (crc32c headers) through
@@ -17,9 +17,9 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use strata_guest::{FioJob, ScratchDir, VmConfig};
-use strata_tests::daemon::Stratad;
-use strata_tests::e2e::{run_ok, stop_cleanly, with_deadline};
+use test_guest::{FioJob, ScratchDir, VmConfig};
+use tests::daemon::Stratad;
+use tests::e2e::{run_ok, stop_cleanly, with_deadline};
 
 /// Hard limit for one guest run (QEMU is killed after it).
 const VM_TIMEOUT: Duration = Duration::from_secs(240);

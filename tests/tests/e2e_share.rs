@@ -1,4 +1,4 @@
-//! End-to-end tests of virtio-fs shares: the fs guest (tools/guest, `build-guest.sh --fs`,
+//! End-to-end tests of virtio-fs shares: the fs guest (tools/test-guest, `build-guest.sh --fs`,
 //! QEMU TCG) mounts a directory of a vmfs datastore that stratad serves with `--share`. Every
 //! test makes a fresh datastore (`stratactl mkfs`) in a temp dir, starts the release stratad,
 //! and at the end stops it with SIGTERM (it must exit 0) and runs `stratactl fsck` (clean).
@@ -25,14 +25,14 @@
 use std::path::Path;
 use std::time::Duration;
 
-use strata_guest::{fs_script, FsReport, FsWorkload, GuestRun, ScratchDir, VmConfig};
-use strata_tests::daemon::Stratad;
-use strata_tests::e2e::{exited, run_ok, stop_cleanly, with_deadline};
-use strata_tests::share::{
+use test_guest::{fs_script, FsReport, FsWorkload, GuestRun, ScratchDir, VmConfig};
+use tests::daemon::Stratad;
+use tests::e2e::{exited, run_ok, stop_cleanly, with_deadline};
+use tests::share::{
     assert_checks, counter, identity_options, ls, mount_script, output_value, share_stats,
     stratactl, stratad_args, BackgroundFsGuest,
 };
-use strata_tests::vmfs::{kill9, spawn_after_crash, Provisioning, TestDatastore};
+use tests::vmfs::{kill9, spawn_after_crash, Provisioning, TestDatastore};
 
 /// Hard limit for one guest run (QEMU is killed after it).
 const VM_TIMEOUT: Duration = Duration::from_secs(240);

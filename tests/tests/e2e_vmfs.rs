@@ -1,4 +1,4 @@
-//! End-to-end tests on a VMFS-backed disk: a Linux guest (tools/guest, QEMU TCG) against
+//! End-to-end tests on a VMFS-backed disk: a Linux guest (tools/test-guest, QEMU TCG) against
 //! stratad serving a thin file of a vmfs datastore (`backend=vmfs`), made with
 //! `stratactl mkfs` + `stratactl disk create --thin` in a temp dir. After each test stratad is
 //! stopped and `stratactl --datastore PATH fsck` must report the datastore clean (exit 0).
@@ -26,10 +26,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
-use strata_guest::{FioJob, ScratchDir, VmConfig};
-use strata_tests::daemon::Stratad;
-use strata_tests::e2e::{exited, run_ok, stop_cleanly, with_deadline};
-use strata_tests::vmfs::{kill9, spawn_after_crash, BackgroundGuest, Provisioning, TestDatastore};
+use test_guest::{FioJob, ScratchDir, VmConfig};
+use tests::daemon::Stratad;
+use tests::e2e::{exited, run_ok, stop_cleanly, with_deadline};
+use tests::vmfs::{kill9, spawn_after_crash, BackgroundGuest, Provisioning, TestDatastore};
 
 /// Hard limit for one guest run (QEMU is killed after it).
 const VM_TIMEOUT: Duration = Duration::from_secs(240);

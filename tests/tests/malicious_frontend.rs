@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Completion, ReqFlags};
-use strata_tests::daemon::Stratad;
+use tests::daemon::Stratad;
 
 /// vhost-user requests used here (vhost-user spec numbering).
 const GET_FEATURES: u32 = 1;
@@ -390,7 +390,7 @@ fn hostile_frontend_cannot_disturb_another_disk() {
         kick(&kickfd);
     }
     std::thread::sleep(Duration::from_millis(200));
-    assert!(!strata_tests::e2e::exited(pid), "stratad died (SIGBUS?)");
+    assert!(!tests::e2e::exited(pid), "stratad died (SIGBUS?)");
     // 5. A message cut off in the middle, then silence past the daemon's time-out.
     let mut partial = SET_VRING_NUM.to_le_bytes().to_vec();
     partial.extend_from_slice(&VERSION_1.to_le_bytes());
@@ -420,7 +420,7 @@ fn hostile_frontend_cannot_disturb_another_disk() {
         slowest < GOOD_LATENCY_MAX,
         "a good request took {slowest:?} while the other frontend misbehaved"
     );
-    assert!(!strata_tests::e2e::exited(pid), "stratad died");
+    assert!(!tests::e2e::exited(pid), "stratad died");
     let status = daemon.stop().expect("stop");
     assert!(status.success(), "stratad exited with {status}");
     let _ = std::fs::remove_dir_all(&dir);

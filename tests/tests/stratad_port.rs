@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use strata_tests::daemon::stratad_bin;
+use tests::daemon::stratad_bin;
 
 /// Datagrams sent to the storage port.
 const FRAMES: u64 = 64;

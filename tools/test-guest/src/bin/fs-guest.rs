@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use strata_guest::{
+use test_guest::{
     fs_script, virtiofsd_binary, FsDevice, FsReport, FsWorkload, ScratchDir, Virtiofsd, VmConfig,
 };
 
@@ -44,7 +44,7 @@ struct Args {
     #[arg(long, default_value = "fs")]
     tag: String,
     /// `queue-size` of the vhost-user-fs-pci device.
-    #[arg(long, default_value_t = strata_guest::vm::DEFAULT_FS_QUEUE_SIZE)]
+    #[arg(long, default_value_t = test_guest::vm::DEFAULT_FS_QUEUE_SIZE)]
     queue_size: u16,
     /// More vhost-user-fs devices, attached but not mounted: `SOCKET,tag=TAG` (repeatable).
     #[arg(long = "extra-fs", value_name = "SOCKET,tag=TAG")]
@@ -60,7 +60,7 @@ struct Args {
     #[arg(long, value_name = "PAT")]
     pjdfstest_filter: Vec<String>,
     /// Files of the metadata benchmark.
-    #[arg(long, default_value_t = strata_guest::fs::DEFAULT_META_FILES)]
+    #[arg(long, default_value_t = test_guest::fs::DEFAULT_META_FILES)]
     meta_files: u32,
     /// Drop the guest's caches before each metadata phase.
     #[arg(long)]
@@ -81,7 +81,7 @@ struct Args {
     #[arg(long, default_value_t = 1)]
     cpus: u32,
     /// Guest RAM in MiB.
-    #[arg(long, default_value_t = strata_guest::vm::DEFAULT_MEMORY_MIB)]
+    #[arg(long, default_value_t = test_guest::vm::DEFAULT_MEMORY_MIB)]
     memory_mib: u32,
     /// Hard time-out in seconds: QEMU is killed after it.
     #[arg(long, default_value_t = 900)]

@@ -5,8 +5,8 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use strata_perm::acl::{Acl, AclEntry, AclTag};
-use strata_perm::{profile, Cred, Object, PermCache, PermCacheConfig, Profile, ProfileKey};
+use posix_perm::acl::{Acl, AclEntry, AclTag};
+use posix_perm::{profile, Cred, Object, PermCache, PermCacheConfig, Profile, ProfileKey};
 
 /// Entries in the warm cache: a busy share, well under the default capacity.
 const WARM_ENTRIES: u64 = 10_000;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use strata_guest::{BlkDevice, FioJob, FsDevice, VmConfig};
+use test_guest::{BlkDevice, FioJob, FsDevice, VmConfig};
 
 /// Boot Strata's test guest (QEMU TCG) attached to vhost-user devices and run a script in it.
 #[derive(Debug, Parser)]
@@ -25,7 +25,7 @@ struct Args {
     #[arg(long, default_value_t = 1)]
     cpus: u32,
     /// Guest RAM in MiB.
-    #[arg(long, default_value_t = strata_guest::vm::DEFAULT_MEMORY_MIB)]
+    #[arg(long, default_value_t = test_guest::vm::DEFAULT_MEMORY_MIB)]
     memory_mib: u32,
     /// A shell script file to run in the guest (busybox sh).
     #[arg(long, conflicts_with = "command")]
@@ -37,7 +37,7 @@ struct Args {
     #[arg(long, default_value_t = 10)]
     fio_runtime: u32,
     /// Hard time-out in seconds: QEMU is killed after it.
-    #[arg(long, default_value_t = strata_guest::vm::DEFAULT_TIMEOUT.as_secs())]
+    #[arg(long, default_value_t = test_guest::vm::DEFAULT_TIMEOUT.as_secs())]
     timeout: u64,
     /// Also print the guest's serial console.
     #[arg(long)]

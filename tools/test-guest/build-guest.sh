@@ -11,7 +11,7 @@
 # A second run with a complete cache does nothing and exits 0 at once. Concurrent runs serialise
 # on a lock file beside the cache. Runs as root on Debian 12; installs (apt-get) what is missing.
 #
-# Guest protocol (what tools/guest/src/lib.rs relies on):
+# Guest protocol (what tools/test-guest/src/lib.rs relies on):
 #   - the per-boot script comes from QEMU's fw_cfg file opt/strata/script
 #     (-fw_cfg name=opt/strata/script,file=SCRIPT) and runs under busybox sh;
 #   - its stdout and stderr go to the second serial port (ttyS1), the kernel console is ttyS0;
@@ -23,7 +23,7 @@
 # VM has vhost-user-fs devices): builds the base guest above, then $GUEST_DIR/fs/ holding
 #     initrd.img   the base initramfs with a second newc archive appended (the kernel unpacks
 #                  both; later entries win), which adds:
-#                    /usr/bin/pjdfstest      pjdfstest 0.2.2, static (tools/guest/build-pjdfstest.sh)
+#                    /usr/bin/pjdfstest      pjdfstest 0.2.2, static (tools/test-guest/build-pjdfstest.sh)
 #                    /etc/pjdfstest.toml     its config: posix_fallocate, utimensat, utime_now,
 #                                            naptime 0.01, dummy users nobody/nobody, tests/tests
 #                    /etc/passwd, /etc/group root; nobody 65534 (group nobody 65534); tests 1100;
@@ -33,7 +33,7 @@
 #                                            libacl.so.1 (+ libc and ld-linux, as for fio): POSIX
 #                                            ACLs by text, default ACLs and mask recalculation
 #                                            included (busybox has no setfacl)
-#                    /usr/bin/strata-fsutil  tools/guest/fsutil.rs, static (rustc, std only):
+#                    /usr/bin/strata-fsutil  tools/test-guest/fsutil.rs, static (rustc, std only):
 #                                            `now` (ns clock) and `meta DIR N` (metadata benchmark)
 #     manifest     the fs recipe, the base manifest's and the inputs' checksums (cache key)
 # The kernel is the base guest's vmlinuz. Needs cargo/rustc and crates.io (pjdfstest) once.
@@ -45,7 +45,7 @@
 set -euo pipefail
 
 # Bump when anything below changes what ends up in the guest: old caches are then rebuilt.
-RECIPE="strata-guest-recipe-1"
+RECIPE="test-guest-recipe-1"
 
 GUEST_DIR="${STRATA_GUEST_DIR:-${HOME:-/root}/.cache/strata/guest}"
 
@@ -55,7 +55,7 @@ log() { printf 'build-guest: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 # --- fs variant (--fs) --------------------------------------------------------------------------
-FS_RECIPE="strata-guest-fs-recipe-1"
+FS_RECIPE="test-guest-fs-recipe-1"
 
 fs_inputs_key() {
     echo "recipe=$FS_RECIPE"
@@ -291,7 +291,7 @@ FIO_VERSION=$(fio --version)
 # --- init -------------------------------------------------------------------------------------
 cat >"$ROOT/init" <<'EOF'
 #!/bin/busybox sh
-# Strata test-guest init: see tools/guest/build-guest.sh for the protocol.
+# Strata test-guest init: see tools/test-guest/build-guest.sh for the protocol.
 /bin/busybox --install -s
 export PATH=/usr/bin:/usr/sbin:/bin:/sbin
 mount -t proc proc /proc

@@ -1,7 +1,7 @@
 //! Strata's test guest: a minimal Linux VM that runs a shell script against vhost-user devices.
 //!
 //! The guest is a Debian 6.1 kernel plus a busybox initramfs with fio and the virtio/virtiofs
-//! modules, built once per machine by `tools/guest/build-guest.sh` into a cache
+//! modules, built once per machine by `tools/test-guest/build-guest.sh` into a cache
 //! (`$STRATA_GUEST_DIR`, default `~/.cache/strata/guest`). QEMU boots it under TCG (KVM guests
 //! hang on this project's machines) with shared memfd memory, which vhost-user requires.
 //!
