@@ -4,7 +4,7 @@
 //! - `src/steer.bpf.c`: the storage steering program (C, compiled by `build.rs` with
 //!   `clang -target bpf -g -O2`): storage TCP/UDP destination ports go to the AF_XDP socket of
 //!   the receive queue, everything else (and malformed frames) to the kernel. Its userspace
-//!   mirror is `dataplane::net::classify`.
+//!   mirror is `net::classify`.
 //! - [`Steering`]: loads it with aya, fills the port map, attaches it (native XDP, else generic),
 //!   registers AF_XDP sockets per queue, reads the per-CPU [`Counters`], and runs single frames
 //!   through the kernel's copy of the program ([`Steering::test_run`]) for tests.

@@ -348,8 +348,7 @@ fn run(args: Args) -> Result<(), MainError> {
     let mut port_specs = Vec::with_capacity(args.ports.len());
     for p in &args.ports {
         port_specs.push(
-            dataplane::net::port::parse_port_spec(p)
-                .map_err(|e| MainError::Port(format!("--port {p}: {e}")))?,
+            ports::parse_port_spec(p).map_err(|e| MainError::Port(format!("--port {p}: {e}")))?,
         );
     }
     let mut share_specs = Vec::with_capacity(args.shares.len());

@@ -1,7 +1,7 @@
 //! DPDK 22.11 as a [`PacketIo`] backend (cargo feature `dpdk`, off by default).
 //!
 //! Bindings are generated at build time by bindgen against Debian's `libdpdk` (see
-//! `dataplane/build.rs`); DPDK's inline fast-path functions (`rte_eth_rx_burst`,
+//! `net/build.rs`); DPDK's inline fast-path functions (`rte_eth_rx_burst`,
 //! `rte_pktmbuf_alloc`, ...) are called through the C wrappers bindgen emits, once per burst
 //! where DPDK allows (`rte_pktmbuf_free_bulk`). The EAL is initialised once per process
 //! ([`init_eal`]): DPDK cannot re-initialise it, so the first caller's arguments hold for the
@@ -29,7 +29,7 @@ use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
-use super::{Backend, PacketIo, RX_BURST_MAX};
+use crate::{Backend, PacketIo, RX_BURST_MAX};
 
 #[allow(
     non_upper_case_globals,
@@ -542,7 +542,7 @@ impl DpdkPort {
 }
 
 impl PacketIo for DpdkPort {
-    fn rx_burst(&mut self, max: usize, f: &mut dyn FnMut(&[u8])) -> Result<usize, super::NetError> {
+    fn rx_burst(&mut self, max: usize, f: &mut dyn FnMut(&[u8])) -> Result<usize, crate::NetError> {
         register_thread();
         let max = max.min(RX_BURST_MAX) as u16;
         // SAFETY: `mbufs` has room for RX_BURST_MAX >= max pointers; the queue is set up and
@@ -570,7 +570,7 @@ impl PacketIo for DpdkPort {
         Ok(usize::from(n))
     }
 
-    fn tx_burst(&mut self, frames: &[&[u8]]) -> Result<usize, super::NetError> {
+    fn tx_burst(&mut self, frames: &[&[u8]]) -> Result<usize, crate::NetError> {
         register_thread();
         let n = frames.len().min(RX_BURST_MAX);
         // Checked before any mbuf is allocated, so that no error path holds mbufs.
@@ -636,7 +636,7 @@ impl PacketIo for DpdkPort {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::net::frame::{build_udp, udp_payload, FrameSpec, IpVersion, FRAME_MAX};
+    use crate::frame::{build_udp, udp_payload, FrameSpec, IpVersion, FRAME_MAX};
 
     /// The tests share the process's one EAL and run one at a time (DPDK's control path is
     /// not meant for concurrent configuration from several threads).
@@ -782,7 +782,7 @@ mod tests {
             ];
             assert!(matches!(
                 port.tx_burst(&frames),
-                Err(crate::net::NetError::Dpdk(DpdkError::FrameTooLarge { .. }))
+                Err(crate::NetError::Dpdk(DpdkError::FrameTooLarge { .. }))
             ));
         }
         assert_eq!(port.tx_burst(&[&small]).unwrap(), 1);

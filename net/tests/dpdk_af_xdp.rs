@@ -1,5 +1,5 @@
 //! DPDK's `net_af_xdp` PMD on a veth port with Strata's steering program as its `xdp_prog=`
-//! (`cargo test -p ebpf --features dpdk --test dpdk_af_xdp`, as root).
+//! (`cargo test -p net --features dpdk --test dpdk_af_xdp`, as root).
 //!
 //! The PMD loads and attaches the object itself and puts its AF_XDP socket in `xsks_map`; the
 //! program's `steer_ports` map starts empty (the PMD knows nothing of it), so until it is filled
@@ -20,13 +20,11 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::{recv_all, send_mixed_flows, with_pair, VethPair};
-use dataplane::net::classify::{classify, PortSet, Verdict};
-use dataplane::net::dpdk::{
-    first_allowed_cpu, init_eal, no_huge_eal_args, DpdkPort, RuntimeDirGuard,
-};
-use dataplane::net::frame::udp_payload;
-use dataplane::net::PacketIo;
 use ebpf::{AttachedSteering, SteerPort, DEFAULT_STEER_PORTS};
+use net::classify::{classify, PortSet, Verdict};
+use net::dpdk::{first_allowed_cpu, init_eal, no_huge_eal_args, DpdkPort, RuntimeDirGuard};
+use net::frame::udp_payload;
+use net::PacketIo;
 
 /// Datagrams per flow (as in steering.rs).
 const PER_FLOW: usize = 200;

@@ -6,8 +6,8 @@
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-use super::classify::{classify, PortSet, Verdict};
-use super::{Backend, PacketIo, RX_BURST_MAX};
+use crate::classify::{classify, PortSet, Verdict};
+use crate::{Backend, PacketIo, RX_BURST_MAX};
 
 /// Receive buffer per frame: a 1500-byte MTU frame plus VLAN tags, rounded up.
 pub const FRAME_BUF: usize = 2048;
@@ -111,7 +111,7 @@ impl PacketSocket {
 }
 
 impl PacketIo for PacketSocket {
-    fn rx_burst(&mut self, max: usize, f: &mut dyn FnMut(&[u8])) -> Result<usize, super::NetError> {
+    fn rx_burst(&mut self, max: usize, f: &mut dyn FnMut(&[u8])) -> Result<usize, crate::NetError> {
         let n = max.min(RX_BURST_MAX);
         if n == 0 {
             return Ok(0);
@@ -169,7 +169,7 @@ impl PacketIo for PacketSocket {
         Ok(delivered)
     }
 
-    fn tx_burst(&mut self, frames: &[&[u8]]) -> Result<usize, super::NetError> {
+    fn tx_burst(&mut self, frames: &[&[u8]]) -> Result<usize, crate::NetError> {
         let n = frames.len().min(TX_BURST_MAX);
         if n == 0 {
             return Ok(0);

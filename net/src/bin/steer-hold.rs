@@ -1,6 +1,6 @@
 //! `steer-hold IFACE`: attaches the steering program (default ports) to IFACE, prints
 //! "attached <mode>", holds it until stdin closes, then prints the counters and detaches.
-//! A manual tool for trying steering on an interface, and the process ebpf/tests/detach.rs
+//! A manual tool for trying steering on an interface, and the process net/tests/detach.rs
 //! kills to check that the kernel removes the program however its holder dies.
 
 use std::io::Read;

@@ -1,5 +1,5 @@
 //! Build script: does nothing unless the `dpdk` feature is on. With it, generates bindings to
-//! Debian's DPDK 22.11 (`libdpdk` through pkg-config) from `src/net/dpdk/wrapper.h`, and
+//! Debian's DPDK 22.11 (`libdpdk` through pkg-config) from `src/dpdk/wrapper.h`, and
 //! compiles the C wrappers bindgen emits for DPDK's static inline functions (`rte_eth_rx_burst`
 //! and friends are inline: calling them from Rust needs a compiled copy). The default build
 //! needs no DPDK.
@@ -16,7 +16,7 @@ fn main() {
 mod dpdk {
     use std::path::PathBuf;
 
-    const HEADER: &str = "src/net/dpdk/wrapper.h";
+    const HEADER: &str = "src/dpdk/wrapper.h";
 
     pub fn generate() {
         println!("cargo:rerun-if-changed={HEADER}");

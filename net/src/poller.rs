@@ -10,9 +10,9 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use super::{PacketIo, RX_BURST_MAX};
+use crate::{PacketIo, RX_BURST_MAX};
 
-pub use crate::reactor::Poller;
+pub use dataplane::reactor::Poller;
 
 /// Counters of one packet queue, shared with the control plane (`stats`).
 #[derive(Debug, Default)]
@@ -79,7 +79,7 @@ impl Poller for QueuePoller {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::net::{Backend, NetError};
+    use crate::{Backend, NetError};
     use std::collections::VecDeque;
 
     /// An in-memory queue: transmitted frames come back as received ones.

@@ -8,9 +8,9 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use dataplane::engine::EngineKind;
-use dataplane::net::poller::{QueuePoller, QueueStats};
-use dataplane::net::{Backend, NetError, PacketIo};
 use dataplane::reactor::{Command, ReactorHandle};
+use net::poller::{QueuePoller, QueueStats};
+use net::{Backend, NetError, PacketIo};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// A queue fed by the test: frames pushed into `frames`, `fd` signalled like a NIC interrupt.

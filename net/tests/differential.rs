@@ -1,11 +1,11 @@
-//! The XDP program and its userspace mirror (`dataplane::net::classify`) agree on every frame:
+//! The XDP program and its userspace mirror (`net::classify`) agree on every frame:
 //! crafted malformed frames (truncated headers, bad IHL, long or broken IPv6 extension chains,
 //! VLAN stacks) and random mutations of valid ones run through the kernel's verified copy of
 //! the program (BPF_PROG_TEST_RUN), whose counters say which way it went. Needs root (bpf).
 
-use dataplane::net::classify::{classify, PortSet, Verdict, MAX_IPV6_EXT_HEADERS};
-use dataplane::net::frame::{build_udp, FrameSpec, IpVersion};
 use ebpf::{Counters, SteerPort, Steering, DEFAULT_STEER_PORTS};
+use net::classify::{classify, PortSet, Verdict, MAX_IPV6_EXT_HEADERS};
+use net::frame::{build_udp, FrameSpec, IpVersion};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 

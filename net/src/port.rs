@@ -4,8 +4,8 @@
 //! `steer` takes a comma-separated list, so bare numbers after `steer=` extend it:
 //! `iface=eth0,steer=3260,4420,queues=2` steers 3260 and 4420 on two queues.
 
-use super::classify::MAX_STEER_PORTS;
-use super::Backend;
+use crate::classify::MAX_STEER_PORTS;
+use crate::Backend;
 
 /// Queues a port can have (the XDP socket map's size).
 pub const MAX_PORT_QUEUES: u32 = 64;

@@ -11,7 +11,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use super::{Backend, PacketIo, RX_BURST_MAX};
+use crate::{Backend, PacketIo, RX_BURST_MAX};
 
 /// UMEM frame size: 2 KiB holds a 1500-byte MTU frame; aligned-mode chunks must be a power
 /// of two between 2 KiB and the page size.
@@ -544,7 +544,7 @@ impl XskSocket {
 }
 
 impl PacketIo for XskSocket {
-    fn rx_burst(&mut self, max: usize, f: &mut dyn FnMut(&[u8])) -> Result<usize, super::NetError> {
+    fn rx_burst(&mut self, max: usize, f: &mut dyn FnMut(&[u8])) -> Result<usize, crate::NetError> {
         let max = max.min(RX_BURST_MAX) as u32;
         let prod = self.rx.producer().load(Ordering::Acquire);
         let cons = self.rx.consumer().load(Ordering::Relaxed);
@@ -583,7 +583,7 @@ impl PacketIo for XskSocket {
         Ok(n as usize)
     }
 
-    fn tx_burst(&mut self, frames: &[&[u8]]) -> Result<usize, super::NetError> {
+    fn tx_burst(&mut self, frames: &[&[u8]]) -> Result<usize, crate::NetError> {
         self.reclaim_tx();
         let prod = self.tx.producer().load(Ordering::Relaxed);
         let cons = self.tx.consumer().load(Ordering::Acquire);
@@ -628,7 +628,7 @@ impl PacketIo for XskSocket {
         Ok(sent as usize)
     }
 
-    fn tx_flush(&mut self) -> Result<usize, super::NetError> {
+    fn tx_flush(&mut self) -> Result<usize, crate::NetError> {
         self.reclaim_tx();
         if self.tx_queued() > 0 {
             self.push_tx();

@@ -1,4 +1,4 @@
-/* The DPDK 22.11 API used by dataplane::net::dpdk; bindgen reads this with
+/* The DPDK 22.11 API used by net::dpdk; bindgen reads this with
  * `-include rte_config.h` (as pkg-config's cflags do). */
 #include <rte_eal.h>
 #include <rte_errno.h>

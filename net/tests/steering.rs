@@ -8,12 +8,12 @@ use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 use common::{recv_all, send_mixed_flows, with_pair, VethPair, MAC_A, MAC_B};
-use dataplane::net::af_xdp::{XskConfig, XskSocket};
-use dataplane::net::classify::{classify, PortSet, Verdict};
-use dataplane::net::frame::{build_udp, udp_payload, FrameSpec, FRAME_MAX};
-use dataplane::net::packet_socket::PacketSocket;
-use dataplane::net::PacketIo;
 use ebpf::{AttachMode, ModePreference, SteerPort, Steering, DEFAULT_STEER_PORTS};
+use net::af_xdp::{XskConfig, XskSocket};
+use net::classify::{classify, PortSet, Verdict};
+use net::frame::{build_udp, udp_payload, FrameSpec, FRAME_MAX};
+use net::packet_socket::PacketSocket;
+use net::PacketIo;
 
 /// Datagrams per flow: small enough for the socket buffers of a veth pair on a loaded 2-core
 /// machine, large enough that an off-by-one in counters shows.
@@ -183,7 +183,7 @@ fn af_xdp_transmit_and_packet_socket_fallback() {
             const N: usize = 100;
             let frames: Vec<Vec<u8>> = (0..N)
                 .map(|i| {
-                    let mut spec = FrameSpec::test(dataplane::net::frame::IpVersion::V4, 4420);
+                    let mut spec = FrameSpec::test(net::frame::IpVersion::V4, 4420);
                     spec.src_mac = MAC_A;
                     spec.dst_mac = MAC_B;
                     spec.src_ip = p.ip4_a.into();

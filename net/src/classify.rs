@@ -212,7 +212,7 @@ const _: u8 = IPPROTO_FRAGMENT;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::net::frame::{build_udp, FrameSpec, IpVersion};
+    use crate::frame::{build_udp, FrameSpec, IpVersion};
     use proptest::prelude::*;
 
     fn ports() -> PortSet {
