@@ -14,6 +14,10 @@
 //!   found through the interface, its port map filled and its counters read.
 //! - [`sys`]: the bpf(2) commands aya 0.13 does not expose (test run, map delete) and the
 //!   rtnetlink query of an interface's XDP program.
+//!
+//! The packet path (`net` crate) is its user; the tests that need AF_XDP sockets, veth pairs or
+//! the userspace classifier (steering, the differential test, detach on a killed holder, DPDK's
+//! `net_af_xdp`) live in `net/tests/`, so this crate depends on nothing of Strata's.
 
 pub mod sys;
 

@@ -1,7 +1,7 @@
 //! Which frames are storage traffic: the userspace mirror of `ebpf/src/steer.bpf.c`.
 //!
 //! Pure functions over untrusted bytes. The XDP program and [`classify`] must agree frame by
-//! frame (ebpf/tests/differential.rs runs both on the same frames); the packet-socket fallback
+//! frame (net/tests/differential.rs runs both on the same frames); the packet-socket fallback
 //! uses [`classify`] to pick storage frames out of everything the interface receives.
 
 /// IPv6 extension headers walked before a frame counts as malformed (`MAX_IPV6_EXT_HEADERS`).
