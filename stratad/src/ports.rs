@@ -1,4 +1,4 @@
-//! `--port` wiring: stratad starts its packet ports with the `net` crate ([`net::ports`]:
+//! `--port` wiring: stratad starts its packet ports with the `net` crate (`net::ports`:
 //! steering programs, AF_XDP and packet sockets, the DPDK EAL and hot-plugged devices) and
 //! reads their counters for the control socket's `stats` and the `--metrics` endpoint
 //! ([`PortCounters`], [`PortsSnapshot`]).

@@ -8,8 +8,8 @@
 //!   `queue % reactors`. The program is detached when the [`Ports`] are dropped, and when the
 //!   process dies, even on SIGKILL (aya attaches through a bpf link).
 //! - `socket`: the kernel packet-socket fallback (one queue, no program).
-//! - `dpdk` (cargo feature `dpdk`; [`dpdk`]): the EAL is initialised once, at the first such
-//!   port, with the caller's EAL arguments or [`dpdk::DEFAULT_EAL`] (`--no-huge -m 256 --no-pci
+//! - `dpdk` (cargo feature `dpdk`; `ports::dpdk`): the EAL is initialised once, at the first such
+//!   port, with the caller's EAL arguments or `dpdk::DEFAULT_EAL` (`--no-huge -m 256 --no-pci
 //!   --log-level=error -l CPU`, CPU the first of the process's affinity, plus a per-process
 //!   `--file-prefix`). A kernel interface NAME becomes DPDK's `net_af_xdp` port on it, queue q
 //!   on the interface's queue q, with the same steering program: the PMD loads it from an
