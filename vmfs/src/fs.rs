@@ -635,7 +635,7 @@ impl Datastore {
 
     /// Resolves a path ("/a/b" or "a/b") to an inode number.
     pub fn lookup(&self, path: &str) -> Result<u64, FsError> {
-        self.with(|g, dev| g.resolve(dev, path))
+        self.with(|g, dev| g.resolve_path(dev, path))
     }
 
     /// Reads an inode.
@@ -646,19 +646,19 @@ impl Datastore {
     /// Lists a directory.
     pub fn readdir(&self, path: &str) -> Result<Vec<DirEntry>, FsError> {
         self.with(|g, dev| {
-            let ino = g.resolve(dev, path)?;
+            let ino = g.resolve_path(dev, path)?;
             let inode = g.get_inode(dev, ino)?;
             if !inode.is_dir() {
                 return Err(FsError::NotDir(path.into()));
             }
-            g.read_dir(dev, ino)
+            g.dir_entries(dev, ino)
         })
     }
 
     /// Creates a directory.
     pub fn mkdir(&self, path: &str) -> Result<u64, FsError> {
         self.with_op(|g, dev| {
-            let ino = g.create(dev, path, S_IFDIR | 0o755, Provisioning::Thin, 0)?;
+            let ino = g.path_create(dev, &self.stats, path, S_IFDIR | 0o755, Provisioning::Thin)?;
             g.end_op(dev, &self.stats)?;
             Ok(ino)
         })
@@ -674,7 +674,7 @@ impl Datastore {
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<u64, FsError> {
         let ino = self.with_op(|g, dev| {
-            let ino = g.create(dev, path, S_IFREG | 0o644, prov, 0)?;
+            let ino = g.path_create(dev, &self.stats, path, S_IFREG | 0o644, prov)?;
             g.end_op(dev, &self.stats)?;
             Ok(ino)
         })?;
@@ -709,7 +709,7 @@ impl Datastore {
     /// Removes a file (or an empty directory with `rmdir`).
     pub fn unlink(&self, path: &str) -> Result<(), FsError> {
         self.with_op(|g, dev| {
-            g.remove(dev, &self.stats, path, false)?;
+            g.path_remove(dev, &self.stats, path, false)?;
             g.end_op(dev, &self.stats)
         })
     }
@@ -717,7 +717,7 @@ impl Datastore {
     /// Removes an empty directory.
     pub fn rmdir(&self, path: &str) -> Result<(), FsError> {
         self.with_op(|g, dev| {
-            g.remove(dev, &self.stats, path, true)?;
+            g.path_remove(dev, &self.stats, path, true)?;
             g.end_op(dev, &self.stats)
         })
     }
@@ -725,7 +725,7 @@ impl Datastore {
     /// Renames `from` to `to`, replacing a file (or empty directory) at `to`.
     pub fn rename(&self, from: &str, to: &str) -> Result<(), FsError> {
         self.with_op(|g, dev| {
-            g.rename(dev, &self.stats, from, to)?;
+            g.path_rename(dev, &self.stats, from, to)?;
             g.end_op(dev, &self.stats)
         })
     }
@@ -938,16 +938,6 @@ fn res_name(r: Res) -> &'static str {
         Res::Sb => "sub-blocks",
         Res::Fb => "file blocks",
     }
-}
-
-fn split_path(path: &str) -> Result<Vec<&str>, FsError> {
-    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
-    for p in &parts {
-        if *p == "." || *p == ".." || p.len() > NAME_MAX || p.contains('\0') {
-            return Err(FsError::Invalid(format!("bad path component '{p}'")));
-        }
-    }
-    Ok(parts)
 }
 
 impl Inner {
@@ -1431,208 +1421,6 @@ impl Inner {
         Ok(())
     }
 
-    // ----- namespace -----
-
-    pub(crate) fn resolve(
-        &mut self,
-        dev: &Arc<dyn BlockDevice>,
-        path: &str,
-    ) -> Result<u64, FsError> {
-        let mut ino = ROOT_INO;
-        for part in split_path(path)? {
-            let inode = self.get_inode(dev, ino)?;
-            if !inode.is_dir() {
-                return Err(FsError::NotDir(path.into()));
-            }
-            let entries = self.read_dir(dev, ino)?;
-            let e = entries
-                .iter()
-                .find(|e| e.name == part)
-                .ok_or_else(|| FsError::NotFound(path.into()))?;
-            ino = e.ino;
-        }
-        Ok(ino)
-    }
-
-    pub(crate) fn parent_and_name<'p>(
-        &mut self,
-        dev: &Arc<dyn BlockDevice>,
-        path: &'p str,
-    ) -> Result<(u64, &'p str), FsError> {
-        let parts = split_path(path)?;
-        let (name, dirs) = parts
-            .split_last()
-            .ok_or_else(|| FsError::Invalid("empty path".into()))?;
-        let mut ino = ROOT_INO;
-        for d in dirs {
-            let entries = self.read_dir(dev, ino)?;
-            let e = entries
-                .iter()
-                .find(|e| e.name == *d)
-                .ok_or_else(|| FsError::NotFound(path.into()))?;
-            if e.ftype != 2 {
-                return Err(FsError::NotDir(path.into()));
-            }
-            ino = e.ino;
-        }
-        Ok((ino, name))
-    }
-
-    pub(crate) fn read_dir(
-        &mut self,
-        dev: &Arc<dyn BlockDevice>,
-        dir: u64,
-    ) -> Result<Vec<DirEntry>, FsError> {
-        if self.dir_is_sealed(dev, dir)? {
-            return self.sealed_entries(dev, dir);
-        }
-        let inode = self.get_inode(dev, dir)?;
-        if inode.size > DIR_BYTES_MAX {
-            return Err(FsError::Corrupt(FormatError::Geometry(
-                "directory too large",
-            )));
-        }
-        let mut buf = vec![0u8; inode.size as usize];
-        let n = self.read(dev, dir, 0, &mut buf)?;
-        let mut out = Vec::new();
-        for chunk in buf[..n].chunks_exact(DIRENT_BYTES) {
-            if let Some(e) = DirEntry::decode(chunk)? {
-                out.push(e);
-            }
-        }
-        Ok(out)
-    }
-
-    pub(crate) fn write_dir(
-        &mut self,
-        dev: &Arc<dyn BlockDevice>,
-        stats: &FsStats,
-        dir: u64,
-        entries: &[DirEntry],
-    ) -> Result<(), FsError> {
-        let mut buf = vec![0u8; entries.len() * DIRENT_BYTES];
-        for (e, chunk) in entries.iter().zip(buf.chunks_exact_mut(DIRENT_BYTES)) {
-            e.encode(chunk);
-        }
-        if buf.len() as u64 > DIR_BYTES_MAX {
-            return Err(FsError::NoSpace("directory entries"));
-        }
-        if self.dir_is_sealed(dev, dir)? {
-            return self.rewrite_sealed(dev, stats, dir, entries);
-        }
-        // The path-based API rewrites the array packed; the slot index of ns.rs is rebuilt.
-        self.dir_index.remove(&dir);
-        self.set_size(dev, stats, dir, 0, &mut |_, _| {})?;
-        self.write_any(dev, stats, dir, 0, &buf, true)?;
-        let mut inode = self.get_inode(dev, dir)?;
-        inode.mtime_ns = now_ns();
-        inode.ctime_ns = inode.mtime_ns;
-        self.put_inode(dev, &inode)
-    }
-
-    pub(crate) fn create(
-        &mut self,
-        dev: &Arc<dyn BlockDevice>,
-        path: &str,
-        mode: u32,
-        prov: Provisioning,
-        size: u64,
-    ) -> Result<u64, FsError> {
-        let (parent, name) = self.parent_and_name(dev, path)?;
-        let mut entries = self.read_dir(dev, parent)?;
-        if entries.iter().any(|e| e.name == name) {
-            return Err(FsError::Exists(path.into()));
-        }
-        let (ino, generation) = self.alloc_ino(dev)?;
-        let dir = mode & S_IFMT == S_IFDIR;
-        let now = now_ns();
-        let inode = Inode {
-            ino,
-            generation,
-            mode,
-            nlink: if dir { 2 } else { 1 },
-            uid: 0,
-            gid: 0,
-            provisioning: prov,
-            size,
-            mtime_ns: now,
-            ctime_ns: now,
-            // Disk files (thick, or created large) use file blocks from the start; small files
-            // start resident and grow into sub-blocks, then file blocks.
-            layout: if prov != Provisioning::Thin {
-                DataLayout::FileBlocks
-            } else {
-                DataLayout::Resident
-            },
-            parent,
-            allocated: 0,
-            atime_ns: now,
-            rdev: 0,
-            attr_gen: 1,
-            xattr_block: 0,
-        };
-        self.put_inode(dev, &inode)?;
-        entries.push(DirEntry {
-            ino,
-            generation,
-            ftype: if dir { 2 } else { 1 },
-            name: name.to_string(),
-        });
-        let stats = FsStats::default();
-        self.write_dir(dev, &stats, parent, &entries)?;
-        if dir {
-            let mut p = self.get_inode(dev, parent)?;
-            p.nlink = p.nlink.saturating_add(1);
-            self.put_inode(dev, &p)?;
-        }
-        Ok(ino)
-    }
-
-    pub(crate) fn remove(
-        &mut self,
-        dev: &Arc<dyn BlockDevice>,
-        stats: &FsStats,
-        path: &str,
-        want_dir: bool,
-    ) -> Result<(), FsError> {
-        let (parent, name) = self.parent_and_name(dev, path)?;
-        let mut entries = self.read_dir(dev, parent)?;
-        let pos = entries
-            .iter()
-            .position(|e| e.name == name)
-            .ok_or_else(|| FsError::NotFound(path.into()))?;
-        let ino = entries[pos].ino;
-        let inode = self.get_inode(dev, ino)?;
-        if inode.is_dir() != want_dir {
-            return Err(if want_dir {
-                FsError::NotDir(path.into())
-            } else {
-                FsError::IsDir(path.into())
-            });
-        }
-        if inode.is_dir() && !self.read_dir(dev, ino)?.is_empty() {
-            return Err(FsError::NotEmpty(path.into()));
-        }
-        if self.in_use(ino) {
-            return Err(FsError::Busy(path.into()));
-        }
-        entries.remove(pos);
-        self.write_dir(dev, stats, parent, &entries)?;
-        if inode.is_dir() {
-            let mut p = self.get_inode(dev, parent)?;
-            p.nlink = p.nlink.saturating_sub(1);
-            self.put_inode(dev, &p)?;
-        }
-        if !inode.is_dir() && inode.nlink > 1 {
-            // Other hard links remain.
-            let mut i2 = self.get_inode(dev, ino)?;
-            i2.nlink = i2.nlink.saturating_sub(1);
-            i2.ctime_ns = now_ns();
-            return self.put_inode(dev, &i2);
-        }
-        self.free_inode(dev, stats, ino)
-    }
-
     pub(crate) fn free_inode(
         &mut self,
         dev: &Arc<dyn BlockDevice>,
@@ -1653,75 +1441,6 @@ impl Inner {
         // Keep the generation so the next use of the slot gets a newer one.
         put_u32(blockm, 40, generation);
         self.release(dev, Res::Fd, ino)
-    }
-
-    pub(crate) fn rename(
-        &mut self,
-        dev: &Arc<dyn BlockDevice>,
-        stats: &FsStats,
-        from: &str,
-        to: &str,
-    ) -> Result<(), FsError> {
-        let (fp, fname) = self.parent_and_name(dev, from)?;
-        let (tp, tname) = self.parent_and_name(dev, to)?;
-        let fentries = self.read_dir(dev, fp)?;
-        let moving = fentries
-            .iter()
-            .find(|e| e.name == fname)
-            .cloned()
-            .ok_or_else(|| FsError::NotFound(from.into()))?;
-        if fp == tp && fname == tname {
-            return Ok(());
-        }
-        // A directory may not move below itself.
-        if moving.ftype == 2 {
-            let mut a = tp;
-            // Bounded by the tree depth (each step goes one level up to the root).
-            for _ in 0..self.vh.layout.fd_count {
-                if a == moving.ino {
-                    return Err(FsError::Invalid(
-                        "cannot move a directory into itself".into(),
-                    ));
-                }
-                if a == ROOT_INO {
-                    break;
-                }
-                a = self.get_inode(dev, a)?.parent;
-            }
-        }
-        let tentries = self.read_dir(dev, tp)?;
-        if let Some(existing) = tentries.iter().find(|e| e.name == tname).cloned() {
-            let target = self.get_inode(dev, existing.ino)?;
-            if target.is_dir() != (moving.ftype == 2) {
-                return Err(if target.is_dir() {
-                    FsError::IsDir(to.into())
-                } else {
-                    FsError::NotDir(to.into())
-                });
-            }
-            self.remove(dev, stats, to, target.is_dir())?;
-        }
-        let mut fentries = self.read_dir(dev, fp)?;
-        fentries.retain(|e| e.name != fname);
-        self.write_dir(dev, stats, fp, &fentries)?;
-        let mut tentries = self.read_dir(dev, tp)?;
-        tentries.push(DirEntry {
-            name: tname.to_string(),
-            ..moving.clone()
-        });
-        self.write_dir(dev, stats, tp, &tentries)?;
-        if moving.ftype == 2 && fp != tp {
-            let mut d = self.get_inode(dev, moving.ino)?;
-            d.parent = tp;
-            self.put_inode(dev, &d)?;
-            let mut a = self.get_inode(dev, fp)?;
-            a.nlink = a.nlink.saturating_sub(1);
-            self.put_inode(dev, &a)?;
-            let mut b = self.get_inode(dev, tp)?;
-            b.nlink = b.nlink.saturating_add(1);
-            self.put_inode(dev, &b)?;
-        }
-        Ok(())
     }
 
     // ----- data -----

@@ -495,8 +495,8 @@ impl Inner {
         Ok(())
     }
 
-    /// The entries of a sealed directory (for the path-based API).
-    pub(crate) fn sealed_entries(&mut self, dev: &Dev, dir: u64) -> Result<Vec<DirEntry>, FsError> {
+    /// The entries of a directory, in slot order.
+    pub(crate) fn dir_entries(&mut self, dev: &Dev, dir: u64) -> Result<Vec<DirEntry>, FsError> {
         Ok(self
             .index(dev, dir)?
             .slots
@@ -504,27 +504,6 @@ impl Inner {
             .flatten()
             .cloned()
             .collect())
-    }
-
-    /// Replaces a sealed directory's entries (the path-based API's whole rewrite).
-    pub(crate) fn rewrite_sealed(
-        &mut self,
-        dev: &Dev,
-        _stats: &FsStats,
-        dir: u64,
-        entries: &[DirEntry],
-    ) -> Result<(), FsError> {
-        let idx = self.index(dev, dir)?;
-        let old = idx.slots.len();
-        idx.slots = entries.iter().cloned().map(Some).collect();
-        idx.names = entries
-            .iter()
-            .enumerate()
-            .map(|(i, e)| (e.name.clone(), i))
-            .collect();
-        idx.free.clear();
-        idx.changed = (0..old.max(entries.len())).collect();
-        self.store_sealed(dev, dir, now_ns())
     }
 
     /// Before a sealed directory's file blocks are freed: forget their cached blocks and keep
@@ -636,6 +615,7 @@ impl Inner {
         rdev: u32,
         uid: u32,
         gid: u32,
+        prov: Provisioning,
         content: &[u8],
     ) -> Result<Inode, FsError> {
         let name = check_name(name)?;
@@ -659,11 +639,17 @@ impl Inner {
             nlink: if dir { 2 } else { 1 },
             uid,
             gid,
-            provisioning: Provisioning::Thin,
+            provisioning: prov,
             size: 0,
             mtime_ns: now,
             ctime_ns: now,
-            layout: DataLayout::Resident,
+            // Disk files (thick) use file blocks from the start; small files start resident
+            // and grow into sub-blocks, then file blocks.
+            layout: if prov == Provisioning::Thin {
+                DataLayout::Resident
+            } else {
+                DataLayout::FileBlocks
+            },
             parent,
             allocated: 0,
             atime_ns: now,
@@ -1256,6 +1242,161 @@ impl Inner {
     }
 }
 
+/// Splits a datastore path ("/a/b" or "a/b") into its validated components.
+fn split_path(path: &str) -> Result<Vec<&str>, FsError> {
+    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+    for p in &parts {
+        if *p == "." || *p == ".." || p.len() > NAME_MAX || p.contains('\0') {
+            return Err(FsError::Invalid(format!("bad path component '{p}'")));
+        }
+    }
+    Ok(parts)
+}
+
+/// Names the path instead of the last component in an error of a path operation.
+fn at_path(e: FsError, path: &str) -> FsError {
+    match e {
+        FsError::NotFound(_) => FsError::NotFound(path.into()),
+        FsError::Exists(_) => FsError::Exists(path.into()),
+        FsError::NotDir(_) => FsError::NotDir(path.into()),
+        FsError::IsDir(_) => FsError::IsDir(path.into()),
+        FsError::NotEmpty(_) => FsError::NotEmpty(path.into()),
+        FsError::Busy(_) => FsError::Busy(path.into()),
+        e => e,
+    }
+}
+
+/// The path API (admin side: stratactl, stratad's disk files) is a resolver over the inode
+/// namespace: a path becomes (parent inode, name) and the namespace operation does the rest.
+impl Inner {
+    /// The inode a path names.
+    pub(crate) fn resolve_path(&mut self, dev: &Dev, path: &str) -> Result<u64, FsError> {
+        let mut ino = ROOT_INO;
+        for part in split_path(path)? {
+            if !self.get_inode(dev, ino)?.is_dir() {
+                return Err(FsError::NotDir(path.into()));
+            }
+            let (_, e) = self
+                .dir_find(dev, ino, part)?
+                .ok_or_else(|| FsError::NotFound(path.into()))?;
+            ino = e.ino;
+        }
+        Ok(ino)
+    }
+
+    /// The directory holding the last component of a path, and that component.
+    fn resolve_parent<'p>(&mut self, dev: &Dev, path: &'p str) -> Result<(u64, &'p str), FsError> {
+        let parts = split_path(path)?;
+        let (name, dirs) = parts
+            .split_last()
+            .ok_or_else(|| FsError::Invalid("empty path".into()))?;
+        let mut ino = ROOT_INO;
+        for d in dirs {
+            let (_, e) = self
+                .dir_find(dev, ino, d)?
+                .ok_or_else(|| FsError::NotFound(path.into()))?;
+            if e.ftype != ftype_of(S_IFDIR) {
+                return Err(FsError::NotDir(path.into()));
+            }
+            ino = e.ino;
+        }
+        Ok((ino, name))
+    }
+
+    /// Creates a file or directory owned by root at `path`.
+    pub(crate) fn path_create(
+        &mut self,
+        dev: &Dev,
+        stats: &FsStats,
+        path: &str,
+        mode: u32,
+        prov: Provisioning,
+    ) -> Result<u64, FsError> {
+        let (parent, name) = self.resolve_parent(dev, path)?;
+        self.ns_create(
+            dev,
+            stats,
+            parent,
+            name.as_bytes(),
+            mode,
+            0,
+            0,
+            0,
+            prov,
+            &[],
+        )
+        .map(|i| i.ino)
+        .map_err(|e| at_path(e, path))
+    }
+
+    /// Removes a file or an empty directory. Unlike `unlink_at`, a file in use (a disk being
+    /// served, an open handle) is refused with [`FsError::Busy`] instead of becoming an
+    /// orphan: the admin side must not pull a served disk's name.
+    pub(crate) fn path_remove(
+        &mut self,
+        dev: &Dev,
+        stats: &FsStats,
+        path: &str,
+        want_dir: bool,
+    ) -> Result<(), FsError> {
+        let (parent, name) = self.resolve_parent(dev, path)?;
+        let (_, e) = self
+            .dir_find(dev, parent, name)?
+            .ok_or_else(|| FsError::NotFound(path.into()))?;
+        let inode = self.get_inode(dev, e.ino)?;
+        if inode.is_dir() != want_dir {
+            return Err(if want_dir {
+                FsError::NotDir(path.into())
+            } else {
+                FsError::IsDir(path.into())
+            });
+        }
+        if want_dir && !self.dir_is_empty(dev, e.ino)? {
+            return Err(FsError::NotEmpty(path.into()));
+        }
+        if self.in_use(e.ino) {
+            return Err(FsError::Busy(path.into()));
+        }
+        self.ns_remove(dev, stats, parent, name.as_bytes(), want_dir)
+            .map_err(|e| at_path(e, path))
+    }
+
+    /// Renames `from` to `to`, replacing a file or empty directory there (refused with
+    /// [`FsError::Busy`] while the replaced file is in use, as [`Inner::path_remove`]).
+    pub(crate) fn path_rename(
+        &mut self,
+        dev: &Dev,
+        stats: &FsStats,
+        from: &str,
+        to: &str,
+    ) -> Result<(), FsError> {
+        let (fp, fname) = self.resolve_parent(dev, from)?;
+        let (tp, tname) = self.resolve_parent(dev, to)?;
+        let (_, moving) = self
+            .dir_find(dev, fp, fname)?
+            .ok_or_else(|| FsError::NotFound(from.into()))?;
+        if let Some((_, target)) = self.dir_find(dev, tp, tname)? {
+            if target.ino != moving.ino && self.in_use(target.ino) {
+                return Err(FsError::Busy(to.into()));
+            }
+        }
+        let flags = RenameFlags::default();
+        self.ns_rename(
+            dev,
+            stats,
+            fp,
+            fname.as_bytes(),
+            tp,
+            tname.as_bytes(),
+            flags,
+        )
+        .map_err(|e| match e {
+            FsError::NotFound(_) => FsError::NotFound(from.into()),
+            e => at_path(e, to),
+        })
+    }
+}
+
 impl Datastore {
     /// Runs a namespace operation: committed on return, or (with deferred commits on) left
     /// in the open transaction, undone on failure without touching other pending changes.
@@ -1358,6 +1499,7 @@ impl Datastore {
                 rdev,
                 uid,
                 gid,
+                Provisioning::Thin,
                 &[],
             )
         })
@@ -1379,7 +1521,18 @@ impl Datastore {
             return Err(FsError::NameTooLong("symlink target".into()));
         }
         self.ns_op(|g, dev, st| {
-            g.ns_create(dev, st, parent, name, S_IFLNK | 0o777, 0, uid, gid, target)
+            g.ns_create(
+                dev,
+                st,
+                parent,
+                name,
+                S_IFLNK | 0o777,
+                0,
+                uid,
+                gid,
+                Provisioning::Thin,
+                target,
+            )
         })
     }
 
