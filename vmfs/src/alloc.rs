@@ -50,12 +50,14 @@ pub(crate) struct SpaceSave {
 /// Each layer sees the one below it (and, through it, everything beneath), never one above.
 impl Deref for Space {
     type Target = Meta;
+    #[inline]
     fn deref(&self) -> &Meta {
         &self.meta
     }
 }
 
 impl DerefMut for Space {
+    #[inline]
     fn deref_mut(&mut self) -> &mut Meta {
         &mut self.meta
     }
@@ -112,6 +114,7 @@ impl Space {
     }
 
     /// Free resources of a kind (allocatable now).
+    #[inline]
     pub(crate) fn free_count(&self, r: Res) -> u64 {
         self.free.get(&r).copied().unwrap_or(0)
     }

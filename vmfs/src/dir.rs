@@ -25,7 +25,7 @@ pub(crate) const DIRB_ENTRIES: usize = (MD_BLOCK - MD_HEADER_BYTES) / DIRENT_BYT
 /// A directory entry with the cookie that continues a listing after it.
 #[derive(Debug, Clone)]
 pub struct DirCursorEntry {
-    /// Pass back to [`Datastore::read_dir_from`] to continue after this entry; never 0.
+    /// Pass back to `Datastore::read_dir_from` to continue after this entry; never 0.
     pub cookie: u64,
     /// The entry.
     pub entry: DirEntry,
@@ -92,12 +92,14 @@ pub(crate) struct Dirs {
 
 impl Deref for Dirs {
     type Target = Files;
+    #[inline]
     fn deref(&self) -> &Files {
         &self.files
     }
 }
 
 impl DerefMut for Dirs {
+    #[inline]
     fn deref_mut(&mut self) -> &mut Files {
         &mut self.files
     }

@@ -35,12 +35,14 @@ pub(crate) struct Inodes {
 
 impl Deref for Inodes {
     type Target = Space;
+    #[inline]
     fn deref(&self) -> &Space {
         &self.space
     }
 }
 
 impl DerefMut for Inodes {
+    #[inline]
     fn deref_mut(&mut self) -> &mut Space {
         &mut self.space
     }

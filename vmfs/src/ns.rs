@@ -84,12 +84,14 @@ pub(crate) struct Namespace {
 
 impl Deref for Namespace {
     type Target = Dirs;
+    #[inline]
     fn deref(&self) -> &Dirs {
         &self.dirs
     }
 }
 
 impl DerefMut for Namespace {
+    #[inline]
     fn deref_mut(&mut self) -> &mut Dirs {
         &mut self.dirs
     }

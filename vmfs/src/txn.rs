@@ -125,6 +125,7 @@ impl Meta {
     }
 
     /// A metadata block, read-only.
+    #[inline]
     pub(crate) fn md(&mut self, dev: &Dev, block: u64) -> Result<&[u8], FsError> {
         self.load(dev, block)?;
         self.cache
@@ -134,6 +135,7 @@ impl Meta {
     }
 
     /// A metadata block to change: it joins the open transaction.
+    #[inline]
     pub(crate) fn md_mut(&mut self, dev: &Dev, block: u64) -> Result<&mut [u8], FsError> {
         self.load(dev, block)?;
         if self.dirty.is_empty() {
@@ -174,11 +176,13 @@ impl Meta {
     }
 
     /// Blocks in the open transaction.
+    #[inline]
     pub(crate) fn dirty_len(&self) -> usize {
         self.dirty.len()
     }
 
     /// Blocks the open transaction may still take before the policy's soft limit.
+    #[inline]
     pub(crate) fn room(&self) -> usize {
         self.policy.soft_max().saturating_sub(self.dirty.len())
     }
@@ -195,11 +199,13 @@ impl Meta {
     }
 
     /// Metadata modifications so far.
+    #[inline]
     pub(crate) fn changes(&self) -> u64 {
         self.changes
     }
 
     /// Transactions ended so far (see `txn_seq`).
+    #[inline]
     pub(crate) fn txn_seq(&self) -> u64 {
         self.txn_seq
     }

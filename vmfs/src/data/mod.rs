@@ -39,12 +39,14 @@ pub(crate) struct Files {
 
 impl Deref for Files {
     type Target = Inodes;
+    #[inline]
     fn deref(&self) -> &Inodes {
         &self.inodes
     }
 }
 
 impl DerefMut for Files {
+    #[inline]
     fn deref_mut(&mut self) -> &mut Inodes {
         &mut self.inodes
     }

@@ -89,7 +89,7 @@ impl Files {
 
     /// posix_fallocate, first step: validates, grows the layout, allocates sub-blocks
     /// (bounded: a sub-block file is at most 1 MiB) and, for a file-block file, checks the
-    /// space and returns the range for [`Datastore::allocate`]'s chunks.
+    /// space and returns the range for `Datastore::allocate`'s chunks.
     pub(crate) fn allocate_start(
         &mut self,
         dev: &Dev,

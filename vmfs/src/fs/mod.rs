@@ -12,12 +12,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::alloc::{Res, Space};
 use crate::commit::CommitPolicy;
-use crate::data::Extent;
-use crate::data::{Files, OP_RESERVE};
+use crate::data::{Extent, Files, OP_RESERVE};
 use crate::dir::Dirs;
 use crate::format::*;
-use crate::inode::Ref;
-use crate::inode::{now_ns, Inodes};
+use crate::inode::{now_ns, Inodes, Ref};
 use crate::journal::{Journal, ReplayReport};
 use crate::ns::Namespace;
 use crate::txn::{blk, Dev, Meta};
