@@ -20,10 +20,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use posix_perm::acl::{inherit, Acl};
-use posix_perm::cache::{PermCache, ProfileKey};
+use posix_perm::cache::ProfileKey;
 use posix_perm::eval::{profile, with_root_override, Cred, Object, Profile};
-use posix_perm::identity::GroupSource;
-use posix_perm::idmap::IdMap;
 use virtiofsd::filesystem::{
     Context, DirEntry, DirectoryIterator, Entry, Extensions, FileSystem, FsOptions, GetxattrReply,
     ListxattrReply, OpenOptions, SerializableFileSystem, SetattrValid, SetxattrFlags,
@@ -35,7 +33,8 @@ use vmfs::format::{Inode, S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S
 use vmfs::fs::{Datastore, FsError};
 use vmfs::{Extent, RenameFlags, SetAttr, TimeSet, Whence, XattrSetMode};
 
-use crate::quota::{allocated_bytes, write_bound, Quota, QuotaLimits};
+use crate::quota::{allocated_bytes, write_bound, Quota};
+use crate::settings::{ShareError, ShareSettings};
 
 /// Name of the access ACL xattr (Linux).
 pub const XATTR_ACL_ACCESS: &[u8] = b"system.posix_acl_access";
@@ -152,56 +151,6 @@ fn fs_err(e: FsError) -> io::Error {
         tracing::warn!(err = %e, "datastore error");
     }
     errno(n)
-}
-
-/// How long the guest may cache entries and attributes (virtiofsd's `--cache` modes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CachePolicy {
-    /// 0 s: every access revalidates (revocations apply at once in the guest).
-    Never,
-    /// 1 s: close-to-open; the default, and the guest-side staleness bound.
-    Auto,
-    /// 86 400 s: the guest keeps everything; revocations may take a day to reach it.
-    Always,
-}
-
-impl CachePolicy {
-    /// Parses `never`, `auto` or `always`.
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "never" => Some(Self::Never),
-            "auto" => Some(Self::Auto),
-            "always" => Some(Self::Always),
-            _ => None,
-        }
-    }
-
-    fn timeout(self) -> Duration {
-        match self {
-            Self::Never => Duration::ZERO,
-            Self::Auto => Duration::from_secs(1),
-            Self::Always => Duration::from_secs(86_400),
-        }
-    }
-}
-
-/// What a share serves and how.
-#[derive(Debug)]
-pub struct ShareSettings {
-    /// Guest uid → datastore uid.
-    pub uid_map: IdMap,
-    /// Guest gid → datastore gid.
-    pub gid_map: IdMap,
-    /// Refuse every change with EROFS.
-    pub readonly: bool,
-    /// Supplementary groups of callers (none without a group file).
-    pub groups: Option<GroupSource>,
-    /// Guest-side cache lifetime.
-    pub cache: CachePolicy,
-    /// The permission-profile cache.
-    pub perm: PermCache,
-    /// Space limits (none: unlimited, nothing counted).
-    pub quota: QuotaLimits,
 }
 
 /// Counters of one share (besides the permission cache's own).
@@ -338,8 +287,8 @@ impl VmfsFs {
         ds: Arc<Datastore>,
         dir: &str,
         settings: ShareSettings,
-    ) -> Result<Self, crate::share::ShareError> {
-        let ds_err = |source| crate::share::ShareError::Datastore {
+    ) -> Result<Self, ShareError> {
+        let ds_err = |source| ShareError::Datastore {
             dir: dir.to_string(),
             source,
         };

@@ -19,7 +19,8 @@ use virtiofsd::fuse;
 use vmfs::device::FileDevice;
 use vmfs::fs::{Datastore, MkfsOptions};
 
-use crate::fs::{CachePolicy, ShareSettings, VmfsFs, XATTR_ACL_ACCESS, XATTR_ACL_DEFAULT};
+use crate::fs::{VmfsFs, XATTR_ACL_ACCESS, XATTR_ACL_DEFAULT};
+use crate::settings::{CachePolicy, ShareSettings};
 
 const ROOT: u64 = fuse::ROOT_ID;
 const ALICE: u32 = 1000;

@@ -21,6 +21,7 @@
 pub mod fs;
 pub mod handler;
 pub mod quota;
+pub mod settings;
 pub mod share;
 
 #[cfg(test)]

@@ -26,7 +26,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use dataplane::vhost_fs::{FsMemory, FsRequestHandler};
-use file_server::fs::{CachePolicy, ShareSettings, VmfsFs};
+use file_server::fs::VmfsFs;
+use file_server::settings::{CachePolicy, ShareSettings};
 use file_server::handler::ShareHandler;
 use file_server::quota::QuotaLimits;
 use posix_perm::cache::{PermCache, PermCacheConfig};

@@ -416,7 +416,7 @@ mod tests {
 
     use dataplane::engine::EngineKind;
     use dataplane::net::packet_socket::PacketSocket;
-    use dataplane::net::port::parse_port_spec;
+    use crate::spec::parse_port_spec;
     use dataplane::server::{Server, ServerConfig};
     use serde_json::Value;
 

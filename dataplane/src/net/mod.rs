@@ -7,7 +7,7 @@
 //! - `dpdk` (cargo feature `dpdk`): DPDK 22.11 ports as a third [`PacketIo`] backend.
 //! - [`classify`]: which frames are storage traffic; the pure mirror of the XDP program.
 //! - [`frame`]: building and reading UDP frames (tests, benchmark, datagram transmit).
-//! - [`port`]: the `--port iface=NAME,...` specification.
+//! - [`port`]: a port's typed specification (stratad parses `--port iface=NAME,...`).
 //! - [`poller`]: [`poller::Poller`], the hook a reactor polls each iteration.
 
 pub mod af_xdp;
