@@ -414,9 +414,9 @@ mod tests {
     use std::process::Command;
     use std::time::{Duration, Instant};
 
+    use crate::spec::parse_port_spec;
     use dataplane::engine::EngineKind;
     use dataplane::net::packet_socket::PacketSocket;
-    use crate::spec::parse_port_spec;
     use dataplane::server::{Server, ServerConfig};
     use serde_json::Value;
 

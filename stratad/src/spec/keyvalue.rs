@@ -161,11 +161,10 @@ impl<'de> de::MapAccess<'de> for MapDe {
             .take()
             .ok_or_else(|| SpecError::Syntax("value without a key".into()))?;
         let value = values.join(",");
-        seed.deserialize(ValueDe { values })
-            .map_err(|e| match e {
-                SpecError::Syntax(why) => SpecError::BadValue { key, value, why },
-                other => other,
-            })
+        seed.deserialize(ValueDe { values }).map_err(|e| match e {
+            SpecError::Syntax(why) => SpecError::BadValue { key, value, why },
+            other => other,
+        })
     }
 }
 
@@ -303,7 +302,9 @@ impl<'de> de::Deserializer<'de> for ValueDe {
     }
 
     fn deserialize_map<V: Visitor<'de>>(self, _visitor: V) -> Result<V::Value, SpecError> {
-        Err(SpecError::Syntax("a nested value cannot be given here".into()))
+        Err(SpecError::Syntax(
+            "a nested value cannot be given here".into(),
+        ))
     }
 
     fn deserialize_struct<V: Visitor<'de>>(
@@ -402,7 +403,9 @@ mod tests {
     #[test]
     fn errors_name_the_key() {
         let bad = |r: Result<Sample, SpecError>, key: &str, value: &str| match r {
-            Err(SpecError::BadValue { key: k, value: v, .. }) => k == key && v == value,
+            Err(SpecError::BadValue {
+                key: k, value: v, ..
+            }) => k == key && v == value,
             _ => false,
         };
         assert!(bad(sample("path=p,on=maybe"), "on", "maybe"));
@@ -420,14 +423,8 @@ mod tests {
             sample("path=p,path=q"),
             Err(SpecError::Duplicate("path".into()))
         );
-        assert_eq!(
-            sample("path"),
-            Err(SpecError::NotKeyValue("path".into()))
-        );
-        assert_eq!(
-            sample("=p"),
-            Err(SpecError::NotKeyValue("=p".into()))
-        );
+        assert_eq!(sample("path"), Err(SpecError::NotKeyValue("path".into())));
+        assert_eq!(sample("=p"), Err(SpecError::NotKeyValue("=p".into())));
         assert!(matches!(
             sample(&"x".repeat(SPEC_BYTES_MAX + 1)),
             Err(SpecError::Syntax(_))

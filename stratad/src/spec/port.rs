@@ -185,8 +185,8 @@ mod tests {
 
     #[test]
     fn json_gives_the_same_spec() {
-        let a: PortArgs = keyvalue::from_str("iface=eth0,steer=3260,4420,queues=2,backend=socket")
-            .unwrap();
+        let a: PortArgs =
+            keyvalue::from_str("iface=eth0,steer=3260,4420,queues=2,backend=socket").unwrap();
         let b: PortArgs = keyvalue::from_json(serde_json::json!({
             "iface": "eth0", "steer": [3260, 4420], "queues": 2, "backend": "socket"
         }))

@@ -300,25 +300,26 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(a, b);
-        assert_eq!(ShareSpec::try_from(a).unwrap(), ShareSpec::try_from(b).unwrap());
+        assert_eq!(
+            ShareSpec::try_from(a).unwrap(),
+            ShareSpec::try_from(b).unwrap()
+        );
     }
 
     fn arb_idmap() -> impl Strategy<Value = IdMap> {
-        proptest::collection::vec((0u32..1 << 20, 0u32..1 << 20, 1u64..1000), 0..4).prop_map(
-            |v| {
-                // Spread the ranges so that they never overlap.
-                let ranges = v
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, (g, h, count))| IdRange {
-                        guest: (i as u32) << 24 | g,
-                        host: (i as u32) << 24 | h,
-                        count,
-                    })
-                    .collect();
-                IdMap::from_ranges(ranges).unwrap_or_default()
-            },
-        )
+        proptest::collection::vec((0u32..1 << 20, 0u32..1 << 20, 1u64..1000), 0..4).prop_map(|v| {
+            // Spread the ranges so that they never overlap.
+            let ranges = v
+                .into_iter()
+                .enumerate()
+                .map(|(i, (g, h, count))| IdRange {
+                    guest: (i as u32) << 24 | g,
+                    host: (i as u32) << 24 | h,
+                    count,
+                })
+                .collect();
+            IdMap::from_ranges(ranges).unwrap_or_default()
+        })
     }
 
     fn arb_share() -> impl Strategy<Value = ShareSpec> {
@@ -327,9 +328,7 @@ mod tests {
             (
                 text,
                 proptest::collection::vec("[^/\\x00]{1,12}", 1..4)
-                    .prop_filter("no . or ..", |v| {
-                        v.iter().all(|c| c != "." && c != "..")
-                    }),
+                    .prop_filter("no . or ..", |v| v.iter().all(|c| c != "." && c != "..")),
                 "[a-z,]{1,36}",
                 1..=REQUEST_QUEUES_MAX,
                 arb_idmap(),
