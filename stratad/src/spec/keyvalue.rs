@@ -58,7 +58,7 @@ fn entries(s: &str) -> Result<Vec<Entry>, SpecError> {
     let mut out: Vec<Entry> = Vec::new();
     for item in items(s).into_iter().filter(|i| !i.is_empty()) {
         match item.split_once('=') {
-            Some((key, _)) if key.is_empty() => return Err(SpecError::NotKeyValue(item)),
+            Some(("", _)) => return Err(SpecError::NotKeyValue(item)),
             Some((key, value)) => {
                 if out.iter().any(|e| e.key == key) {
                     return Err(SpecError::Duplicate(key.to_string()));
