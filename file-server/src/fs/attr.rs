@@ -9,7 +9,7 @@ use virtiofsd::soft_idmap::Id;
 use vmfs::format::{Inode, S_IFMT, S_IFREG};
 use vmfs::{SetAttr, TimeSet};
 
-use super::core::{errno, fs_err, VmfsFs};
+use super::base::{errno, fs_err, VmfsFs};
 use super::perm::{Caller, MAY_WRITE, S_ISGID, S_ISUID, S_IXGRP};
 
 impl VmfsFs {

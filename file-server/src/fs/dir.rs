@@ -10,7 +10,7 @@ use vmfs::format::{Inode, S_IFDIR, S_IFMT};
 use vmfs::fs::FsError;
 use vmfs::XattrSetMode;
 
-use super::core::{errno, fs_err, VmfsFs};
+use super::base::{errno, fs_err, VmfsFs};
 use super::perm::{MAY_EXEC, MAY_WRITE, XATTR_ACL_ACCESS, XATTR_ACL_DEFAULT};
 use crate::quota::allocated_bytes;
 

@@ -10,7 +10,7 @@ use virtiofsd::filesystem::{ZeroCopyReader, ZeroCopyWriter};
 use vmfs::format::{Inode, S_IFMT, S_IFREG};
 use vmfs::{Extent, SetAttr};
 
-use super::core::{errno, fs_err, VmfsFs};
+use super::base::{errno, fs_err, VmfsFs};
 use crate::quota::write_bound;
 
 /// Bytes read or written per scratch copy (resident data, unaligned writes): the FUSE limit

@@ -7,7 +7,7 @@
 //! handle uses the grant made at open (as SMB servers do), not a check per read or write.
 //!
 //! Rooms, each using only those listed before it:
-//! - [`core`]: the type, node ids ↔ inodes, lookup and handle tables, attributes and entry
+//! - [`base`]: the type, node ids ↔ inodes, lookup and handle tables, attributes and entry
 //!   replies, quota accounting around an operation, errno conversion.
 //! - [`perm`]: the caller, its cached permission profile, access checks and open grants.
 //! - [`dir`]: names, node creation (ownership, umask or default ACL), READDIR entries.
@@ -17,14 +17,14 @@
 //! - [`ops`]: the `FileSystem` trait, composed of the above.
 
 pub mod attr;
-pub mod core;
+pub mod base;
 pub mod dir;
 pub mod io;
 pub mod ops;
 pub mod perm;
 pub mod xattr_acl;
 
-pub use self::core::{FsCounters, VmfsFs, HANDLES_MAX, OVERFLOW_ID};
+pub use self::base::{FsCounters, VmfsFs, HANDLES_MAX, OVERFLOW_ID};
 pub use self::dir::DirIter;
 #[cfg(test)]
 pub(crate) use self::io::scratch_bytes;

@@ -1,5 +1,5 @@
 //! The FUSE operations: virtiofsd's `FileSystem` trait on [`VmfsFs`], each operation
-//! composed from the rooms below (node mapping and tables in `core`, checks in `perm`,
+//! composed from the rooms below (node mapping and tables in `base`, checks in `perm`,
 //! names and creation in `dir`, data in `io`, SETATTR in `attr`, xattrs and ACLs in
 //! `xattr_acl`).
 
@@ -18,7 +18,7 @@ use vmfs::format::{S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG,
 use vmfs::fs::FsError;
 use vmfs::{RenameFlags, Whence, XattrSetMode};
 
-use super::core::{errno, fs_err, VmfsFs, OVERFLOW_ID};
+use super::base::{errno, fs_err, VmfsFs, OVERFLOW_ID};
 use super::dir::{dt_of, name_bytes, new_name, DirIter, READDIR_ENTRIES_MAX};
 use super::io::READ_BYTES_MAX;
 use super::perm::{MAY_EXEC, MAY_READ, MAY_WRITE};

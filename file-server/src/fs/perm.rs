@@ -20,7 +20,7 @@ use virtiofsd::soft_idmap::Id;
 use vmfs::format::{Inode, S_IFDIR, S_IFMT};
 use vmfs::fs::FsError;
 
-use super::core::{errno, fs_err, VmfsFs};
+use super::base::{errno, fs_err, VmfsFs};
 
 /// Name of the access ACL xattr (Linux).
 pub const XATTR_ACL_ACCESS: &[u8] = b"system.posix_acl_access";

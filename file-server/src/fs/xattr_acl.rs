@@ -10,7 +10,7 @@ use vmfs::format::{Inode, S_IFDIR, S_IFMT, S_IFREG};
 use vmfs::fs::FsError;
 use vmfs::{SetAttr, XattrSetMode};
 
-use super::core::{errno, fs_err, VmfsFs};
+use super::base::{errno, fs_err, VmfsFs};
 use super::perm::{
     Caller, MAY_READ, MAY_WRITE, S_ISGID, S_ISVTX, XATTR_ACL_ACCESS, XATTR_ACL_DEFAULT,
 };
