@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 
 use dataplane::engine::EngineKind;
 use dataplane::server::{Server, ServerConfig};
-use net::port::parse_port_spec;
+use net::port::PortSpec;
 use net::ports::{start, Ports};
+use net::Backend;
 
 /// How long counters may take to move on a loaded machine.
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -44,7 +45,7 @@ fn dpdk_virtual_device_port_keeps_its_reactor_polling() {
         return;
     };
     let server = server();
-    let spec = parse_port_spec("iface=net_null_sd0,backend=dpdk,queues=2").expect("spec");
+    let spec = PortSpec::new("net_null_sd0", Backend::Dpdk, 2);
     let ports = start(&[spec], &server.reactor_links(), None).expect("start net_null");
     assert!(ports.counters.steering.is_empty(), "no steering on a vdev");
     let frames = |ports: &Ports| -> Vec<u64> {
@@ -79,7 +80,7 @@ fn dpdk_port_given_twice_is_refused_and_keeps_serving() {
         return;
     };
     let server = server();
-    let spec = parse_port_spec("iface=net_null_sd1,backend=dpdk").expect("spec");
+    let spec = PortSpec::new("net_null_sd1", Backend::Dpdk, 1);
     let ports = start(std::slice::from_ref(&spec), &server.reactor_links(), None).expect("first");
     let err = start(&[spec], &server.reactor_links(), None).expect_err("same port again");
     assert!(err.to_string().contains("already in use"), "{err}");

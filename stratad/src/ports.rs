@@ -14,8 +14,8 @@ pub use without_packet::*;
 
 #[cfg(feature = "packet")]
 mod with_packet {
+    pub use crate::spec::parse_port_spec;
     use dataplane::reactor::ReactorLink;
-    pub use net::port::parse_port_spec;
     use net::port::PortSpec;
     pub use net::ports::{DpdkRuntimeDir, PortCounters, Ports, PortsSnapshot, SteeringCounters};
 
@@ -151,6 +151,7 @@ mod tests {
     use std::process::Command;
     use std::time::{Duration, Instant};
 
+    use crate::spec::parse_port_spec;
     use dataplane::engine::EngineKind;
     use dataplane::server::{Server, ServerConfig};
     use net::packet_socket::PacketSocket;

@@ -300,7 +300,8 @@ impl DpdkRuntimeDir {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::port::parse_port_spec;
+    use crate::port::PortSpec;
+    use crate::Backend;
 
     #[cfg(not(feature = "dpdk"))]
     #[test]
@@ -313,14 +314,14 @@ mod tests {
             engine: EngineKind::Sync,
         })
         .expect("reactors");
-        let spec = parse_port_spec("iface=net_ring0,backend=dpdk").expect("spec");
+        let spec = PortSpec::new("net_ring0", Backend::Dpdk, 1);
         let err = start(&[spec], &server.reactor_links(), None).expect_err("refused");
         assert!(err.to_string().contains("`dpdk` feature"), "{err}");
     }
 
     #[test]
     fn no_reactors_is_an_error() {
-        let spec = parse_port_spec("iface=lo,backend=socket").expect("spec");
+        let spec = PortSpec::new("lo", Backend::Socket, 1);
         assert!(matches!(
             start(&[spec], &[], None),
             Err(PortsError::NoReactors)
