@@ -20,10 +20,10 @@ use clap::Parser;
 use dataplane::backend::{BlockBackend, NullBackend, RawBackend};
 use dataplane::engine::EngineKind;
 use dataplane::server::{DiskConfig, Server, ServerConfig, ShareConfig, SocketAccess};
-use dataplane::vmfs_backend::VmfsBackend;
 use vmfs::device::{BlockDevice, FileDevice};
 use vmfs::format::Provisioning;
 use vmfs::fs::{Datastore, FsError, MkfsOptions};
+use vmfs_disk::VmfsBackend;
 
 use crate::spec::{
     parse_cpus, parse_disk_spec, parse_socket_group, parse_socket_mode, BackendSpec, DiskSpec,
@@ -319,7 +319,7 @@ fn spawn_committer(ds: Arc<Datastore>) -> std::io::Result<()> {
         .name("vmfs-commit".into())
         .spawn(move || loop {
             std::thread::sleep(COMMIT_TICK);
-            if let Err(e) = ds.commit_if_older(dataplane::vmfs_backend::COMMIT_INTERVAL) {
+            if let Err(e) = ds.commit_if_older(vmfs_disk::COMMIT_INTERVAL) {
                 tracing::error!(err = %e, "periodic commit failed");
             }
         })

@@ -19,10 +19,10 @@ use std::thread::ThreadId;
 use vmfs::format::FILE_BLOCK;
 use vmfs::fs::{Datastore, WriteSeg};
 
-use crate::backend::{rw_now, rw_op, BlockBackend, InlineIo, Started};
-use crate::blk::request::{ParsedRequest, RequestKind};
-use crate::blk::SECTOR_SIZE;
-use crate::engine::IoEngine;
+use dataplane::backend::{rw_now, rw_op, BlockBackend, InlineIo, Started};
+use dataplane::blk::request::{ParsedRequest, RequestKind};
+use dataplane::blk::SECTOR_SIZE;
+use dataplane::engine::IoEngine;
 
 /// Deferred writes kept between `start` and `end_batch` before the list has to grow: one
 /// reactor batch (POP_BATCH_MAX requests per queue) on a few queues.

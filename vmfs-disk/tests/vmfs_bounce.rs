@@ -7,10 +7,10 @@ use std::sync::Arc;
 use dataplane::backend::{BlockBackend, Started};
 use dataplane::blk::request::{ParsedRequest, RequestKind};
 use dataplane::engine::{Completion, EngineKind};
-use dataplane::vmfs_backend::VmfsBackend;
 use vmfs::device::SimDisk;
 use vmfs::format::Provisioning;
 use vmfs::fs::{Datastore, MkfsOptions};
+use vmfs_disk::VmfsBackend;
 
 const MIB: usize = 1 << 20;
 /// Six 1 MiB segments: more than the 4 MiB bounce buffer, so both paths take several rounds.
