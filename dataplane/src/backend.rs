@@ -18,6 +18,7 @@ use thiserror::Error;
 use crate::blk::request::{ParsedRequest, RequestKind};
 use crate::blk::SECTOR_SIZE;
 use crate::engine::{IoEngine, IoOp};
+use crate::offload::OffloadSink;
 
 /// Errors opening a backend.
 #[derive(Debug, Error)]
@@ -156,6 +157,11 @@ pub trait BlockBackend: Send + Sync + std::fmt::Debug {
     /// operations) finishes them here, e.g. committing their metadata as one journal
     /// transaction, and completes them with [`IoEngine::inject`] or by pushing operations.
     fn end_batch(&self, _engine: &mut dyn IoEngine) {}
+    /// Called on a reactor's thread when it starts serving one of this backend's queues:
+    /// `sink` takes completions of requests the backend finishes on another thread (it
+    /// answered them [`Started::Submitted`] and pushed nothing), and delivers them to that
+    /// reactor. One sink per reactor; [`OffloadSink::owner`] tells which.
+    fn attach(&self, _sink: &OffloadSink) {}
     /// Makes all completed writes durable (used at shutdown).
     fn flush_sync(&self) -> std::io::Result<()>;
     /// A one-line description for logs.

@@ -10,6 +10,8 @@
 //!   [`split_ring`] reads avail entries and descriptor chains through it.
 //! - [`engine`]: the [`engine::IoEngine`] trait with io_uring, synchronous and
 //!   fault-injecting engines; one engine per reactor.
+//! - [`offload`]: completions of requests a backend finished on another thread, handed back
+//!   to the reactor that started them (and waking it).
 //! - [`mem_guard`]: checks a frontend's memory-region fds (size, seals) and guards unsealed
 //!   mappings against SIGBUS when the frontend shrinks the file later.
 //! - [`reactor`]: the fixed pool of polling threads that run every disk's virtqueues.
@@ -34,6 +36,7 @@ pub mod engine;
 pub mod guest_ram;
 pub mod mem_guard;
 pub mod net;
+pub mod offload;
 pub mod reactor;
 pub mod server;
 pub mod split_ring;

@@ -31,6 +31,7 @@ use crate::blk::request::{
 use crate::blk::{DiskGeometry, ID_BYTES};
 use crate::engine::{Completion, EngineKind, IoEngine};
 use crate::guest_ram::GuestRam;
+use crate::offload::OffloadSink;
 use crate::split_ring::{avail_head, avail_ready, Chain};
 use crate::stats::{bump, tsc, QueueStats, ReactorStats};
 use crate::used_ring::UsedRing;
@@ -388,6 +389,9 @@ struct Reactor {
     exiting: bool,
     /// Packet queues (net::poller), polled each iteration and slept on through their fds.
     packets: Vec<Box<dyn Poller>>,
+    /// Completions of requests backends finished on other threads (offload); its posts wake
+    /// this reactor through `wake`.
+    offload: OffloadSink,
 }
 
 fn user_data(queue_slot: usize, slot: u16) -> u64 {
@@ -421,6 +425,7 @@ impl Reactor {
             )?;
         }
         tracing::debug!(reactor = id, engine = engine.name(), "reactor started");
+        let offload = OffloadSink::new(wake.try_clone()?);
         Ok(Reactor {
             id,
             rx,
@@ -434,6 +439,7 @@ impl Reactor {
             popped: vec![(0, Ok(())); POP_BATCH_MAX].into_boxed_slice(),
             exiting: false,
             packets: Vec::new(),
+            offload,
         })
     }
 
@@ -466,6 +472,8 @@ impl Reactor {
                 work += p.poll();
             }
             self.submit();
+            // Offloaded requests finished elsewhere: reaped below like engine completions.
+            self.offload.inject_into(&mut *self.engine);
             work += self.reap();
             self.signal_and_finish_stops();
             let t1 = Instant::now();
@@ -586,6 +594,7 @@ impl Reactor {
         ) {
             tracing::error!(device = %run.device, err = %e, "cannot watch kick fd");
         }
+        run.backend.attach(&self.offload);
         tracing::debug!(reactor = self.id, device = %run.device, queue = run.index, "queue started");
         self.queues[slot] = Some(ActiveQueue::new(run));
         bump(&self.stats.queues, 1);
@@ -806,7 +815,7 @@ impl Reactor {
     fn sleep(&mut self) {
         let mut pending = self.engine.in_flight() > 0 && self.engine.notify_fd().is_none();
         self.engine.drain_notify();
-        if self.engine.has_completions() {
+        if self.engine.has_completions() || self.offload.pending() {
             pending = true;
         }
         for aq in self.queues.iter_mut().flatten() {
