@@ -44,6 +44,18 @@ pub(crate) const JOB_LIST_CAPACITY: usize = 256;
 /// one request and each request holds a reactor's slot until its completion is reaped.
 const JOBS_QUEUED_CAPACITY: usize = 64;
 
+/// Nice value of the worker thread. Where it shares a CPU with a polling reactor (which never
+/// sleeps while a guest keeps it busy), the scheduler splits that CPU by weight: at the
+/// default nice 0 the worker takes half of it in slices of up to milliseconds, which a disk
+/// reading written space on that reactor sees as latency; at nice 5 (a third of the weight)
+/// the reactor wins the CPU back promptly. Measured with `strata-bench --scenario isolation`
+/// on the 2-core machine (reactor and worker on one core): disk A's read p99 next to an
+/// allocating disk B went from 17.5x A alone (nice 0) to 1.6x (nice 5), while B's allocating
+/// writes fell from 58 k to 46 k IOPS alone and from 78 k to 39 k next to A (the build that
+/// allocated on the reactor: 55 k and 36 k, and A at 100x). Where spare CPUs exist, the worker
+/// runs there and its nice value matters only against other processes.
+const WORKER_NICE: libc::c_int = 5;
+
 /// What an offloaded request asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum OpKind {
@@ -144,6 +156,7 @@ impl MetaWorker {
             .name("vmfs-meta".into())
             .spawn(move || {
                 block_process_signals();
+                lower_priority();
                 run(&s)
             })?;
         Ok(MetaWorker {
@@ -234,6 +247,20 @@ fn block_process_signals() {
         if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
             tracing::warn!("cannot block signals in the metadata worker");
         }
+    }
+}
+
+/// Gives the worker thread the nice value [`WORKER_NICE`]; the default priority stays if that
+/// is refused.
+fn lower_priority() {
+    // SAFETY: gettid has no preconditions; setpriority on our own thread id changes only this
+    // thread's nice value (raising it needs no privilege).
+    let rc = unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, WORKER_NICE)
+    };
+    if rc != 0 {
+        tracing::warn!(err = %std::io::Error::last_os_error(), "cannot lower the metadata worker's priority");
     }
 }
 
