@@ -86,6 +86,9 @@ pub struct LoadSpec<'a> {
     pub warmup: Duration,
     pub seconds: Duration,
     pub seed: u64,
+    /// Offsets only within (first byte, length) of the disk (4 KiB-aligned); None: the whole
+    /// disk.
+    pub window: Option<(u64, u64)>,
 }
 
 /// Raw figures of one measurement.
@@ -193,7 +196,11 @@ pub fn run(
         conns.push(conn);
     }
     let capacity = conns.iter().map(|c| c.capacity).min().unwrap_or(0);
-    let blocks = capacity / BLOCK as u64;
+    let (first, span) = spec.window.unwrap_or((0, capacity));
+    if first % BLOCK as u64 != 0 || first.saturating_add(span) > capacity || span < BLOCK as u64 {
+        bail!("offset window {first}+{span} does not fit the disk ({capacity} bytes)");
+    }
+    let blocks = span / BLOCK as u64;
     let nq = lanes.len();
     let mut fds: Vec<libc::pollfd> = Vec::with_capacity(nq);
     if spec.mode == ClientMode::Sleep {
@@ -216,7 +223,7 @@ pub fn run(
     let now_ns = || epoch.elapsed().as_nanos() as u64;
     let write = spec.workload == Workload::Randwrite;
     let submit = |lane: &mut Lane, slot: usize, rng: &mut Rng, now: u64| {
-        let offset = rng.below(blocks) * BLOCK as u64;
+        let offset = first + rng.below(blocks) * BLOCK as u64;
         let buf = lane.buf_base + slot * BLOCK;
         lane.submitted_ns[slot] = now;
         if write {
