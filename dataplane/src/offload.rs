@@ -29,6 +29,8 @@ struct Mailbox {
     done: Mutex<Vec<Completion>>,
     /// Entries in `done`, readable without the lock (the reactor's per-iteration check).
     count: AtomicUsize,
+    /// Requests handed to other threads and not yet posted back.
+    outstanding: AtomicUsize,
     /// The reactor's wake eventfd (a second descriptor of it).
     wake: EventFd,
     owner: ThreadId,
@@ -45,6 +47,7 @@ impl OffloadSink {
         OffloadSink(Arc::new(Mailbox {
             done: Mutex::new(Vec::with_capacity(MAILBOX_CAPACITY)),
             count: AtomicUsize::new(0),
+            outstanding: AtomicUsize::new(0),
             wake,
             owner: std::thread::current().id(),
         }))
@@ -55,12 +58,31 @@ impl OffloadSink {
         self.0.owner
     }
 
+    /// Records that `n` requests were handed to another thread, which will [`Self::post`]
+    /// their completions (called by the backend on the reactor's thread).
+    pub fn handed_over(&self, n: usize) {
+        self.0.outstanding.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// True while requests handed over have not all been posted back: an idle reactor then
+    /// yields its CPU instead of spinning, in case the thread doing that work shares it.
+    pub fn outstanding(&self) -> bool {
+        self.0.outstanding.load(Ordering::Relaxed) > 0
+    }
+
     /// Hands completions (user_data given to `start`, bytes or -errno) to the owning reactor
     /// and wakes it. Callable from any thread.
     pub fn post(&self, completions: &[Completion]) {
         if completions.is_empty() {
             return;
         }
+        // Saturating: a post without `handed_over` (allowed) must not wrap the count.
+        let _ = self
+            .0
+            .outstanding
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(completions.len()))
+            });
         {
             // A poisoned lock only means a panic elsewhere; the list itself stays consistent.
             let mut done = self.0.done.lock().unwrap_or_else(|e| e.into_inner());
@@ -109,6 +131,8 @@ mod tests {
         let mut engine = EngineKind::Sync.build();
         assert_eq!(sink.inject_into(&mut *engine), 0);
         let remote = sink.clone();
+        sink.handed_over(2);
+        assert!(sink.outstanding());
         std::thread::spawn(move || {
             remote.post(&[
                 Completion {
@@ -124,6 +148,7 @@ mod tests {
         .join()
         .unwrap();
         assert!(sink.pending());
+        assert!(!sink.outstanding());
         assert_eq!(wake.read().unwrap(), 1, "the post woke the owner");
         assert_eq!(sink.inject_into(&mut *engine), 2);
         assert!(!sink.pending());

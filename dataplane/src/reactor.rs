@@ -41,6 +41,11 @@ use crate::used_ring::UsedRing;
 /// (so busy disks never pay a wake-up), while an idle reactor burns at most this much per
 /// wake-up (idle disks cost nothing).
 pub const SPIN_IDLE_MAX: Duration = Duration::from_micros(100);
+/// Idle time after which a spinning reactor yields its CPU while requests it handed to another
+/// thread are outstanding (see `offload`): that thread may share the CPU. Longer than the gap
+/// between a polling guest's completion and its next request (a few µs), so a busy disk keeps
+/// the CPU; shorter than [`SPIN_IDLE_MAX`], so the wait for offloaded work does not burn it.
+pub const OFFLOAD_YIELD_AFTER: Duration = Duration::from_micros(20);
 /// Descriptor chains taken from one queue per loop iteration, so one busy queue cannot starve
 /// the others served by the same reactor.
 pub const POP_BATCH_MAX: usize = 64;
@@ -485,6 +490,11 @@ impl Reactor {
                 continue;
             }
             bump(&self.stats.spin_idle_ns, spent);
+            // Idle for a while with requests finishing on another thread (offload): let that
+            // thread have this CPU should it share it, rather than spin against it.
+            if self.offload.outstanding() && t1 - last_work >= OFFLOAD_YIELD_AFTER {
+                std::thread::yield_now();
+            }
             // Spin only for what gains from it: virtio-blk queues and pollers that ask to.
             let spin_for = if self.queues.iter().any(Option::is_some)
                 || self.packets.iter().any(|p| p.spin())

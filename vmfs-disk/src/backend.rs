@@ -150,7 +150,10 @@ impl VmfsBackend {
             }
             None => {
                 // Only a caller that never attached (not a reactor) gets here.
-                tracing::error!(file = %self.file.name, "request from a thread without a completion sink");
+                tracing::error!(
+                    file = %self.file.name,
+                    "request from a thread without a completion sink"
+                );
                 Started::Done(-libc::EIO)
             }
         }
@@ -207,6 +210,7 @@ impl BlockBackend for VmfsBackend {
         };
         if let Some(lane) = lanes.iter_mut().find(|l| l.sink.owner() == me) {
             if !lane.pending.is_empty() {
+                lane.sink.handed_over(lane.pending.len());
                 self.worker
                     .submit(&self.file, &mut lane.pending, &lane.sink);
             }

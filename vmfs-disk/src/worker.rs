@@ -13,7 +13,8 @@
 //! polling.
 //!
 //! Guest data is copied through the worker's bounce buffer with raw copies (guest memory may
-//! change under us at any time, so it is never a Rust slice).
+//! change under us at any time, so it is never a Rust slice). The thread runs at a lower
+//! priority than the reactors (`WORKER_NICE`) and takes no process signals.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
@@ -260,7 +261,8 @@ fn lower_priority() {
         libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, WORKER_NICE)
     };
     if rc != 0 {
-        tracing::warn!(err = %std::io::Error::last_os_error(), "cannot lower the metadata worker's priority");
+        let err = std::io::Error::last_os_error();
+        tracing::warn!(%err, "cannot lower the metadata worker's priority");
     }
 }
 
@@ -420,7 +422,8 @@ fn write_run(
             })
             .collect();
         write_segs(file, &segs, true).map_err(|e| {
-            tracing::warn!(file = %file.name, err = %e, requests = run.len(), "batched write failed");
+            let requests = run.len();
+            tracing::warn!(file = %file.name, err = %e, requests, "batched write failed");
             ServedFile::errno(&e)
         })
     };
