@@ -4,16 +4,17 @@
 //!
 //! Disk A is written space (every block written before the server starts) read by a polling
 //! client at qd 1 (4 KiB random reads: the latency-sensitive tenant); disk B is a thin file
-//! never written, whose random 4 KiB writes at qd `--interferer-qd` (sleeping client) mostly
-//! allocate a file block each (the noisy tenant). Each run starts a fresh server and measures
-//! three phases: A alone; B alone; A while B writes (B starts first and runs through A's
-//! warm-up and measured interval). The two B phases write two B disks of the same size, so
+//! never written, whose 4 KiB writes at qd `--interferer-qd` (sleeping client) each go to a
+//! file block not written before (workload `allocwrite`), so each allocates one (the noisy
+//! tenant). Each run starts a fresh server and measures
+//! three phases: A alone; B alone (briefly: 0.1 s + 0.6 s); A while B writes (B starts first
+//! and runs through A's warm-up and measured interval). The two B phases write two B disks of the same size, so
 //! each starts on never-written space. Reported per system: A's p50 and p99 alone and with B,
 //! the ratio of the p99s, B's IOPS alone and with A, and how many blocks each B disk allocated
-//! against how many writes it took (read from the datastore after the server stopped: far
-//! fewer blocks than writes means B's writes stopped allocating part-way, as they do at this
-//! machine's rates: vmfs files top out at 128 GiB = 131 072 blocks). Both clients run on the
-//! client CPU.
+//! against how many writes it took (read from the datastore after the server stopped: fewer
+//! blocks than writes means B went through all its blocks and its later writes did not
+//! allocate; vmfs files top out at 128 GiB = 131 072 blocks). Both clients run on the client
+//! CPU.
 
 use std::time::Duration;
 
@@ -29,6 +30,10 @@ use crate::{report, Bench, STOP};
 /// Disk B keeps writing this long after A's measured interval ends, so that B's load covers
 /// all of it even if B's connection came up late.
 const INTERFERER_TAIL: Duration = Duration::from_millis(500);
+/// B alone's warm-up and measured interval: short, so that B does not run through all the
+/// blocks of its disk (131 072 at most) at the rates seen here (up to 180 k allocations/s).
+const B_ALONE_WARMUP: Duration = Duration::from_millis(100);
+const B_ALONE_SECONDS: Duration = Duration::from_millis(600);
 /// Disk A's size: small enough to prefill quickly, larger than any cache in the path.
 const A_BYTES: u64 = 1 << 30;
 
@@ -100,7 +105,7 @@ pub fn run(bench: &Bench<'_>) -> anyhow::Result<()> {
     println!();
     println!(
         "strata-bench isolation: disk A vmfs written space, randread qd 1, polling client; \
-         disk B thin never-written, randwrite qd {} (sleeping client), same datastore and \
+         disk B thin never-written, allocwrite qd {} (sleeping client), same datastore and \
          stratad; {} s (+{} s warm-up) x {} rounds, server CPU {} / client CPU {}; medians",
         cli.interferer_qd, cli.seconds, cli.warmup, cli.rounds, cli.server_cpu, cli.client_cpu
     );
@@ -207,12 +212,12 @@ fn measure(
     let a_alone = hist.summary();
     let b_alone_load = LoadSpec {
         socks: b_alone_socks,
-        workload: Workload::Randwrite,
+        workload: Workload::Allocwrite,
         qd: cli.interferer_qd,
         queues: 1,
         mode: ClientMode::Sleep,
-        warmup,
-        seconds,
+        warmup: B_ALONE_WARMUP,
+        seconds: B_ALONE_SECONDS,
         seed: cli.seed.wrapping_add(run_no).wrapping_mul(31),
         window: None,
     };
