@@ -49,12 +49,13 @@ const JOBS_QUEUED_CAPACITY: usize = 64;
 /// sleeps while a guest keeps it busy), the scheduler splits that CPU by weight: at the
 /// default nice 0 the worker takes half of it in slices of up to milliseconds, which a disk
 /// reading written space on that reactor sees as latency; at nice 5 (a third of the weight)
-/// the reactor wins the CPU back promptly. Measured with `strata-bench --scenario isolation`
-/// on the 2-core machine (reactor and worker on one core): disk A's read p99 next to an
-/// allocating disk B went from 17.5x A alone (nice 0) to 1.6x (nice 5), while B's allocating
-/// writes fell from 58 k to 46 k IOPS alone and from 78 k to 39 k next to A (the build that
-/// allocated on the reactor: 55 k and 36 k, and A at 100x). Where spare CPUs exist, the worker
-/// runs there and its nice value matters only against other processes.
+/// the reactor wins the CPU back promptly, and an idle reactor yields it to the worker
+/// (dataplane's `OFFLOAD_YIELD_AFTER`). Measured with `strata-bench --scenario isolation` on
+/// the 2-core machine (reactor and worker on one core): disk A's read p99 next to an
+/// allocating disk B was 12–43x A alone at nice 0 and 0.3–3x at nice 5; the price is B's
+/// allocating writes next to A (about 40 k/s instead of about 50 k/s when the reactor did
+/// them itself, and A at 35–90x). Where spare CPUs exist, the worker runs there and its nice
+/// value matters only against other processes.
 const WORKER_NICE: libc::c_int = 5;
 
 /// What an offloaded request asks for.
