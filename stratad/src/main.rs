@@ -313,7 +313,7 @@ const COMMIT_TICK: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Bounds how long a share's acknowledged namespace changes stay uncommitted when the guest
 /// neither syncs nor sends more requests: commits the open transaction once it is older than
-/// dataplane's COMMIT_INTERVAL. One thread per daemon, whatever the number of shares.
+/// vmfs_disk's COMMIT_INTERVAL. One thread per daemon, whatever the number of shares.
 fn spawn_committer(ds: Arc<Datastore>) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("vmfs-commit".into())
