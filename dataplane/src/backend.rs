@@ -3,9 +3,11 @@
 //! A backend turns a validated request into engine operations ([`BlockBackend::start`]) or
 //! completes it at once. Raw image files and block devices ([`RawBackend`]) map a request to one
 //! operation on one descriptor; the [`NullBackend`] completes everything immediately (for
-//! benchmarks, like QEMU's null-co). A datastore file (vmfs) plugs in the same way: it maps
-//! the request's byte range to extents and may return several operations
-//! ([`Started::Submitted`] carries their count), or run metadata work and complete at once.
+//! benchmarks, like QEMU's null-co). A datastore file (vmfs, crate `vmfs-disk`) plugs in the
+//! same way: it maps the request's byte range to extents and may return several operations
+//! ([`Started::Submitted`] carries their count), or hand the request to another thread and
+//! deliver its completion later through the reactor's [`OffloadSink`] (see
+//! [`BlockBackend::attach`]).
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
@@ -18,6 +20,7 @@ use thiserror::Error;
 use crate::blk::request::{ParsedRequest, RequestKind};
 use crate::blk::SECTOR_SIZE;
 use crate::engine::{IoEngine, IoOp};
+use crate::offload::OffloadSink;
 
 /// Errors opening a backend.
 #[derive(Debug, Error)]
@@ -153,9 +156,15 @@ pub trait BlockBackend: Send + Sync + std::fmt::Debug {
     fn start(&self, req: &ParsedRequest, engine: &mut dyn IoEngine, user_data: u64) -> Started;
     /// Called by a reactor after it has started a batch of requests and before it submits
     /// them: a backend that deferred requests ([`Started::Submitted`] without pushing the
-    /// operations) finishes them here, e.g. committing their metadata as one journal
-    /// transaction, and completes them with [`IoEngine::inject`] or by pushing operations.
+    /// operations) finishes them here — with [`IoEngine::inject`] or by pushing operations — or
+    /// hands them to another thread, which posts their completions to the reactor's
+    /// [`OffloadSink`]. Must not block: the reactor serves other disks.
     fn end_batch(&self, _engine: &mut dyn IoEngine) {}
+    /// Called on a reactor's thread when it starts serving one of this backend's queues:
+    /// `sink` takes completions of requests the backend finishes on another thread (it
+    /// answered them [`Started::Submitted`] and pushed nothing), and delivers them to that
+    /// reactor. One sink per reactor; [`OffloadSink::owner`] tells which.
+    fn attach(&self, _sink: &OffloadSink) {}
     /// Makes all completed writes durable (used at shutdown).
     fn flush_sync(&self) -> std::io::Result<()>;
     /// A one-line description for logs.

@@ -5,11 +5,13 @@
 //! - [`blk`]: virtio-blk features, limits and config space; [`blk::request`] parses and
 //!   validates descriptor chains (pure, no I/O).
 //! - [`backend`]: the [`backend::BlockBackend`] trait (where a disk's bytes live) with raw
-//!   image/block-device and null backends; vmfs files plug in here.
+//!   image/block-device and null backends; vmfs files plug in here (crate `vmfs-disk`).
 //! - [`guest_ram`]: guest memory regions as a flat table for the per-request path;
 //!   [`split_ring`] reads avail entries and descriptor chains through it.
 //! - [`engine`]: the [`engine::IoEngine`] trait with io_uring, synchronous and
 //!   fault-injecting engines; one engine per reactor.
+//! - [`offload`]: completions of requests a backend finished on another thread, handed back
+//!   to the reactor that started them (and waking it).
 //! - [`mem_guard`]: checks a frontend's memory-region fds (size, seals) and guards unsealed
 //!   mappings against SIGBUS when the frontend shrinks the file later.
 //! - [`reactor`]: the fixed pool of polling threads that run every disk's virtqueues.
@@ -24,21 +26,23 @@
 //!   fail in CI).
 //! - [`used_ring`]: batched used-ring writes (one `idx` store and one notification decision per
 //!   reactor loop iteration).
-//! - [`vmfs_backend`]: a vmfs datastore file as a backend (direct path on written space,
-//!   batched journal commits for allocating writes).
+//! - `testing` (feature `test-utils`): a virtio-blk queue on a running reactor, driven like a
+//!   guest drives it, for backend tests here and in other crates.
 
 pub mod backend;
 pub mod blk;
 pub mod engine;
 pub mod guest_ram;
 pub mod mem_guard;
+pub mod offload;
 pub mod reactor;
 pub mod server;
 pub mod split_ring;
 pub mod stats;
 pub mod test_gate;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testing;
 pub mod used_ring;
 pub mod vhost_blk;
 pub mod vhost_device;
 pub mod vhost_fs;
-pub mod vmfs_backend;

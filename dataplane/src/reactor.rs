@@ -31,6 +31,7 @@ use crate::blk::request::{
 use crate::blk::{DiskGeometry, ID_BYTES};
 use crate::engine::{Completion, EngineKind, IoEngine};
 use crate::guest_ram::GuestRam;
+use crate::offload::OffloadSink;
 use crate::split_ring::{avail_head, avail_ready, Chain};
 use crate::stats::{bump, tsc, QueueStats, ReactorStats};
 use crate::used_ring::UsedRing;
@@ -40,6 +41,11 @@ use crate::used_ring::UsedRing;
 /// (so busy disks never pay a wake-up), while an idle reactor burns at most this much per
 /// wake-up (idle disks cost nothing).
 pub const SPIN_IDLE_MAX: Duration = Duration::from_micros(100);
+/// Idle time after which a spinning reactor yields its CPU while requests it handed to another
+/// thread are outstanding (see `offload`): that thread may share the CPU. Longer than the gap
+/// between a polling guest's completion and its next request (a few µs), so a busy disk keeps
+/// the CPU; shorter than [`SPIN_IDLE_MAX`], so the wait for offloaded work does not burn it.
+pub const OFFLOAD_YIELD_AFTER: Duration = Duration::from_micros(20);
 /// Descriptor chains taken from one queue per loop iteration, so one busy queue cannot starve
 /// the others served by the same reactor.
 pub const POP_BATCH_MAX: usize = 64;
@@ -388,6 +394,9 @@ struct Reactor {
     exiting: bool,
     /// Packet queues (net::poller), polled each iteration and slept on through their fds.
     packets: Vec<Box<dyn Poller>>,
+    /// Completions of requests backends finished on other threads (offload); its posts wake
+    /// this reactor through `wake`.
+    offload: OffloadSink,
 }
 
 fn user_data(queue_slot: usize, slot: u16) -> u64 {
@@ -421,6 +430,7 @@ impl Reactor {
             )?;
         }
         tracing::debug!(reactor = id, engine = engine.name(), "reactor started");
+        let offload = OffloadSink::new(wake.try_clone()?);
         Ok(Reactor {
             id,
             rx,
@@ -434,6 +444,7 @@ impl Reactor {
             popped: vec![(0, Ok(())); POP_BATCH_MAX].into_boxed_slice(),
             exiting: false,
             packets: Vec::new(),
+            offload,
         })
     }
 
@@ -466,6 +477,8 @@ impl Reactor {
                 work += p.poll();
             }
             self.submit();
+            // Offloaded requests finished elsewhere: reaped below like engine completions.
+            self.offload.inject_into(&mut *self.engine);
             work += self.reap();
             self.signal_and_finish_stops();
             let t1 = Instant::now();
@@ -477,6 +490,11 @@ impl Reactor {
                 continue;
             }
             bump(&self.stats.spin_idle_ns, spent);
+            // Idle for a while with requests finishing on another thread (offload): let that
+            // thread have this CPU should it share it, rather than spin against it.
+            if self.offload.outstanding() && t1 - last_work >= OFFLOAD_YIELD_AFTER {
+                std::thread::yield_now();
+            }
             // Spin only for what gains from it: virtio-blk queues and pollers that ask to.
             let spin_for = if self.queues.iter().any(Option::is_some)
                 || self.packets.iter().any(|p| p.spin())
@@ -586,6 +604,7 @@ impl Reactor {
         ) {
             tracing::error!(device = %run.device, err = %e, "cannot watch kick fd");
         }
+        run.backend.attach(&self.offload);
         tracing::debug!(reactor = self.id, device = %run.device, queue = run.index, "queue started");
         self.queues[slot] = Some(ActiveQueue::new(run));
         bump(&self.stats.queues, 1);
@@ -806,7 +825,7 @@ impl Reactor {
     fn sleep(&mut self) {
         let mut pending = self.engine.in_flight() > 0 && self.engine.notify_fd().is_none();
         self.engine.drain_notify();
-        if self.engine.has_completions() {
+        if self.engine.has_completions() || self.offload.pending() {
             pending = true;
         }
         for aq in self.queues.iter_mut().flatten() {
@@ -940,46 +959,37 @@ mod tests {
         VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH,
         VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
     };
-    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-    use virtio_queue::desc::split::Descriptor;
-    use virtio_queue::desc::RawDescriptor;
-    use virtio_queue::mock::MockSplitQueue;
     use vm_memory::GuestAddress;
 
     use super::*;
     use crate::backend::RawBackend;
-    use crate::blk::serial_from;
     use crate::engine::fault::FaultPlan;
+    use crate::testing::{geometry, BlkHarness, MEM_BYTES};
     use vm_memory::Bytes;
 
-    const MEM_BYTES: usize = 0x40_0000;
     const DISK_BYTES: u64 = 1 << 20;
 
-    struct Harness {
-        mem: GuestMemoryAtomic<GuestMemoryMmap>,
-        reactor: ReactorHandle,
-        kick: EventFd,
-        stats: Arc<QueueStats>,
-        _dir: tempfile::TempDir,
+    /// A raw image file served by the shared test harness.
+    struct RawDisk {
+        h: BlkHarness,
         image: std::path::PathBuf,
-        next_desc: u16,
-        /// Guest addresses of the avail and used rings (descriptor table at 0).
-        rings: (GuestAddress, GuestAddress),
-        avail_idx: u16,
+        _dir: tempfile::TempDir,
     }
 
-    fn geom() -> DiskGeometry {
-        DiskGeometry {
-            capacity_sectors: DISK_BYTES / 512,
-            blk_size: 512,
-            read_only: false,
-            discard: true,
-            num_queues: 1,
-            serial: serial_from("test-disk"),
+    impl std::ops::Deref for RawDisk {
+        type Target = BlkHarness;
+        fn deref(&self) -> &BlkHarness {
+            &self.h
         }
     }
 
-    fn harness(engine: EngineKind) -> Harness {
+    impl std::ops::DerefMut for RawDisk {
+        fn deref_mut(&mut self) -> &mut BlkHarness {
+            &mut self.h
+        }
+    }
+
+    fn harness(engine: EngineKind) -> RawDisk {
         let dir = tempfile::tempdir().unwrap();
         let image = dir.path().join("d.img");
         std::fs::File::create(&image)
@@ -987,92 +997,10 @@ mod tests {
             .set_len(DISK_BYTES)
             .unwrap();
         let backend = Arc::new(RawBackend::open(&image, false, false).unwrap());
-        harness_with(engine, backend, dir, image)
-    }
-
-    fn harness_with(
-        engine: EngineKind,
-        backend: Arc<dyn BlockBackend>,
-        dir: tempfile::TempDir,
-        image: std::path::PathBuf,
-    ) -> Harness {
-        let mem = GuestMemoryAtomic::new(
-            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_BYTES)]).unwrap(),
-        );
-        let m = mem.memory();
-        let vq = MockSplitQueue::new(&*m, 256);
-        let queue: Queue = vq.create_queue().unwrap();
-        let rings = (vq.avail_addr(), vq.used_addr());
-        drop(vq);
-        drop(m);
-        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
-        let stats = Arc::new(QueueStats::default());
-        let reactor = ReactorHandle::spawn(0, None, engine).unwrap();
-        let run = Box::new(QueueRun {
-            device: "t".into(),
-            index: 0,
-            queue,
-            mem: mem.clone(),
-            kick: kick.try_clone().unwrap(),
-            call: Arc::new(Mutex::new(Some(EventFd::new(EFD_NONBLOCK).unwrap()))),
-            backend,
-            geom: Arc::new(geom()),
-            stats: stats.clone(),
-        });
-        reactor.link().send(Command::Start(run)).unwrap();
-        Harness {
-            mem,
-            reactor,
-            kick,
-            stats,
-            _dir: dir,
+        RawDisk {
+            h: BlkHarness::start(engine, backend, geometry(DISK_BYTES)),
             image,
-            next_desc: 0,
-            rings,
-            avail_idx: 0,
-        }
-    }
-
-    impl Harness {
-        /// Submits one request: header at 0x10_0000 + 0x1000*n, data buffer, status.
-        /// Returns the status byte after completion.
-        fn request(&mut self, t: u32, sector: u64, data: (u64, u32, bool)) -> u8 {
-            let m = self.mem.memory();
-            let base = 0x10_0000 + u64::from(self.next_desc) * 0x100;
-            let hdr_addr = base;
-            let status_addr = base + 0x20;
-            let mut h = [0u8; 16];
-            h[0..4].copy_from_slice(&t.to_le_bytes());
-            h[8..16].copy_from_slice(&sector.to_le_bytes());
-            m.write_slice(&h, GuestAddress(hdr_addr)).unwrap();
-            m.write_obj(0xffu8, GuestAddress(status_addr)).unwrap();
-            let d = self.next_desc;
-            let wflag = if data.2 { VRING_DESC_F_WRITE as u16 } else { 0 };
-            let descs = [
-                Descriptor::new(hdr_addr, 16, VRING_DESC_F_NEXT as u16, d + 1),
-                Descriptor::new(data.0, data.1, wflag | VRING_DESC_F_NEXT as u16, d + 2),
-                Descriptor::new(status_addr, 1, VRING_DESC_F_WRITE as u16, 0),
-            ];
-            for (i, desc) in descs.iter().enumerate() {
-                let at = GuestAddress((u64::from(d) + i as u64) * 16);
-                m.write_obj(RawDescriptor::from(*desc), at).unwrap();
-            }
-            let (avail, used) = self.rings;
-            let used_idx = GuestAddress(used.0 + 2);
-            let used_before: u16 = m.read_obj(used_idx).unwrap();
-            let slot = GuestAddress(avail.0 + 4 + u64::from(self.avail_idx % 256) * 2);
-            m.write_obj(d, slot).unwrap();
-            self.avail_idx = self.avail_idx.wrapping_add(1);
-            m.write_obj(self.avail_idx, GuestAddress(avail.0 + 2))
-                .unwrap();
-            self.next_desc = (self.next_desc + 3) % 255;
-            self.kick.write(1).unwrap();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while m.read_obj::<u16>(used_idx).unwrap() == used_before {
-                assert!(Instant::now() < deadline, "request not completed");
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            m.read_obj::<u8>(GuestAddress(status_addr)).unwrap()
+            _dir: dir,
         }
     }
 
@@ -1170,53 +1098,6 @@ mod tests {
         let s = h.request(VIRTIO_BLK_T_IN, 0, (0x20_0000, 4096, true));
         assert_eq!(s, VIRTIO_BLK_S_OK as u8);
         assert_eq!(h.stats.snapshot().io_errors, 1);
-    }
-
-    /// A vmfs file on a simulated disk (no fd: reads of holes run synchronously, allocating
-    /// writes are deferred to end_batch and completed by injection).
-    #[test]
-    fn vmfs_backend_defers_and_completes() {
-        use vmfs::device::SimDisk;
-        use vmfs::format::Provisioning;
-        use vmfs::fs::{Datastore, MkfsOptions};
-        let disk = Arc::new(SimDisk::new(96 << 20));
-        Datastore::mkfs(disk.clone(), &MkfsOptions { uuid: None }, &mut |_, _| {}).unwrap();
-        let ds = Arc::new(Datastore::mount(disk).unwrap());
-        let ino = ds
-            .create_file("d.img", Provisioning::Thin, 4 * DISK_BYTES, &mut |_, _| {})
-            .unwrap();
-        ds.open(ino).unwrap();
-        let backend = Arc::new(
-            crate::vmfs_backend::VmfsBackend::new(ds.clone(), ino, "d.img", false).unwrap(),
-        );
-        let dir = tempfile::tempdir().unwrap();
-        let image = dir.path().join("unused");
-        let mut h = harness_with(EngineKind::Uring, backend, dir, image);
-        let m = h.mem.memory();
-        m.write_slice(&[0x5au8; 4096], GuestAddress(0x20_0000))
-            .unwrap();
-        drop(m);
-        assert_eq!(
-            h.request(VIRTIO_BLK_T_OUT, 16, (0x20_0000, 4096, false)),
-            VIRTIO_BLK_S_OK as u8
-        );
-        assert_eq!(
-            h.request(VIRTIO_BLK_T_IN, 16, (0x30_0000, 4096, true)),
-            VIRTIO_BLK_S_OK as u8
-        );
-        let mut got = vec![0u8; 4096];
-        h.mem
-            .memory()
-            .read_slice(&mut got, GuestAddress(0x30_0000))
-            .unwrap();
-        assert!(got.iter().all(|&b| b == 0x5a));
-        let mut direct = vec![0u8; 4096];
-        ds.read(ino, 16 * 512, &mut direct).unwrap();
-        assert_eq!(direct, got);
-        assert_eq!(
-            ds.statfs().unwrap().fb_free,
-            ds.statfs().unwrap().fb_total - 1
-        );
     }
 
     #[test]

@@ -21,10 +21,11 @@ use clap::Parser;
 use dataplane::backend::{BlockBackend, NullBackend, RawBackend};
 use dataplane::engine::EngineKind;
 use dataplane::server::{DiskConfig, Server, ServerConfig, ShareConfig, SocketAccess};
-use dataplane::vmfs_backend::VmfsBackend;
+use vmfs::commit::CommitPolicy;
 use vmfs::device::{BlockDevice, FileDevice};
 use vmfs::format::Provisioning;
 use vmfs::fs::{Datastore, FsError, MkfsOptions};
+use vmfs_disk::VmfsBackend;
 
 use crate::spec::{
     parse_cpus, parse_disk_spec, parse_share_spec, parse_socket_group, parse_socket_mode,
@@ -315,18 +316,20 @@ fn qemu_hint(spec: &DiskSpec) -> String {
     )
 }
 
-/// How often the commit thread looks at the datastore's open transaction.
-const COMMIT_TICK: std::time::Duration = std::time::Duration::from_millis(250);
-
-/// Bounds how long a share's acknowledged namespace changes stay uncommitted when the guest
-/// neither syncs nor sends more requests: commits the open transaction once it is older than
-/// dataplane's COMMIT_INTERVAL. One thread per daemon, whatever the number of shares.
+/// Bounds how long acknowledged but uncommitted changes (a share's namespace operations, a
+/// disk's allocating writes between guest FLUSHes) stay in the open journal transaction when
+/// nobody syncs or writes more: commits it when the datastore's [`CommitPolicy`] says it is
+/// due, looking every policy tick. One thread per daemon, whatever the number of disks and
+/// shares.
 fn spawn_committer(ds: Arc<Datastore>) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("vmfs-commit".into())
         .spawn(move || loop {
-            std::thread::sleep(COMMIT_TICK);
-            if let Err(e) = ds.commit_if_older(dataplane::vmfs_backend::COMMIT_INTERVAL) {
+            let tick = ds
+                .commit_policy()
+                .map_or(CommitPolicy::default().tick, |p| p.tick);
+            std::thread::sleep(tick);
+            if let Err(e) = ds.commit_if_due() {
                 tracing::error!(err = %e, "periodic commit failed");
             }
         })
@@ -402,10 +405,19 @@ fn run(args: Args) -> Result<(), MainError> {
         // is committed at FUSE fsync/syncfs, every second, or when it fills (as disk writes
         // are at a guest FLUSH): one fdatasync per metadata operation would cost more than
         // the operation.
-        ds.set_deferred_commit(true);
+        ds.set_commit_policy(CommitPolicy::serving())
+            .map_err(|e| MainError::Datastore {
+                path: args
+                    .datastore
+                    .as_ref()
+                    .map_or_else(String::new, |p| p.display().to_string()),
+                err: e.to_string(),
+            })?;
         for s in share_specs {
             shares.push(file_server::share::Share::open(ds.clone(), s)?);
         }
+    }
+    if let Some(ds) = &datastore {
         spawn_committer(ds.clone()).map_err(io_err("commit thread"))?;
     }
     // Declared before the server and the ports, so dropped after them, on every return.

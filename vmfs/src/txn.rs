@@ -193,11 +193,6 @@ impl Meta {
             .is_some_and(|t| self.policy.due(t.elapsed()))
     }
 
-    /// Whether the open transaction's first change is older than `age`.
-    pub(crate) fn older_than(&self, age: std::time::Duration) -> bool {
-        self.dirty_since.is_some_and(|t| t.elapsed() >= age)
-    }
-
     /// Metadata modifications so far.
     #[inline]
     pub(crate) fn changes(&self) -> u64 {

@@ -63,6 +63,10 @@ pub enum Workload {
     Randread,
     /// 4 KiB writes at uniformly random 4 KiB-aligned offsets.
     Randwrite,
+    /// 4 KiB writes, each into a 1 MiB region the run has not written yet (regions in a
+    /// scattered order that repeats only after all were written), at a random 4 KiB offset in
+    /// it: on a thin vmfs disk, every write allocates a file block.
+    Allocwrite,
 }
 
 impl Workload {
@@ -70,6 +74,7 @@ impl Workload {
         match self {
             Workload::Randread => "randread",
             Workload::Randwrite => "randwrite",
+            Workload::Allocwrite => "allocwrite",
         }
     }
 }
@@ -86,6 +91,9 @@ pub struct LoadSpec<'a> {
     pub warmup: Duration,
     pub seconds: Duration,
     pub seed: u64,
+    /// Offsets only within (first byte, length) of the disk (4 KiB-aligned); None: the whole
+    /// disk.
+    pub window: Option<(u64, u64)>,
 }
 
 /// Raw figures of one measurement.
@@ -193,7 +201,11 @@ pub fn run(
         conns.push(conn);
     }
     let capacity = conns.iter().map(|c| c.capacity).min().unwrap_or(0);
-    let blocks = capacity / BLOCK as u64;
+    let (first, span) = spec.window.unwrap_or((0, capacity));
+    if first % BLOCK as u64 != 0 || first.saturating_add(span) > capacity || span < BLOCK as u64 {
+        bail!("offset window {first}+{span} does not fit the disk ({capacity} bytes)");
+    }
+    let blocks = span / BLOCK as u64;
     let nq = lanes.len();
     let mut fds: Vec<libc::pollfd> = Vec::with_capacity(nq);
     if spec.mode == ClientMode::Sleep {
@@ -214,9 +226,19 @@ pub fn run(
     let mut rng = Rng::new(spec.seed);
     let epoch = Instant::now();
     let now_ns = || epoch.elapsed().as_nanos() as u64;
-    let write = spec.workload == Workload::Randwrite;
+    let write = spec.workload != Workload::Randread;
+    let regions = (span / REGION).max(1);
+    let stride = region_stride(regions);
+    let next_region = std::cell::Cell::new(0u64);
     let submit = |lane: &mut Lane, slot: usize, rng: &mut Rng, now: u64| {
-        let offset = rng.below(blocks) * BLOCK as u64;
+        let offset = if spec.workload == Workload::Allocwrite {
+            let k = next_region.get();
+            next_region.set(k.wrapping_add(1));
+            let region = (k % regions) * stride % regions;
+            first + region * REGION + rng.below(REGION / BLOCK as u64) * BLOCK as u64
+        } else {
+            first + rng.below(blocks) * BLOCK as u64
+        };
         let buf = lane.buf_base + slot * BLOCK;
         lane.submitted_ns[slot] = now;
         if write {
@@ -351,6 +373,26 @@ pub fn run(
         rss_kib,
         threads,
     })
+}
+
+/// The allocwrite workload's region: vmfs's file block.
+const REGION: u64 = 1 << 20;
+
+/// A step through `regions` that visits each once per cycle in a scattered order: the first
+/// number coprime with `regions` at or above 0.618 × regions (golden-ratio spacing).
+fn region_stride(regions: u64) -> u64 {
+    fn gcd(a: u64, b: u64) -> u64 {
+        if b == 0 {
+            a
+        } else {
+            gcd(b, a % b)
+        }
+    }
+    let mut s = (regions as f64 * 0.618) as u64 | 1;
+    while gcd(s, regions) != 1 {
+        s += 2;
+    }
+    s
 }
 
 /// One started libblkio connection with its queues and buffer region.

@@ -33,6 +33,7 @@
 
 mod histogram;
 mod image;
+mod isolation;
 mod load;
 mod plot;
 mod report;
@@ -72,6 +73,13 @@ const MAX_DISKS: u32 = 256;
 const IDLE_SETTLE: Duration = Duration::from_secs(1);
 /// Exit status after SIGINT/SIGTERM/SIGHUP (128 + SIGINT, as shells report it).
 const EXIT_INTERRUPTED: u8 = 130;
+
+/// See `--scenario`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Scenario {
+    Sweep,
+    Isolation,
+}
 
 /// Which client modes / backends to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -140,6 +148,23 @@ struct Cli {
     /// stratad binary [default: `stratad` next to this binary, e.g. target/release/stratad].
     #[arg(long)]
     stratad: Option<PathBuf>,
+    /// The second stratad build of `--compare stratad,stratad-b` (e.g. an older build).
+    #[arg(long, value_name = "PATH")]
+    stratad_b: Option<PathBuf>,
+    /// What to measure: `sweep`, the table over backends, client modes, workloads, qd,
+    /// queues and disks; or `isolation`, disk A's read latency (vmfs, written space, polling
+    /// client, randread qd 1) alone and while disk B of the same datastore and stratad does
+    /// allocating random writes (thin, never written, qd `--interferer-qd`), see isolation.rs.
+    #[arg(long, value_enum, default_value = "sweep")]
+    scenario: Scenario,
+    /// Isolation: requests in flight on disk B.
+    #[arg(long, default_value_t = 32)]
+    interferer_qd: u32,
+    /// Isolation: size of each B disk in MiB (thin: only what B writes takes memory on
+    /// tmpfs). Each first write to a 1 MiB file block allocates it; once B has touched most
+    /// blocks its writes stop allocating. 131072 (128 GiB) is vmfs's largest file.
+    #[arg(long, default_value_t = 131072)]
+    interferer_mib: u64,
     /// qemu-storage-daemon binary (looked up on PATH).
     #[arg(long, default_value = "qemu-storage-daemon")]
     qsd: PathBuf,
@@ -329,6 +354,10 @@ fn run() -> anyhow::Result<()> {
     if cli.compare.contains(&System::Vmfs) && cli.backend != BackendChoice::Raw {
         bail!("the vmfs system serves a disk as large as the raw image: use --backend raw");
     }
+    let stratad_b_bin = cli.stratad_b.clone().unwrap_or_default();
+    if cli.compare.contains(&System::StratadB) && !stratad_b_bin.is_file() {
+        bail!("--compare ...,stratad-b needs --stratad-b PATH (a stratad binary)");
+    }
     if (cli.compare.contains(&System::Stratad) || cli.compare.contains(&System::Vmfs))
         && !stratad_bin.is_file()
     {
@@ -344,6 +373,30 @@ fn run() -> anyhow::Result<()> {
         cli.qsd.clone()
     };
 
+    if cli.scenario == Scenario::Isolation {
+        if cli
+            .compare
+            .iter()
+            .any(|s| !matches!(s, System::Stratad | System::StratadB))
+        {
+            bail!("the isolation scenario compares stratad builds: --compare stratad,stratad-b");
+        }
+        if cli.interferer_qd == 0 || cli.interferer_qd > MAX_QD {
+            bail!("--interferer-qd must be in 1..={MAX_QD}");
+        }
+        let base = cli.work_dir.clone().unwrap_or_else(default_work_base);
+        let tmp = TempDir::new(&base)?;
+        eprintln!("work dir {} (tmpfs: {})", tmp.0.display(), is_tmpfs(&tmp.0));
+        let bench = Bench {
+            cli: &cli,
+            image: &tmp.0,
+            stratad_bin: &stratad_bin,
+            stratad_b_bin: &stratad_b_bin,
+            qsd_bin: &qsd_bin,
+            dir: &tmp.0,
+        };
+        return isolation::run(&bench);
+    }
     let backends: &[Backend] = match cli.backend {
         BackendChoice::Null => &[Backend::Null],
         BackendChoice::Raw => &[Backend::Raw],
@@ -396,6 +449,7 @@ fn run() -> anyhow::Result<()> {
         cli: &cli,
         image: &image,
         stratad_bin: &stratad_bin,
+        stratad_b_bin: &stratad_b_bin,
         qsd_bin: &qsd_bin,
         dir: &tmp.0,
     };
@@ -501,6 +555,7 @@ struct Bench<'a> {
     cli: &'a Cli,
     image: &'a Path,
     stratad_bin: &'a Path,
+    stratad_b_bin: &'a Path,
     qsd_bin: &'a Path,
     dir: &'a Path,
 }
@@ -564,6 +619,7 @@ impl Bench<'_> {
             warmup: Duration::from_secs_f64(cli.warmup),
             seconds: Duration::from_secs_f64(cli.seconds),
             seed: cli.seed.wrapping_add(run_no),
+            window: None,
         };
         let result = load::run(&load, &mut meters, hist).with_context(|| {
             let log = server.log_tail();
@@ -604,7 +660,9 @@ impl Bench<'_> {
             .map(|d| self.dir.join(format!("run{run_no}-d{d}.sock")))
             .collect();
         let metrics = match system {
-            System::Stratad | System::Vmfs => Some(server::free_loopback_addr()?),
+            System::Stratad | System::Vmfs | System::StratadB => {
+                Some(server::free_loopback_addr()?)
+            }
             System::Qsd => None,
         };
         Ok(ServerSpec {
@@ -613,7 +671,10 @@ impl Bench<'_> {
             image: self.image,
             queues,
             cpu: cli.server_cpu,
-            stratad_bin: self.stratad_bin,
+            stratad_bin: match system {
+                System::StratadB => self.stratad_b_bin,
+                _ => self.stratad_bin,
+            },
             qsd_bin: self.qsd_bin,
             qsd_aio: cli.qsd_aio,
             read_zeroes: cli.read_zeroes,
@@ -621,6 +682,7 @@ impl Bench<'_> {
             metrics,
             log: self.dir.join(format!("run{run_no}.log")),
             vmfs_prefill: cli.vmfs_prefill,
+            isolation: None,
         })
     }
 

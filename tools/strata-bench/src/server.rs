@@ -44,6 +44,9 @@ pub enum System {
     /// Strata's daemon serving a thin file of a vmfs datastore, as large as the raw image
     /// (with `--backend raw`; compare with `stratad` for vmfs against a raw file).
     Vmfs,
+    /// A second stratad build (`--stratad-b`), run like `stratad`: two builds side by side.
+    #[serde(rename = "stratad-b")]
+    StratadB,
 }
 
 impl System {
@@ -52,6 +55,7 @@ impl System {
             System::Stratad => "stratad",
             System::Qsd => "qsd",
             System::Vmfs => "vmfs",
+            System::StratadB => "stratad-b",
         }
     }
 }
@@ -107,7 +111,23 @@ pub struct ServerSpec<'a> {
     pub log: PathBuf,
     /// vmfs: write every block of the thin disk before the run (measure written space).
     pub vmfs_prefill: bool,
+    /// The isolation scenario's two vmfs disks instead of `backend` (stratad systems only).
+    pub isolation: Option<IsolationDisks>,
 }
+
+/// The isolation scenario's datastore: disk A (written space) and two B disks (never written:
+/// one for B alone, one for B next to A), all thin files of one datastore served by one
+/// stratad, sockets `socks[0..3]`.
+#[derive(Debug, Clone, Copy)]
+pub struct IsolationDisks {
+    /// Size of disk A, every block written before the server starts.
+    pub a_bytes: u64,
+    /// Size of each B disk (thin, nothing written: its writes allocate).
+    pub b_bytes: u64,
+}
+
+/// File names of the isolation scenario's disks: A, B (alone), B (next to A).
+pub const ISOLATION_FILES: [&str; 3] = ["a.img", "b-alone.img", "b-with-a.img"];
 
 impl ServerSpec<'_> {
     fn command(&self) -> Command {
@@ -117,7 +137,25 @@ impl ServerSpec<'_> {
             .map(|s| s.display().to_string())
             .unwrap_or_default();
         match self.system {
-            System::Stratad => {
+            System::Stratad | System::StratadB if self.isolation.is_some() => {
+                let mut cmd = Command::new(self.stratad_bin);
+                cmd.arg("--cpus")
+                    .arg(self.cpu.to_string())
+                    .arg("--datastore")
+                    .arg(self.datastore());
+                for (sock, file) in self.socks.iter().zip(ISOLATION_FILES) {
+                    cmd.arg("--disk").arg(format!(
+                        "socket={},backend=vmfs,file={file},queues={}",
+                        sock.display(),
+                        self.queues
+                    ));
+                }
+                if std::env::var_os("RUST_LOG").is_none() {
+                    cmd.env("RUST_LOG", "warn");
+                }
+                cmd
+            }
+            System::Stratad | System::StratadB => {
                 let mut cmd = Command::new(self.stratad_bin);
                 cmd.arg("--cpus").arg(self.cpu.to_string());
                 for sock in &self.socks {
@@ -204,8 +242,51 @@ const VMFS_DISK: &str = "disk.img";
 const VMFS_SLACK_BYTES: u64 = 256 << 20;
 
 impl ServerSpec<'_> {
-    fn datastore(&self) -> PathBuf {
+    pub fn datastore(&self) -> PathBuf {
         self.log.with_extension("vmfs")
+    }
+
+    /// Makes a fresh datastore with the isolation scenario's disks: A thin with every block
+    /// written, B thin and never written.
+    fn prepare_isolation(&self, disks: IsolationDisks) -> anyhow::Result<()> {
+        use std::sync::Arc;
+        use vmfs::fs::{Datastore, MkfsOptions, WriteSeg};
+        let path = self.datastore();
+        let _ = std::fs::remove_file(&path);
+        let a = disks.a_bytes;
+        let dev = Arc::new(
+            vmfs::device::FileDevice::create(
+                &path,
+                a + a / 16 + 2 * (disks.b_bytes + disks.b_bytes / 16) + VMFS_SLACK_BYTES,
+            )
+            .context("create datastore")?,
+        );
+        Datastore::mkfs(dev.clone(), &MkfsOptions { uuid: None }, &mut |_, _| {})
+            .context("mkfs")?;
+        let ds = Datastore::mount(dev).context("mount")?;
+        let thin = vmfs::format::Provisioning::Thin;
+        let [a_name, b_names @ ..] = ISOLATION_FILES;
+        let ino = ds
+            .create_file(a_name, thin, a, &mut |_, _| {})
+            .context("create disk A")?;
+        for b in b_names {
+            ds.create_file(b, thin, disks.b_bytes, &mut |_, _| {})
+                .with_context(|| format!("create disk {b}"))?;
+        }
+        let block = vec![0x5au8; vmfs::format::FILE_BLOCK as usize];
+        let mut off = 0;
+        while off < a {
+            let n = (a - off).min(block.len() as u64) as usize;
+            ds.write_batch(&[WriteSeg {
+                ino,
+                offset: off,
+                data: &block[..n],
+            }])
+            .context("prefill disk A")?;
+            off += n as u64;
+        }
+        ds.unmount().context("unmount")?;
+        Ok(())
     }
 
     /// Makes a fresh datastore with a thin disk as large as the raw image; with
@@ -282,6 +363,9 @@ impl Server {
         }
         if spec.system == System::Vmfs {
             spec.prepare_vmfs()?;
+        }
+        if let Some(disks) = spec.isolation {
+            spec.prepare_isolation(disks)?;
         }
         let log = File::create(&spec.log).context("create server log")?;
         let log_err = log.try_clone().context("clone server log")?;

@@ -500,17 +500,6 @@ impl Datastore {
         })
     }
 
-    /// Commits the open transaction if its first change is older than `interval`.
-    /// Superseded by [`Datastore::commit_if_due`], which applies the datastore's policy.
-    pub fn commit_if_older(&self, interval: std::time::Duration) -> Result<(), FsError> {
-        self.with(|g, dev| {
-            if g.older_than(interval) {
-                g.commit(dev, &self.stats)?;
-            }
-            Ok(())
-        })
-    }
-
     /// Turns the policy's deferred namespace commits on or off (see
     /// [`CommitPolicy::deferred`]; [`CommitPolicy::serving`] has them on).
     pub fn set_deferred_commit(&self, on: bool) {
