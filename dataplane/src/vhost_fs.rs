@@ -103,11 +103,7 @@ impl DeviceKind for FsKind {
     }
 
     fn stop(&self, index: u16, link: &ReactorLink) -> Result<Queue, ReactorError> {
-        let mut p = link.remove_poller(self.name.clone(), index)?;
-        p.take_queue()
-            .ok_or(ReactorError::Setup(std::io::Error::other(
-                "poller had no queue",
-            )))
+        link.stop_queue(self.name.clone(), index)
     }
 
     fn disconnected(&self) {
