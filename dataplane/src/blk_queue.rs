@@ -221,6 +221,9 @@ impl BlkQueue {
 impl Poller for BlkQueue {
     /// Takes new requests from the ring and starts them. Returns the number taken.
     fn poll_io(&mut self, cx: &mut PollCx<'_>) -> usize {
+        // Backend hook (every iteration, stopping or not, before new requests): a backend
+        // that completes requests off the reactor hands their completions to `cx.engine`
+        // here, so a stopping queue drains them too.
         if self.stopping {
             return 0;
         }
@@ -325,8 +328,6 @@ impl Poller for BlkQueue {
         if cx.first_in_batch(key) {
             self.run.backend.end_batch(&mut *cx.engine);
         }
-        // Backend hook (per iteration, per backend): a backend that completes requests off
-        // the reactor hands them to the engine here, under the same `first_in_batch` key.
     }
 
     fn complete(&mut self, _cx: &mut PollCx<'_>, done: &[Completion]) {
@@ -385,6 +386,8 @@ impl Poller for BlkQueue {
     }
 
     fn prepare_sleep(&mut self) -> bool {
+        // Backend hook (sleep): completions a backend finished off the reactor and not yet
+        // handed over count as pending work here (their waker wakes the sleep otherwise).
         drain_eventfd(self.run.kick.as_raw_fd());
         if self.stopping {
             return false;

@@ -12,8 +12,9 @@
 //!   completions whose user_data it made with [`PollCx::user_data`], and [`Poller::flush`]
 //!   (publish, notify, report whether anything is still in flight);
 //! - around a sleep: [`Poller::prepare_sleep`] and [`Poller::end_sleep`];
-//! - [`Poller::stop`] when it is being removed: it takes no new work, and leaves the reactor
-//!   once [`Poller::flush`] reports nothing in flight.
+//! - [`Poller::stop`] when it is being removed: its polls take no new work (they go on, to
+//!   finish what is in flight), and it leaves the reactor once [`Poller::flush`] reports
+//!   nothing in flight.
 //!
 //! Each hook is one dynamic call per poller per loop iteration, never one per request: the
 //! reactor hands a poller all its completions of one reap in one slice.
@@ -172,7 +173,10 @@ pub trait Poller: Send + std::fmt::Debug {
         None
     }
 
-    /// The poller is being removed: take no new work, finish what is in flight.
+    /// The poller is being removed: from now on its polls take no new work (they are still
+    /// called, to finish what is in flight), and it leaves once [`Poller::flush`] reports
+    /// nothing in flight. The default suits pollers that are removed in the same iteration
+    /// (nothing in flight), where one more burst is harmless.
     fn stop(&mut self) {}
 
     /// The virtqueue a removed poller served (with its progress: next avail and used

@@ -408,10 +408,8 @@ impl Reactor {
         let mut work = 0;
         for (index, e) in pollers.iter_mut().enumerate() {
             let Some(e) = e.as_mut() else { continue };
-            if e.stopping.is_some() {
-                e.took = false;
-                continue;
-            }
+            // Stopping pollers are polled too: they take no new work, but may have in-flight
+            // work of their own to finish (see Poller::stop).
             let n = e
                 .poller
                 .poll_io(&mut PollCx::new(&mut **engine, index, round));
