@@ -48,8 +48,8 @@ const EPOLL_EVENTS_MAX: usize = 64;
 const TOKEN_WAKE: u64 = u64::MAX;
 /// epoll token of the engine's completion fd.
 const TOKEN_ENGINE: u64 = u64::MAX - 1;
-/// Pollers seen in one iteration's end-of-batch dedup before its list grows (see
-/// `Round`): one per distinct backend with work in the iteration, so a handful.
+/// Batch keys of one iteration's end-of-batch dedup before its list grows (see `Round`): one
+/// per distinct backend with work in the iteration, so a handful.
 const BATCHES_PER_ROUND: usize = 16;
 
 const _: () = assert!(QUEUES_PER_REACTOR_MAX <= 1 << (64 - TAG_BITS));
@@ -228,11 +228,20 @@ fn pin_to_cpu(cpu: usize) {
 /// One poller on the reactor.
 struct Entry {
     poller: Box<dyn Poller>,
-    /// Set when the poller is being removed: where it goes once drained (None: dropped, at
-    /// shutdown).
-    stopping: Option<Option<SyncSender<Box<dyn Poller>>>>,
+    /// Whether the poller is being removed, and where it goes once drained.
+    stopping: Stopping,
     /// Its poll took work in the current iteration (its batch needs ending).
     took: bool,
+}
+
+/// The removal state of a poller.
+enum Stopping {
+    /// Serving.
+    No,
+    /// Removed once drained, and sent back (RemovePoller).
+    Reply(SyncSender<Box<dyn Poller>>),
+    /// Removed once drained, and dropped (Shutdown).
+    Discard,
 }
 
 struct Reactor {
@@ -329,10 +338,10 @@ impl Reactor {
                 Ok(Command::Shutdown) => {
                     self.exiting = true;
                     for e in self.pollers.iter_mut().flatten() {
-                        if e.stopping.is_none() {
+                        if matches!(e.stopping, Stopping::No) {
                             // Nobody waits for it: drained, then dropped.
                             e.poller.stop();
-                            e.stopping = Some(None);
+                            e.stopping = Stopping::Discard;
                         }
                     }
                 }
@@ -343,12 +352,13 @@ impl Reactor {
                     reply,
                 }) => {
                     let found = self.pollers.iter_mut().flatten().find(|e| {
-                        e.stopping.is_none() && e.poller.key() == Some((&*device, index))
+                        matches!(e.stopping, Stopping::No)
+                            && e.poller.key() == Some((&*device, index))
                     });
                     match found {
                         Some(e) => {
                             e.poller.stop();
-                            e.stopping = Some(Some(reply));
+                            e.stopping = Stopping::Reply(reply);
                         }
                         None => tracing::error!(%device, index, "remove for a poller not here"),
                     }
@@ -390,7 +400,11 @@ impl Reactor {
         }
         self.pollers[index] = Some(Entry {
             poller,
-            stopping: self.exiting.then_some(None),
+            stopping: if self.exiting {
+                Stopping::Discard
+            } else {
+                Stopping::No
+            },
             took: false,
         });
     }
@@ -486,7 +500,7 @@ impl Reactor {
         for slot in self.pollers.iter_mut() {
             let Some(e) = slot.as_mut() else { continue };
             let idle = e.poller.flush();
-            if !(idle && e.stopping.is_some()) {
+            if !idle || matches!(e.stopping, Stopping::No) {
                 continue;
             }
             let Some(Entry {
@@ -505,7 +519,7 @@ impl Reactor {
                 bump(&self.stats.queues, u64::MAX); // wrapping -1
                 tracing::debug!(reactor = self.id, %device, queue, "queue stopped");
             }
-            if let Some(Some(reply)) = stopping {
+            if let Stopping::Reply(reply) = stopping {
                 let _ = reply.send(poller);
             }
         }

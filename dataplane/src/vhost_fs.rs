@@ -219,10 +219,11 @@ impl Poller for FsQueue {
             used,
             log_next,
         } = r;
-        let mem = v.mem.memory().into_inner();
-        if !Arc::ptr_eq(&mem, ram.keep()) {
+        // A load guard, not an Arc clone: no reference count traffic on an idle poll.
+        let guard = v.mem.memory();
+        if !std::ptr::eq(&*guard, Arc::as_ptr(ram.keep())) {
             // A new memory table (SET_MEM_TABLE): rebuilt here, never per request.
-            *ram = GuestRam::new(mem.clone());
+            *ram = GuestRam::new(guard.clone().into_inner());
         }
         // The idle check, done at every iteration of a reactor that spins for its disks,
         // reads one u16 through the region table.
@@ -243,7 +244,7 @@ impl Poller for FsQueue {
                 return 0;
             }
         }
-        let mem: &FsMemory = &mem;
+        let mem: &FsMemory = &guard;
         // The chains themselves come from virtio-queue: the FUSE layer (virtiofsd's
         // Reader/Writer) takes its DescriptorChain type, which only virtio-queue can create.
         // The iterator reads the avail index once more, for the whole burst.
