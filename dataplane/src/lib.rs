@@ -14,7 +14,13 @@
 //!   to the reactor that started them (and waking it).
 //! - [`mem_guard`]: checks a frontend's memory-region fds (size, seals) and guards unsealed
 //!   mappings against SIGBUS when the frontend shrinks the file later.
-//! - [`reactor`]: the fixed pool of polling threads that run every disk's virtqueues.
+//! - [`poller`]: the [`poller::Poller`] trait, the one thing a reactor serves (virtio-blk,
+//!   virtio-fs and packet queues alike), and the [`poller::PollCx`] through which a poller
+//!   uses its reactor's engine.
+//! - [`reactor`]: the fixed pool of polling threads, each running one loop over its pollers
+//!   and its I/O engine.
+//! - [`blk_queue`]: a virtio-blk virtqueue as a poller (request slab, parse, start on the
+//!   backend, complete, used ring and notification).
 //! - [`vhost_device`]: the vhost-user protocol state of one device (memory table, vrings,
 //!   features, config space), handing started vrings to reactors through a
 //!   [`vhost_device::DeviceKind`]: [`vhost_blk`] (virtio-blk) or [`vhost_fs`] (virtio-fs,
@@ -31,10 +37,12 @@
 
 pub mod backend;
 pub mod blk;
+pub mod blk_queue;
 pub mod engine;
 pub mod guest_ram;
 pub mod mem_guard;
 pub mod offload;
+pub mod poller;
 pub mod reactor;
 pub mod server;
 pub mod split_ring;

@@ -2,7 +2,7 @@
 //! queue served by a running reactor, driven the way a guest drives it — guest memory, a mock
 //! split virtqueue laid out in it, and helpers that place a request's header, data and status
 //! descriptors, publish the chain, kick, and wait for the used ring. Built only on the
-//! reactor's public API ([`ReactorHandle::spawn`], [`Command::Start`], `stop_queue`, stats),
+//! reactor's public API ([`ReactorHandle::spawn`], [`Command::AddPoller`] of a [`BlkQueue`], `stop_queue`, stats),
 //! so any backend crate can test its backend under a real reactor.
 
 use std::sync::{Arc, Mutex};
@@ -18,8 +18,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::backend::BlockBackend;
 use crate::blk::{serial_from, DiskGeometry};
+use crate::blk_queue::{BlkQueue, QueueRun};
 use crate::engine::EngineKind;
-use crate::reactor::{Command, QueueRun, ReactorHandle};
+use crate::reactor::{Command, ReactorHandle};
 use crate::stats::QueueStats;
 
 /// Guest memory of the harness: one region at guest address 0. The descriptor table and rings
@@ -111,7 +112,10 @@ impl BlkHarness {
             stats: stats.clone(),
         });
         #[allow(clippy::unwrap_used)]
-        reactor.link().send(Command::Start(run)).unwrap();
+        reactor
+            .link()
+            .send(Command::AddPoller(Box::new(BlkQueue::new(run))))
+            .unwrap();
         BlkHarness {
             mem,
             reactor,

@@ -1,5 +1,6 @@
 //! virtio-blk as a [`DeviceKind`]: features and config space from the disk's geometry; a
-//! started vring becomes a [`QueueRun`] on a reactor, which parses and executes its requests.
+//! started vring becomes a [`BlkQueue`] poller on a reactor, which parses and executes its
+//! requests.
 
 use std::sync::Arc;
 
@@ -8,7 +9,8 @@ use virtio_queue::Queue;
 
 use crate::backend::BlockBackend;
 use crate::blk::DiskGeometry;
-use crate::reactor::{Command, QueueRun, ReactorError, ReactorLink};
+use crate::blk_queue::{BlkQueue, QueueRun};
+use crate::reactor::{Command, ReactorError, ReactorLink};
 use crate::vhost_device::{DeviceKind, StartedVring, VhostDevice};
 
 /// A virtio-blk device as seen by one vhost-user frontend.
@@ -48,7 +50,7 @@ impl DeviceKind for BlkKind {
         vring: StartedVring<()>,
         link: &ReactorLink,
     ) -> Result<(), ReactorError> {
-        link.send(Command::Start(Box::new(QueueRun {
+        let run = Box::new(QueueRun {
             device: self.name.clone(),
             index,
             queue: vring.queue,
@@ -58,11 +60,12 @@ impl DeviceKind for BlkKind {
             backend: self.backend.clone(),
             geom: self.geom.clone(),
             stats: vring.stats,
-        })))
+        });
+        link.send(Command::AddPoller(Box::new(BlkQueue::new(run))))
     }
 
     fn stop(&self, index: u16, link: &ReactorLink) -> Result<Queue, ReactorError> {
-        Ok(link.stop_queue(self.name.clone(), index)?.queue)
+        link.stop_queue(self.name.clone(), index)
     }
 }
 

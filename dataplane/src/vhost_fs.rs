@@ -7,22 +7,33 @@
 //! checks, vmfs). A FUSE request completes within `handle`, so a queue never has requests in
 //! flight and can be taken back at any time.
 //!
+//! The ring is driven like a disk's ([`crate::blk_queue`]): the idle check reads the avail
+//! index through the flat region table ([`GuestRam`], [`crate::split_ring`]) and used
+//! elements go through [`UsedRing`] (one `idx` store and one notification decision per burst).
+//! The chains themselves are walked by virtio-queue's `DescriptorChain` (same bounds, length
+//! and loop rules as `split_ring`, which is property-tested against it), because that is the
+//! type virtiofsd's FUSE layer reads and writes requests through.
+//!
 //! Guest memory is mapped with vhost-user-backend's `BitmapMmapRegion` bitmap because the FUSE
 //! layer we use (virtiofsd's) reads and writes chains through that memory type.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use vhost::vhost_user::Result as VhostResult;
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
 
+use crate::guest_ram::GuestRam;
 use crate::reactor::{Command, Poller, ReactorError, ReactorLink};
+use crate::split_ring::avail_ready;
 use crate::stats::bump;
+use crate::used_ring::UsedRing;
 use crate::vhost_device::{DeviceKind, StartedVring, VhostDevice};
 
 /// Guest memory as the virtio-fs device maps it.
@@ -39,6 +50,9 @@ pub const REQUEST_QUEUES_MAX: u16 = 8;
 /// FUSE requests one poll handles before the reactor moves on to its other queues: bounds how
 /// long a burst on a share can delay the disks served by the same reactor.
 pub const FS_BATCH_MAX: usize = 32;
+/// Rate limit for a queue's broken-ring log line (a hostile driver could otherwise make every
+/// reactor iteration log).
+pub const RING_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Serves FUSE requests (implemented by the file server).
 pub trait FsRequestHandler: Send + Sync + std::fmt::Debug {
@@ -93,21 +107,17 @@ impl DeviceKind for FsKind {
         vring: StartedVring<BitmapMmapRegion>,
         link: &ReactorLink,
     ) -> Result<(), ReactorError> {
-        link.send(Command::AddPoller(Box::new(FsQueue {
-            device: self.name.clone(),
+        link.send(Command::AddPoller(Box::new(FsQueue::new(
+            self.name.clone(),
             index,
-            vring: Some(vring),
-            handler: self.handler.clone(),
-            conn: self.conn.load(Ordering::Relaxed),
-        })))
+            vring,
+            self.handler.clone(),
+            self.conn.load(Ordering::Relaxed),
+        ))))
     }
 
     fn stop(&self, index: u16, link: &ReactorLink) -> Result<Queue, ReactorError> {
-        let mut p = link.remove_poller(self.name.clone(), index)?;
-        p.take_queue()
-            .ok_or(ReactorError::Setup(std::io::Error::other(
-                "poller had no queue",
-            )))
+        link.stop_queue(self.name.clone(), index)
     }
 
     fn disconnected(&self) {
@@ -151,33 +161,112 @@ impl FsDevice {
 pub struct FsQueue {
     device: Arc<str>,
     index: u16,
-    vring: Option<StartedVring<BitmapMmapRegion>>,
+    /// None once the ring was handed back ([`Poller::take_queue`]).
+    ring: Option<FsRing>,
     handler: Arc<dyn FsRequestHandler>,
     conn: u64,
+    /// Being removed: no new requests (see [`Poller::stop`]).
+    stopping: bool,
+}
+
+/// The ring of an [`FsQueue`] and the fast-path views of it.
+#[derive(Debug)]
+struct FsRing {
+    vring: StartedVring<BitmapMmapRegion>,
+    /// The guest memory table as a flat region table (rebuilt when the frontend sends a new
+    /// one, checked at every poll): the avail index and the used ring go through it.
+    ram: GuestRam<Arc<FsMemory>>,
+    /// Used elements of a burst, published with one `idx` store and one notification
+    /// decision.
+    used: UsedRing,
+    /// No "bad avail ring" log line before this instant (one per [`RING_ERROR_LOG_INTERVAL`]).
+    log_next: Instant,
+}
+
+impl FsQueue {
+    fn new(
+        device: Arc<str>,
+        index: u16,
+        vring: StartedVring<BitmapMmapRegion>,
+        handler: Arc<dyn FsRequestHandler>,
+        conn: u64,
+    ) -> Self {
+        let ring = FsRing {
+            ram: GuestRam::new(vring.mem.memory().into_inner()),
+            used: UsedRing::new(&vring.queue),
+            vring,
+            log_next: Instant::now(),
+        };
+        FsQueue {
+            device,
+            index,
+            ring: Some(ring),
+            handler,
+            conn,
+            stopping: false,
+        }
+    }
 }
 
 impl Poller for FsQueue {
     fn poll(&mut self) -> usize {
-        let Some(v) = self.vring.as_mut() else {
+        let Some(r) = self.ring.as_mut().filter(|_| !self.stopping) else {
             return 0;
         };
+        let FsRing {
+            vring: v,
+            ram,
+            used,
+            log_next,
+        } = r;
+        // A load guard, not an Arc clone: no reference count traffic on an idle poll.
         let guard = v.mem.memory();
+        if !std::ptr::eq(&*guard, Arc::as_ptr(ram.keep())) {
+            // A new memory table (SET_MEM_TABLE): rebuilt here, never per request.
+            *ram = GuestRam::new(guard.clone().into_inner());
+        }
+        // The idle check, done at every iteration of a reactor that spins for its disks,
+        // reads one u16 through the region table.
+        let (avail, size) = (v.queue.avail_ring(), v.queue.size());
+        match avail_ready(ram, avail, size, v.queue.next_avail()) {
+            Some(0) => return 0,
+            Some(_) => {}
+            None => {
+                let now = Instant::now();
+                if now >= *log_next {
+                    tracing::warn!(
+                        device = %self.device,
+                        queue = self.index,
+                        "bad avail ring: index beyond the ring or ring outside guest memory"
+                    );
+                    *log_next = now + RING_ERROR_LOG_INTERVAL;
+                }
+                return 0;
+            }
+        }
         let mem: &FsMemory = &guard;
+        // The chains themselves come from virtio-queue: the FUSE layer (virtiofsd's
+        // Reader/Writer) takes its DescriptorChain type, which only virtio-queue can create.
+        // The iterator reads the avail index once more, for the whole burst.
+        let Ok(chains) = v.queue.iter(mem) else {
+            return 0;
+        };
         let mut n = 0;
-        while n < FS_BATCH_MAX {
-            let Some(chain) = v.queue.pop_descriptor_chain(mem) else {
-                break;
-            };
+        for chain in chains.take(FS_BATCH_MAX) {
             let head = chain.head_index();
-            let used = self.handler.handle(self.conn, mem, chain);
-            if v.queue.add_used(mem, head, used).is_err() {
+            let len = self.handler.handle(self.conn, mem, chain);
+            // Refused when the head is not a descriptor index or the ring is outside memory.
+            if used.push(ram, head, len).is_none() {
                 bump(&v.stats.invalid_requests, 1);
             }
             n += 1;
         }
         if n > 0 {
             bump(&v.stats.requests, n as u64);
-            if v.queue.needs_notification(mem).unwrap_or(true) {
+            // A used ring outside guest memory publishes nothing and notifies nobody; the
+            // guest's driver sees its requests never complete, as with any broken ring.
+            let _ = used.publish(ram, &mut v.queue);
+            if used.needs_notification(ram) {
                 if let Ok(call) = v.call.lock() {
                     if let Some(call) = call.as_ref() {
                         let _ = call.write(1);
@@ -190,13 +279,14 @@ impl Poller for FsQueue {
     }
 
     fn wake_fd(&self) -> RawFd {
-        self.vring.as_ref().map_or(-1, |v| v.kick.as_raw_fd())
+        self.ring.as_ref().map_or(-1, |r| r.vring.kick.as_raw_fd())
     }
 
     fn prepare_sleep(&mut self) -> bool {
-        let Some(v) = self.vring.as_mut() else {
+        let Some(r) = self.ring.as_mut() else {
             return false;
         };
+        let v = &mut r.vring;
         // Consume the kicks seen so far; a kick after this point wakes the epoll wait.
         let _ = v.kick.read();
         let guard = v.mem.memory();
@@ -211,7 +301,15 @@ impl Poller for FsQueue {
         Some((&self.device, self.index))
     }
 
+    fn stop(&mut self) {
+        self.stopping = true;
+    }
+
     fn take_queue(&mut self) -> Option<Queue> {
-        self.vring.take().map(|v| v.queue)
+        self.ring.take().map(|r| r.vring.queue)
     }
 }
+
+#[cfg(test)]
+#[path = "vhost_fs_tests.rs"]
+mod tests;

@@ -15,8 +15,9 @@ use std::time::{Duration, Instant};
 
 use dataplane::backend::{BlockBackend, NullBackend, RawBackend};
 use dataplane::blk::{serial_from, DiskGeometry};
+use dataplane::blk_queue::{BlkQueue, QueueRun};
 use dataplane::engine::EngineKind;
-use dataplane::reactor::{Command, QueueRun, ReactorHandle};
+use dataplane::reactor::{Command, ReactorHandle};
 use dataplane::stats::QueueStats;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
@@ -175,7 +176,10 @@ impl Rig {
             geom: Arc::new(geom),
             stats: stats.clone(),
         });
-        reactor.link().send(Command::Start(run)).expect("start");
+        reactor
+            .link()
+            .send(Command::AddPoller(Box::new(BlkQueue::new(run))))
+            .expect("start");
         Rig {
             mem,
             kick,

@@ -1,6 +1,6 @@
 //! Target `blk_chain`: the virtio-blk request path of a reactor over a fake guest memory —
 //! avail ring, descriptor chain walk ([`dataplane::split_ring`], direct and indirect) and the
-//! request parser ([`dataplane::blk::request::parse_request_with`]) — as `poll_queue` calls
+//! request parser ([`dataplane::blk::request::parse_request_with`]) — as `BlkQueue::poll_io` calls
 //! them.
 //!
 //! Input: `size_log u8, next_avail u16, table u32, avail u32, geometry flags u8`, then the

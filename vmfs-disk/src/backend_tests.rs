@@ -140,7 +140,7 @@ fn stop_waits_for_offloaded_requests_and_the_sleeping_reactor_wakes_for_them() {
     );
     drop(pause);
     let run = rx.recv_timeout(Duration::from_secs(10)).unwrap();
-    assert_eq!(run.queue.next_used(), IN_FLIGHT as u16);
+    assert_eq!(run.next_used(), IN_FLIGHT as u16);
     for (k, p) in pending.into_iter().enumerate() {
         assert_eq!(s.h.completion(p).map(|c| c.1), Some(OK));
         let mut back = vec![0u8; 4096];
