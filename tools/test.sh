@@ -34,9 +34,16 @@ step "cargo test --workspace --release"
 cargo test --workspace --release --no-fail-fast
 
 step "unit and property tests with overflow checks (profile checked)"
-cargo test --profile checked --lib --no-fail-fast -p vmfs -p dataplane -p file-server \
-    -p posix-perm -p fabric-nameserver
+cargo test --profile checked --lib --no-fail-fast -p vmfs -p vmfs-disk -p dataplane \
+    -p file-server -p posix-perm -p fabric-nameserver
 cargo test --profile checked -p stratad --bin stratad spec::
+
+step "layout: dataplane without vmfs; stratad without the packet path needs no clang"
+if cargo tree -p dataplane -e normal,dev --prefix none | grep -q '^vmfs '; then
+    echo "dataplane depends on vmfs (the vmfs disk backend belongs to vmfs-disk)" >&2
+    exit 1
+fi
+BPF_CLANG=/nonexistent/clang cargo build --release -p stratad --no-default-features
 
 step "cargo test -p net --features dpdk (DPDK backend: net_ring and net_null vdevs)"
 cargo test --release -p net --features dpdk --lib dpdk::
