@@ -142,7 +142,7 @@ impl<S: Stream> Client<S> {
             .read_line(&mut self.stream, self.limits.response_bytes_max, when)?
             .ok_or(ClientError::Closed)?;
         let (rid, outcome) = message::parse_response(&line).map_err(ClientError::Protocol)?;
-        if rid != Value::from(id) {
+        if rid != id {
             return Err(ClientError::Protocol(format!(
                 "answer to request {rid}, expected {id}"
             )));
