@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use serde_json::Value;
 use thiserror::Error;
 
 use crate::error::RpcError;
