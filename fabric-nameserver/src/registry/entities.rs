@@ -1,6 +1,6 @@
 //! The life of network entities: registration (entity, portals, nodes, portal groups),
-//! deregistration, registration-period expiry, ESI bookkeeping, administrative removal, the
-//! default-DD policy and SCN registration.
+//! refresh, deregistration, registration-period expiry, ESI bookkeeping, administrative
+//! removal, the default-DD policy and SCN registration.
 
 use super::*;
 
@@ -503,5 +503,14 @@ impl Registry {
         w.delimiter();
         out.reply = w;
         Ok(out)
+    }
+
+    /// Refreshes the registration of the entity the source belongs to.
+    pub fn touch(&mut self, source: &str, now_secs: u64) {
+        if let Some(eid) = self.node_eid.get(source) {
+            if let Some(e) = self.entities.get_mut(eid) {
+                Arc::make_mut(e).refreshed_secs = now_secs;
+            }
+        }
     }
 }

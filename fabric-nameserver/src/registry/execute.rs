@@ -1,6 +1,5 @@
-//! Executing a validated command: dispatch (in place, or as a query plan for the server),
-//! the checks before a change (authorization of the source and its peer address), and the
-//! helpers that turn a change into SCN events.
+//! Executing a validated command: dispatch (in place, or as a query plan for the server) and
+//! the checks before a change (authorization of the source and its peer address).
 
 use super::*;
 
@@ -181,56 +180,5 @@ impl Registry {
             ));
         }
         Ok(())
-    }
-
-    /// Where `node` receives SCNs: the SCN port of a portal of its entity, at the address of
-    /// the peer that registered the entity (never an address taken from the registration,
-    /// which would let a client aim the server's connections at a third party).
-    pub(super) fn scn_addr(&self, node: &str) -> Option<SocketAddr> {
-        let (e, _) = self.node(node)?;
-        let ip = e.peer?;
-        e.portals.iter().find_map(|p| {
-            let port = u16::try_from(p.scn_port? & 0xffff).ok()?;
-            Some(SocketAddr::new(ip, port))
-        })
-    }
-
-    /// Notifications for an object event about `subject` (a node) to every subscriber that
-    /// can see it. `seen_by` answers visibility (before removal for removals).
-    pub(super) fn object_event(&self, out: &mut Outcome, subject: &Node, bit: u32) {
-        for sub in &self.subscribers {
-            if *sub == subject.name {
-                continue;
-            }
-            let Some((_, sn)) = self.node(sub) else {
-                continue;
-            };
-            let bm = normalize_scn_bitmap(sn.scn_bitmap.unwrap_or(0));
-            if !self.wants(bm, bit, subject) {
-                continue;
-            }
-            if !self.visible(&self.scope_for(sub), &subject.name) {
-                continue;
-            }
-            out.notifications.push(Notification {
-                dest: sub.clone(),
-                addr: self.scn_addr(sub),
-                bitmap: bit,
-                subject: Subject::Node(subject.name.clone()),
-            });
-        }
-    }
-
-    pub(super) fn wants(&self, bm: u32, bit: u32, subject: &Node) -> bool {
-        if bm & bit == 0 {
-            return false;
-        }
-        let t = bm & scn::TARGET_AND_SELF != 0;
-        let i = bm & scn::INITIATOR_AND_SELF != 0;
-        if t || i {
-            return (t && subject.node_type & NODE_TARGET != 0)
-                || (i && subject.node_type & NODE_INITIATOR != 0);
-        }
-        true
     }
 }

@@ -18,19 +18,21 @@
 //! and ESI probes go only to the address of the peer that registered the entity, never to
 //! an address a client names.
 //!
-//! Files, by concept (each adds its part of `impl Registry`; dependencies run one way, from
-//! the operations down to the state):
+//! Files, by concept; each adds its part of `impl Registry`, and calls run one way, from
+//! the dispatch down to the state (`execute` → `entities`, `query` → `zoning` → this file →
+//! `model`, `plan`):
 //! - [`model`]: the objects (entities, portals, nodes, portal groups, DDs, DD sets, policy),
 //!   the logged [`Mutation`]s and [`Record`]s, outcomes, notifications, errors, who asks.
-//! - this file: the [`Registry`] state, its indexes, replay ([`Registry::apply`]), and the
-//!   authorization predicates.
-//! - `zoning`: visibility (soft zoning) and the DD / DD-set operations.
-//! - `execute`: command dispatch, the checks before a change, SCN event helpers.
-//! - `entities`: registration, deregistration, expiry, ESI, administrative removal, policy,
-//!   SCN registration.
-//! - `query`: DevAttrQry and DevGetNext.
 //! - [`plan`]: query plans, encoded outside the registry lock, and the object encoders and
 //!   key matchers they use.
+//! - this file: the [`Registry`] state, its indexes, replay ([`Registry::apply`]), and the
+//!   authorization predicates.
+//! - `zoning`: visibility (soft zoning), who hears of a change (SCN recipients), and the DD
+//!   and DD-set operations.
+//! - `entities`: registration, refresh, deregistration, expiry, ESI, administrative removal,
+//!   policy, SCN registration.
+//! - `query`: DevAttrQry and DevGetNext.
+//! - `execute`: command dispatch and the checks before a change.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};

@@ -6,10 +6,6 @@ use super::*;
 impl Registry {
     // --- queries ------------------------------------------------------------------------------
 
-    pub(super) fn encode_dd(&self, w: &mut TlvWriter, d: &Dd, want: Option<&HashSet<u32>>) {
-        encode_dd_with(w, d, want, |m| self.node(m).map(|(_, n)| n.index));
-    }
-
     /// A query (DevAttrQry). Entity-family answers are planned under the registry lock
     /// (which objects, what the source may see of them) and encoded by
     /// [`QueryPlan::encode`], which the server runs after releasing the lock; DD and DD-set

@@ -1,5 +1,6 @@
-//! Soft zoning: what a source may see (active DDs, the default-DD policy, control nodes), and
-//! the DD and DD-set operations with the SCNs their changes cause.
+//! Soft zoning: what a source may see (active DDs, the default-DD policy, control nodes), who
+//! hears of a change (SCN recipients and their addresses), and the DD and DD-set operations
+//! with the SCNs their changes cause.
 
 use super::*;
 
@@ -47,15 +48,6 @@ impl Registry {
                 .name
                 .as_deref()
                 .is_some_and(|s| self.node_eid.get(s) == Some(&e.eid))
-    }
-
-    /// Refreshes the registration of the entity the source belongs to.
-    pub fn touch(&mut self, source: &str, now_secs: u64) {
-        if let Some(eid) = self.node_eid.get(source) {
-            if let Some(e) = self.entities.get_mut(eid) {
-                Arc::make_mut(e).refreshed_secs = now_secs;
-            }
-        }
     }
 
     // --- discovery domains --------------------------------------------------------------------
@@ -400,5 +392,62 @@ impl Registry {
         w.delimiter();
         out.reply = w;
         Ok(out)
+    }
+
+    // --- who hears of a change ----------------------------------------------------------------
+
+    /// Where `node` receives SCNs: the SCN port of a portal of its entity, at the address of
+    /// the peer that registered the entity (never an address taken from the registration,
+    /// which would let a client aim the server's connections at a third party).
+    pub(super) fn scn_addr(&self, node: &str) -> Option<SocketAddr> {
+        let (e, _) = self.node(node)?;
+        let ip = e.peer?;
+        e.portals.iter().find_map(|p| {
+            let port = u16::try_from(p.scn_port? & 0xffff).ok()?;
+            Some(SocketAddr::new(ip, port))
+        })
+    }
+
+    /// Notifications for an object event about `subject` (a node) to every subscriber that
+    /// can see it. `seen_by` answers visibility (before removal for removals).
+    pub(super) fn object_event(&self, out: &mut Outcome, subject: &Node, bit: u32) {
+        for sub in &self.subscribers {
+            if *sub == subject.name {
+                continue;
+            }
+            let Some((_, sn)) = self.node(sub) else {
+                continue;
+            };
+            let bm = normalize_scn_bitmap(sn.scn_bitmap.unwrap_or(0));
+            if !self.wants(bm, bit, subject) {
+                continue;
+            }
+            if !self.visible(&self.scope_for(sub), &subject.name) {
+                continue;
+            }
+            out.notifications.push(Notification {
+                dest: sub.clone(),
+                addr: self.scn_addr(sub),
+                bitmap: bit,
+                subject: Subject::Node(subject.name.clone()),
+            });
+        }
+    }
+
+    pub(super) fn wants(&self, bm: u32, bit: u32, subject: &Node) -> bool {
+        if bm & bit == 0 {
+            return false;
+        }
+        let t = bm & scn::TARGET_AND_SELF != 0;
+        let i = bm & scn::INITIATOR_AND_SELF != 0;
+        if t || i {
+            return (t && subject.node_type & NODE_TARGET != 0)
+                || (i && subject.node_type & NODE_INITIATOR != 0);
+        }
+        true
+    }
+
+    pub(super) fn encode_dd(&self, w: &mut TlvWriter, d: &Dd, want: Option<&HashSet<u32>>) {
+        encode_dd_with(w, d, want, |m| self.node(m).map(|(_, n)| n.index));
     }
 }
