@@ -2,7 +2,7 @@
 //! fabric-nameserver's `control` module for the methods) and prints tables or, with
 //! `--json`, the raw results.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand};
 use jsonrpc::{Client, ClientError, ClientLimits};
@@ -107,7 +107,7 @@ enum DdsCmd {
 }
 
 /// One JSON-RPC call.
-fn call(socket: &PathBuf, method: &str, params: Value) -> Result<Value, NsError> {
+fn call(socket: &Path, method: &str, params: Value) -> Result<Value, NsError> {
     let mut c = Client::connect_unix(socket, ClientLimits::default())?;
     Ok(c.call(method, &params)?)
 }
