@@ -8,10 +8,11 @@
 #   busybox (static), cpio, depmod/modprobe   guest build     (busybox-static, cpio, kmod)
 #   isnsadm, tgtd/tgtadm, iscsi-inq   name server's real clients (open-isns-utils, tgt,
 #                             libiscsi-bin; isnsd from open-isns-server as reference server)
-#   clang, linux/bpf.h + bpf/bpf_helpers.h   the XDP programs of ebpf/ (clang, libbpf-dev)
+#   clang, linux/bpf.h + bpf/bpf_helpers.h   the XDP programs of ebpf/ (clang, libbpf-dev; not
+#                             needed by a stratad built without its `packet` feature)
 #   ip, ping                  namespaces and veth pairs of the steering tests (iproute2,
 #                             iputils-ping)
-#   libdpdk (pkg-config), libclang   dataplane's `dpdk` feature: DPDK 22.11 headers, PMDs and
+#   libdpdk (pkg-config), libclang   net's `dpdk` feature: DPDK 22.11 headers, PMDs and
 #                             bindgen (libdpdk-dev, dpdk, libclang-dev, pkg-config)
 #   libcap-ng, libseccomp     the file server (virtiofsd crate: capng) and the reference
 #                             virtiofsd 1.14 of tools/install-virtiofsd.sh (libcap-ng-dev,

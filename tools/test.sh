@@ -38,11 +38,12 @@ cargo test --profile checked --lib --no-fail-fast -p vmfs -p dataplane -p file-s
     -p posix-perm -p fabric-nameserver
 cargo test --profile checked -p stratad --bin stratad spec::
 
-step "cargo test -p dataplane --features dpdk (DPDK backend: net_ring and net_null vdevs)"
-cargo test --release -p dataplane --features dpdk --lib net::dpdk
+step "cargo test -p net --features dpdk (DPDK backend: net_ring and net_null vdevs)"
+cargo test --release -p net --features dpdk --lib dpdk::
+cargo test --release -p net --features dpdk --test ports_dpdk
 
-step "cargo test -p ebpf --features dpdk (DPDK net_af_xdp PMD on a veth with the steering program)"
-cargo test --release -p ebpf --features dpdk --test dpdk_af_xdp
+step "cargo test -p net --features dpdk (DPDK net_af_xdp PMD on a veth with the steering program)"
+cargo test --release -p net --features dpdk --test dpdk_af_xdp
 
 step "cargo test -p stratad --features dpdk (--port backend=dpdk: net_af_xdp and virtual devices)"
 cargo test --release -p stratad --features dpdk -- --test-threads=1

@@ -24,7 +24,6 @@
 //!   fail in CI).
 //! - [`used_ring`]: batched used-ring writes (one `idx` store and one notification decision per
 //!   reactor loop iteration).
-//! - [`net`]: packet I/O ([`net::PacketIo`]: AF_XDP, packet socket) and storage classifier.
 //! - [`vmfs_backend`]: a vmfs datastore file as a backend (direct path on written space,
 //!   batched journal commits for allocating writes).
 
@@ -33,7 +32,6 @@ pub mod blk;
 pub mod engine;
 pub mod guest_ram;
 pub mod mem_guard;
-pub mod net;
 pub mod reactor;
 pub mod server;
 pub mod split_ring;

@@ -4,7 +4,7 @@
 //! - `src/steer.bpf.c`: the storage steering program (C, compiled by `build.rs` with
 //!   `clang -target bpf -g -O2`): storage TCP/UDP destination ports go to the AF_XDP socket of
 //!   the receive queue, everything else (and malformed frames) to the kernel. Its userspace
-//!   mirror is `dataplane::net::classify`.
+//!   mirror is `net::classify`.
 //! - [`Steering`]: loads it with aya, fills the port map, attaches it (native XDP, else generic),
 //!   registers AF_XDP sockets per queue, reads the per-CPU [`Counters`], and runs single frames
 //!   through the kernel's copy of the program ([`Steering::test_run`]) for tests.
@@ -14,6 +14,10 @@
 //!   found through the interface, its port map filled and its counters read.
 //! - [`sys`]: the bpf(2) commands aya 0.13 does not expose (test run, map delete) and the
 //!   rtnetlink query of an interface's XDP program.
+//!
+//! The packet path (`net` crate) is its user; the tests that need AF_XDP sockets, veth pairs or
+//! the userspace classifier (steering, the differential test, detach on a killed holder, DPDK's
+//! `net_af_xdp`) live in `net/tests/`, so this crate depends on nothing of Strata's.
 
 pub mod sys;
 

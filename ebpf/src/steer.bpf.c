@@ -6,8 +6,8 @@
 // queue without a socket, goes to the kernel stack (XDP_PASS). Nothing is ever dropped here:
 // malformed frames are counted and passed, so the kernel keeps its own accounting of them.
 //
-// The userspace mirror of this parser is `dataplane::net::classify`; the two are compared
-// frame by frame by ebpf/tests/differential.rs, so any change here must be made there too.
+// The userspace mirror of this parser is `net::classify`; the two are compared
+// frame by frame by net/tests/differential.rs, so any change here must be made there too.
 //
 // Built by ebpf/build.rs with `clang -g -O2 -target bpf` (BTF is needed by the loader).
 #include <linux/bpf.h>

@@ -8,7 +8,8 @@ use std::ffi::CString;
 use std::sync::Arc;
 use std::time::Instant;
 
-use file_server::fs::{CachePolicy, ShareSettings, VmfsFs};
+use file_server::fs::VmfsFs;
+use file_server::settings::{CachePolicy, ShareSettings};
 use posix_perm::cache::{PermCache, PermCacheConfig};
 use posix_perm::idmap::IdMap;
 use virtiofsd::filesystem::{Context, Extensions, FileSystem, SetattrValid};

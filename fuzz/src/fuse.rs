@@ -26,9 +26,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use dataplane::vhost_fs::{FsMemory, FsRequestHandler};
-use file_server::fs::{CachePolicy, ShareSettings, VmfsFs};
+use file_server::fs::VmfsFs;
 use file_server::handler::ShareHandler;
 use file_server::quota::QuotaLimits;
+use file_server::settings::{CachePolicy, ShareSettings};
 use posix_perm::cache::{PermCache, PermCacheConfig};
 use posix_perm::idmap::IdMap;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};

@@ -1,6 +1,7 @@
 //! `stratad`, the Strata storage daemon: exports virtual disks to VMs over vhost-user-blk.
 //!
-//! - `spec`: parsing of `--disk` and `--cpus` (pure, property-tested).
+//! - `spec`: parsing of `--disk`, `--share`, `--port` (one key=value parser, serde structs
+//!   that read JSON too) and the scalar options (pure, property-tested).
 //! - this file: command line, the datastore (`--datastore`), the embedded default (a data
 //!   directory with a datastore file holding a thin disk),
 //!   signal handling (SIGTERM/SIGINT through a signalfd: stop accepting, drain, flush, exit 0)
@@ -26,7 +27,8 @@ use vmfs::format::Provisioning;
 use vmfs::fs::{Datastore, FsError, MkfsOptions};
 
 use crate::spec::{
-    parse_cpus, parse_disk_spec, parse_socket_group, parse_socket_mode, BackendSpec, DiskSpec,
+    parse_cpus, parse_disk_spec, parse_share_spec, parse_socket_group, parse_socket_mode,
+    BackendSpec, DiskSpec, SpecError,
 };
 
 /// Size of the embedded default datastore file (sparse: it costs no space until written).
@@ -51,6 +53,7 @@ const DEFAULT_DISK_QUEUES: u16 = 4;
         socket=PATH,backend=raw,path=IMAGE[,queues=N][,readonly=on][,direct=on][,name=NAME]\n  \
         socket=PATH,backend=null,size=SIZE[,queues=N][,read-zeroes=on|off][,name=NAME]\n  \
         socket=PATH,backend=vmfs,file=NAME[,queues=N][,readonly=on][,name=NAME]  (needs --datastore)\n\n\
+        In --disk, --share and --port specs a comma inside a value is written ,, (as in QEMU).\n\n\
         With no --disk, stratad serves a thin disk of a datastore file in the data \
         directory (both created on first start) and prints the QEMU options that attach to it."
 )]
@@ -129,10 +132,14 @@ struct Args {
 
 #[derive(Debug, thiserror::Error)]
 enum MainError {
-    #[error("--disk {spec}: {err}")]
-    Spec { spec: String, err: spec::SpecError },
+    #[error("{option} {spec}: {err}")]
+    Spec {
+        option: &'static str,
+        spec: String,
+        err: SpecError,
+    },
     #[error(transparent)]
-    SpecOther(#[from] spec::SpecError),
+    SpecOther(#[from] SpecError),
     #[error(transparent)]
     Backend(#[from] dataplane::backend::BackendError),
     #[error(transparent)]
@@ -146,7 +153,7 @@ enum MainError {
     #[error("--disk {0}: backend=vmfs needs --datastore PATH")]
     NoDatastore(String),
     #[error(transparent)]
-    Share(#[from] file_server::share::ShareError),
+    Share(#[from] file_server::settings::ShareError),
     #[error("--share needs --datastore PATH")]
     ShareWithoutDatastore,
 }
@@ -328,11 +335,12 @@ fn spawn_committer(ds: Arc<Datastore>) -> std::io::Result<()> {
 
 fn run(args: Args) -> Result<(), MainError> {
     let mut specs = Vec::with_capacity(args.disks.len());
+    let spec_err = |option, spec: &String| {
+        let spec = spec.clone();
+        move |err| MainError::Spec { option, spec, err }
+    };
     for s in &args.disks {
-        specs.push(parse_disk_spec(s).map_err(|err| MainError::Spec {
-            spec: s.clone(),
-            err,
-        })?);
+        specs.push(parse_disk_spec(s).map_err(spec_err("--disk", s))?);
     }
     let mut datastore = match &args.datastore {
         Some(p) => {
@@ -348,13 +356,12 @@ fn run(args: Args) -> Result<(), MainError> {
     let mut port_specs = Vec::with_capacity(args.ports.len());
     for p in &args.ports {
         port_specs.push(
-            dataplane::net::port::parse_port_spec(p)
-                .map_err(|e| MainError::Port(format!("--port {p}: {e}")))?,
+            ports::parse_port_spec(p).map_err(|e| MainError::Port(format!("--port {p}: {e}")))?,
         );
     }
     let mut share_specs = Vec::with_capacity(args.shares.len());
     for s in &args.shares {
-        share_specs.push(file_server::share::parse_share_spec(s)?);
+        share_specs.push(parse_share_spec(s).map_err(spec_err("--share", s))?);
     }
     let embedded = specs.is_empty() && datastore.is_none() && port_specs.is_empty();
     if embedded {

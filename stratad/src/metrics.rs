@@ -300,7 +300,7 @@ pub fn render_ports(p: &crate::ports::PortsSnapshot) -> String {
             .collect();
         family(&mut out, name, "counter", help, &samples);
     }
-    type SteerField = fn(&ebpf::Counters) -> u64;
+    type SteerField = fn(&crate::ports::SteeringCounters) -> u64;
     let steer_families: [(&str, &str, SteerField); 4] = [
         (
             "strata_xdp_steered_total",
@@ -405,7 +405,7 @@ mod tests {
             ],
             steering: vec![(
                 "eth0".into(),
-                ebpf::Counters {
+                crate::ports::SteeringCounters {
                     steered: 15,
                     passed: 7,
                     malformed: 2,

@@ -75,7 +75,7 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
         None
     }
     /// The file holding the datastore, when there is one, so a server can pread/pwrite the
-    /// device extents of [`crate::ns::Extent::Device`] directly.
+    /// device extents of a read plan (`Extent::Device`) directly.
     fn as_file(&self) -> Option<&File> {
         None
     }

@@ -262,7 +262,7 @@ pub fn fsck_with_progress(
                 pb_ref[i as usize] = true;
                 let what = format!("xattr block of inode {ino}");
                 if let Some(xb) = c.read_md(l.pb_block(i), magic::XATTR, &what)? {
-                    if let Err(e) = crate::ns::xattr_check(&xb) {
+                    if let Err(e) = crate::xattr::check(&xb) {
                         c.problem(format!("inode {ino}: {e}"));
                     }
                 }
@@ -441,7 +441,7 @@ fn check_blocks(
 
 /// Reads a directory's bytes with the checker's own block walk.
 fn dir_bytes(c: &mut Checker<'_>, inode: &Inode, b: &[u8]) -> Result<Vec<u8>, DeviceError> {
-    let size = inode.size.min(crate::fs::DIR_BYTES_MAX) as usize;
+    let size = inode.size.min(crate::dir::DIR_BYTES_MAX) as usize;
     let mut out = vec![0u8; size];
     match inode.layout {
         DataLayout::Resident => {
@@ -472,10 +472,10 @@ fn dir_bytes(c: &mut Checker<'_>, inode: &Inode, b: &[u8]) -> Result<Vec<u8>, De
             }
         }
     }
-    if b[crate::ns::DIR_FORMAT_OFFSET] == crate::ns::DIR_SEALED {
+    if b[crate::dir::DIR_FORMAT_OFFSET] == crate::dir::DIR_SEALED {
         // Sealed directory: each 4 KiB block is a directory block (or all zero = empty);
         // hand back the plain array of entries.
-        let per = crate::ns::DIRB_ENTRIES * DIRENT_BYTES;
+        let per = crate::dir::DIRB_ENTRIES * DIRENT_BYTES;
         let mut plain = Vec::with_capacity(out.len() / MD_BLOCK * per);
         for (k, chunk) in out.chunks_exact(MD_BLOCK).enumerate() {
             if chunk.iter().all(|&x| x == 0) {

@@ -504,10 +504,10 @@ fn model_based_random_operations() {
 }
 
 /// An operation that fails for lack of space must leave no trace. Here creating a 15th
-/// entry converts the parent directory from resident to sub-block storage; with no sub-block
-/// left the conversion fails half-way, and the half-converted directory (size and layout
-/// changed, entries gone) stays in the metadata cache, is seen by later calls and is
-/// committed by the next successful operation.
+/// entry converts the parent directory from resident to sealed directory blocks; with no file
+/// block left the conversion fails half-way, and the half-converted directory (size and
+/// layout changed, entries gone) must not stay in the metadata cache, be seen by later calls
+/// or be committed by the next successful operation.
 #[test]
 fn failed_operation_leaves_no_trace() {
     let (disk, ds) = fresh(VOL);
@@ -516,16 +516,16 @@ fn failed_operation_leaves_no_trace() {
         ds.create_file(&format!("d/f{i}"), Provisioning::Thin, 0, &mut |_, _| {})
             .unwrap();
     }
-    // Use up every sub-block: files of exactly 1 MiB live in 16 sub-blocks each.
-    let mut n = 0;
-    while ds.statfs().unwrap().sb_free > 0 {
-        let ino = ds
-            .create_file(&format!("s{n}"), Provisioning::Thin, 0, &mut |_, _| {})
-            .unwrap();
-        let len = (ds.statfs().unwrap().sb_free * SUB_BLOCK).min(1 << 20);
-        ds.write(ino, 0, &vec![1u8; len as usize]).unwrap();
-        n += 1;
-    }
+    // Use up every file block with one thick (lazily zeroed) file.
+    let free = ds.statfs().unwrap().fb_free;
+    ds.create_file(
+        "fill",
+        Provisioning::ThickLazy,
+        free * FILE_BLOCK,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(ds.statfs().unwrap().fb_free, 0);
     let r = ds.create_file("d/f14", Provisioning::Thin, 0, &mut |_, _| {});
     assert!(matches!(r, Err(FsError::NoSpace(_))), "{r:?}");
     assert_eq!(

@@ -46,11 +46,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use dataplane::net::af_xdp::{XskConfig, XskSocket};
-use dataplane::net::frame::{build_udp, FrameSpec, IpVersion, FRAME_MAX};
-use dataplane::net::packet_socket::PacketSocket;
-use dataplane::net::PacketIo;
 use ebpf::{ModePreference, SteerPort, Steering};
+use net::af_xdp::{XskConfig, XskSocket};
+use net::frame::{build_udp, FrameSpec, IpVersion, FRAME_MAX};
+use net::packet_socket::PacketSocket;
+use net::PacketIo;
 
 /// Frames per transmit / receive burst.
 const BURST: usize = 64;
@@ -159,7 +159,7 @@ fn pin(tid: libc::pid_t, cpu: usize) -> Result<()> {
 /// (main lcore, registered thread) ns per packet.
 #[cfg(feature = "dpdk")]
 fn dpdk_null(args: &Args) -> Result<(f64, f64)> {
-    use dataplane::net::dpdk::{init_eal, no_huge_eal_args, DpdkPort, RuntimeDirGuard};
+    use net::dpdk::{init_eal, no_huge_eal_args, DpdkPort, RuntimeDirGuard};
     let prefix = format!("strata-pps-{}", std::process::id());
     // Removed when this returns, also on errors (DPDK leaves it behind).
     let _runtime_dir = RuntimeDirGuard::new(&prefix);
