@@ -14,12 +14,17 @@
 //! - [`esi`]: Entity Status Inquiry: probing portals that asked for it, deciding which
 //!   are dead (pure message codec and schedule; the server thread applies the verdicts).
 //! - [`scn`]: delivery of state-change notifications to clients' SCN ports, with retries.
-//! - [`server`]: the TCP listener and connection threads (per-PDU, per-message and per-reply
-//!   deadlines), the service that makes every change durable before answering, expiry and
-//!   snapshot housekeeping.
+//! - [`service`]: executes requests (iSNSP messages and control calls) against the registry,
+//!   makes every change durable before answering, queues SCNs, counts; expiry, snapshot and
+//!   ESI rounds.
+//! - [`server`]: starts the service and its threads: the TCP listener and connection threads
+//!   (per-PDU, per-message and per-reply deadlines), the control socket, housekeeping, ESI.
 //! - [`admission`]: connection limits per host (IPv4 address, IPv6 /64), per network (IPv4
 //!   /24, IPv6 /48) and in all. Pure.
-//! - [`control`]: the JSON-RPC control socket behind `stratactl ns`.
+//! - [`control`]: the JSON-RPC control socket behind `stratactl ns` (its method table, over
+//!   the service).
+//!
+//! Dependencies run one way: `server` → `control` → `service` → `registry`, `store`, `scn`.
 //!
 //! The binary `strata-nameserver` (src/bin) owns process concerns: command line, logging,
 //! signals.
@@ -31,5 +36,6 @@ pub mod esi;
 pub mod registry;
 pub mod scn;
 pub mod server;
+pub mod service;
 pub mod store;
 pub mod wire;

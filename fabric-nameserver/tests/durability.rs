@@ -78,7 +78,7 @@ fn kill_9_during_registration_storm_loses_no_acknowledged_registration() {
     drop(srv);
 
     let srv = Proc::spawn(&data);
-    let nodes = rpc(&srv.control(), "list_nodes", serde_json::json!({}));
+    let nodes = rpc(&srv.control(), "ns_node_list", serde_json::json!({}));
     let present: HashSet<String> = nodes["result"]
         .as_array()
         .unwrap()

@@ -257,7 +257,7 @@ fn discovery_domains_and_sets_scope_queries() {
     // With the default DD off, unzoned nodes see only themselves.
     let p = rpc(
         &srv.control_path,
-        "policy_set",
+        "ns_policy_set",
         serde_json::json!({"default_dd": false}),
     );
     assert_eq!(p["result"]["default_dd"], false);
@@ -336,7 +336,7 @@ fn scn_is_delivered_with_retries_and_scoped_by_dd() {
     // Zoning the target away from the initiator is an "object removed" for the target.
     let r = rpc(
         &srv.control_path,
-        "dd_create",
+        "ns_dd_create",
         serde_json::json!({"name": "z", "members": ["iqn.t:a"]}),
     );
     assert!(r["result"]["id"].is_u64(), "{r}");
@@ -492,7 +492,7 @@ fn state_survives_restart_and_directories_are_independent() {
     assert_eq!(ca.call(func::DEV_ATTR_REG, 0, &reg).status, 0);
     let r = rpc(
         &a.control_path,
-        "dd_create",
+        "ns_dd_create",
         serde_json::json!({"name": "z", "members": ["iqn.t:a", "iqn.i:x"]}),
     );
     assert_eq!(r["result"]["name"], "z");
@@ -507,7 +507,7 @@ fn state_survives_restart_and_directories_are_independent() {
     let mut ca = Client::connect(a.local_addr);
     assert_eq!(visible(&mut ca, "iqn.i:x", TARGET), vec!["iqn.t:a"]);
     assert_eq!(visible(&mut ca, "iqn.t:b", TARGET), vec!["iqn.t:b"]);
-    let dds = rpc(&a.control_path, "list_dds", serde_json::json!({}));
+    let dds = rpc(&a.control_path, "ns_dd_list", serde_json::json!({}));
     assert_eq!(dds["result"][0]["members"].as_array().unwrap().len(), 2);
     a.shutdown();
     b.shutdown();

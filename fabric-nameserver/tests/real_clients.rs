@@ -331,14 +331,14 @@ fn tgtd_registers_receives_scns_and_enforces_zoning() {
     // The target registers itself, with its portal and SCN port, and subscribes to SCNs.
     let ctl = srv.control();
     wait_until("tgtd's target registered with an SCN bitmap", || {
-        let nodes = rpc(&ctl, "list_nodes", serde_json::json!({}));
+        let nodes = rpc(&ctl, "ns_node_list", serde_json::json!({}));
         nodes["result"]
             .as_array()
             .unwrap()
             .iter()
             .any(|n| n["name"] == target && n["scn_bitmap"].is_u64())
     });
-    let portals = rpc(&ctl, "list_portals", serde_json::json!({}));
+    let portals = rpc(&ctl, "ns_portal_list", serde_json::json!({}));
     let p = &portals["result"][0];
     assert_eq!(p["port"], u64::from(iscsi_port));
     assert!(p["scn_port"].is_u64(), "{portals}");
@@ -358,7 +358,7 @@ fn tgtd_registers_receives_scns_and_enforces_zoning() {
     // Zone the target away from the initiator: SCN (object removed), login refused.
     let r = rpc(
         &ctl,
-        "dd_create",
+        "ns_dd_create",
         serde_json::json!({"name": "zone-a", "members": [target]}),
     );
     let dd = r["result"]["id"].as_u64().unwrap();
@@ -368,10 +368,10 @@ fn tgtd_registers_receives_scns_and_enforces_zoning() {
     // Put it in the DD: SCN (object added), login allowed again.
     rpc(
         &ctl,
-        "dd_add",
+        "ns_dd_add",
         serde_json::json!({"id": dd, "members": [init]}),
     );
     wait_until("login allowed inside the DD", || inq(&t, init, target));
-    let st = rpc(&ctl, "stats", serde_json::json!({}));
+    let st = rpc(&ctl, "ns_stats", serde_json::json!({}));
     assert!(st["result"]["scns_sent"].as_u64().unwrap() >= 3, "{st}");
 }

@@ -16,6 +16,8 @@
 //! - [`fuse`]: FUSE requests → replies through the file server's `ShareHandler` on a real
 //!   `VmfsFs` over a datastore in memory.
 //! - [`isns`]: iSNS PDU bytes → reassembly → command → registry, with a WAL-replay oracle.
+//! - [`jsonrpc`]: a control-socket byte stream → line framing → JSON-RPC request parsing →
+//!   a method table, with a response-shape oracle.
 //! - [`vmfs_image`]: crafted datastore images (decoded fields mutated, checksums resealed) →
 //!   fsck, mount and namespace operations.
 //! - [`vmfs_journal`]: crafted journals (resealed transactions) → mount-time replay, fsck.
@@ -28,6 +30,7 @@ pub mod datastore;
 pub mod fuse;
 pub mod input;
 pub mod isns;
+pub mod jsonrpc;
 pub mod vhost_user;
 pub mod vmfs_image;
 pub mod vmfs_journal;
@@ -44,6 +47,7 @@ pub const TARGETS: &[(&str, Run, Seeds)] = &[
     ("blk_chain", blk_chain::run, blk_chain::seeds),
     ("fuse", fuse::run, fuse::seeds),
     ("isns", isns::run, isns::seeds),
+    ("jsonrpc", jsonrpc::run, jsonrpc::seeds),
     ("vmfs_image", vmfs_image::run, vmfs_image::seeds),
     ("vmfs_journal", vmfs_journal::run, vmfs_journal::seeds),
     ("vhost_user", vhost_user::run, vhost_user::seeds),

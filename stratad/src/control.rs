@@ -1,33 +1,31 @@
-//! The JSON-RPC 2.0 control socket (`--control PATH`): one request per line, one response per
-//! line, on a Unix socket, served by one thread.
+//! The JSON-RPC 2.0 control socket (`--control PATH`, the `jsonrpc` crate): one request per
+//! line, one response per line, on a Unix socket. This module owns stratad's method table.
 //!
-//! Methods: `stats` (reactor, disk and share counters, and with `--port` the packet queues'
-//! counters (`packet_queues`) and the XDP steering program's per interface (`steering`)), and
-//! when a datastore is open: `info`,
-//! `ls {path}`, `mkdir {path}`, `disk.create {name, size, provisioning}`, `disk.rm {name}`,
-//! `disk.resize {name, size}`. `stratactl --control PATH ...` is the client.
+//! Methods: `stratad_stats` (reactor, disk and share counters, and with `--port` the packet
+//! queues' counters (`packet_queues`) and the XDP steering program's per interface
+//! (`steering`)); the datastore methods of `stratad-rpc` (`datastore_info`, `datastore_ls`,
+//! `datastore_mkdir`, `datastore_disk_create`, `datastore_disk_delete`,
+//! `datastore_disk_resize`: the same table stratactl runs offline); `rpc_get_methods`.
+//! `stratactl --control PATH ...` is the client.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
 use dataplane::server::{bind_socket, peer_credentials, SocketAccess, SocketFile, StatsHandle};
+use jsonrpc::{Limits, Methods, NoParams, RpcError, Server};
 use serde_json::{json, Value};
+use stratad_rpc::STRATAD_STATS;
 use vmfs::fs::Datastore;
 
-/// A client must send its request line within this time; the control thread serves one client
-/// at a time and must not be held by a silent one.
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Longest request line accepted (a request is a few hundred bytes).
-const REQUEST_BYTES_MAX: u64 = 64 << 10;
-
-/// JSON-RPC error codes.
-const INVALID_REQUEST: i64 = -32600;
-const METHOD_NOT_FOUND: i64 = -32601;
-const INVALID_PARAMS: i64 = -32602;
-const SERVER_ERROR: i64 = -32000;
+/// Longest request line: requests are a path, a name and a size (a few hundred bytes).
+const REQUEST_BYTES_MAX: usize = 64 << 10;
+/// Time from a request's first byte to its newline: clients write a request at once, so a
+/// silent or trickling one is dropped quickly.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Control clients served at once (each a thread): a handful of administrators' commands.
+const CONNECTIONS_MAX: usize = 8;
 
 /// What the control thread can reach.
 #[derive(Debug, Clone)]
@@ -42,80 +40,38 @@ pub struct Control {
     pub shares: Vec<file_server::share::Share>,
 }
 
-struct RpcError(i64, String);
-
 impl Control {
-    fn ds(&self) -> Result<&Arc<Datastore>, RpcError> {
-        self.datastore
-            .as_ref()
-            .ok_or_else(|| RpcError(SERVER_ERROR, "stratad runs without a datastore".into()))
-    }
-
-    fn call(&self, method: &str, p: &Value) -> Result<Value, RpcError> {
-        match method {
-            "stats" => {
-                let mut v = stats_json(&self.stats);
-                let (queues, steering) = ports_json(&self.ports.snapshot());
+    /// stratad's method table: `stratad_stats` and the datastore methods (`stratad-rpc`).
+    pub fn methods(self) -> Methods {
+        let mut m = Methods::new();
+        let Control {
+            stats,
+            datastore,
+            ports,
+            shares,
+        } = self;
+        m.add(
+            STRATAD_STATS,
+            move |_: NoParams| -> Result<Value, RpcError> {
+                let mut v = stats_json(&stats);
+                let (queues, steering) = ports_json(&ports.snapshot());
                 v["packet_queues"] = queues;
                 v["steering"] = steering;
-                v["shares"] = Value::Array(self.shares.iter().map(share_json).collect());
+                v["shares"] = Value::Array(shares.iter().map(share_json).collect());
                 Ok(v)
-            }
-            method => vmfs::admin::call(self.ds()?, method, p, &mut |_, _| {}).map_err(|e| {
-                let code = match e {
-                    vmfs::admin::AdminError::UnknownMethod(_) => METHOD_NOT_FOUND,
-                    vmfs::admin::AdminError::Params(_) => INVALID_PARAMS,
-                    vmfs::admin::AdminError::Fs(_) => SERVER_ERROR,
-                };
-                RpcError(code, e.to_string())
-            }),
-        }
-    }
-
-    /// Answers one request line.
-    pub fn handle_line(&self, line: &str) -> Value {
-        let req: Value = match serde_json::from_str(line) {
-            Ok(v) => v,
-            Err(e) => {
-                return json!({"jsonrpc": "2.0", "id": null,
-                    "error": {"code": -32700, "message": format!("parse error: {e}")}})
-            }
-        };
-        let id = req.get("id").cloned().unwrap_or(Value::Null);
-        let Some(method) = req.get("method").and_then(Value::as_str) else {
-            return json!({"jsonrpc": "2.0", "id": id,
-                "error": {"code": INVALID_REQUEST, "message": "missing method"}});
-        };
-        let params = req.get("params").cloned().unwrap_or(Value::Null);
-        match self.call(method, &params) {
-            Ok(result) => json!({"jsonrpc": "2.0", "id": id, "result": result}),
-            Err(RpcError(code, message)) => {
-                json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": message}})
-            }
-        }
-    }
-
-    fn serve_client(&self, stream: UnixStream) -> std::io::Result<()> {
-        stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
-        let mut writer = stream.try_clone()?;
-        let mut reader = BufReader::new(std::io::Read::take(stream, REQUEST_BYTES_MAX));
-        let mut line = String::new();
-        // One client may send several requests; bounded by REQUEST_BYTES_MAX in total.
-        loop {
-            line.clear();
-            if reader.read_line(&mut line)? == 0 {
-                return Ok(());
-            }
-            let resp = self.handle_line(line.trim());
-            writeln!(writer, "{resp}")?;
-        }
+            },
+        );
+        // Eager zeroing runs in the call; nobody watches its progress on the daemon's side.
+        stratad_rpc::register(&mut m, datastore, Arc::new(|_, _| {}));
+        m
     }
 }
 
 /// Binds `path` with `access`'s mode and group (replacing a stale socket, never another
-/// file) and serves it on a new thread. Only root, the daemon's user, or a process of the
-/// socket group may use it (SO_PEERCRED): it can remove disks. Returns the socket file, for
-/// removing it at exit only if it is still ours.
+/// file) and serves it on a new thread, each client on a thread of its own (at most
+/// [`CONNECTIONS_MAX`]). Only root, the daemon's user, or a process of the socket group may
+/// use it (SO_PEERCRED): it can remove disks. Returns the socket file, for removing it at
+/// exit only if it is still ours.
 pub fn spawn(path: &Path, control: Control, access: SocketAccess) -> std::io::Result<SocketFile> {
     let (listener, file) = bind_socket(path, &access).map_err(|e| match e {
         dataplane::server::ServerError::SocketInUse(_) => std::io::Error::new(
@@ -126,30 +82,29 @@ pub fn spawn(path: &Path, control: Control, access: SocketAccess) -> std::io::Re
     })?;
     // The listener was made non-blocking for the vhost-user control loop; this thread blocks.
     listener.set_nonblocking(false)?;
+    let limits = Limits {
+        request_bytes_max: REQUEST_BYTES_MAX,
+        request_timeout: REQUEST_TIMEOUT,
+        connections_max: CONNECTIONS_MAX,
+        ..Limits::default()
+    };
+    let server = Server::new(control.methods(), limits);
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
-            for stream in listener.incoming() {
-                match stream {
-                    Ok(s) => {
-                        match peer_credentials(&s) {
-                            Ok((uid, gid)) if access.peer_may_control(uid, gid) => {}
-                            Ok((uid, gid)) => {
-                                tracing::warn!(uid, gid, "control client refused");
-                                continue;
-                            }
-                            Err(e) => {
-                                tracing::warn!(err = %e, "control client without credentials");
-                                continue;
-                            }
-                        }
-                        if let Err(e) = control.serve_client(s) {
-                            tracing::debug!(err = %e, "control client");
-                        }
-                    }
-                    Err(e) => tracing::warn!(err = %e, "control accept"),
+            // The control socket lives as long as the process.
+            let never = AtomicBool::new(false);
+            server.serve(&listener, &never, |s| match peer_credentials(s) {
+                Ok((uid, gid)) if access.peer_may_control(uid, gid) => true,
+                Ok((uid, gid)) => {
+                    tracing::warn!(uid, gid, "control client refused");
+                    false
                 }
-            }
+                Err(e) => {
+                    tracing::warn!(err = %e, "control client without credentials");
+                    false
+                }
+            })
         })?;
     Ok(file)
 }
@@ -239,8 +194,10 @@ mod tests {
     use super::*;
     use dataplane::engine::EngineKind;
     use dataplane::server::{Server, ServerConfig};
+    use std::io::{BufRead, BufReader, Write};
     use std::os::unix::ffi::OsStrExt;
     use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::net::UnixStream;
 
     fn control(server: &Server) -> Control {
         Control {
@@ -265,6 +222,37 @@ mod tests {
         std::fs::create_dir_all(&d).expect("tmp");
         std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         d
+    }
+
+    /// The table: `stratad_stats` with every section, the datastore methods (answering that
+    /// there is no datastore), `rpc_get_methods`.
+    #[test]
+    fn the_table_serves_stats_and_lists_its_methods() {
+        let s = server();
+        let m = control(&s).methods();
+        let v = m.call(STRATAD_STATS, json!({})).expect("stats");
+        for k in ["reactors", "disks", "packet_queues", "steering", "shares"] {
+            assert!(v[k].is_array(), "{k}: {v}");
+        }
+        assert_eq!(v["reactors"].as_array().map(Vec::len), Some(1));
+        let e = m
+            .call(stratad_rpc::DATASTORE_INFO, json!({}))
+            .expect_err("no datastore");
+        assert_eq!(e.to_string(), "stratad runs without a datastore");
+        let names = m.call("rpc_get_methods", json!({})).expect("names");
+        assert_eq!(
+            names,
+            json!([
+                "datastore_disk_create",
+                "datastore_disk_delete",
+                "datastore_disk_resize",
+                "datastore_info",
+                "datastore_ls",
+                "datastore_mkdir",
+                "rpc_get_methods",
+                "stratad_stats"
+            ])
+        );
     }
 
     /// Issue 12 finding 9: the stale-socket cleanup removed whatever was at the path.
@@ -303,11 +291,10 @@ mod tests {
         );
         // The daemon's own user gets an answer.
         let mut c = UnixStream::connect(&p).expect("connect");
-        writeln!(c, r#"{{"jsonrpc":"2.0","id":1,"method":"stats"}}"#).expect("send");
+        writeln!(c, r#"{{"jsonrpc":"2.0","id":1,"method":"stratad_stats"}}"#).expect("send");
         let mut line = String::new();
         BufReader::new(&c).read_line(&mut line).expect("read");
         assert!(line.contains("\"result\""), "{line}");
-        // The control thread serves one client at a time: let ours go.
         drop(c);
         // Another user (nobody) connects, sends the same request, and gets nothing.
         // SAFETY: sockaddr_un is plain data.
@@ -316,7 +303,7 @@ mod tests {
         for (d, s) in addr.sun_path.iter_mut().zip(p.as_os_str().as_bytes()) {
             *d = *s as libc::c_char;
         }
-        let req = b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"stats\"}\n";
+        let req = b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"stratad_stats\"}\n";
         // SAFETY: the child only makes async-signal-safe system calls on prepared data,
         // then _exits: 0 = got a reply, 1 = refused, 2 = setup failed.
         unsafe {

@@ -1,5 +1,5 @@
 //! Test support for virtio-fs shares (`stratad --share`): the fs guest's user and group files
-//! (for a share's `passwd=`/`groups=`), stratad arguments, the control socket's `stats`, the
+//! (for a share's `passwd=`/`groups=`), stratad arguments, the control socket's `stratad_stats`, the
 //! datastore's listing, a tiny check protocol for guest scripts, and a guest (fs variant) run
 //! in the background so that a test can kill stratad while the guest is still connected.
 
@@ -88,7 +88,7 @@ pub fn control_call(control: &Path, method: &str) -> anyhow::Result<Value> {
 
 /// The `stats` entry of the share with mount tag `tag`.
 pub fn share_stats(control: &Path, tag: &str) -> anyhow::Result<Value> {
-    let stats = control_call(control, "stats")?;
+    let stats = control_call(control, "stratad_stats")?;
     stats["shares"]
         .as_array()
         .and_then(|a| a.iter().find(|s| s["tag"] == tag))

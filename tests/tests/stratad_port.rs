@@ -39,7 +39,7 @@ impl Drop for Netns {
 
 fn rpc_stats(sock: &Path) -> serde_json::Value {
     let mut s = UnixStream::connect(sock).expect("control socket");
-    writeln!(s, r#"{{"jsonrpc":"2.0","id":1,"method":"stats"}}"#).expect("send");
+    writeln!(s, r#"{{"jsonrpc":"2.0","id":1,"method":"stratad_stats"}}"#).expect("send");
     let mut line = String::new();
     BufReader::new(&s).read_line(&mut line).expect("read");
     serde_json::from_str::<serde_json::Value>(&line).expect("json")["result"].clone()

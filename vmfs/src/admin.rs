@@ -1,12 +1,13 @@
-//! Administration views shared by `stratactl` (offline) and stratad's control socket
-//! (online): the same functions and the same JSON shapes either way.
+//! Administration views of a datastore (`info`, `ls`) and the parsers of their inputs (sizes,
+//! provisioning modes): typed values with their JSON shapes. The RPC methods that serve them
+//! (stratad's control socket, stratactl offline) live with the daemon, in `stratad-rpc`.
 
 use serde::Serialize;
 
 use crate::format::{Provisioning, FILE_BLOCK, SUB_BLOCK};
 use crate::fs::{Datastore, FsError};
 
-/// `info`: the volume and its space.
+/// The volume and its space (`datastore_info`).
 #[derive(Debug, Clone, Serialize)]
 pub struct Info {
     /// Volume uuid, hex.
@@ -35,7 +36,7 @@ pub struct Info {
     pub logical_transactions: u64,
 }
 
-/// One `ls` line.
+/// One directory entry (`datastore_ls`).
 #[derive(Debug, Clone, Serialize)]
 pub struct Entry {
     /// Name.
@@ -136,85 +137,4 @@ pub fn parse_size(v: &str) -> Result<u64, &'static str> {
         return Err("must be a positive multiple of 512");
     }
     Ok(size)
-}
-
-/// Why an administration call failed.
-#[derive(Debug, thiserror::Error)]
-pub enum AdminError {
-    /// No such method.
-    #[error("unknown method '{0}'")]
-    UnknownMethod(String),
-    /// A missing or malformed parameter.
-    #[error("{0}")]
-    Params(String),
-    /// The datastore refused the operation.
-    #[error(transparent)]
-    Fs(#[from] FsError),
-}
-
-fn param_str<'a>(p: &'a serde_json::Value, key: &str) -> Result<&'a str, AdminError> {
-    p.get(key)
-        .and_then(serde_json::Value::as_str)
-        .ok_or_else(|| AdminError::Params(format!("missing string parameter '{key}'")))
-}
-
-fn param_size(p: &serde_json::Value, key: &str) -> Result<u64, AdminError> {
-    match p.get(key) {
-        Some(serde_json::Value::Number(n)) => n
-            .as_u64()
-            .ok_or_else(|| AdminError::Params(format!("'{key}' must be a byte count"))),
-        Some(serde_json::Value::String(s)) => {
-            parse_size(s).map_err(|why| AdminError::Params(format!("'{key}': {why}")))
-        }
-        _ => Err(AdminError::Params(format!("missing parameter '{key}'"))),
-    }
-}
-
-fn to_json<T: Serialize>(v: T) -> Result<serde_json::Value, AdminError> {
-    serde_json::to_value(v).map_err(|e| AdminError::Params(e.to_string()))
-}
-
-/// Runs one administration method on `ds` — the same JSON methods whether `stratactl` works
-/// offline or stratad's control socket serves them: `info`, `ls {path}`, `mkdir {path}`,
-/// `disk.create {name, size, provisioning}`, `disk.rm {name}`, `disk.resize {name, size}`.
-/// Sizes are byte counts or strings with K/M/G/T; `progress` follows eager zeroing.
-pub fn call(
-    ds: &Datastore,
-    method: &str,
-    p: &serde_json::Value,
-    progress: &mut dyn FnMut(u64, u64),
-) -> Result<serde_json::Value, AdminError> {
-    use serde_json::json;
-    match method {
-        "info" => to_json(info(ds)?),
-        "ls" => {
-            let path = p
-                .get("path")
-                .and_then(serde_json::Value::as_str)
-                .unwrap_or("/");
-            to_json(ls(ds, path)?)
-        }
-        "mkdir" => Ok(json!({ "ino": ds.mkdir(param_str(p, "path")?)? })),
-        "disk.create" => {
-            let name = param_str(p, "name")?;
-            let size = param_size(p, "size")?;
-            let prov = parse_provisioning(
-                p.get("provisioning")
-                    .and_then(serde_json::Value::as_str)
-                    .unwrap_or("thin"),
-            )
-            .map_err(|e| AdminError::Params(e.to_string()))?;
-            Ok(json!({ "ino": ds.create_file(name, prov, size, progress)? }))
-        }
-        "disk.rm" => {
-            ds.unlink(param_str(p, "name")?)?;
-            Ok(json!({}))
-        }
-        "disk.resize" => {
-            let ino = ds.lookup(param_str(p, "name")?)?;
-            ds.set_size(ino, param_size(p, "size")?)?;
-            Ok(json!({}))
-        }
-        other => Err(AdminError::UnknownMethod(other.to_string())),
-    }
 }

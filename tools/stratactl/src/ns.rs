@@ -2,33 +2,20 @@
 //! fabric-nameserver's `control` module for the methods) and prints tables or, with
 //! `--json`, the raw results.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand};
+use jsonrpc::{Client, ClientError, ClientLimits};
 use serde_json::{json, Value};
 use thiserror::Error;
 
-/// Time allowed for the server's answer (changes wait for an fsync).
-const RPC_TIMEOUT: Duration = Duration::from_secs(30);
-/// Longest answer read (a listing of a million nodes is ~200 MiB of JSON; bounded).
-const MAX_RESPONSE_BYTES: u64 = 512 * 1024 * 1024;
-
 #[derive(Debug, Error)]
 pub enum NsError {
-    #[error("{path}: {source}")]
-    Connect {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("control socket: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("bad answer from the server: {0}")]
-    Protocol(String),
+    /// Connecting, the exchange, or the server's error (its message as is). The client's
+    /// default limits fit: a change waits for an fsync, the largest listing (a million
+    /// nodes) is ~200 MiB.
     #[error("{0}")]
-    Server(String),
+    Rpc(#[from] ClientError),
 }
 
 #[derive(Debug, Args)]
@@ -120,27 +107,9 @@ enum DdsCmd {
 }
 
 /// One JSON-RPC call.
-fn call(socket: &PathBuf, method: &str, params: Value) -> Result<Value, NsError> {
-    let mut s = UnixStream::connect(socket).map_err(|source| NsError::Connect {
-        path: socket.clone(),
-        source,
-    })?;
-    s.set_read_timeout(Some(RPC_TIMEOUT))?;
-    let req = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
-    writeln!(s, "{req}")?;
-    let mut line = String::new();
-    std::io::Read::take(BufReader::new(s), MAX_RESPONSE_BYTES).read_line(&mut line)?;
-    let v: Value = serde_json::from_str(&line).map_err(|e| NsError::Protocol(e.to_string()))?;
-    if let Some(err) = v.get("error") {
-        let msg = err
-            .get("message")
-            .and_then(Value::as_str)
-            .unwrap_or("unknown error");
-        return Err(NsError::Server(msg.to_owned()));
-    }
-    v.get("result")
-        .cloned()
-        .ok_or_else(|| NsError::Protocol("no result".into()))
+fn call(socket: &Path, method: &str, params: Value) -> Result<Value, NsError> {
+    let mut c = Client::connect_unix(socket, ClientLimits::default())?;
+    Ok(c.call(method, &params)?)
 }
 
 /// Renders a value for a table cell.
@@ -199,7 +168,7 @@ pub fn run(a: NsArgs) -> Result<(), NsError> {
     let (result, cols): (Value, &[&str]) = match a.cmd {
         NsCmd::List(w) => match w {
             ListWhat::Entities => (
-                call(s, "list_entities", json!({}))?,
+                call(s, "ns_entity_list", json!({}))?,
                 &[
                     "eid",
                     "protocol",
@@ -209,34 +178,34 @@ pub fn run(a: NsArgs) -> Result<(), NsError> {
                 ],
             ),
             ListWhat::Nodes => (
-                call(s, "list_nodes", json!({}))?,
+                call(s, "ns_node_list", json!({}))?,
                 &["name", "type", "alias", "eid", "scn_bitmap"],
             ),
             ListWhat::Portals => (
-                call(s, "list_portals", json!({}))?,
+                call(s, "ns_portal_list", json!({}))?,
                 &["ip", "port", "scn_port", "esi_port", "eid"],
             ),
             ListWhat::Dds => (
-                call(s, "list_dds", json!({}))?,
+                call(s, "ns_dd_list", json!({}))?,
                 &["id", "name", "active", "members"],
             ),
             ListWhat::Ddsets => (
-                call(s, "list_ddsets", json!({}))?,
+                call(s, "ns_dds_list", json!({}))?,
                 &["id", "name", "enabled", "dds"],
             ),
         },
         NsCmd::Dd(c) => {
             let r = match c {
                 DdCmd::Create { name, members } => {
-                    call(s, "dd_create", json!({"name": name, "members": members}))?
+                    call(s, "ns_dd_create", json!({"name": name, "members": members}))?
                 }
                 DdCmd::Add { id, members } => {
-                    call(s, "dd_add", json!({"id": id, "members": members}))?
+                    call(s, "ns_dd_add", json!({"id": id, "members": members}))?
                 }
                 DdCmd::Remove { id, members } => {
-                    call(s, "dd_remove", json!({"id": id, "members": members}))?
+                    call(s, "ns_dd_remove", json!({"id": id, "members": members}))?
                 }
-                DdCmd::Delete { id } => call(s, "dd_delete", json!({"id": id}))?,
+                DdCmd::Delete { id } => call(s, "ns_dd_delete", json!({"id": id}))?,
             };
             (Value::Array(vec![r]), &["id", "name", "active", "members"])
         }
@@ -248,31 +217,35 @@ pub fn run(a: NsArgs) -> Result<(), NsError> {
                     disabled,
                 } => call(
                     s,
-                    "dds_create",
+                    "ns_dds_create",
                     json!({"name": name, "dds": dds, "enabled": !disabled}),
                 )?,
-                DdsCmd::Enable { id } => call(s, "dds_edit", json!({"id": id, "enabled": true}))?,
-                DdsCmd::Disable { id } => call(s, "dds_edit", json!({"id": id, "enabled": false}))?,
-                DdsCmd::Add { id, dds } => call(s, "dds_edit", json!({"id": id, "add": dds}))?,
-                DdsCmd::Remove { id, dds } => {
-                    call(s, "dds_edit", json!({"id": id, "remove": dds}))?
+                DdsCmd::Enable { id } => {
+                    call(s, "ns_dds_edit", json!({"id": id, "enabled": true}))?
                 }
-                DdsCmd::Delete { id } => call(s, "dds_delete", json!({"id": id}))?,
+                DdsCmd::Disable { id } => {
+                    call(s, "ns_dds_edit", json!({"id": id, "enabled": false}))?
+                }
+                DdsCmd::Add { id, dds } => call(s, "ns_dds_edit", json!({"id": id, "add": dds}))?,
+                DdsCmd::Remove { id, dds } => {
+                    call(s, "ns_dds_edit", json!({"id": id, "remove": dds}))?
+                }
+                DdsCmd::Delete { id } => call(s, "ns_dds_delete", json!({"id": id}))?,
             };
             (Value::Array(vec![r]), &["id", "name", "enabled", "dds"])
         }
         NsCmd::RemoveEntity { eid } => {
-            call(s, "entity_remove", json!({"eid": eid}))?;
+            call(s, "ns_entity_delete", json!({"eid": eid}))?;
             (json!({"removed": eid}), &[])
         }
         NsCmd::Policy { default_dd } => {
             let r = match default_dd {
-                Some(v) => call(s, "policy_set", json!({"default_dd": v == "on"}))?,
-                None => call(s, "policy_get", json!({}))?,
+                Some(v) => call(s, "ns_policy_set", json!({"default_dd": v == "on"}))?,
+                None => call(s, "ns_policy_get", json!({}))?,
             };
             (r, &[])
         }
-        NsCmd::Stats => (call(s, "stats", json!({}))?, &[]),
+        NsCmd::Stats => (call(s, "ns_stats", json!({}))?, &[]),
     };
     // Deletions answer null: print nothing but succeed.
     let shown = match &result {

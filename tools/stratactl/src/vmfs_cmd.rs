@@ -5,15 +5,27 @@
 //! (`--control PATH`) for everything but `mkfs` and `fsck`, which need the device to
 //! themselves.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Args, Subcommand};
+use jsonrpc::{Client, ClientError, ClientLimits, ErrorCode, Methods};
 use serde_json::{json, Value};
+use stratad_rpc::{
+    DATASTORE_DISK_CREATE, DATASTORE_DISK_DELETE, DATASTORE_DISK_RESIZE, DATASTORE_INFO,
+    DATASTORE_LS, DATASTORE_MKDIR, STRATAD_STATS,
+};
 use vmfs::device::{BlockDevice, FileDevice};
 use vmfs::fs::{Datastore, MkfsOptions};
+
+/// Time stratad has to answer a call that does not allocate.
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Time stratad has to create or resize a disk: eager zeroing runs in the call (a 16 TiB
+/// thick disk at 200 MB/s takes a day); the bound only keeps a hung daemon from hanging the
+/// command forever.
+const ALLOCATING_CALL_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 /// Errors of the datastore commands; the message is what the user sees.
 #[derive(Debug, thiserror::Error)]
@@ -124,8 +136,8 @@ fn size_arg(s: &str) -> Result<u64, VmfsCmdError> {
 }
 
 /// Prints `done/total` as a percentage on stderr, on one line, for long operations.
-fn progress(label: &'static str) -> impl FnMut(u64, u64) {
-    let mut last = u64::MAX;
+fn progress(label: &'static str) -> impl Fn(u64, u64) + Send + Sync {
+    let last = AtomicU64::new(u64::MAX);
     // Only for a person watching: scripts and logs get no carriage-return noise.
     let shown = std::io::IsTerminal::is_terminal(&std::io::stderr());
     move |done, total| {
@@ -133,8 +145,7 @@ fn progress(label: &'static str) -> impl FnMut(u64, u64) {
             return;
         }
         let pct = (done * 100).checked_div(total).unwrap_or(100);
-        if pct != last {
-            last = pct;
+        if last.swap(pct, Ordering::Relaxed) != pct {
             eprint!("\r{label}: {pct:3}%");
             if done >= total {
                 eprintln!();
@@ -159,46 +170,47 @@ fn open(path: &Path) -> Result<Arc<Datastore>, VmfsCmdError> {
 }
 
 fn rpc(sock: &Path, method: &str, params: Value) -> Result<Value, VmfsCmdError> {
-    let fail = |e: std::io::Error| VmfsCmdError::Failed(format!("{}: {e}", sock.display()));
-    let mut s = UnixStream::connect(sock).map_err(fail)?;
-    let req = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
-    writeln!(s, "{req}").map_err(fail)?;
-    let mut line = String::new();
-    BufReader::new(&s).read_line(&mut line).map_err(fail)?;
-    let resp: Value = serde_json::from_str(&line)
-        .map_err(|e| VmfsCmdError::Failed(format!("bad response from stratad: {e}")))?;
-    if let Some(err) = resp.get("error") {
-        return Err(VmfsCmdError::Failed(
-            err.get("message")
-                .and_then(Value::as_str)
-                .unwrap_or("error")
-                .to_string(),
-        ));
-    }
-    Ok(resp.get("result").cloned().unwrap_or(Value::Null))
+    let timeout = match method {
+        DATASTORE_DISK_CREATE | DATASTORE_DISK_RESIZE => ALLOCATING_CALL_TIMEOUT,
+        _ => CALL_TIMEOUT,
+    };
+    let failed = |e: ClientError| match e {
+        ClientError::Rpc(e) => VmfsCmdError::Failed(e.message),
+        e => VmfsCmdError::Failed(format!("{}: {e}", sock.display())),
+    };
+    let mut c = Client::connect_unix(sock, ClientLimits::default()).map_err(failed)?;
+    c.call_with_timeout(method, &params, timeout)
+        .map_err(failed)
 }
 
-/// Where requests go: an offline datastore or a control socket.
+/// Where requests go: an offline datastore (served by stratad's own method table, as the
+/// daemon would) or a control socket.
 enum Backend {
-    Offline(Arc<Datastore>),
+    Offline(Arc<Datastore>, Methods),
     Online(PathBuf),
 }
 
 impl Backend {
+    fn offline(ds: Arc<Datastore>) -> Backend {
+        let mut m = Methods::new();
+        stratad_rpc::register(&mut m, Some(ds.clone()), Arc::new(progress("allocating")));
+        Backend::Offline(ds, m)
+    }
+
     fn call(&self, method: &str, params: Value) -> Result<Value, VmfsCmdError> {
-        let ds = match self {
-            Backend::Online(sock) => return rpc(sock, method, params),
-            Backend::Offline(ds) => ds,
-        };
-        let mut bar = progress("allocating");
-        vmfs::admin::call(ds, method, &params, &mut bar).map_err(|e| match e {
-            vmfs::admin::AdminError::Fs(e) => VmfsCmdError::Failed(e.to_string()),
-            e => VmfsCmdError::Usage(e.to_string()),
-        })
+        match self {
+            Backend::Online(sock) => rpc(sock, method, params),
+            Backend::Offline(_, m) => m.call(method, params).map_err(|e| match e.code {
+                ErrorCode::InvalidParams => VmfsCmdError::Usage(e.message),
+                _ => VmfsCmdError::Failed(e.message),
+            }),
+        }
     }
 
     fn close(self) -> Result<(), VmfsCmdError> {
-        if let Backend::Offline(ds) = self {
+        if let Backend::Offline(ds, m) = self {
+            // The table holds the datastore too: drop it first.
+            drop(m);
             ds.unmount()
                 .map_err(|e| VmfsCmdError::Failed(format!("unmount: {e}")))?;
         }
@@ -227,7 +239,7 @@ fn print_value(method: &str, v: &Value, as_json: bool) {
         return;
     }
     match method {
-        "info" => {
+        DATASTORE_INFO => {
             let g = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
             println!(
                 "uuid        {}",
@@ -256,7 +268,7 @@ fn print_value(method: &str, v: &Value, as_json: bool) {
                 human(g("journal_bytes"))
             );
         }
-        "ls" => {
+        DATASTORE_LS => {
             for e in v.as_array().into_iter().flatten() {
                 let g = |k: &str| e.get(k).and_then(Value::as_u64).unwrap_or(0);
                 let s = |k: &str| e.get(k).and_then(Value::as_str).unwrap_or("").to_string();
@@ -399,7 +411,7 @@ pub fn run(target: &Target, cmd: &VmfsCommand, as_json: bool) -> Result<(), Vmfs
             let sock = target.control.as_ref().ok_or_else(|| {
                 VmfsCmdError::Usage("stats needs --control SOCKET (stratad running)".into())
             })?;
-            let v = rpc(sock, "stats", json!({}))?;
+            let v = rpc(sock, STRATAD_STATS, json!({}))?;
             print_stats(&v, as_json);
             return Ok(());
         }
@@ -407,7 +419,7 @@ pub fn run(target: &Target, cmd: &VmfsCommand, as_json: bool) -> Result<(), Vmfs
     }
     let backend = match (&target.control, &target.datastore) {
         (Some(sock), _) => Backend::Online(sock.clone()),
-        (None, Some(p)) => Backend::Offline(open(p)?),
+        (None, Some(p)) => Backend::offline(open(p)?),
         (None, None) => {
             return Err(VmfsCmdError::Usage(
                 "give --datastore PATH (offline) or --control SOCKET (stratad running)".into(),
@@ -415,9 +427,9 @@ pub fn run(target: &Target, cmd: &VmfsCommand, as_json: bool) -> Result<(), Vmfs
         }
     };
     let (method, params) = match cmd {
-        VmfsCommand::Info => ("info", json!({})),
-        VmfsCommand::Ls { path } => ("ls", json!({ "path": path })),
-        VmfsCommand::Mkdir { path } => ("mkdir", json!({ "path": path })),
+        VmfsCommand::Info => (DATASTORE_INFO, json!({})),
+        VmfsCommand::Ls { path } => (DATASTORE_LS, json!({ "path": path })),
+        VmfsCommand::Mkdir { path } => (DATASTORE_MKDIR, json!({ "path": path })),
         VmfsCommand::Disk(DiskCommand::Create {
             name,
             size,
@@ -433,13 +445,15 @@ pub fn run(target: &Target, cmd: &VmfsCommand, as_json: bool) -> Result<(), Vmfs
                 "thin"
             };
             (
-                "disk.create",
+                DATASTORE_DISK_CREATE,
                 json!({"name": name, "size": size_arg(size)?, "provisioning": prov}),
             )
         }
-        VmfsCommand::Disk(DiskCommand::Rm { name }) => ("disk.rm", json!({ "name": name })),
+        VmfsCommand::Disk(DiskCommand::Rm { name }) => {
+            (DATASTORE_DISK_DELETE, json!({ "name": name }))
+        }
         VmfsCommand::Disk(DiskCommand::Resize { name, size }) => (
-            "disk.resize",
+            DATASTORE_DISK_RESIZE,
             json!({"name": name, "size": size_arg(size)?}),
         ),
         VmfsCommand::Mkfs { .. } | VmfsCommand::Fsck { .. } | VmfsCommand::Stats => {
@@ -485,7 +499,7 @@ fn mkfs(path: &Path, size: Option<&str>, force: bool, as_json: bool) -> Result<(
     let info = vmfs::admin::info(&ds).map_err(|e| fail(&e))?;
     ds.unmount().map_err(|e| fail(&e))?;
     let v = serde_json::to_value(info).map_err(|e| fail(&e))?;
-    print_value("info", &v, as_json);
+    print_value(DATASTORE_INFO, &v, as_json);
     Ok(())
 }
 

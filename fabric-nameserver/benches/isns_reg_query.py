@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 # Raw iSNSP load: N durable registrations (entity + target node + portal each) on one
 # connection, then single-name queries. Usage: isns_reg_query.py PORT N PREFIX
+# (against a running strata-nameserver or isnsd; isns-bench.rs beside it is the full benchmark)
 import socket,struct,sys,time
 def tlv(t,v): 
     v=v+b'\0'*((-len(v))%4); return struct.pack('>II',t,len(v))+v

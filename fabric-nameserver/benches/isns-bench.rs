@@ -11,12 +11,14 @@
 //! - memory per registered node: the server's RSS after loading `--big` nodes minus its RSS
 //!   when empty, divided by the number of nodes.
 //!
-//! Prints a table with strata/isnsd ratios and the targets; `--json FILE` keeps the
-//! figures. Needs `strata-nameserver` next to this binary (`cargo build --release -p
-//! fabric-nameserver -p strata-bench`) and `isnsd` (Debian open-isns-server) on PATH.
-//! A default run takes about two minutes.
+//! Prints a table with strata/isnsd ratios and the targets and keeps the figures as
+//! JSON in `results/isns-bench/isns-bench.json` at the workspace root (`--json FILE` to
+//! change it). A benchmark target of the name server's crate (cargo builds the release
+//! `strata-nameserver` it starts): `cargo bench -p fabric-nameserver --bench isns-bench [--
+//! ARGS]`. Needs `isnsd` (Debian open-isns-server) on PATH. A default run takes about two
+//! minutes. `isns_reg_query.py` next to it is the raw one-connection load in Python.
 
-use std::io::{BufRead, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -68,7 +70,7 @@ struct Cli {
     /// Servers to measure, comma-separated: strata, isnsd-file, isnsd-mem.
     #[arg(long, default_value = "strata,isnsd-file,isnsd-mem")]
     servers: String,
-    /// strata-nameserver binary (default: next to this one).
+    /// strata-nameserver binary (default: the one cargo built with this benchmark).
     #[arg(long)]
     nameserver: Option<PathBuf>,
     /// isnsd binary.
@@ -78,9 +80,29 @@ struct Cli {
     /// removed at the end). Durable rates depend on its file system.
     #[arg(long)]
     work_dir: Option<PathBuf>,
-    /// Write the figures as JSON to FILE.
+    /// Write the figures as JSON to FILE (default: results/isns-bench/isns-bench.json; a
+    /// relative FILE is taken from the workspace root, since cargo runs benchmarks in the
+    /// package's directory).
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+/// The workspace root (the benchmark's crate is one level below it).
+fn workspace_root() -> PathBuf {
+    let pkg = Path::new(env!("CARGO_MANIFEST_DIR"));
+    pkg.parent().unwrap_or(pkg).to_path_buf()
+}
+
+/// Where the figures go: `--json`, else results/isns-bench/isns-bench.json.
+fn json_path(cli: &Cli) -> PathBuf {
+    let root = workspace_root();
+    match &cli.json {
+        Some(p) => root.join(p),
+        None => root.join("results/isns-bench/isns-bench.json"),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,10 +155,7 @@ impl Server {
             Kind::Strata => {
                 let bin = match &cli.nameserver {
                     Some(p) => p.clone(),
-                    None => std::env::current_exe()?
-                        .parent()
-                        .context("no parent directory")?
-                        .join("strata-nameserver"),
+                    None => PathBuf::from(env!("CARGO_BIN_EXE_strata-nameserver")),
                 };
                 Command::new(&bin)
                     .args(["--listen", &addr.to_string(), "--data"])
@@ -215,17 +234,15 @@ impl Server {
         Ok(kb * 1024)
     }
 
-    /// strata's counters over its control socket (JSON-RPC `stats`).
+    /// strata's counters over its control socket (JSON-RPC `ns_stats`).
     fn strata_stats(&self) -> Option<serde_json::Value> {
-        let mut s =
-            std::os::unix::net::UnixStream::connect(self.dir.join("data/control.sock")).ok()?;
-        s.set_read_timeout(Some(REPLY_TIMEOUT)).ok()?;
-        let req = serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "stats", "params": {}});
-        writeln!(s, "{req}").ok()?;
-        let mut line = String::new();
-        std::io::BufReader::new(s).read_line(&mut line).ok()?;
-        let v: serde_json::Value = serde_json::from_str(&line).ok()?;
-        Some(v["result"].clone())
+        let limits = jsonrpc::ClientLimits {
+            timeout: REPLY_TIMEOUT,
+            ..Default::default()
+        };
+        let mut c =
+            jsonrpc::Client::connect_unix(&self.dir.join("data/control.sock"), limits).ok()?;
+        c.call("ns_stats", &jsonrpc::NoParams {}).ok()
     }
 }
 
@@ -564,7 +581,11 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(&base);
     }
     print_table(cli, &kinds, &figs);
-    if let Some(path) = &cli.json {
+    {
+        let path = &json_path(cli);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
+        }
         let servers: serde_json::Map<String, serde_json::Value> = kinds
             .iter()
             .zip(&figs)
@@ -576,6 +597,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         });
         std::fs::write(path, serde_json::to_vec_pretty(&v)?)
             .with_context(|| format!("{}", path.display()))?;
+        eprintln!("figures written to {}", path.display());
     }
     eprintln!("total {:.0}s", t0.elapsed().as_secs_f64());
     Ok(())
