@@ -12,6 +12,10 @@ mod metrics;
 mod ports;
 mod spec;
 
+/// The packet counters end to end (ports, control socket, metrics endpoint).
+#[cfg(all(test, feature = "packet"))]
+mod port_counters_tests;
+
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
