@@ -122,7 +122,7 @@ pub fn run(bench: &Bench<'_>) -> anyhow::Result<()> {
     );
     for label in &labels {
         let mine: Vec<&IsolationRun> = runs.iter().filter(|r| &r.label == label).collect();
-        let med = |f: fn(&IsolationRun) -> f64| median(mine.iter().map(|r| f(r)).collect());
+        let med = |f: fn(&IsolationRun) -> f64| report::median(mine.iter().map(|r| f(r)).collect());
         println!(
             "{:<12} {:>9.1} µs {:>9.1} µs {:>9.1} µs {:>9.1} µs {:>9.2}x {:>13.1} {:>13.1}",
             label,
@@ -154,19 +154,6 @@ pub fn run(bench: &Bench<'_>) -> anyhow::Result<()> {
         eprintln!("raw figures written to {}", path.display());
     }
     Ok(())
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(f64::total_cmp);
-    let m = v.len() / 2;
-    if v.len() % 2 == 1 {
-        v[m]
-    } else {
-        (v[m - 1] + v[m]) / 2.0
-    }
 }
 
 /// One fresh server: A alone, then A with B.

@@ -214,7 +214,8 @@ pub fn labels(systems: &[System]) -> [String; 2] {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// The median of `v` (0 for none; the mean of the middle two for an even count).
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
         return 0.0;
     }
