@@ -155,8 +155,10 @@ pub trait Poller: Send + std::fmt::Debug {
     /// all of one reap at once.
     fn complete(&mut self, _cx: &mut PollCx<'_>, _done: &[Completion]) {}
 
-    /// End of the loop iteration: publish what completed and notify. Returns true when
-    /// nothing is in flight (a stopping poller is removed then).
+    /// End of a loop iteration that did work (polled items or reaped completions, on any
+    /// poller), and of every iteration while a poller is being removed: publish what
+    /// completed and notify. Returns true when nothing is in flight (a stopping poller is
+    /// removed then).
     fn flush(&mut self) -> bool {
         true
     }
@@ -177,7 +179,7 @@ pub trait Poller: Send + std::fmt::Debug {
     fn end_sleep(&mut self) {}
 
     /// Whether the reactor should spin (up to its spin limit) for this poller's next work
-    /// before sleeping. Worth it for block and packet queues (µs and sub-µs work items); not
+    /// before sleeping (asked once, when the reactor takes the poller). Worth it for block and packet queues (µs and sub-µs work items); not
     /// for virtio-fs queues, whose requests cost µs of system calls each.
     fn spin(&self) -> bool {
         true

@@ -238,6 +238,8 @@ struct Entry {
     stopping: Stopping,
     /// Its poll took work in the current iteration (its batch needs ending).
     took: bool,
+    /// [`Poller::spin`], asked once when the poller is added.
+    spins: bool,
 }
 
 /// The removal state of a poller.
@@ -265,6 +267,12 @@ struct Reactor {
     /// Completions of requests backends finished on other threads (see `offload`); its posts
     /// wake this reactor through `wake`.
     offload: OffloadSink,
+    /// Pollers that want the reactor to spin before sleeping ([`Poller::spin`]): kept as a
+    /// count so an idle loop iteration does not ask every poller.
+    spinners: usize,
+    /// Pollers being removed: while there are none, an iteration without work skips the
+    /// pollers' flush (nothing completed, nothing to publish or to remove).
+    stopping: usize,
 }
 
 impl Reactor {
@@ -303,6 +311,8 @@ impl Reactor {
             round: Round::with_capacity(BATCHES_PER_ROUND),
             exiting: false,
             offload,
+            spinners: 0,
+            stopping: 0,
         })
     }
 
@@ -321,7 +331,9 @@ impl Reactor {
             // Offloaded requests finished elsewhere: reaped below like engine completions.
             self.offload.inject_into(&mut *self.engine);
             work += self.reap();
-            self.flush();
+            if work > 0 || self.stopping > 0 {
+                self.flush();
+            }
             let t1 = Instant::now();
             let spent = u64::try_from((t1 - t0).as_nanos()).unwrap_or(u64::MAX);
             if work > 0 {
@@ -337,7 +349,7 @@ impl Reactor {
                 std::thread::yield_now();
             }
             // Spin only for what gains from it (see Poller::spin).
-            let spin_for = if self.pollers.iter().flatten().any(|e| e.poller.spin()) {
+            let spin_for = if self.spinners > 0 {
                 SPIN_IDLE_MAX
             } else {
                 Duration::ZERO
@@ -360,6 +372,7 @@ impl Reactor {
                             // Nobody waits for it: drained, then dropped.
                             e.poller.stop();
                             e.stopping = Stopping::Discard;
+                            self.stopping += 1;
                         }
                     }
                 }
@@ -377,6 +390,7 @@ impl Reactor {
                         Some(e) => {
                             e.poller.stop();
                             e.stopping = Stopping::Reply(reply);
+                            self.stopping += 1;
                         }
                         None => tracing::error!(%device, index, "remove for a poller not here"),
                     }
@@ -420,6 +434,11 @@ impl Reactor {
         // Added after Shutdown: drained and dropped like the others, so the thread can exit.
         if self.exiting {
             poller.stop();
+            self.stopping += 1;
+        }
+        let spins = poller.spin();
+        if spins {
+            self.spinners += 1;
         }
         self.pollers[index] = Some(Entry {
             poller,
@@ -429,6 +448,7 @@ impl Reactor {
                 Stopping::No
             },
             took: false,
+            spins,
         });
     }
 
@@ -529,11 +549,18 @@ impl Reactor {
                 continue;
             }
             let Some(Entry {
-                poller, stopping, ..
+                poller,
+                stopping,
+                spins,
+                ..
             }) = slot.take()
             else {
                 continue;
             };
+            self.stopping -= 1;
+            if spins {
+                self.spinners -= 1;
+            }
             let fd = poller.wake_fd();
             if fd >= 0 {
                 let _ = self
