@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Issue 13 before/after: NEW = main after the re-layout, OLD = main at 35ee81c (before).
+# Issue 13 before/after, run from the repository root:
+#   OLD=/path/to/older/stratad bash results/strata-bench/issue13/bench.sh
+# NEW = this checkout's release stratad (cargo build --release -p stratad -p strata-bench),
+# OLD = a stratad built from main at 35ee81c (before the re-layout).
 set -u
-B=/work/target-main/release/strata-bench
-NEW=/work/target-main/release/stratad
-OLD=/work/target-before/release/stratad
-R=/work/main/results/strata-bench/issue13
-cd /work/main
+B=${B:-target/release/strata-bench}
+NEW=${NEW:-target/release/stratad}
+OLD=${OLD:?OLD=path of the older stratad build}
+R=${R:-results/strata-bench/issue13}
 echo "== null qd 1,32 polling, A=new B=old" 
 $B --backend null --client poll --qd 1,32 --rounds 3 --seconds 1.5 --warmup 0.5 \
    --compare stratad,stratad-b --stratad $NEW --stratad-b $OLD --quiet-wait 5 --retries 1 \
