@@ -326,12 +326,14 @@ fn qemu_hint(spec: &DiskSpec) -> String {
 /// due, looking every policy tick. One thread per daemon, whatever the number of disks and
 /// shares.
 fn spawn_committer(ds: Arc<Datastore>) -> std::io::Result<()> {
+    // The policy is set before serving starts and not changed after, so its tick is read
+    // once here rather than under the datastore lock on every round.
+    let tick = ds
+        .commit_policy()
+        .map_or(CommitPolicy::default().tick, |p| p.tick);
     std::thread::Builder::new()
         .name("vmfs-commit".into())
         .spawn(move || loop {
-            let tick = ds
-                .commit_policy()
-                .map_or(CommitPolicy::default().tick, |p| p.tick);
             std::thread::sleep(tick);
             if let Err(e) = ds.commit_if_due() {
                 tracing::error!(err = %e, "periodic commit failed");
