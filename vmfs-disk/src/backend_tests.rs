@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dataplane::engine::EngineKind;
-use dataplane::testing::{geometry, BlkHarness, DATA_AT, DEVICE};
+use dataplane::testing::{geometry, BlkHarness, Pending, DATA_AT, DEVICE};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_OUT};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
@@ -114,16 +114,31 @@ fn flush_completes_after_earlier_writes_and_makes_them_durable() {
 /// Requests submitted before a stop, each allocating, one per file block.
 const IN_FLIGHT: u64 = 8;
 
+/// Submits IN_FLIGHT allocating writes, request k filling file block k with k + 1.
+fn submit_allocating(h: &mut BlkHarness) -> Vec<Pending> {
+    (0..IN_FLIGHT)
+        .map(|k| {
+            let src = buffer(h, k);
+            h.submit(VIRTIO_BLK_T_OUT, sector(k), (src, 4096, false))
+        })
+        .collect()
+}
+
+/// Every request of `submit_allocating` completed OK and its block holds its data.
+fn assert_all_written(s: &Served, pending: Vec<Pending>) {
+    for (k, p) in pending.into_iter().enumerate() {
+        assert_eq!(s.h.completion(p).map(|c| c.1), Some(OK));
+        let mut back = vec![0u8; 4096];
+        s.ds.read(s.ino, k as u64 * FILE_BLOCK, &mut back).unwrap();
+        assert_eq!(back, vec![k as u8 + 1; 4096]);
+    }
+}
+
 #[test]
 fn stop_waits_for_offloaded_requests_and_the_sleeping_reactor_wakes_for_them() {
     let mut s = served();
     let pause = s.backend.worker().pause();
-    let pending: Vec<_> = (0..IN_FLIGHT)
-        .map(|k| {
-            let src = buffer(&s.h, k);
-            s.h.submit(VIRTIO_BLK_T_OUT, sector(k), (src, 4096, false))
-        })
-        .collect();
+    let pending = submit_allocating(&mut s.h);
     std::thread::sleep(SETTLE);
     let sleeps = s.h.reactor.stats.sleeps.load(Ordering::Relaxed);
     let link = s.h.reactor.link();
@@ -141,24 +156,14 @@ fn stop_waits_for_offloaded_requests_and_the_sleeping_reactor_wakes_for_them() {
     drop(pause);
     let run = rx.recv_timeout(Duration::from_secs(10)).unwrap();
     assert_eq!(run.next_used(), IN_FLIGHT as u16);
-    for (k, p) in pending.into_iter().enumerate() {
-        assert_eq!(s.h.completion(p).map(|c| c.1), Some(OK));
-        let mut back = vec![0u8; 4096];
-        s.ds.read(s.ino, k as u64 * FILE_BLOCK, &mut back).unwrap();
-        assert_eq!(back, vec![k as u8 + 1; 4096]);
-    }
+    assert_all_written(&s, pending);
 }
 
 #[test]
 fn shutdown_completes_offloaded_requests_first() {
     let mut s = served();
     let pause = s.backend.worker().pause();
-    let pending: Vec<_> = (0..IN_FLIGHT)
-        .map(|k| {
-            let src = buffer(&s.h, k);
-            s.h.submit(VIRTIO_BLK_T_OUT, sector(k), (src, 4096, false))
-        })
-        .collect();
+    let pending = submit_allocating(&mut s.h);
     std::thread::sleep(SETTLE);
     std::thread::scope(|scope| {
         let reactor = &mut s.h.reactor;
@@ -171,12 +176,7 @@ fn shutdown_completes_offloaded_requests_first() {
         drop(pause);
         t.join().unwrap();
     });
-    for (k, p) in pending.into_iter().enumerate() {
-        assert_eq!(s.h.completion(p).map(|c| c.1), Some(OK));
-        let mut back = vec![0u8; 4096];
-        s.ds.read(s.ino, k as u64 * FILE_BLOCK, &mut back).unwrap();
-        assert_eq!(back, vec![k as u8 + 1; 4096]);
-    }
+    assert_all_written(&s, pending);
 }
 
 #[test]
