@@ -1,0 +1,1 @@
+//! (being written: see the crate map in mod.rs)

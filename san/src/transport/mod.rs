@@ -1,0 +1,1 @@
+//! TCP for the SAN protocols (being written: see the crate map in lib.rs).
