@@ -8,9 +8,15 @@
 //! - [`share`]: virtio-fs shares: the fs guest's user and group files, the control socket's
 //!   stats, datastore listings, guest-script checks, a background fs guest.
 //! - [`vmfs`]: vmfs datastores made with `stratactl`, fsck, kill -9 of stratad.
+//! - [`iscsi`]: the iSCSI target under test (stratad, or tgtd as the reference peer, chosen by
+//!   `STRATA_ISCSI_TARGET`) and the iSNS name server (strata-nameserver).
+//! - [`iscsi_cu`]: libiscsi's conformance suite `iscsi-test-cu`: its output parsed per test,
+//!   the expected-results files (tests/expected/iscsi-test-cu/) and the comparison.
 
 pub mod daemon;
 pub mod e2e;
+pub mod iscsi;
+pub mod iscsi_cu;
 pub use test_guest as guest;
 pub mod share;
 pub mod vmfs;

@@ -38,6 +38,24 @@
 #     manifest     the fs recipe, the base manifest's and the inputs' checksums (cache key)
 # The kernel is the base guest's vmlinuz. Needs cargo/rustc and crates.io (pjdfstest) once.
 #
+# Variant `build-guest.sh --iscsi` (the iSCSI tests: the Linux initiator against Strata's target;
+# also built on demand by the harness for GuestVariant::Iscsi): builds the base guest, then
+# $GUEST_DIR/iscsi/ holding
+#     initrd.img   the base initramfs with a second newc archive appended, which adds:
+#                    the modules virtio_net (QEMU user networking: the host is 10.0.2.2),
+#                    iscsi_tcp and sd_mod with their dependencies, from the base guest's
+#                    kernel package (downloaded again), a modules.dep covering base and new
+#                    modules, and /etc/strata-modules listing both (the init loads them);
+#                    /usr/sbin/iscsiadm, /usr/sbin/iscsid   open-iscsi's initiator (package
+#                                            open-iscsi) with their shared libraries;
+#                    /etc/iscsi/iscsid.conf  manual node start-up, short login retries and
+#                                            replacement time-out (a refused login fails fast);
+#                    /etc/iscsi/initiatorname.iscsi   a default name; scripts overwrite it;
+#                    /etc/iscsi/{nodes,send_targets,isns}, /run/lock/iscsi   open-iscsi's
+#                                            state directories
+#     manifest     the iscsi recipe, the base manifest's checksum (cache key), open-iscsi's
+#                  version and the added modules
+#
 # Environment:
 #   STRATA_GUEST_DIR          cache directory (default $HOME/.cache/strata/guest)
 #   STRATA_GUEST_KERNEL_PKG   kernel package (default: what linux-image-amd64 depends on)
@@ -169,6 +187,134 @@ EOF
     log "fs variant done: $(tr '\n' ' ' <"$fs_dir/manifest")"
 }
 
+# --- iscsi variant (--iscsi) --------------------------------------------------------------------
+ISCSI_RECIPE="test-guest-iscsi-recipe-1"
+# Modules the iSCSI guest adds to the base set (dependencies follow from modprobe).
+ISCSI_MODULES="virtio_net iscsi_tcp sd_mod"
+
+iscsi_inputs_key() {
+    echo "recipe=$ISCSI_RECIPE"
+    echo "base_manifest_sha256=$(sha256sum <"$GUEST_DIR/manifest" | cut -d' ' -f1)"
+}
+
+iscsi_cache_complete() {
+    local dir="$GUEST_DIR/iscsi" line
+    [[ -f "$dir/manifest" && -f "$dir/initrd.img" ]] || return 1
+    while read -r line; do
+        grep -qxF "$line" "$dir/manifest" || return 1
+    done < <(iscsi_inputs_key)
+}
+
+build_iscsi_variant() {
+    local dir="$GUEST_DIR/iscsi"
+    if [[ "${STRATA_GUEST_REBUILD:-0}" != 1 ]] && iscsi_cache_complete; then
+        return 0
+    fi
+    exec 7>"$GUEST_DIR.iscsi.lock"
+    flock 7
+    if [[ "${STRATA_GUEST_REBUILD:-0}" != 1 ]] && iscsi_cache_complete; then
+        return 0
+    fi
+    log "building the iscsi variant in $dir"
+    if ! command -v iscsiadm >/dev/null || ! command -v iscsid >/dev/null; then
+        [[ $(id -u) -eq 0 ]] || die "need root to apt-get install open-iscsi"
+        log "installing open-iscsi"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends open-iscsi \
+            >/dev/null 2>&1 || {
+            apt-get update -qq
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+                open-iscsi >/dev/null
+        }
+    fi
+    local kpkg kver
+    kpkg=$(sed -n 's/^kernel_package=//p' "$GUEST_DIR/manifest")
+    kver=$(sed -n 's/^kernel_release=//p' "$GUEST_DIR/manifest")
+    [[ -n "$kpkg" && -n "$kver" ]] || die "no kernel in $GUEST_DIR/manifest"
+
+    local work
+    work=$(mktemp -d "${GUEST_DIR}.iscsibuild.XXXXXX")
+    # shellcheck disable=SC2064
+    trap "rm -rf '$work'" EXIT
+    (cd "$work" && apt-get download -q "$kpkg" >/dev/null 2>&1) ||
+        { apt-get update -qq && (cd "$work" && apt-get download -q "$kpkg" >/dev/null); }
+    dpkg-deb -x "$work"/linux-image-*.deb "$work/kernel"
+    rm -f "$work"/linux-image-*.deb
+    depmod -b "$work/kernel" "$kver"
+
+    # The base guest's modules and their list, so the new list extends it and one depmod
+    # covers both.
+    local root="$work/root" moddir="lib/modules/$kver"
+    mkdir -p "$root"
+    (cd "$root" && cpio -id --quiet 'lib/modules/*' 'etc/strata-modules' <"$GUEST_DIR/initrd.img")
+    [[ -f "$root/etc/strata-modules" ]] || die "no etc/strata-modules in the base initramfs"
+    local mod ko rel added=()
+    for mod in $ISCSI_MODULES; do
+        while read -r ko; do
+            rel="${ko#"$work"/kernel/}"
+            if ! grep -qx "/$rel" "$root/etc/strata-modules"; then
+                mkdir -p "$root/$(dirname "$rel")"
+                cp "$ko" "$root/$rel"
+                echo "/$rel" >>"$root/etc/strata-modules"
+                added+=("$(basename "$rel")")
+            fi
+        done < <(modprobe --show-depends -d "$work/kernel" -S "$kver" "$mod" |
+            awk '$1 == "insmod" {print $2}')
+    done
+    grep -q iscsi_tcp "$root/etc/strata-modules" || die "iscsi_tcp module not found"
+    depmod -b "$root" "$kver"
+
+    mkdir -p "$root"/{usr/sbin,etc/iscsi/nodes,etc/iscsi/send_targets,etc/iscsi/isns,run/lock/iscsi}
+    local bin lib
+    for bin in iscsiadm iscsid; do
+        cp -L "$(command -v "$bin")" "$root/usr/sbin/$bin"
+        { ldd "$(command -v "$bin")" 2>/dev/null || true; } |
+            awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}' |
+            while read -r lib; do
+                mkdir -p "$root$(dirname "$lib")"
+                cp -L "$lib" "$root$lib"
+            done
+    done
+    cat >"$root/etc/iscsi/iscsid.conf" <<'EOF'
+# Strata's iSCSI test guest: the test script starts iscsid itself; nodes log in only when
+# asked; a refused or lost login fails within seconds instead of retrying for minutes.
+iscsid.startup = /usr/sbin/iscsid
+node.startup = manual
+node.session.timeo.replacement_timeout = 5
+node.conn[0].timeo.login_timeout = 10
+node.conn[0].timeo.logout_timeout = 10
+node.conn[0].timeo.noop_out_interval = 5
+node.conn[0].timeo.noop_out_timeout = 5
+node.session.initial_login_retry_max = 1
+node.session.cmds_max = 128
+node.session.queue_depth = 32
+node.session.iscsi.InitialR2T = No
+node.session.iscsi.ImmediateData = Yes
+node.session.iscsi.FirstBurstLength = 262144
+node.session.iscsi.MaxBurstLength = 16776192
+node.conn[0].iscsi.MaxRecvDataSegmentLength = 262144
+discovery.sendtargets.iscsi.MaxRecvDataSegmentLength = 32768
+node.session.scan = auto
+EOF
+    echo "InitiatorName=iqn.2026-12.org.strata:test-guest" >"$root/etc/iscsi/initiatorname.iscsi"
+
+    (cd "$root" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --quiet -R 0:0) \
+        >"$work/overlay.cpio"
+    cat "$GUEST_DIR/initrd.img" "$work/overlay.cpio" >"$work/initrd.img"
+    {
+        iscsi_inputs_key
+        echo "open-iscsi=$(dpkg-query -W -f='${Version}' open-iscsi 2>/dev/null || echo unknown)"
+        echo "modules_added=${added[*]}"
+        echo "initrd_bytes=$(stat -c %s "$work/initrd.img")"
+    } >"$work/manifest"
+    mkdir -p "$dir"
+    rm -f "$dir/manifest"
+    mv "$work/initrd.img" "$dir/initrd.img"
+    mv "$work/manifest" "$dir/manifest"
+    rm -rf "$work"
+    trap - EXIT
+    log "iscsi variant done: $(tr '\n' ' ' <"$dir/manifest")"
+}
+
 case "${1:-}" in
     "") ;;
     --fs)
@@ -176,7 +322,12 @@ case "${1:-}" in
         build_fs_variant
         exit 0
         ;;
-    *) die "unknown argument $1 (usage: build-guest.sh [--fs])" ;;
+    --iscsi)
+        bash "${BASH_SOURCE[0]}" # the base guest first (a no-op when cached)
+        build_iscsi_variant
+        exit 0
+        ;;
+    *) die "unknown argument $1 (usage: build-guest.sh [--fs|--iscsi])" ;;
 esac
 
 cache_complete() {

@@ -51,6 +51,22 @@ pub enum GuestVariant {
     /// config, test users (alice 1000, bob 1001, tests, nobody), setfacl/getfacl and
     /// strata-fsutil. Same kernel; the cache is `<guest dir>/fs/`.
     Fs,
+    /// The base plus the iSCSI initiator (`build-guest.sh --iscsi`): the virtio_net, iscsi_tcp
+    /// and sd_mod modules (loaded at boot), open-iscsi's iscsiadm and iscsid with their
+    /// libraries and /etc/iscsi. Boot it with [`crate::VmConfig::net`] so the guest reaches
+    /// the host at 10.0.2.2. Same kernel; the cache is `<guest dir>/iscsi/`.
+    Iscsi,
+}
+
+impl GuestVariant {
+    /// The variant's build-script flag and cache subdirectory (`None` for the base guest).
+    fn flag_and_dir(self) -> Option<(&'static str, &'static str)> {
+        match self {
+            GuestVariant::Base => None,
+            GuestVariant::Fs => Some(("--fs", "fs")),
+            GuestVariant::Iscsi => Some(("--iscsi", "iscsi")),
+        }
+    }
 }
 
 /// Makes sure the base guest is built (runs build-guest.sh, which returns at once when the
@@ -61,12 +77,14 @@ pub fn ensure_guest() -> Result<GuestImage> {
 }
 
 /// [`ensure_guest`] for a given [`GuestVariant`] (`Fs` runs `build-guest.sh --fs`: the first
-/// time on a machine it builds pjdfstest from crates.io, a few minutes).
+/// time on a machine it builds pjdfstest from crates.io, a few minutes; `Iscsi` runs
+/// `build-guest.sh --iscsi`, which downloads the kernel package once more for its modules).
 pub fn ensure_guest_variant(variant: GuestVariant) -> Result<GuestImage> {
-    static BUILT: Mutex<[Option<GuestImage>; 2]> = Mutex::new([None, None]);
+    static BUILT: Mutex<[Option<GuestImage>; 3]> = Mutex::new([None, None, None]);
     let slot = match variant {
         GuestVariant::Base => 0,
         GuestVariant::Fs => 1,
+        GuestVariant::Iscsi => 2,
     };
     let mut built = BUILT
         .lock()
@@ -76,14 +94,14 @@ pub fn ensure_guest_variant(variant: GuestVariant) -> Result<GuestImage> {
     }
     let dir = guest_dir();
     run_build_script(&dir, variant)?;
-    let image = match variant {
-        GuestVariant::Base => load(&dir)?,
-        GuestVariant::Fs => {
+    let image = match variant.flag_and_dir() {
+        None => load(&dir)?,
+        Some((flag, sub)) => {
             let base = load(&dir)?;
-            let fs = load_fs(&dir.join("fs"))?;
+            let overlay = load_variant(&dir.join(sub), flag)?;
             GuestImage {
                 kernel: base.kernel,
-                ..fs
+                ..overlay
             }
         }
     };
@@ -95,8 +113,8 @@ fn run_build_script(dir: &Path, variant: GuestVariant) -> Result<()> {
     let started = Instant::now();
     let mut cmd = Command::new("bash");
     cmd.arg(BUILD_SCRIPT);
-    if variant == GuestVariant::Fs {
-        cmd.arg("--fs");
+    if let Some((flag, _)) = variant.flag_and_dir() {
+        cmd.arg(flag);
     }
     let mut child = cmd
         .env("STRATA_GUEST_DIR", dir)
@@ -148,12 +166,13 @@ fn load(dir: &Path) -> Result<GuestImage> {
     })
 }
 
-/// The fs variant's initramfs and manifest (its kernel is the base guest's).
-fn load_fs(dir: &Path) -> Result<GuestImage> {
+/// A variant's initramfs and manifest (its kernel is the base guest's); `flag` is the build
+/// script's flag that makes it.
+fn load_variant(dir: &Path, flag: &str) -> Result<GuestImage> {
     let initrd = dir.join("initrd.img");
     if !initrd.is_file() {
         return Err(GuestError::Build(format!(
-            "{} missing after build-guest.sh --fs",
+            "{} missing after build-guest.sh {flag}",
             initrd.display()
         )));
     }

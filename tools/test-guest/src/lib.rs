@@ -9,7 +9,8 @@
 //! - [`image`]: [`ensure_guest`] runs the build script (a no-op once the cache is complete) and
 //!   returns the [`GuestImage`] (kernel + initramfs paths); [`ensure_guest_variant`] does the
 //!   same for a [`GuestVariant`].
-//! - [`vm`]: [`VmConfig`] (vCPUs, memory, [`BlkDevice`]s, [`FsDevice`]s, time-out) and
+//! - [`vm`]: [`VmConfig`] (vCPUs, memory, [`BlkDevice`]s, [`FsDevice`]s, a user-mode NIC,
+//!   time-out) and
 //!   [`VmConfig::run_script`], which boots QEMU, runs a script in the guest and returns a
 //!   [`GuestRun`]: the script's exit code and output and the serial console log. QEMU is killed
 //!   at the time-out, or earlier when the watch of [`VmConfig::run_script_watched`] fails (e.g.
@@ -20,6 +21,9 @@
 //!   and [`FsReport`], which parses their output (pjdfstest's summary and failures, ops/s per
 //!   metadata phase, fio IOPS). A VM with fs devices boots the fs variant of the guest
 //!   ([`GuestVariant::Fs`], `build-guest.sh --fs`: pjdfstest, test users, setfacl/getfacl).
+//!   The iSCSI tests boot [`GuestVariant::Iscsi`] (`build-guest.sh --iscsi`: open-iscsi's
+//!   iscsiadm/iscsid, the iscsi_tcp and virtio_net modules) with [`VmConfig::net`], QEMU's
+//!   user-mode network on which the host is 10.0.2.2.
 //! - [`virtiofsd`]: [`Virtiofsd`], the reference vhost-user-fs back-end (virtiofsd 1.14.0,
 //!   installed by `tools/install-virtiofsd.sh`), started fresh per boot.
 //! - [`scratch`]: [`ScratchDir`], a self-removing temporary directory for images, sockets and

@@ -97,6 +97,10 @@ pub struct VmConfig {
     /// The initramfs; `None` picks [`GuestVariant::Fs`] when there are fs devices, else
     /// [`GuestVariant::Base`].
     pub variant: Option<GuestVariant>,
+    /// A virtio-net NIC on QEMU's user-mode network (slirp): the guest is 10.0.2.15/24 once
+    /// its script configures eth0, and 10.0.2.2 is the host's loopback (a target listening on
+    /// 127.0.0.1 is reachable there). No host-side set-up and no root needed.
+    pub net: bool,
 }
 
 impl Default for VmConfig {
@@ -114,6 +118,7 @@ impl Default for VmConfig {
             extra_kernel_args: Vec::new(),
             extra_qemu_args: Vec::new(),
             variant: None,
+            net: false,
         }
     }
 }
@@ -188,6 +193,12 @@ impl VmConfig {
     /// Sets the hard time-out.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// Adds the user-mode network NIC (see [`VmConfig::net`]).
+    pub fn net(mut self) -> Self {
+        self.net = true;
         self
     }
 
@@ -288,6 +299,13 @@ impl VmConfig {
                 device.push_str(&format!(",queue-size={size}"));
             }
             push(&device);
+        }
+        if self.net {
+            push("-netdev");
+            push("user,id=net0");
+            push("-device");
+            // No option ROM: the guest boots with -kernel and never PXE-boots.
+            push("virtio-net-pci,netdev=net0,romfile=");
         }
         for extra in &self.extra_qemu_args {
             push(extra);
@@ -544,5 +562,16 @@ mod tests {
         assert_eq!(VmConfig::new().image_variant(), GuestVariant::Base);
         assert!(joined.contains("name=opt/strata/script,file=/r/script.sh"));
         assert!(cfg.kernel_cmdline().contains("strata.disks=1"));
+        assert!(!joined.contains("-netdev"));
+        let net = VmConfig::new().net().variant(GuestVariant::Iscsi);
+        let joined = net
+            .qemu_args(&image, &files)
+            .into_iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(joined.contains("-netdev user,id=net0"), "{joined}");
+        assert!(joined.contains("virtio-net-pci,netdev=net0"), "{joined}");
+        assert_eq!(net.image_variant(), GuestVariant::Iscsi);
     }
 }
