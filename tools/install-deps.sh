@@ -8,6 +8,9 @@
 #   busybox (static), cpio, depmod/modprobe   guest build     (busybox-static, cpio, kmod)
 #   isnsadm, tgtd/tgtadm, iscsi-inq   name server's real clients (open-isns-utils, tgt,
 #                             libiscsi-bin; isnsd from open-isns-server as reference server)
+#   iscsi-test-cu, iscsiadm/iscsid   the iSCSI target's peers: libiscsi's conformance suite
+#                             (libiscsi-bin) and open-iscsi, copied into the iscsi test guest
+#                             (build-guest.sh --iscsi); tgtd is the reference target
 #   clang, linux/bpf.h + bpf/bpf_helpers.h   the XDP programs of ebpf/ (clang, libbpf-dev; not
 #                             needed by a stratad built without its `packet` feature)
 #   ip, ping                  namespaces and veth pairs of the steering tests (iproute2,
@@ -101,7 +104,8 @@ pkgs=()
 have isnsadm || pkgs+=(open-isns-utils)
 have isnsd || pkgs+=(open-isns-server)
 { have tgtd && have tgtadm; } || pkgs+=(tgt)
-have iscsi-inq || pkgs+=(libiscsi-bin)
+{ have iscsi-inq && have iscsi-test-cu; } || pkgs+=(libiscsi-bin)
+{ have iscsiadm && have iscsid; } || pkgs+=(open-iscsi)
 apt_install "${pkgs[@]}"
 
 # --- packet path (ebpf/ build, steering tests, pps benchmark) ----------------------------------
@@ -124,6 +128,6 @@ done
 apt_install "${pkgs[@]}"
 
 for tool in qemu-system-x86_64 qemu-storage-daemon qemu-img fio cpio depmod \
-    isnsadm isnsd tgtd tgtadm iscsi-inq clang ip ping setfacl getfacl; do
+    isnsadm isnsd tgtd tgtadm iscsi-inq iscsi-test-cu iscsiadm iscsid clang ip ping setfacl getfacl; do
     have "$tool" || { log "error: $tool still missing"; exit 1; }
 done

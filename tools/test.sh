@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Strata's full check, as CI runs it (.ci/run) and as the README's test command:
 #   1. installs what the tests need (tools/install-deps.sh: QEMU, fio, guest build tools),
-#   2. builds the cached test guest and its fs variant (tools/test-guest/build-guest.sh --fs: the
-#      base guest, then pjdfstest via tools/test-guest/build-pjdfstest.sh, the test users and the
-#      acl tools for the virtio-fs share tests; a no-op once built),
+#   2. builds the cached test guest and its fs and iscsi variants (tools/test-guest/build-guest.sh
+#      --fs: the base guest, then pjdfstest via tools/test-guest/build-pjdfstest.sh, the test
+#      users and the acl tools for the virtio-fs share tests; --iscsi: open-iscsi and the
+#      iscsi_tcp/virtio_net modules for the Linux-initiator test; a no-op once built),
 #   3. cargo fmt --check, clippy (-D warnings), the release stratad, and every test in release
-#      mode (the guest and blkio tests drive the release stratad), the libraries' unit and
+#      mode (the guest and blkio tests drive the release stratad; the iSCSI target's peer
+#      tests, tests/tests/iscsi_*.rs, run libiscsi's iscsi-test-cu (~20 s) and the Linux
+#      initiator in the iscsi guest (~30 s) against stratad's target), the libraries' unit and
 #      property tests again with overflow checks (profile checked), the DPDK-feature tests,
 #   4. last, the fuzz smoke: every fuzz target (fuzz/README.md) for 30 s; a crash fails the run
 #      and leaves its input in fuzz/artifacts/.
@@ -18,8 +21,9 @@ step() { printf '\n==> %s\n' "$*"; }
 step "installing dependencies"
 bash tools/install-deps.sh
 
-step "building the test guest (base and fs variants)"
+step "building the test guest (base, fs and iscsi variants)"
 bash tools/test-guest/build-guest.sh --fs
+bash tools/test-guest/build-guest.sh --iscsi
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

@@ -376,6 +376,9 @@ pub fn nameserver_bin() -> PathBuf {
     .clone()
 }
 
+/// The name server's control node in the tests (may register and zone other nodes).
+pub const ADMIN_NODE: &str = "iqn.2026-12.org.strata.test:admin";
+
 /// A strata-nameserver on a free loopback port; killed on drop.
 #[derive(Debug)]
 pub struct NameServer {
@@ -387,13 +390,15 @@ pub struct NameServer {
 }
 
 impl NameServer {
-    /// Starts a name server keeping its state in `data`; waits for its listener and control
-    /// socket.
+    /// Starts a name server keeping its state in `data`, with [`ADMIN_NODE`] as its control
+    /// node (so [`NameServer::register_initiator`] may register others); waits for its
+    /// listener and control socket.
     pub fn start(data: &Path) -> anyhow::Result<Self> {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let child = Command::new(nameserver_bin())
             .args(["--listen", &addr.to_string(), "--data"])
             .arg(data)
+            .args(["--control-node", ADMIN_NODE])
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -439,6 +444,35 @@ impl NameServer {
             Some(r) => Ok(r.clone()),
             None => bail!("{method}: {reply}"),
         }
+    }
+
+    /// Registers initiator `name` (as open-iscsi's iscsid would if it spoke iSNS: `iscsiadm`
+    /// registers only for the time of a discovery and deregisters after it, and a target with
+    /// iSNS access control, such as tgtd, admits only registered initiators of its domains).
+    /// Uses open-isns's `isnsadm` as the control node.
+    pub fn register_initiator(&self, name: &str) -> anyhow::Result<()> {
+        let conf = self.data.join("isnsadm.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "ServerAddress = {}\nSourceName = {ADMIN_NODE}\nSecurity = 0\n",
+                self.addr
+            ),
+        )?;
+        let o = Command::new("isnsadm")
+            .arg("-c")
+            .arg(&conf)
+            .args(["--register", &format!("initiator={name}")])
+            .output()
+            .context("run isnsadm")?;
+        if !o.status.success() {
+            bail!(
+                "isnsadm --register initiator={name}: {}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        Ok(())
     }
 
     /// Whether a node named `name` is registered.

@@ -43,7 +43,7 @@
 # $GUEST_DIR/iscsi/ holding
 #     initrd.img   the base initramfs with a second newc archive appended, which adds:
 #                    the modules virtio_net (QEMU user networking: the host is 10.0.2.2),
-#                    iscsi_tcp and sd_mod with their dependencies, from the base guest's
+#                    iscsi_tcp, sd_mod and crc32c_generic with their dependencies, from the base guest's
 #                    kernel package (downloaded again), a modules.dep covering base and new
 #                    modules, and /etc/strata-modules listing both (the init loads them);
 #                    /usr/sbin/iscsiadm, /usr/sbin/iscsid   open-iscsi's initiator (package
@@ -188,9 +188,10 @@ EOF
 }
 
 # --- iscsi variant (--iscsi) --------------------------------------------------------------------
-ISCSI_RECIPE="test-guest-iscsi-recipe-1"
-# Modules the iSCSI guest adds to the base set (dependencies follow from modprobe).
-ISCSI_MODULES="virtio_net iscsi_tcp sd_mod"
+ISCSI_RECIPE="test-guest-iscsi-recipe-2"
+# Modules the iSCSI guest adds to the base set (dependencies follow from modprobe); iscsi_tcp
+# allocates a crc32c hash per connection (for digests) and fails with ENOMEM without one.
+ISCSI_MODULES="virtio_net iscsi_tcp sd_mod crc32c_generic"
 
 iscsi_inputs_key() {
     echo "recipe=$ISCSI_RECIPE"
