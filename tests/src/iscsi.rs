@@ -189,7 +189,11 @@ impl IscsiTarget {
                 bail!("{} exited before its portal came up", self.kind.name());
             }
             if Instant::now() > deadline {
-                bail!("{} portal {} did not come up", self.kind.name(), self.portal);
+                bail!(
+                    "{} portal {} did not come up",
+                    self.kind.name(),
+                    self.portal
+                );
             }
             std::thread::sleep(POLL);
         }

@@ -218,7 +218,8 @@ pub fn parse(output: &str) -> Report {
             let cols: Vec<&str> = line.split_whitespace().collect();
             if cols.first() == Some(&"tests") && cols.len() >= 5 {
                 let n = |i: usize| cols[i].parse::<u32>().ok();
-                if let (Some(total), Some(ran), Some(passed), Some(failed)) = (n(1), n(2), n(3), n(4))
+                if let (Some(total), Some(ran), Some(passed), Some(failed)) =
+                    (n(1), n(2), n(3), n(4))
                 {
                     report.summary = Some(Summary {
                         total,
@@ -312,8 +313,9 @@ pub fn compare(report: &Report, expected: &BTreeMap<String, Expected>) -> Diff {
     }
     for name in expected.keys() {
         if !seen.contains(name.as_str()) {
-            diff.errors
-                .push(format!("{name}: expected but not run (missing from the output)"));
+            diff.errors.push(format!(
+                "{name}: expected but not run (missing from the output)"
+            ));
         }
     }
     diff
@@ -373,8 +375,12 @@ Run Summary:    Type  Total    Ran Passed Failed Inactive
             ]
         );
         assert_eq!(r.results[0].message, "COMPAREANDWRITE is not implemented.");
-        assert!(r.results[2].message.starts_with("GET_LBA_STATUS successful"));
-        assert!(r.results[6].message.contains("test_iscsi_datasn_invalid.c:98"));
+        assert!(r.results[2]
+            .message
+            .starts_with("GET_LBA_STATUS successful"));
+        assert!(r.results[6]
+            .message
+            .contains("test_iscsi_datasn_invalid.c:98"));
         assert_eq!(
             r.summary,
             Some(Summary {
@@ -399,7 +405,10 @@ Run Summary:    Type  Total    Ran Passed Failed Inactive
     fn expected_file_round_trips_and_compares() {
         let r = parse(SAMPLE);
         let text = r.render_expected("tgtd reference\n\nline two");
-        assert!(text.starts_with("# tgtd reference\n#\n# line two\n"), "{text}");
+        assert!(
+            text.starts_with("# tgtd reference\n#\n# line two\n"),
+            "{text}"
+        );
         let exp = parse_expected(&text).unwrap();
         assert_eq!(exp.len(), 7);
         let d = compare(&r, &exp);

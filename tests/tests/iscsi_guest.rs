@@ -148,8 +148,7 @@ fn guest_discovers_through_isns_logs_in_and_verifies() {
             serde_json::json!({"name": "guest-zone", "members": [TARGET_IQN, INSIDE]}),
         )
         .expect("create the discovery domain");
-        ns.register_initiator(INSIDE)
-            .expect("register initiator A");
+        ns.register_initiator(INSIDE).expect("register initiator A");
 
         let fio = FioJob::new("iscsi", "/dev/sda", "randwrite", "4k-64k")
             .size("32M")
@@ -171,7 +170,10 @@ fn guest_discovers_through_isns_logs_in_and_verifies() {
         let run = cfg
             .run_script_watched(&script, || {
                 if exited(pid) {
-                    Err(format!("{} (pid {pid}) exited during the guest run", kind.name()))
+                    Err(format!(
+                        "{} (pid {pid}) exited during the guest run",
+                        kind.name()
+                    ))
                 } else {
                     Ok(())
                 }

@@ -33,6 +33,7 @@
 
 mod histogram;
 mod image;
+mod iscsi;
 mod isolation;
 mod load;
 mod plot;
@@ -79,6 +80,7 @@ const EXIT_INTERRUPTED: u8 = 130;
 enum Scenario {
     Sweep,
     Isolation,
+    Iscsi,
 }
 
 /// Which client modes / backends to run.
@@ -157,6 +159,9 @@ struct Cli {
     /// allocating random writes (thin, never written, qd `--interferer-qd`), see isolation.rs.
     #[arg(long, value_enum, default_value = "sweep")]
     scenario: Scenario,
+    /// iSCSI scenario: the targets compared, alternating (`stratad`, `tgtd`).
+    #[arg(long, value_delimiter = ',', default_value = "stratad,tgtd")]
+    iscsi_targets: Vec<String>,
     /// Isolation: requests in flight on disk B.
     #[arg(long, default_value_t = 32)]
     interferer_qd: u32,
@@ -373,6 +378,54 @@ fn run() -> anyhow::Result<()> {
         cli.qsd.clone()
     };
 
+    if cli.scenario == Scenario::Iscsi {
+        let targets = cli
+            .iscsi_targets
+            .iter()
+            .map(|t| match t.as_str() {
+                "stratad" => Ok(iscsi::Target::Stratad),
+                "tgtd" => Ok(iscsi::Target::Tgtd),
+                other => Err(anyhow::anyhow!("--iscsi-targets: unknown target {other}")),
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let base = cli.work_dir.clone().unwrap_or_else(default_work_base);
+        let tmp = TempDir::new(&base)?;
+        let image = match &cli.image {
+            Some(p) => p.clone(),
+            None => tmp.0.join("lun.img"),
+        };
+        if !image.exists() {
+            image::create(&image, cli.image_mib)?;
+        }
+        eprintln!(
+            "iSCSI LUN {} (tmpfs: {})",
+            image.display(),
+            is_tmpfs(&image)
+        );
+        let plan = iscsi::Plan {
+            stratad: &stratad_bin,
+            image: &image,
+            targets: &targets,
+            qds: &cli.qd,
+            rounds: cli.rounds,
+            warmup: Duration::from_secs_f64(cli.warmup),
+            seconds: Duration::from_secs_f64(cli.seconds),
+            server_cpu: cli.server_cpu,
+            client_cpu: cli.client_cpu,
+            max_other: cli.max_other,
+            retries: cli.retries,
+            seed: cli.seed,
+            wait_quiet: &|| wait_quiet(&cli),
+        };
+        let runs = iscsi::run(&plan)?;
+        if let Some(path) = &cli.json {
+            let doc = serde_json::json!({ "settings": cli_json(&cli), "iscsi_runs": runs });
+            std::fs::write(path, serde_json::to_string_pretty(&doc)?)
+                .with_context(|| format!("write {}", path.display()))?;
+            eprintln!("raw figures written to {}", path.display());
+        }
+        return Ok(());
+    }
     if cli.scenario == Scenario::Isolation {
         if cli
             .compare
@@ -549,6 +602,32 @@ fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Waits (up to `--quiet-wait` seconds) until the server and client CPUs are no busier than
+/// `--max-other`, so that runs start on a quiet machine.
+fn wait_quiet(cli: &Cli) -> anyhow::Result<()> {
+    let mut cpus = SystemCpu::open(&[cli.server_cpu, cli.client_cpu])?;
+    let deadline = Instant::now() + Duration::from_secs_f64(cli.quiet_wait);
+    let mut told = false;
+    loop {
+        let t0 = Instant::now();
+        let a = cpus.read()?;
+        std::thread::sleep(QUIET_PROBE);
+        let b = cpus.read()?;
+        let span = t0.elapsed().as_secs_f64() * cpus.cpu_count() as f64;
+        let busy = 100.0 * b.busy.saturating_sub(a.busy).as_secs_f64() / span;
+        if busy <= cli.max_other || Instant::now() >= deadline {
+            return Ok(());
+        }
+        if STOP.load(Ordering::Relaxed) {
+            bail!("interrupted");
+        }
+        if !told {
+            eprintln!("    waiting for the CPUs to go quiet ({busy:.0}% busy)");
+            told = true;
+        }
+    }
+}
+
 /// What every measurement shares.
 #[derive(Debug)]
 struct Bench<'a> {
@@ -564,28 +643,7 @@ impl Bench<'_> {
     /// Waits (up to `--quiet-wait` seconds) until the server and client CPUs are no busier than
     /// `--max-other`, so that runs start on a quiet machine.
     fn wait_quiet(&self) -> anyhow::Result<()> {
-        let cli = self.cli;
-        let mut cpus = SystemCpu::open(&[cli.server_cpu, cli.client_cpu])?;
-        let deadline = Instant::now() + Duration::from_secs_f64(cli.quiet_wait);
-        let mut told = false;
-        loop {
-            let t0 = Instant::now();
-            let a = cpus.read()?;
-            std::thread::sleep(QUIET_PROBE);
-            let b = cpus.read()?;
-            let span = t0.elapsed().as_secs_f64() * cpus.cpu_count() as f64;
-            let busy = 100.0 * b.busy.saturating_sub(a.busy).as_secs_f64() / span;
-            if busy <= cli.max_other || Instant::now() >= deadline {
-                return Ok(());
-            }
-            if STOP.load(Ordering::Relaxed) {
-                bail!("interrupted");
-            }
-            if !told {
-                eprintln!("    waiting for the CPUs to go quiet ({busy:.0}% busy)");
-                told = true;
-            }
-        }
+        wait_quiet(self.cli)
     }
 
     /// Starts a fresh server, runs the load once, stops the server.
