@@ -28,6 +28,13 @@
 //!
 //! With no targets nothing is registered (a new entity must contain its source node, RFC
 //! 4171 §5.6.5.1); removing the last target deregisters the entity.
+//!
+//! Files: this one (the API: [`IsnsClient`], [`EntityInfo`], [`Timing`], errors, what the
+//! threads share); `worker` (registration state, the messages, the maintenance rounds);
+//! `access` ([`DdAccess`]: visibility queries and their cache); `inbound` (the ESI/SCN
+//! port); `conn` (one request/response connection with deadlines). Calls run one way:
+//! this file → `worker`, `access` → `conn` → [`crate::wire`]; this file → `inbound` →
+//! [`crate::wire`].
 
 mod access;
 mod conn;
@@ -203,6 +210,8 @@ struct Shared {
     /// Moves when what initiators may see can have changed (SCN, registration, targets).
     generation: AtomicU64,
     stop: AtomicBool,
+    /// Mirror of the registration state's flag, readable without waiting for a round.
+    registered: AtomicBool,
     stats: Stats,
 }
 
@@ -266,7 +275,8 @@ fn listen(server: SocketAddr, port: u16) -> Result<TcpListener, ClientError> {
     } else {
         Ipv6Addr::UNSPECIFIED.into()
     };
-    let l = TcpListener::bind((any, port)).map_err(|source| ClientError::Listen { port, source })?;
+    let l =
+        TcpListener::bind((any, port)).map_err(|source| ClientError::Listen { port, source })?;
     l.set_nonblocking(true)
         .map_err(|source| ClientError::Listen { port, source })?;
     Ok(l)
@@ -339,6 +349,7 @@ impl IsnsClient {
             eid: RwLock::new(entity.eid.clone()),
             generation: AtomicU64::new(0),
             stop: AtomicBool::new(false),
+            registered: AtomicBool::new(false),
             stats: Stats::default(),
         });
         let worker = Arc::new(Worker {
@@ -456,7 +467,7 @@ impl IsnsClient {
     pub fn stats(&self) -> ClientStats {
         let s = &self.worker.shared.stats;
         ClientStats {
-            registered: self.worker.lock().registered,
+            registered: self.worker.shared.registered.load(Ordering::SeqCst),
             registrations: s.registrations.get(),
             checks: s.checks.get(),
             esi_answered: s.esi.get(),
@@ -495,6 +506,10 @@ impl IsnsClient {
         }
         let r = self.worker.deregister_entity(&mut st, &source);
         st.conn = None;
+        self.worker
+            .shared
+            .registered
+            .store(st.registered, Ordering::SeqCst);
         r
     }
 }

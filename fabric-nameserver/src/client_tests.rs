@@ -251,7 +251,10 @@ fn other_messages_and_garbage_do_not_stop_the_port() {
     let bytes = crate::wire::split_pdus(func::DEV_ATTR_QRY, FLAG_CLIENT, 4, &w, 8000);
     let (h, p) = exchange(port.port, &bytes);
     assert_eq!(h.function, func::DEV_ATTR_QRY | 0x8000);
-    assert_eq!(response_status(&p).unwrap(), Status::MessageNotSupported as u32);
+    assert_eq!(
+        response_status(&p).unwrap(),
+        Status::MessageNotSupported as u32
+    );
     // Garbage, a silent connection and a truncated one: the port still answers ESI after.
     let mut s = TcpStream::connect(("127.0.0.1", port.port)).unwrap();
     s.write_all(&[0xff; 40]).unwrap();

@@ -42,7 +42,8 @@ impl Conn {
     pub fn connect(server: SocketAddr, timeout: Duration) -> Result<Conn, ClientError> {
         let s = TcpStream::connect_timeout(&server, timeout).map_err(ClientError::io)?;
         s.set_nodelay(true).map_err(ClientError::io)?;
-        s.set_write_timeout(Some(timeout)).map_err(ClientError::io)?;
+        s.set_write_timeout(Some(timeout))
+            .map_err(ClientError::io)?;
         Ok(Conn { s, xid: 0 })
     }
 

@@ -59,11 +59,7 @@ pub(crate) fn serve(listeners: &[TcpListener], stop: &AtomicBool, events: &Arc<d
     }
 }
 
-fn read_full(
-    s: &mut TcpStream,
-    buf: &mut [u8],
-    deadline: Instant,
-) -> std::io::Result<bool> {
+fn read_full(s: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> std::io::Result<bool> {
     let mut off = 0;
     while off < buf.len() {
         let left = deadline.saturating_duration_since(Instant::now());

@@ -137,7 +137,19 @@ impl Worker {
     }
 
     /// Counts a result; a status error makes the next round register from scratch.
-    pub(super) fn note(&self, st: &mut State, r: Result<(), ClientError>) -> Result<(), ClientError> {
+    pub(super) fn note(
+        &self,
+        st: &mut State,
+        r: Result<(), ClientError>,
+    ) -> Result<(), ClientError> {
+        let r = self.note_inner(st, r);
+        self.shared
+            .registered
+            .store(st.registered, std::sync::atomic::Ordering::SeqCst);
+        r
+    }
+
+    fn note_inner(&self, st: &mut State, r: Result<(), ClientError>) -> Result<(), ClientError> {
         match &r {
             Ok(()) => st.failures = 0,
             Err(e) => {
@@ -212,7 +224,9 @@ impl Worker {
         for (addr, pgt) in &st.portals {
             let ip = if addr.ip().is_unspecified() {
                 local.ok_or_else(|| {
-                    ClientError::Protocol("no local address to register for a wildcard portal".into())
+                    ClientError::Protocol(
+                        "no local address to register for a wildcard portal".into(),
+                    )
                 })?
             } else {
                 addr.ip()
@@ -289,7 +303,11 @@ impl Worker {
     }
 
     /// DevDereg of the entity, with `source` (one of its nodes) as the source.
-    pub(super) fn deregister_entity(&self, st: &mut State, source: &str) -> Result<(), ClientError> {
+    pub(super) fn deregister_entity(
+        &self,
+        st: &mut State,
+        source: &str,
+    ) -> Result<(), ClientError> {
         let eid = self.shared.eid();
         let mut w = TlvWriter::new();
         w.string(tag::ISCSI_NAME, source);
