@@ -235,9 +235,10 @@ impl inbound::Events for Shared {
         self.stats.esi.inc();
     }
     fn scn(&self, bitmap: u32) {
-        tracing::debug!(bitmap, "SCN received; discovery-domain cache dropped");
-        self.stats.scn.inc();
+        // The cache goes first: whoever sees the counter move must not get an old answer.
         self.bump_generation();
+        self.stats.scn.inc();
+        tracing::debug!(bitmap, "SCN received; discovery-domain cache dropped");
     }
 }
 
