@@ -552,3 +552,32 @@ fn unknown_initiators_follow_the_default_dd_policy_within_the_ttl() {
     c.stop().unwrap();
     srv.shutdown();
 }
+
+#[test]
+fn server_away_uses_recent_answers_and_refuses_unknown_ones_without_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let ns = NsProc::spawn(free_port(), &dir.path().join("data"));
+    let ttl = Duration::from_millis(100);
+    let c = IsnsClient::start_with(
+        ns.addr,
+        entity("strata.test.host6", &[TA]),
+        timing(Duration::from_secs(60), ttl),
+    )
+    .unwrap();
+    assert!(c.visible(I1, TA));
+    ns.kill();
+    std::thread::sleep(ttl * 2);
+    // The answer from a moment ago stands; an initiator never asked about is refused.
+    assert!(c.visible(I1, TA));
+    let errors = c.stats().query_errors;
+    assert!(errors >= 1);
+    let t0 = Instant::now();
+    assert!(!c.visible(I2, TA));
+    assert!(!c.visible(I2, TA));
+    assert!(
+        t0.elapsed() < Duration::from_millis(500),
+        "no query while the server was just found away"
+    );
+    assert_eq!(c.stats().query_errors, errors + 2);
+    drop(c);
+}

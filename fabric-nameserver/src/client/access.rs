@@ -17,10 +17,12 @@
 //! When the name server cannot be asked (down, timeout), the last answer for that initiator
 //! is used if it is younger than [`STALE_GRACE`] (a name-server restart does not refuse
 //! logins that were allowed a moment ago); without one, access is refused (fail closed).
+//! After a failure the server is not asked again for [`QUERY_RETRY_AFTER`], so a login
+//! burst during an outage waits out at most one timeout.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::conn::Conn;
 use super::{ClientError, Shared};
@@ -29,7 +31,10 @@ use crate::wire::{func, tag, Status, TlvWriter};
 /// Initiators whose answers are cached; beyond it the expired ones go, then all.
 pub const MAX_CACHED_INITIATORS: usize = 4096;
 /// How long an answer is used when the name server cannot be reached.
-pub const STALE_GRACE: std::time::Duration = std::time::Duration::from_secs(300);
+pub const STALE_GRACE: Duration = Duration::from_secs(300);
+/// After a failed query, how long answers come from the cache alone (stale or refused)
+/// without asking again: logins must not each wait out a timeout while the server is away.
+pub const QUERY_RETRY_AFTER: Duration = Duration::from_secs(5);
 /// Longest iSCSI name the name server accepts (`command::MAX_NAME_BYTES`).
 const MAX_NAME: usize = crate::command::MAX_NAME_BYTES;
 
@@ -44,6 +49,8 @@ struct Entry {
 struct Inner {
     conn: Option<Conn>,
     cache: HashMap<String, Entry>,
+    /// Set after a failed query: no query before then.
+    quiet_until: Option<Instant>,
 }
 
 /// Whether initiators may see this client's targets, by the name server's discovery
@@ -77,8 +84,17 @@ impl DdAccess {
                 return e.targets.contains(target);
             }
         }
-        match self.fetch(&mut inner, initiator) {
+        let quiet = inner.quiet_until.is_some_and(|t| Instant::now() < t);
+        let fetched = if quiet {
+            Err(ClientError::Io(
+                "name server unreachable a moment ago".into(),
+            ))
+        } else {
+            self.fetch(&mut inner, initiator)
+        };
+        match fetched {
             Ok(targets) => {
+                inner.quiet_until = None;
                 let ok = targets.contains(target);
                 if inner.cache.len() >= MAX_CACHED_INITIATORS
                     && !inner.cache.contains_key(initiator)
@@ -99,14 +115,21 @@ impl DdAccess {
                 ok
             }
             Err(e) => {
+                if !quiet {
+                    inner.quiet_until = Some(Instant::now() + QUERY_RETRY_AFTER);
+                }
                 self.shared.stats.query_errors.inc();
                 let stale = inner
                     .cache
                     .get(initiator)
                     .filter(|e| e.at.elapsed() < STALE_GRACE)
                     .map(|e| e.targets.contains(target));
-                tracing::warn!(initiator, target, error = %e, ?stale,
-                    "discovery-domain query failed");
+                if quiet {
+                    tracing::debug!(initiator, target, ?stale, "name server away; cached answer");
+                } else {
+                    tracing::warn!(initiator, target, error = %e, ?stale,
+                        "discovery-domain query failed");
+                }
                 stale.unwrap_or(false)
             }
         }
