@@ -581,3 +581,33 @@ fn server_away_uses_recent_answers_and_refuses_unknown_ones_without_waiting() {
     assert_eq!(c.stats().query_errors, errors + 2);
     drop(c);
 }
+
+#[test]
+fn registers_and_answers_esi_over_ipv6() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        skip("registers_and_answers_esi_over_ipv6", "no IPv6 loopback");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Config::new("[::1]:0".parse().unwrap(), dir.path().to_owned());
+    cfg.esi = fast_esi();
+    let srv = start(cfg).unwrap();
+    let mut info = entity("strata.test.host7", &[TA]);
+    info.portals = vec![("[::]:3260".parse().unwrap(), 7)];
+    let c = IsnsClient::start_with(
+        srv.local_addr,
+        info,
+        timing(Duration::from_millis(200), Duration::from_secs(2)),
+    )
+    .unwrap();
+    assert!(c.stats().registered);
+    let portals = result(rpc(&srv.control_path, "ns_portal_list", json!({})));
+    assert_eq!(portals[0]["ip"], json!("::1"), "{portals}");
+    wait_until("ESI answers over IPv6", Duration::from_secs(5), || {
+        c.stats().esi_answered >= 3
+    });
+    assert!(c.visible(I1, TA));
+    c.stop().unwrap();
+    assert!(entities(&srv.control_path).is_empty());
+    srv.shutdown();
+}
