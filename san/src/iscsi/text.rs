@@ -200,7 +200,7 @@ pub fn decode_binary(v: &str) -> Result<Vec<u8>, TextError> {
             Ok(out)
         }
         b'b' | b'B' => {
-            if body.len() % 4 != 0 || body.len() / 4 * 3 > BINARY_LEN_MAX + 2 {
+            if !body.len().is_multiple_of(4) || body.len() / 4 * 3 > BINARY_LEN_MAX + 2 {
                 return Err(TextError::BadBinary);
             }
             let pads = body.iter().rev().take_while(|&&c| c == b'=').count();
