@@ -234,6 +234,12 @@ fn start_stratad(portal: SocketAddr, spec: &TargetSpec) -> anyhow::Result<Strata
         portal.to_string(),
         "--iscsi-target".to_string(),
         target,
+        // Persistent reservations are kept beside the image, not in the working directory.
+        "--iscsi-state-dir".to_string(),
+        spec.image
+            .with_extension("iscsi-state")
+            .display()
+            .to_string(),
     ];
     if let Some(isns) = spec.isns {
         args.push("--isns".to_string());

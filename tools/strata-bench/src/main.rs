@@ -405,6 +405,7 @@ fn run() -> anyhow::Result<()> {
         let plan = iscsi::Plan {
             stratad: &stratad_bin,
             image: &image,
+            dir: &tmp.0,
             targets: &targets,
             qds: &cli.qd,
             rounds: cli.rounds,

@@ -62,6 +62,7 @@ fn start(
     target: Target,
     stratad: &Path,
     image: &Path,
+    dir: &Path,
     cpu: usize,
     run: u64,
 ) -> anyhow::Result<Running> {
@@ -76,6 +77,8 @@ fn start(
                 .arg(format!("backend=raw,path={},name=lun0", image.display()))
                 .args(["--iscsi-portal", &portal.to_string(), "--iscsi-target"])
                 .arg(format!("iqn={IQN},disk=lun0"))
+                .arg("--iscsi-state-dir")
+                .arg(dir.join(format!("iscsi-state{run}")))
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -176,6 +179,8 @@ pub struct Measurement {
 pub struct Plan<'a> {
     pub stratad: &'a Path,
     pub image: &'a Path,
+    /// Scratch directory (stratad's persistent-reservation state).
+    pub dir: &'a Path,
     pub targets: &'a [Target],
     pub qds: &'a [u32],
     pub rounds: u32,
@@ -212,7 +217,14 @@ fn measure(
     run_no: u64,
     hist: &mut Histogram,
 ) -> anyhow::Result<Measurement> {
-    let t = start(target, plan.stratad, plan.image, plan.server_cpu, run_no)?;
+    let t = start(
+        target,
+        plan.stratad,
+        plan.image,
+        plan.dir,
+        plan.server_cpu,
+        run_no,
+    )?;
     let mut s = initiator::Session::login(t.portal, INITIATOR, IQN, t.lun)?;
     let mut clock = CpuClock::open(t.child.id())?;
     let mut system = SystemCpu::open(&[plan.server_cpu, plan.client_cpu])?;
