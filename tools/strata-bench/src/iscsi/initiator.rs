@@ -218,7 +218,7 @@ impl Session {
         }
         self.blocks = u64::from(be32(&cap, 0)) + 1;
         self.block_bytes = be32(&cap, 4);
-        if self.block_bytes == 0 || IO_BYTES % self.block_bytes as usize != 0 {
+        if self.block_bytes == 0 || !IO_BYTES.is_multiple_of(self.block_bytes as usize) {
             bail!("block size {} does not divide {IO_BYTES}", self.block_bytes);
         }
         Ok(())
@@ -288,18 +288,36 @@ pub struct LoadResult {
     pub elapsed: Duration,
 }
 
-/// Runs `op` at `qd` for `warmup` then `seconds`, recording latencies of the measured part
-/// into `hist`; `at_start` is called when the measured part begins (CPU meters).
+/// One run's workload.
+#[derive(Debug, Clone, Copy)]
+pub struct Workload {
+    /// Reads or writes.
+    pub op: Op,
+    /// Commands in flight.
+    pub qd: usize,
+    /// Unmeasured lead-in.
+    pub warmup: Duration,
+    /// Measured interval.
+    pub seconds: Duration,
+    /// Seed of the LBA generator.
+    pub seed: u64,
+}
+
+/// Runs `w` on `s`, recording latencies of the measured part into `hist`; `at_start` is called
+/// when the measured part begins (CPU meters).
 pub fn run(
     s: &mut Session,
-    op: Op,
-    qd: usize,
-    warmup: Duration,
-    seconds: Duration,
-    seed: u64,
+    w: &Workload,
     hist: &mut Histogram,
     mut at_start: impl FnMut() -> anyhow::Result<()>,
 ) -> anyhow::Result<LoadResult> {
+    let Workload {
+        op,
+        qd,
+        warmup,
+        seconds,
+        seed,
+    } = *w;
     if qd == 0 || qd > MAX_QD {
         bail!("qd must be in 1..={MAX_QD}");
     }

@@ -230,19 +230,17 @@ fn measure(
     let mut system = SystemCpu::open(&[plan.server_cpu, plan.client_cpu])?;
     let mut start_marks = None;
     hist.reset();
-    let r = initiator::run(
-        &mut s,
+    let workload = initiator::Workload {
         op,
-        qd as usize,
-        plan.warmup,
-        plan.seconds,
-        plan.seed.wrapping_add(run_no),
-        hist,
-        || {
-            start_marks = Some((clock.read()?, system.read()?.busy, self_cpu_time()));
-            Ok(())
-        },
-    )?;
+        qd: qd as usize,
+        warmup: plan.warmup,
+        seconds: plan.seconds,
+        seed: plan.seed.wrapping_add(run_no),
+    };
+    let r = initiator::run(&mut s, &workload, hist, || {
+        start_marks = Some((clock.read()?, system.read()?.busy, self_cpu_time()));
+        Ok(())
+    })?;
     let (c1, busy1, me1) = (clock.read()?, system.read()?.busy, self_cpu_time());
     let (c0, busy0, me0) = start_marks.unwrap_or((c1, busy1, me1));
     let secs = r.elapsed.as_secs_f64();
