@@ -23,6 +23,8 @@ const MAX_RECV: usize = 262_144;
 const LOGIN_ROUNDS: usize = 4;
 /// Largest queue depth (slots are preallocated).
 pub const MAX_QD: usize = 256;
+/// Receive buffer: two of the largest PDUs we accept (header, AHS, data, padding).
+const RBUF_BYTES: usize = 2 * (BHS + 1020 + MAX_RECV + 4);
 /// SCSI status CHECK CONDITION.
 const CHECK_CONDITION: u8 = 0x02;
 /// READ CAPACITY attempts: unit attentions (power on, reset) come one per command.
@@ -53,7 +55,14 @@ pub struct Session {
     pub block_bytes: u32,
     pub blocks: u64,
     hdr: [u8; BHS],
-    rx: Vec<u8>,
+    /// Receive buffer: PDUs are read ahead in as few syscalls as the socket allows (a
+    /// blocking read per header and per data segment would double the client's cost per I/O).
+    rbuf: Vec<u8>,
+    /// Unparsed bytes are `rbuf[rpos..rend]`.
+    rpos: usize,
+    rend: usize,
+    /// Where the last received PDU's data segment starts in `rbuf`.
+    data_at: usize,
     tx: Vec<u8>,
 }
 
@@ -90,7 +99,10 @@ impl Session {
             block_bytes: 512,
             blocks: 0,
             hdr: [0; BHS],
-            rx: vec![0; MAX_RECV + 4],
+            rbuf: vec![0; RBUF_BYTES],
+            rpos: 0,
+            rend: 0,
+            data_at: 0,
             tx: vec![0; BHS + MAX_RECV],
         };
         let keys = format!(
@@ -119,7 +131,7 @@ impl Session {
             if class != 0 {
                 bail!("login refused: status {class:#04x}/{detail:#04x}");
             }
-            answer.push_str(&String::from_utf8_lossy(&s.rx[..len]));
+            answer.push_str(&String::from_utf8_lossy(s.data(len)));
             s.exp_stat_sn = be32(&s.hdr, 24).wrapping_add(1);
             s.max_cmd_sn = be32(&s.hdr, 32);
             if s.hdr[1] & 0x80 != 0 && s.hdr[1] & 3 == 3 {
@@ -145,23 +157,52 @@ impl Session {
         Ok(())
     }
 
-    /// Reads one PDU: the header into `hdr`, the data into `rx`; returns the data length.
+    /// Makes at least `need` unparsed bytes available in `rbuf`.
+    fn fill(&mut self, need: usize) -> anyhow::Result<()> {
+        if self.rend - self.rpos >= need {
+            return Ok(());
+        }
+        if self.rpos + need > self.rbuf.len() {
+            self.rbuf.copy_within(self.rpos..self.rend, 0);
+            self.rend -= self.rpos;
+            self.rpos = 0;
+        }
+        while self.rend - self.rpos < need {
+            let n = self
+                .sock
+                .read(&mut self.rbuf[self.rend..])
+                .context("recv")?;
+            if n == 0 {
+                bail!("the target closed the connection");
+            }
+            self.rend += n;
+        }
+        Ok(())
+    }
+
+    /// Reads one PDU: the header into `hdr`, the data left in `rbuf` (see [`Session::data`]);
+    /// returns the data length.
     fn recv(&mut self) -> anyhow::Result<usize> {
-        self.sock.read_exact(&mut self.hdr).context("recv header")?;
+        self.fill(BHS)?;
+        self.hdr
+            .copy_from_slice(&self.rbuf[self.rpos..self.rpos + BHS]);
         let ahs = usize::from(self.hdr[4]) * 4;
         let n = (usize::from(self.hdr[5]) << 16)
             | (usize::from(self.hdr[6]) << 8)
             | usize::from(self.hdr[7]);
-        if ahs + pad4(n) > self.rx.len() {
+        let total = BHS + ahs + pad4(n);
+        if n > MAX_RECV || total > self.rbuf.len() {
             bail!("PDU data of {n} bytes exceeds {MAX_RECV}");
         }
-        self.sock
-            .read_exact(&mut self.rx[..ahs + pad4(n)])
-            .context("recv data")?;
-        if ahs > 0 {
-            self.rx.copy_within(ahs..ahs + n, 0);
-        }
+        self.fill(total)?;
+        self.data_at = self.rpos + BHS + ahs;
+        self.rpos += total;
         Ok(n)
+    }
+
+    /// The last received PDU's first `n` data bytes (valid until the next receive).
+    fn data(&self, n: usize) -> &[u8] {
+        &self.rbuf[self.data_at..self.data_at + n]
     }
 
     /// A SCSI command header for slot `itt`.
@@ -202,7 +243,8 @@ impl Session {
             let n = self.recv()?;
             match self.hdr[0] & 0x3f {
                 0x25 => {
-                    cap[..n.min(8)].copy_from_slice(&self.rx[..n.min(8)]);
+                    let k = n.min(8);
+                    cap[..k].copy_from_slice(self.data(k));
                     if self.hdr[1] & 1 != 0 {
                         self.note_status()?;
                         break;

@@ -276,6 +276,9 @@ pub fn run(plan: &Plan<'_>) -> anyhow::Result<Vec<Measurement>> {
                 for &target in plan.targets {
                     let mut retries = 0;
                     let m = loop {
+                        if crate::STOP.load(std::sync::atomic::Ordering::Relaxed) {
+                            bail!("interrupted");
+                        }
                         (plan.wait_quiet)()?;
                         run_no += 1;
                         let m = measure(plan, target, op, qd, round, run_no, &mut hist)?;
