@@ -756,7 +756,7 @@ fn reset_and_capacity_unit_attentions() {
 }
 
 impl Sense {
-    fn key_asc(&self) -> (u8, u8, u8) {
+    pub(crate) fn key_asc(&self) -> (u8, u8, u8) {
         (self.key, self.asc, self.ascq)
     }
 }
