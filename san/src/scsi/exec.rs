@@ -225,6 +225,14 @@ impl LogicalUnit {
                 }
                 _ => {}
             }
+            if let Some(stale) = task
+                .state
+                .lock
+                .take_if(|_| !matches!(cmd, Cmd::CompareAndWrite { .. }))
+            {
+                // A waiting COMPARE AND WRITE the transport replaced without `abandon`.
+                st.locks.release(stale);
+            }
             if let Some((start, end, exclusive)) = range {
                 let got = if exclusive {
                     st.locks.try_exclusive(start, end, task.state.lock)
@@ -377,6 +385,7 @@ impl LogicalUnit {
                             len,
                             buf_at: 0,
                             done: 0,
+                            bounced: false,
                         };
                         self.drive(task, cx, None)
                     }
@@ -401,6 +410,7 @@ impl LogicalUnit {
                         len: total,
                         buf_at: 0,
                         done: 0,
+                        bounced: false,
                     };
                     st.job = Job::Idle;
                     return self.drive(task, cx, None);
@@ -422,6 +432,7 @@ impl LogicalUnit {
                     len: chunk as u64,
                     buf_at: 0,
                     done: 0,
+                    bounced: false,
                 };
                 st.job = Job::WriteSame {
                     next: off + chunk as u64,
@@ -476,5 +487,6 @@ fn seg(kind: SegKind, lba: u64, bs: usize, n: usize, buf_at: usize) -> Seg {
         len: n as u64,
         buf_at,
         done: 0,
+        bounced: false,
     }
 }

@@ -17,6 +17,26 @@ use crate::scsi::LogicalUnit;
 /// smaller), so a long WRITE SAME takes few steps and a bounded buffer.
 pub(crate) const WRITE_SAME_CHUNK: usize = 1 << 20;
 
+/// Memory alignment O_DIRECT backends need (they advertise 4 KiB logical blocks): a step
+/// whose data in `task.buf` is not aligned goes through the task's aligned bounce buffer.
+pub(crate) const DIRECT_ALIGN: usize = 4096;
+
+/// One aligned page of a bounce buffer.
+#[derive(Debug, Clone, Copy)]
+#[repr(C, align(4096))]
+pub(crate) struct Page(pub(crate) [u8; DIRECT_ALIGN]);
+
+/// The first `len` bytes of `pages` (grown to hold them; grows once per task slot).
+fn bounce(pages: &mut Vec<Page>, len: usize) -> &mut [u8] {
+    let need = len.div_ceil(DIRECT_ALIGN);
+    if pages.len() < need {
+        pages.resize(need, Page([0; DIRECT_ALIGN]));
+    }
+    // SAFETY: `pages` holds at least `need` pages of plain bytes, contiguous (repr(C) arrays
+    // without padding: size == align == 4096); the slice borrows `pages` mutably.
+    unsafe { std::slice::from_raw_parts_mut(pages.as_mut_ptr().cast::<u8>(), len) }
+}
+
 /// The backend operation of one step.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) enum SegKind {
@@ -39,6 +59,8 @@ pub(crate) struct Seg {
     pub(crate) len: u64,
     pub(crate) buf_at: usize,
     pub(crate) done: u64,
+    /// The data of the part in flight is in the task's bounce buffer.
+    pub(crate) bounced: bool,
 }
 
 /// What a command does after its current step.
@@ -152,6 +174,7 @@ impl LogicalUnit {
     fn issue(&self, task: &mut ScsiTask, cx: &mut ScsiCx<'_>) -> Started {
         let seg = task.state.seg;
         let req = task.state.req.get_or_insert_with(Box::default);
+        let req: &mut ParsedRequest = req;
         let off = seg.off + seg.done;
         let len = seg.len - seg.done;
         req.sector = off >> SECTOR_SHIFT;
@@ -165,11 +188,22 @@ impl LogicalUnit {
             SegKind::Flush => RequestKind::Flush,
             SegKind::Zero { unmap } => RequestKind::WriteZeroes { unmap },
         };
+        task.state.seg.bounced = false;
         if matches!(seg.kind, SegKind::Read | SegKind::Write) {
             let at = seg.buf_at + seg.done as usize;
-            let Some(data) = task.buf.get_mut(at..at + len as usize) else {
+            let Some(mut data) = task.buf.get_mut(at..at + len as usize) else {
                 return Started::Done(-libc::EINVAL);
             };
+            if self.geometry().block_size as usize == DIRECT_ALIGN
+                && !(data.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN)
+            {
+                let b = bounce(&mut task.state.bounce, data.len());
+                if seg.kind == SegKind::Write {
+                    b.copy_from_slice(data);
+                }
+                data = b;
+                task.state.seg.bounced = true;
+            }
             req.iov[0] = libc::iovec {
                 iov_base: data.as_mut_ptr().cast(),
                 iov_len: data.len(),
@@ -194,6 +228,14 @@ impl LogicalUnit {
         }
         if matches!(seg.kind, SegKind::Read | SegKind::Write) {
             let res = res as u64;
+            if seg.bounced && seg.kind == SegKind::Read {
+                let at = seg.buf_at + seg.done as usize;
+                let n = res.min(seg.len - seg.done) as usize;
+                let b = bounce(&mut st.bounce, n);
+                if let Some(dst) = task.buf.get_mut(at..at + n) {
+                    dst.copy_from_slice(b);
+                }
+            }
             if res == 0 && seg.len > seg.done {
                 // End of file where the unit has blocks: the backing file shrank.
                 return Next::Finish(failed(seg.kind, libc::EIO));
@@ -247,6 +289,7 @@ impl LogicalUnit {
                         len: n as u64,
                         buf_at: n,
                         done: 0,
+                        bounced: false,
                     };
                     Next::Issue
                 }
@@ -275,6 +318,7 @@ impl LogicalUnit {
                     len,
                     buf_at: 0,
                     done: 0,
+                    bounced: false,
                 };
                 Next::Issue
             }
@@ -287,6 +331,7 @@ impl LogicalUnit {
                         len,
                         buf_at: 0,
                         done: 0,
+                        bounced: false,
                     };
                     Next::Issue
                 }

@@ -42,6 +42,8 @@ pub(crate) struct LockTable {
     shared: Vec<Option<Range>>,
     free: Vec<u16>,
     exclusive: Vec<Option<Range>>,
+    /// Entries in `exclusive` (most of the time 0: shared requests then skip the scan).
+    exclusive_count: usize,
     seq: u64,
 }
 
@@ -60,6 +62,7 @@ impl Default for LockTable {
             shared: vec![None; SHARED_MAX],
             free: (0..SHARED_MAX as u16).rev().collect(),
             exclusive: vec![None; EXCLUSIVE_MAX],
+            exclusive_count: 0,
             seq: 0,
         }
     }
@@ -68,11 +71,12 @@ impl Default for LockTable {
 impl LockTable {
     /// Registers a shared range `[start, end)` unless an exclusive range overlaps it.
     pub(crate) fn try_shared(&mut self, start: u64, end: u64) -> Acquire {
-        if self
-            .exclusive
-            .iter()
-            .flatten()
-            .any(|r| r.overlaps(start, end))
+        if self.exclusive_count > 0
+            && self
+                .exclusive
+                .iter()
+                .flatten()
+                .any(|r| r.overlaps(start, end))
         {
             return Acquire::Wait(None);
         }
@@ -112,6 +116,7 @@ impl LockTable {
                     return Acquire::Wait(None);
                 };
                 self.seq += 1;
+                self.exclusive_count += 1;
                 self.exclusive[i] = Some(Range {
                     start,
                     end,
@@ -143,6 +148,7 @@ impl LockTable {
                 if let Some(slot) = self.exclusive.get_mut(usize::from(i)) {
                     if slot.is_some_and(|r| r.seq == seq) {
                         *slot = None;
+                        self.exclusive_count -= 1;
                     }
                 }
             }

@@ -180,6 +180,8 @@ pub(crate) struct TaskState {
     pub(crate) seg: io::Seg,
     /// The range lock held (or waited for) in the unit's table.
     pub(crate) lock: Option<locks::LockId>,
+    /// Aligned bounce buffer for O_DIRECT backends (grown once per task slot).
+    pub(crate) bounce: Vec<io::Page>,
 }
 
 /// Errors setting up a logical unit.

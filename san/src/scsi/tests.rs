@@ -1013,3 +1013,41 @@ mod fuzz {
         }
     }
 }
+
+#[test]
+fn io_uring_with_o_direct_4k_blocks_bounces_unaligned_buffers() {
+    let Ok(engine) = dataplane::engine::uring::UringEngine::new() else {
+        eprintln!("io_uring unavailable: test skipped");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("direct.img");
+    std::fs::File::create(&p).unwrap().set_len(4 * MIB).unwrap();
+    let Ok(b) = RawBackend::open(&p, false, true) else {
+        eprintln!("O_DIRECT unsupported here: test skipped");
+        return;
+    };
+    let lu = LogicalUnit::new(
+        Arc::new(b),
+        LuConfig {
+            name: "direct".into(),
+            state_path: None,
+        },
+    )
+    .unwrap();
+    let mut h = Harness::new(Arc::new(lu), nexus("iqn.2026-01.test:a", 1));
+    h.engine = Box::new(engine);
+    let mut h = h.ready();
+    let data = pattern(64 * 4096, 11);
+    assert!(h.run(&write10(7, 64), &data).good());
+    assert_eq!(h.run(&read10(7, 64), &[]).data, data);
+    // CAW and FUA through the same path.
+    let mut cw = data[..4096].to_vec();
+    cw.extend_from_slice(&pattern(4096, 12));
+    assert!(h.run(&caw(7, 1), &cw).good());
+    assert_eq!(h.run(&read10(7, 1), &[]).data, pattern(4096, 12));
+    let mut w = rw16(0x8A, 100, 2);
+    w[1] = 0x08;
+    assert!(h.run(&w, &pattern(8192, 13)).good());
+    assert_eq!(h.run(&rw16(0x88, 100, 2), &[]).data, pattern(8192, 13));
+}
