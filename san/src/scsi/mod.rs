@@ -364,7 +364,9 @@ impl LogicalUnit {
     }
 
     /// LOGICAL UNIT RESET / TARGET WARM RESET from `by`: releases SPC-2 reservations and
-    /// establishes a unit attention (29h/03h or 29h/02h) for every other nexus.
+    /// establishes a unit attention (29h/03h or 29h/02h) for every nexus — the one that asked
+    /// too (SAM-5 6.3.3; libiscsi's MultipathIO.Reset expects it on every path).
+    /// Persistent reservations stay.
     pub fn reset(&self, by: &Nexus, target_reset: bool) {
         let mut st = self.lock_state();
         st.spc2 = None;
@@ -373,7 +375,8 @@ impl LogicalUnit {
         } else {
             sense::ua::LUN_RESET
         };
-        st.uas.raise_all(cond, Some(&by.initiator_port));
+        tracing::debug!(unit = %self.config.name, by = %by.initiator_port, target_reset, "reset");
+        st.uas.raise_all(cond, None);
     }
 }
 

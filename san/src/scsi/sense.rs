@@ -164,7 +164,7 @@ pub mod ua {
     pub const POWER_ON: Sense = Sense::new(key::UNIT_ATTENTION, 0x29, 0x00);
     /// SCSI BUS RESET OCCURRED (29h/02h): what a TARGET WARM RESET reports.
     pub const TARGET_RESET: Sense = Sense::new(key::UNIT_ATTENTION, 0x29, 0x02);
-    /// LOGICAL UNIT RESET (29h/03h).
+    /// BUS DEVICE RESET FUNCTION OCCURRED (29h/03h): what a LOGICAL UNIT RESET reports.
     pub const LUN_RESET: Sense = Sense::new(key::UNIT_ATTENTION, 0x29, 0x03);
     /// MODE PARAMETERS CHANGED (2Ah/01h).
     pub const MODE_CHANGED: Sense = Sense::new(key::UNIT_ATTENTION, 0x2A, 0x01);

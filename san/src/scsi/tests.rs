@@ -741,6 +741,10 @@ fn reset_and_capacity_unit_attentions() {
     let mut a = Harness::null(MIB).ready();
     let mut b = Harness::new(a.lu.clone(), nexus("iqn.2026-01.test:b", 2)).ready();
     a.lu.reset(&a.nexus, false);
+    assert_eq!(
+        a.run(&[0, 0, 0, 0, 0, 0], &[]).asc(),
+        ua::LUN_RESET.key_asc()
+    );
     assert!(a.run(&[0, 0, 0, 0, 0, 0], &[]).good());
     assert_eq!(
         b.run(&[0, 0, 0, 0, 0, 0], &[]).asc(),
@@ -940,6 +944,7 @@ fn reserve6_excludes_other_nexuses() {
     assert!(b.run(&[0x16, 0, 0, 0, 0, 0], &[]).good());
     // A LUN reset drops it.
     a.lu.reset(&a.nexus, false);
+    let _ = a.run(&[0, 0, 0, 0, 0, 0], &[]);
     assert!(a.run(&[0x16, 0, 0, 0, 0, 0], &[]).good());
 }
 
