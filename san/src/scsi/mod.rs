@@ -47,6 +47,8 @@ mod ua;
 mod pr_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod vmfs_tests;
 
 pub use sense::Sense;
 
