@@ -30,11 +30,13 @@ pub(crate) struct Identity {
     pub naa: u64,
     /// DISCARD/WRITE ZEROES available: thin provisioning pages and UNMAP are offered.
     pub thin: bool,
+    /// Deallocated (unmapped) blocks read as zeroes (LBPRZ).
+    pub lbprz: bool,
 }
 
 impl Identity {
     /// The identity of the unit called `name` (stable: derived from the name).
-    pub(crate) fn new(name: &str, thin: bool) -> Self {
+    pub(crate) fn new(name: &str, thin: bool, lbprz: bool) -> Self {
         // FNV-1a 64: stable across builds and platforms.
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         for b in name.bytes() {
@@ -45,6 +47,7 @@ impl Identity {
             serial: format!("{h:016x}"),
             naa: (0x3 << 60) | (h & 0x0FFF_FFFF_FFFF_FFFF),
             thin,
+            lbprz: thin && lbprz,
         }
     }
 }
@@ -137,9 +140,9 @@ pub(crate) fn inquiry(
         0xB2 => {
             buf.resize(8, 0);
             if id.thin {
-                // LBPU, LBPWS, LBPWS10, LBPRZ (deallocated blocks read as zeroes: the unit
-                // deallocates with zeroing requests).
-                buf[5] = 0x80 | 0x40 | 0x20 | 0x04;
+                // LBPU, LBPWS, LBPWS10; LBPRZ when the backend's deallocation reads back as
+                // zeroes.
+                buf[5] = 0x80 | 0x40 | 0x20 | if id.lbprz { 0x04 } else { 0 };
                 buf[6] = 0x02; // provisioning type: thin
             }
         }
@@ -171,7 +174,7 @@ pub(crate) fn read_capacity16(
     buf[0..8].copy_from_slice(&g.blocks.saturating_sub(1).to_be_bytes());
     buf[8..12].copy_from_slice(&g.block_size.to_be_bytes());
     if id.thin {
-        buf[14] = 0x80 | 0x40; // LBPME, LBPRZ
+        buf[14] = 0x80 | if id.lbprz { 0x40 } else { 0 }; // LBPME, LBPRZ
     }
     reply(buf, alloc)
 }

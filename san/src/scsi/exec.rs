@@ -380,7 +380,7 @@ impl LogicalUnit {
                             count: list.count,
                         };
                         st.seg = Seg {
-                            kind: SegKind::Zero { unmap: true },
+                            kind: SegKind::Discard,
                             off,
                             len,
                             buf_at: 0,

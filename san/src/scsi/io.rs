@@ -48,6 +48,8 @@ pub(crate) enum SegKind {
     Zero {
         unmap: bool,
     },
+    /// Deallocate the range (advisory on some backends: see `Identity::lbprz`).
+    Discard,
 }
 
 /// One step: `len` bytes at disk byte `off`, data at `task.buf[buf_at..]`; `done` bytes of it
@@ -187,6 +189,7 @@ impl LogicalUnit {
             SegKind::Write => RequestKind::Write,
             SegKind::Flush => RequestKind::Flush,
             SegKind::Zero { unmap } => RequestKind::WriteZeroes { unmap },
+            SegKind::Discard => RequestKind::Discard,
         };
         task.state.seg.bounced = false;
         if matches!(seg.kind, SegKind::Read | SegKind::Write) {
@@ -326,7 +329,7 @@ impl LogicalUnit {
                 Some((i, off, len)) => {
                     st.job = Job::Unmap { next: i + 1, count };
                     *seg = Seg {
-                        kind: SegKind::Zero { unmap: true },
+                        kind: SegKind::Discard,
                         off,
                         len,
                         buf_at: 0,

@@ -260,6 +260,7 @@ impl LogicalUnit {
         let ident = emulate::Identity::new(
             &config.name,
             backend.supports_discard() && !backend.read_only(),
+            backend.discard_zeroes(),
         );
         Ok(LogicalUnit {
             backend,

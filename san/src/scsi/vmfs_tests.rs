@@ -1,6 +1,7 @@
 //! The unit on a datastore file (vmfs backend on a simulated disk): every request goes to the
 //! datastore's metadata worker at `end_batch` and comes back through the offload mailbox, the
-//! path a thin datastore disk takes; out of space becomes DATA PROTECT, 27h/07h.
+//! path a thin datastore disk takes; out of space becomes DATA PROTECT, 27h/07h; UNMAP is
+//! advisory there (no LBPRZ), WRITE SAME with UNMAP zeroes.
 
 use std::sync::Arc;
 
@@ -57,7 +58,10 @@ fn reads_writes_caw_unmap_and_sync_through_the_worker() {
     assert!(h.run(&caw(2048, 1), &cw).good());
     assert_eq!(h.run(&read10(2048, 1), &[]).data, vec![7; 512]);
     assert_eq!(h.run(&caw(2048, 1), &cw).asc(), (key::MISCOMPARE, 0x1D, 0));
-    // UNMAP reads back zeroes (LBPRZ).
+    // Deallocation is advisory on a datastore file: LBPRZ is not claimed, UNMAP succeeds
+    // and leaves the data; WRITE SAME with UNMAP still zeroes.
+    let b2 = h.run(&[0x12, 1, 0xB2, 0, 255, 0], &[]).data;
+    assert_eq!(b2[5] & 0xE4, 0xE0);
     let mut list = vec![0u8, 22, 0, 16];
     list.extend_from_slice(&[0; 4]);
     list.extend_from_slice(&2048u64.to_be_bytes());
@@ -67,6 +71,14 @@ fn reads_writes_caw_unmap_and_sync_through_the_worker() {
     c[0] = 0x42;
     c[8] = list.len() as u8;
     assert!(h.run(&c, &list).good());
+    let back = h.run(&read10(2048, 8), &[]).data;
+    assert_eq!(back[512..], data[512..]);
+    let mut ws = [0u8; 10];
+    ws[0] = 0x41;
+    ws[1] = 0x08;
+    ws[2..6].copy_from_slice(&2048u32.to_be_bytes());
+    ws[7..9].copy_from_slice(&4u16.to_be_bytes());
+    assert!(h.run(&ws, &[0; 512]).good());
     let back = h.run(&read10(2048, 8), &[]).data;
     assert!(back[..4 * 512].iter().all(|&b| b == 0));
     assert_eq!(back[4 * 512..], data[4 * 512..]);
