@@ -10,18 +10,30 @@
 //!    or cannot start yet because an overlapping COMPARE AND WRITE (or another command a CAW
 //!    waits for) holds the range ([`Step::Blocked`]: the transport calls `start` again later).
 //! 3. Each engine completion carrying that user_data goes to [`LogicalUnit::complete`] until
-//!    it returns [`Step::Done`]. Data-In bytes are then `task.buf[..outcome.data_in]`.
+//!    it returns [`Step::Done`] (a command of several steps — FUA write then flush, COMPARE
+//!    AND WRITE's read then write, WRITE SAME chunks, UNMAP descriptors — starts its next
+//!    step inside `complete` and answers [`Step::InFlight`] again). Data-In bytes are then
+//!    `task.buf[..outcome.data_in]`. `task.buf` must stay untouched while in flight.
+//! 4. A task the transport drops while [`Step::Blocked`] (abort, session end) goes to
+//!    [`LogicalUnit::abandon`]; one with operations in flight must wait for their
+//!    completions first (the engine writes into its buffer).
 //!
-//! What the transport must also do, once per reactor:
-//! - [`LogicalUnit::attach`] with the reactor's [`OffloadSink`] on the reactor's thread before
-//!   it starts the unit's commands there (a datastore backend hands work to its metadata
-//!   thread and posts completions to that sink);
-//! - [`LogicalUnit::end_batch`] once per reactor loop iteration, after starting commands and
-//!   before submitting the engine (a datastore backend hands the iteration's deferred
-//!   requests over there; without it they never complete);
+//! What the transport must also do, per reactor:
+//! - [`LogicalUnit::attach`] with the reactor's [`OffloadSink`], on the reactor's thread,
+//!   before it starts the unit's commands there (a datastore backend hands work to its
+//!   metadata thread and posts the completions to that sink; without it those requests fail
+//!   with EIO). Idempotent: calling it when a session lands on the reactor is fine.
+//! - [`LogicalUnit::end_batch`] once per reactor loop iteration for every unit it started or
+//!   completed commands on, after the iteration's `start`/`complete` calls and before
+//!   submitting the engine (a datastore backend hands the iteration's deferred requests over
+//!   there; without it they never complete). Cheap when nothing was deferred.
 //! - move the sink's completions into the engine ([`OffloadSink::inject_into`]) once per
-//!   iteration, as the vhost-user reactor does (persistent-reservation state writes complete
-//!   through it too).
+//!   iteration before reaping, as the vhost-user reactor does (persistent-reservation state
+//!   writes complete through it too), and route them by user_data like engine completions.
+//! - answer REPORT LUNS itself with [`report_luns`] (the unit does not know the target's
+//!   LUNs) and commands to absent LUNs with [`no_such_lun`];
+//! - on LOGICAL UNIT RESET / TARGET WARM RESET call [`LogicalUnit::reset`], and on a session's
+//!   end [`LogicalUnit::nexus_lost`].
 //!
 //! A [`LogicalUnit`] is shared (`Arc`) by every session and reactor that exports it: range
 //! locks, persistent reservations and unit attentions are per unit, per I_T nexus.
