@@ -897,7 +897,7 @@ fn deferred_backend_with_4k_blocks_completes_through_end_batch() {
         pending: Mutex::new(vec![]),
     });
     let lu = LogicalUnit::new(
-        b,
+        b.clone(),
         LuConfig {
             name: "d".into(),
             state_path: None,
@@ -921,6 +921,13 @@ fn deferred_backend_with_4k_blocks_completes_through_end_batch() {
     ws[1] = 0x08;
     assert!(h.run(&ws, &[0; 4096]).good());
     assert!(h.run(&read10(0, 2), &[]).data.iter().all(|&b| b == 0));
+    // The disk grows: the next command reports CAPACITY DATA HAS CHANGED, then runs.
+    b.mem.lock().unwrap().resize(2 * MIB as usize, 0);
+    assert_eq!(
+        h.run(&read10(300, 1), &[]).asc(),
+        ua::CAPACITY_CHANGED.key_asc()
+    );
+    assert!(h.run(&read10(300, 1), &[]).good());
 }
 
 #[test]
