@@ -574,9 +574,8 @@ pub fn seeds() -> Vec<Vec<u8>> {
     scsi[1] = 0x80;
     // T=1 CSG=0 NSG=1; T=0 CSG=0 NSG=1; T=1 CSG=1 NSG=3; T=1 CSG=0 NSG=3.
     let (sec_go, sec_stay, op_go, sec_ff) = (0x81, 0x01, 0x87, 0x83);
-    let mut out = Vec::new();
-    // Discovery with a 512-byte segment limit: the answer comes in pieces.
-    out.push(
+    vec![
+        // Discovery with a 512-byte segment limit: the answer comes in pieces.
         Seed::new(0)
             .request(
                 op_go,
@@ -595,9 +594,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
             .raw(&scsi, &[], false)
             .raw(&logout, &[], false)
             .finish(),
-    );
-    // Discovery with digests, a corrupted data digest, then SendTargets by name.
-    out.push(
+        // Discovery with digests, a corrupted data digest, then SendTargets by name.
         Seed::new(1)
             .request(
                 sec_ff,
@@ -614,9 +611,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
             .send_targets("iqn.2026-01.fuzz:t0", 1)
             .send_targets(PRIVATE, 2)
             .finish(),
-    );
-    // A normal session without authentication, its first request split.
-    out.push(
+        // A normal session without authentication, its first request split.
         Seed::new(4 << 2)
             .request(
                 sec_go,
@@ -629,9 +624,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
             )
             .request(op_go, OPS, None)
             .finish(),
-    );
-    // One-way CHAP.
-    out.push(
+        // One-way CHAP.
         Seed::new(0)
             .request(
                 sec_stay,
@@ -646,9 +639,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
             .chap(sec_go, true, None)
             .request(op_go, OPS, None)
             .finish(),
-    );
-    // Mutual CHAP, with limits the target proposes.
-    out.push(
+        // Mutual CHAP, with limits the target proposes.
         Seed::new(2)
             .request(
                 sec_stay,
@@ -672,9 +663,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
                 None,
             )
             .finish(),
-    );
-    // Wrong secret; a private target; operational stage first on a CHAP target.
-    out.push(
+        // Wrong secret; a private target; operational stage first on a CHAP target.
         Seed::new(0)
             .request(
                 sec_stay,
@@ -689,8 +678,6 @@ pub fn seeds() -> Vec<Vec<u8>> {
             .chap(sec_go, false, None)
             .request(op_go, OPS, None)
             .finish(),
-    );
-    out.push(
         Seed::new(0)
             .request(
                 sec_go,
@@ -698,8 +685,6 @@ pub fn seeds() -> Vec<Vec<u8>> {
                 None,
             )
             .finish(),
-    );
-    out.push(
         Seed::new(0)
             .request(
                 op_go,
@@ -707,8 +692,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
                 None,
             )
             .finish(),
-    );
-    out
+    ]
 }
 
 #[cfg(test)]
