@@ -1,0 +1,86 @@
+//! Tests of the session's pure parts (window arithmetic, LUN and nexus names, the send
+//! queue); the command paths are driven end to end over TCP in the transport's tests.
+
+use super::out::{OutData, OutQueue, Render, NO_TASK};
+use super::*;
+
+#[test]
+fn serial_arithmetic_wraps() {
+    assert!(serial_lt(1, 2));
+    assert!(!serial_lt(2, 2));
+    assert!(serial_lt(u32::MAX, 0));
+    assert!(!serial_lt(0, u32::MAX));
+}
+
+#[test]
+fn lun_numbers_peripheral_and_flat() {
+    assert_eq!(lun_number(0), Some(0));
+    assert_eq!(lun_number(0x0005_0000_0000_0000), Some(5));
+    assert_eq!(lun_number(0x4101_0000_0000_0000), Some(0x101));
+    assert_eq!(lun_number(0x0001_0001_0000_0000), None, "second level");
+    assert_eq!(
+        lun_number(0x8000_0000_0000_0000),
+        None,
+        "logical unit addressing"
+    );
+}
+
+#[test]
+fn nexus_names_follow_the_transport_id_form() {
+    let n = nexus(
+        "iqn.2026-01.test:i",
+        [0x40, 0, 1, 0x37, 0, 0x1],
+        "iqn.2026-01.test:t",
+        1,
+    );
+    assert_eq!(&*n.initiator_port, "iqn.2026-01.test:i,i,0x400001370001");
+    assert_eq!(&*n.target_port, "iqn.2026-01.test:t,t,0x0001");
+    assert_eq!(n.relative_port, 1);
+}
+
+#[test]
+fn send_queue_gathers_partial_sends_and_releases() {
+    let mut q = OutQueue::new(true, true);
+    let buf = vec![9u8; 10];
+    let bhs = [1u8; BHS_LEN];
+    assert!(q.push(Render {
+        bhs,
+        data: OutData::Inline(5),
+        bytes: b"hello",
+        inline: b"hello",
+        release: NO_TASK,
+        close_after: false,
+    }));
+    assert!(q.push(Render {
+        bhs,
+        data: OutData::Task {
+            slot: 3,
+            off: 2,
+            len: 6
+        },
+        bytes: &buf[2..8],
+        inline: &[],
+        release: 3,
+        close_after: true,
+    }));
+    // 48 + 4 (header digest) + 5 + 3 pad + 4 digest = 64; then 52 + 6 + 2 + 4 = 64.
+    let mut iov = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; 8];
+    let ptr = buf.as_ptr();
+    let n = q.gather(&mut iov, usize::MAX, &|_| ptr);
+    assert_eq!(n, 6);
+    assert_eq!(iov.iter().take(n).map(|v| v.iov_len).sum::<usize>(), 128);
+    let mut got = Vec::new();
+    q.sent(70, &mut |r, c| got.push((r, c)));
+    assert_eq!(got, vec![(NO_TASK, false)]);
+    let n = q.gather(&mut iov, usize::MAX, &|_| ptr);
+    // 46 header bytes left, then data, then trailer.
+    assert_eq!(n, 3);
+    assert_eq!(iov[0].iov_len, 46);
+    assert_eq!(iov[1].iov_base as *const u8, ptr.wrapping_add(2));
+    q.sent(46 + 6 + 6, &mut |r, c| got.push((r, c)));
+    assert_eq!(got, vec![(NO_TASK, false), (3, true)]);
+    assert!(q.is_empty());
+}
