@@ -594,6 +594,15 @@ impl Server {
     /// Serves frontends until `stop_fd` becomes readable (a signalfd or eventfd), then shuts
     /// down: stops accepting, drains in-flight requests, flushes every disk.
     pub fn run(&mut self, stop_fd: RawFd) -> Result<(), ServerError> {
+        self.serve(stop_fd)?;
+        self.shutdown();
+        Ok(())
+    }
+
+    /// Serves frontends until `stop_fd` becomes readable, and returns with everything still
+    /// running: the caller stops what else it runs on the reactors (e.g. SAN sessions), then
+    /// calls [`Server::shutdown`].
+    pub fn serve(&mut self, stop_fd: RawFd) -> Result<(), ServerError> {
         self.epoll.ctl(
             ControlOperation::Add,
             stop_fd,
@@ -620,7 +629,6 @@ impl Server {
                 }
             }
         }
-        self.shutdown();
         Ok(())
     }
 

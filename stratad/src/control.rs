@@ -38,6 +38,8 @@ pub struct Control {
     pub ports: crate::ports::PortCounters,
     /// Shared folders (`--share`).
     pub shares: Vec<file_server::share::Share>,
+    /// Disks exported by name and the iSCSI targets.
+    pub exports: Arc<crate::iscsi::Exports>,
 }
 
 impl Control {
@@ -49,6 +51,7 @@ impl Control {
             datastore,
             ports,
             shares,
+            exports,
         } = self;
         m.add(
             STRATAD_STATS,
@@ -63,6 +66,7 @@ impl Control {
         );
         // Eager zeroing runs in the call; nobody watches its progress on the daemon's side.
         stratad_rpc::register(&mut m, datastore, Arc::new(|_, _| {}));
+        exports.register(&mut m);
         m
     }
 }
@@ -205,6 +209,7 @@ mod tests {
             datastore: None,
             ports: crate::ports::PortCounters::default(),
             shares: Vec::new(),
+            exports: std::sync::Arc::new(crate::iscsi::Exports::new(Vec::new(), None)),
         }
     }
 
@@ -249,6 +254,11 @@ mod tests {
                 "datastore_info",
                 "datastore_ls",
                 "datastore_mkdir",
+                "iscsi_get_targets",
+                "iscsi_target_create",
+                "iscsi_target_delete",
+                "iscsi_target_lun_add",
+                "iscsi_target_lun_remove",
                 "rpc_get_methods",
                 "stratad_stats"
             ])

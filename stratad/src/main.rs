@@ -1,13 +1,17 @@
-//! `stratad`, the Strata storage daemon: exports virtual disks to VMs over vhost-user-blk.
+//! `stratad`, the Strata storage daemon: exports virtual disks to VMs over vhost-user-blk,
+//! and to other hosts as an iSCSI target.
 //!
-//! - `spec`: parsing of `--disk`, `--share`, `--port` (one key=value parser, serde structs
-//!   that read JSON too) and the scalar options (pure, property-tested).
+//! - `spec`: parsing of `--disk`, `--share`, `--port`, `--iscsi-target` (one key=value
+//!   parser, serde structs that read JSON too) and the scalar options (pure, property-tested).
+//! - `iscsi`: the disks exported by name, their SCSI units, the iSCSI targets and their
+//!   control methods (the protocol is the `san` crate's).
 //! - this file: command line, the datastore (`--datastore`), the embedded default (a data
 //!   directory with a datastore file holding a thin disk),
 //!   signal handling (SIGTERM/SIGINT through a signalfd: stop accepting, drain, flush, exit 0)
 //!   and logging. The data path lives in the `dataplane` crate.
 
 mod control;
+mod iscsi;
 mod metrics;
 mod ports;
 mod spec;
@@ -32,8 +36,8 @@ use vmfs::fs::{Datastore, FsError, MkfsOptions};
 use vmfs_disk::VmfsBackend;
 
 use crate::spec::{
-    parse_cpus, parse_disk_spec, parse_share_spec, parse_socket_group, parse_socket_mode,
-    BackendSpec, DiskSpec, SpecError,
+    parse_cpus, parse_disk_spec, parse_iscsi_target_spec, parse_share_spec, parse_socket_group,
+    parse_socket_mode, BackendSpec, DiskSpec, SpecError,
 };
 
 /// Size of the embedded default datastore file (sparse: it costs no space until written).
@@ -53,11 +57,15 @@ const DEFAULT_DISK_QUEUES: u16 = 4;
 #[command(
     name = "stratad",
     version,
-    about = "Strata storage daemon: serves virtual disks to VMs over vhost-user-blk",
+    about = "Strata storage daemon: serves virtual disks to VMs over vhost-user-blk and to other hosts over iSCSI",
     after_help = "DISK SPECS:\n  \
         socket=PATH,backend=raw,path=IMAGE[,queues=N][,readonly=on][,direct=on][,name=NAME]\n  \
         socket=PATH,backend=null,size=SIZE[,queues=N][,read-zeroes=on|off][,name=NAME]\n  \
-        socket=PATH,backend=vmfs,file=NAME[,queues=N][,readonly=on][,name=NAME]  (needs --datastore)\n\n\
+        socket=PATH,backend=vmfs,file=NAME[,queues=N][,readonly=on][,name=NAME]  (needs --datastore)\n  \
+        A disk with name=NAME needs no socket=: it is then only exported by name (--iscsi-target).\n\n\
+        ISCSI TARGET SPECS:\n  \
+        iqn=IQN,disk=NAME[,lun=N][,chap-user=U,chap-secret-file=F][,mutual-user=U,mutual-secret-file=F][,allow=IQN;IQN]\n  \
+        The same iqn given again adds a LUN (numbered 0, 1, ... unless lun= says otherwise).\n\n\
         In --disk, --share and --port specs a comma inside a value is written ,, (as in QEMU).\n\n\
         With no --disk, stratad serves a thin disk of a datastore file in the data \
         directory (both created on first start) and prints the QEMU options that attach to it."
@@ -130,6 +138,19 @@ struct Args {
     #[arg(long, value_name = "GROUP")]
     socket_group: Option<String>,
 
+    /// Listen for iSCSI initiators at this address (repeatable), e.g. `0.0.0.0:3260`.
+    #[arg(long = "iscsi-portal", value_name = "ADDR:PORT")]
+    iscsi_portals: Vec<std::net::SocketAddr>,
+
+    /// Export a disk as a LUN of an iSCSI target (repeatable); see ISCSI TARGET SPECS below.
+    #[arg(long = "iscsi-target", value_name = "SPEC", requires = "iscsi_portals")]
+    iscsi_targets: Vec<String>,
+
+    /// Where the iSCSI LUNs keep their persistent reservations (one file per disk name), so
+    /// they survive a restart. Default: DATA-DIR/iscsi-state.
+    #[arg(long, value_name = "DIR")]
+    iscsi_state_dir: Option<PathBuf>,
+
     /// I/O engine of the reactors.
     #[arg(long, value_name = "ENGINE", default_value = "uring", value_parser = ["uring", "sync"])]
     engine: String,
@@ -161,6 +182,10 @@ enum MainError {
     Share(#[from] file_server::settings::ShareError),
     #[error("--share needs --datastore PATH")]
     ShareWithoutDatastore,
+    #[error(transparent)]
+    Export(#[from] iscsi::ExportError),
+    #[error("iSCSI: {0}")]
+    Iscsi(String),
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> MainError {
@@ -209,11 +234,12 @@ fn stop_signal_fd() -> Result<OwnedFd, MainError> {
 
 fn open_backend(
     spec: &DiskSpec,
+    index: usize,
     ds: Option<&Arc<Datastore>>,
 ) -> Result<Arc<dyn BlockBackend>, MainError> {
     Ok(match &spec.backend {
         BackendSpec::Vmfs { file, readonly } => {
-            let ds = ds.ok_or_else(|| MainError::NoDatastore(spec.socket.display().to_string()))?;
+            let ds = ds.ok_or_else(|| MainError::NoDatastore(spec.display_name(index)))?;
             let ds_err = |err: String| MainError::Datastore {
                 path: file.clone(),
                 err,
@@ -298,7 +324,7 @@ fn default_disk(data_dir: &Path) -> Result<(DiskSpec, Arc<Datastore>), MainError
     }
     Ok((
         DiskSpec {
-            socket: dir.join(DEFAULT_SOCKET_NAME),
+            socket: Some(dir.join(DEFAULT_SOCKET_NAME)),
             backend: BackendSpec::Vmfs {
                 file: DEFAULT_DISK_NAME.into(),
                 readonly: false,
@@ -311,11 +337,12 @@ fn default_disk(data_dir: &Path) -> Result<(DiskSpec, Arc<Datastore>), MainError
 }
 
 fn qemu_hint(spec: &DiskSpec) -> String {
+    let socket = spec.socket.as_deref().unwrap_or(Path::new("-"));
     format!(
         "qemu-system-x86_64 -m 1G -object memory-backend-memfd,id=mem,size=1G,share=on \
          -numa node,memdev=mem -chardev socket,id=disk0,path={} \
          -device vhost-user-blk-pci,chardev=disk0,num-queues={} ...",
-        spec.socket.display(),
+        socket.display(),
         spec.queues
     )
 }
@@ -368,6 +395,17 @@ fn run(args: Args) -> Result<(), MainError> {
             ports::parse_port_spec(p).map_err(|e| MainError::Port(format!("--port {p}: {e}")))?,
         );
     }
+    let mut iscsi_specs = Vec::with_capacity(args.iscsi_targets.len());
+    for s in &args.iscsi_targets {
+        iscsi_specs.push(parse_iscsi_target_spec(s).map_err(spec_err("--iscsi-target", s))?);
+    }
+    #[cfg(feature = "packet")]
+    for p in &port_specs {
+        if p.backend != net::Backend::Socket {
+            iscsi::check_steering(&p.iface, &p.steer, &args.iscsi_portals)
+                .map_err(MainError::Port)?;
+        }
+    }
     let mut share_specs = Vec::with_capacity(args.shares.len());
     for s in &args.shares {
         share_specs.push(parse_share_spec(s).map_err(spec_err("--share", s))?);
@@ -397,9 +435,32 @@ fn run(args: Args) -> Result<(), MainError> {
     };
     // Open every backend before any socket appears, so a bad spec fails cleanly.
     let mut backends = Vec::with_capacity(specs.len());
-    for s in &specs {
-        backends.push(open_backend(s, datastore.as_ref())?);
+    for (i, s) in specs.iter().enumerate() {
+        backends.push(open_backend(s, i, datastore.as_ref())?);
     }
+    let names: Vec<String> = specs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| s.display_name(i))
+        .collect();
+    let exported_only: Vec<Option<Arc<dyn BlockBackend>>> = specs
+        .iter()
+        .zip(&backends)
+        .map(|(s, b)| s.socket.is_none().then(|| b.clone()))
+        .collect();
+    let exports = Arc::new(iscsi::Exports::new(
+        names
+            .iter()
+            .cloned()
+            .zip(backends.iter().cloned())
+            .collect(),
+        Some(
+            args.iscsi_state_dir
+                .clone()
+                .unwrap_or_else(|| iscsi::default_state_dir(&args.data_dir)),
+        ),
+    ));
+    exports.create_targets(&iscsi_specs)?;
     // Blocks SIGTERM/SIGINT in this thread, so every thread spawned from here on inherits
     // the mask and the signals reach only the signalfd (a thread spawned earlier would take
     // them with the default action: death).
@@ -430,20 +491,30 @@ fn run(args: Args) -> Result<(), MainError> {
     let _dpdk_runtime_dir = ports::DpdkRuntimeDir::new();
     let mut server = Server::new(&ServerConfig { cpus, engine })?;
     server.set_socket_access(access);
-    for (i, (spec, backend)) in specs.iter().zip(backends).enumerate() {
-        let name = spec.name.clone().unwrap_or_else(|| {
-            spec.socket
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_else(|| format!("disk{i}"))
-        });
+    for ((spec, backend), name) in specs.iter().zip(backends).zip(names) {
+        // A disk without a socket is exported by name only (iSCSI).
+        let Some(socket) = &spec.socket else { continue };
         server.add_disk(DiskConfig {
             name,
-            socket: spec.socket.clone(),
+            socket: socket.clone(),
             backend,
             num_queues: spec.queues,
         })?;
     }
+    let iscsi_server = if args.iscsi_portals.is_empty() {
+        None
+    } else {
+        let s = san::transport::IscsiServer::start(
+            exports.registry.clone(),
+            &args.iscsi_portals,
+            server.reactor_links(),
+        )
+        .map_err(|e| MainError::Iscsi(e.to_string()))?;
+        for p in &args.iscsi_portals {
+            tracing::info!(portal = %p, "iSCSI portal listening");
+        }
+        Some(s)
+    };
     for sh in &shares {
         server.add_share(ShareConfig {
             name: sh.spec.dir.clone(),
@@ -475,6 +546,7 @@ fn run(args: Args) -> Result<(), MainError> {
                     datastore: datastore.clone(),
                     ports: ports.counters.clone(),
                     shares: shares.clone(),
+                    exports: exports.clone(),
                 },
                 access,
             )
@@ -488,11 +560,25 @@ fn run(args: Args) -> Result<(), MainError> {
         tracing::info!(%bound, "metrics endpoint ready");
     }
     if embedded {
-        println!("stratad: serving {}", specs[0].socket.display());
+        let socket = specs[0].socket.as_deref().unwrap_or(Path::new("-"));
+        println!("stratad: serving {}", socket.display());
         println!("attach a VM with: {}", qemu_hint(&specs[0]));
     }
     tracing::info!(disks = specs.len(), shares = shares.len(), "stratad ready");
-    server.run(std::os::fd::AsRawFd::as_raw_fd(&stop))?;
+    server.serve(std::os::fd::AsRawFd::as_raw_fd(&stop))?;
+    if let Some(s) = iscsi_server {
+        // Sessions end before the reactors that serve them stop.
+        s.shutdown();
+    }
+    server.shutdown();
+    // The server flushed the disks it serves over vhost-user; these are exported by name only.
+    for (i, (spec, backend)) in specs.iter().zip(&exported_only).enumerate() {
+        if let Some(b) = backend {
+            if let Err(e) = b.flush_sync() {
+                tracing::error!(disk = %spec.display_name(i), err = %e, "flush at shutdown failed");
+            }
+        }
+    }
     let stats = server.stats();
     for d in &stats.disks {
         let reqs: u64 = d.queues.iter().map(|q| q.requests).sum();

@@ -192,6 +192,7 @@ fn traffic_counted_in_host_ns(v: &Veth, backend: &str) {
             datastore: None,
             ports: ports.counters.clone(),
             shares: Vec::new(),
+            exports: std::sync::Arc::new(crate::iscsi::Exports::new(Vec::new(), None)),
         },
         dataplane::server::SocketAccess::default(),
     )

@@ -3,6 +3,9 @@
 //! `socket=PATH,backend=raw,path=IMAGE[,queues=N][,readonly=on][,direct=on][,name=N]`
 //! `socket=PATH,backend=null,size=SIZE[,queues=N][,read-zeroes=on|off][,name=N]`
 //! `socket=PATH,backend=vmfs,file=NAME[,queues=N][,readonly=on][,name=N]`
+//!
+//! `socket` may be left out when `name` is given: the disk is then not served over
+//! vhost-user, only exported by name elsewhere (an `--iscsi-target`).
 
 use std::path::PathBuf;
 
@@ -30,8 +33,8 @@ pub enum BackendKind {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct DiskArgs {
-    /// vhost-user socket path.
-    pub socket: PathBuf,
+    /// vhost-user socket path (none: the disk is only exported by name, e.g. over iSCSI).
+    pub socket: Option<PathBuf>,
     /// Storage kind.
     pub backend: BackendKind,
     /// Image path (raw).
@@ -83,14 +86,27 @@ pub enum BackendSpec {
 /// One `--disk`, checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskSpec {
-    /// vhost-user socket path.
-    pub socket: PathBuf,
+    /// vhost-user socket path, if the disk is served to a VM on this host.
+    pub socket: Option<PathBuf>,
     /// Storage.
     pub backend: BackendSpec,
     /// Request queues.
     pub queues: u16,
-    /// Name (serial, logs); defaults to the socket's file stem.
+    /// Name (serial, logs, `--iscsi-target disk=`); defaults to the socket's file stem.
     pub name: Option<String>,
+}
+
+impl DiskSpec {
+    /// The disk's name: `name=`, else the socket's file stem, else `disk{index}`.
+    pub fn display_name(&self, index: usize) -> String {
+        self.name.clone().unwrap_or_else(|| {
+            self.socket
+                .as_ref()
+                .and_then(|s| s.file_stem())
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| format!("disk{index}"))
+        })
+    }
 }
 
 /// Parses one `--disk` value.
@@ -102,8 +118,12 @@ impl TryFrom<DiskArgs> for DiskSpec {
     type Error = SpecError;
 
     fn try_from(a: DiskArgs) -> Result<DiskSpec, SpecError> {
-        if a.socket.as_os_str().is_empty() {
-            return Err(SpecError::Missing("socket".into()));
+        let socket = a.socket.filter(|s| !s.as_os_str().is_empty());
+        if socket.is_none() && a.name.as_deref().is_none_or(str::is_empty) {
+            // A disk with neither could be reached by nothing.
+            return Err(SpecError::Missing(
+                "socket (or name, for a disk exported by name only)".into(),
+            ));
         }
         let queues = match a.queues {
             None => DISK_QUEUES_DEFAULT,
@@ -160,7 +180,7 @@ impl TryFrom<DiskArgs> for DiskSpec {
             },
         };
         Ok(DiskSpec {
-            socket: a.socket,
+            socket,
             backend,
             queues,
             name: a.name,
@@ -178,11 +198,10 @@ mod tests {
     /// The key=value form of `d`, every key written out.
     fn format(d: &DiskSpec) -> String {
         let on = |b: bool| if b { "on" } else { "off" };
-        let mut s = format!(
-            "socket={},queues={}",
-            escape(&d.socket.to_string_lossy()),
-            d.queues
-        );
+        let mut s = format!("queues={}", d.queues);
+        if let Some(socket) = &d.socket {
+            s += &format!(",socket={}", escape(&socket.to_string_lossy()));
+        }
         match &d.backend {
             BackendSpec::Raw {
                 path,
@@ -231,7 +250,7 @@ mod tests {
     #[test]
     fn commas_in_paths() {
         let d = parse_disk_spec("socket=/run/a,,b.sock,backend=raw,path=/img/x,,y,,.img").unwrap();
-        assert_eq!(d.socket, PathBuf::from("/run/a,b.sock"));
+        assert_eq!(d.socket, Some(PathBuf::from("/run/a,b.sock")));
         assert_eq!(
             d.backend,
             BackendSpec::Raw {
@@ -299,14 +318,18 @@ mod tests {
             parse_disk_spec("socket=s,backend=raw,path=p,colour=red"),
             Err(SpecError::UnknownKey("colour".into()))
         );
-        assert_eq!(
-            parse_disk_spec("backend=raw,path=p"),
-            Err(SpecError::Missing("socket".into()))
-        );
-        assert_eq!(
-            parse_disk_spec("socket=,backend=raw,path=p"),
-            Err(SpecError::Missing("socket".into()))
-        );
+        let no_socket = || {
+            Err(SpecError::Missing(
+                "socket (or name, for a disk exported by name only)".into(),
+            ))
+        };
+        assert_eq!(parse_disk_spec("backend=raw,path=p"), no_socket());
+        assert_eq!(parse_disk_spec("socket=,backend=raw,path=p"), no_socket());
+        assert_eq!(parse_disk_spec("backend=raw,path=p,name="), no_socket());
+        // A named disk needs no socket: it is exported by name only (e.g. over iSCSI).
+        let d = parse_disk_spec("backend=null,size=1M,name=lun0").unwrap();
+        assert_eq!(d.socket, None);
+        assert_eq!(d.display_name(3), "lun0");
         assert_eq!(
             parse_disk_spec("socket=s,backend=raw"),
             Err(SpecError::Missing("path".into()))
@@ -385,13 +408,16 @@ mod tests {
             (text, any::<bool>()).prop_map(|(file, readonly)| BackendSpec::Vmfs { file, readonly }),
         ];
         (
-            text,
+            proptest::option::of(text),
             backend,
             1..=NUM_QUEUES_MAX,
             proptest::option::of(".{0,12}"),
         )
+            .prop_filter("a disk needs a socket or a name", |(socket, _, _, name)| {
+                socket.is_some() || name.as_deref().is_some_and(|n| !n.is_empty())
+            })
             .prop_map(|(socket, backend, queues, name)| DiskSpec {
-                socket: socket.into(),
+                socket: socket.map(Into::into),
                 backend,
                 queues,
                 name,

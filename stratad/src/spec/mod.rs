@@ -3,7 +3,7 @@
 //!
 //! - [`keyvalue`]: the `key=value,...` syntax (QEMU-style, `,,` for a comma inside a value)
 //!   as a serde deserializer; the same spec structs read JSON objects (config file, RPC).
-//! - [`disk`]: `--disk` → [`DiskSpec`]; [`share`]: `--share` → the file server's
+//! - [`disk`]: `--disk` → [`DiskSpec`]; [`iscsi`]: `--iscsi-target` → [`IscsiTargetSpec`]; [`share`]: `--share` → the file server's
 //!   `ShareSpec`; [`port`]: `--port` → the packet path's `PortSpec`. Each has a serde
 //!   struct of what can be written (`*Args`, the keys are its field names) and a checked
 //!   conversion into the typed spec the libraries take.
@@ -12,6 +12,7 @@
 //! Every error is a [`SpecError`] naming the key and what is wrong with it.
 
 pub mod disk;
+pub mod iscsi;
 pub mod keyvalue;
 #[cfg(feature = "packet")]
 pub mod port;
@@ -22,6 +23,7 @@ use serde::de::{self, Deserialize, Deserializer, Visitor};
 use thiserror::Error;
 
 pub use disk::{parse_disk_spec, BackendSpec, DiskSpec};
+pub use iscsi::{parse_iscsi_target_spec, IscsiTargetSpec};
 #[cfg(feature = "packet")]
 pub use port::parse_port_spec;
 pub use scalar::{parse_cpus, parse_size, parse_socket_group, parse_socket_mode};
