@@ -47,8 +47,11 @@ pub const TASK_WINDOW: u32 = 128;
 /// Slots kept for immediate commands (they do not consume CmdSN, so the window does not
 /// bound them).
 pub const IMMEDIATE_SLOTS: usize = 8;
-/// Task slots per session.
-pub const TASKS_MAX: usize = TASK_WINDOW as usize + IMMEDIATE_SLOTS;
+/// Task slots per session: a command leaves the window when its status is queued (so the
+/// MaxCmdSN sent with that status already counts its slot as free), but keeps its slot
+/// until the status is sent; hence twice the window, plus the immediate ones. A slot's
+/// buffer grows only when used, and the free list hands out the most recently used first.
+pub const TASKS_MAX: usize = 2 * TASK_WINDOW as usize + IMMEDIATE_SLOTS;
 /// R2T sequences outstanding per command at most (the MaxOutstandingR2T the target offers).
 pub const R2T_MAX: usize = 4;
 /// Idle time after which the target pings the initiator (NOP-In wanting a NOP-Out).
@@ -188,6 +191,8 @@ struct Task {
     lun_raw: u64,
     unit: Option<Arc<LogicalUnit>>,
     immediate: bool,
+    /// Counts against the CmdSN window (non-immediate, status not queued yet).
+    counted: bool,
     read: bool,
     write: bool,
     /// Expected Data Transfer Length.
@@ -311,7 +316,12 @@ impl Session {
     /// Whether the next received PDU may be handled now: room for its answers in the send
     /// queue, and no logout in progress.
     pub fn can_take(&self) -> bool {
-        !self.closing && self.out.free() >= OUT_RESERVE
+        // Slots held by commands already out of the window (status queued, not yet sent)
+        // must leave room for a full window of new ones.
+        let held = TASKS_MAX - self.free.len() - self.busy as usize;
+        !self.closing
+            && self.out.free() >= OUT_RESERVE
+            && held + TASK_WINDOW as usize + IMMEDIATE_SLOTS < TASKS_MAX
     }
 
     /// Whether the session is done (a Logout Response or fatal Reject went out).
@@ -495,9 +505,6 @@ impl Session {
             self.reject(reject::PROTOCOL_ERROR, bhs);
             return Flow::Continue;
         }
-        if !bhs.immediate() {
-            self.busy += 1;
-        }
         self.refresh_luns();
         let unit = self.unit_of(bhs.lun());
         let p = self.p;
@@ -506,6 +513,10 @@ impl Session {
         t.itt = bhs.itt();
         t.lun_raw = bhs.lun();
         t.immediate = bhs.immediate();
+        t.counted = !t.immediate;
+        if t.counted {
+            self.busy += 1;
+        }
         t.read = bhs.read_bit();
         t.write = bhs.write_bit();
         t.edtl = bhs.expected_data_len();
@@ -799,6 +810,14 @@ impl Session {
         self.ready.push_back(slot);
     }
 
+    fn uncount(&mut self, slot: u16) {
+        let t = &mut self.tasks[usize::from(slot)];
+        if t.counted {
+            t.counted = false;
+            self.busy = self.busy.saturating_sub(1);
+        }
+    }
+
     fn release(&mut self, slot: u16) {
         let t = &mut self.tasks[usize::from(slot)];
         if t.st == St::Free {
@@ -807,7 +826,8 @@ impl Session {
         t.st = St::Free;
         t.unit = None;
         t.xfer = None;
-        if !t.immediate {
+        if t.counted {
+            t.counted = false;
             self.busy = self.busy.saturating_sub(1);
         }
         self.free.push(slot);
@@ -871,8 +891,6 @@ impl Session {
             if self.out.free() <= OUT_RESERVE / 2 {
                 return false;
             }
-            let exp = self.exp_cmd_sn;
-            let max = self.max_cmd_sn();
             let t = &self.tasks[usize::from(slot)];
             let Some(o) = t.outcome else {
                 return true;
@@ -880,11 +898,18 @@ impl Session {
             let produced = o.data_in.min(t.scsi.buf.len() as u32);
             let send_len = if t.read { produced.min(t.edtl) } else { 0 };
             let residual = Self::residual(t, &o);
+            let seg = seg_max.min(send_len - t.sent).min(burst - t.sent % burst);
+            let end = t.sent + seg;
+            let collapse = t.sent < send_len && end == send_len && o.sense.is_none();
+            if collapse || t.sent >= send_len {
+                // The status goes out with this PDU: the command leaves the window.
+                self.uncount(slot);
+            }
+            let exp = self.exp_cmd_sn;
+            let max = self.max_cmd_sn();
+            let t = &self.tasks[usize::from(slot)];
             if t.sent < send_len {
-                let seg = seg_max.min(send_len - t.sent).min(burst - t.sent % burst);
-                let end = t.sent + seg;
                 let last = end == send_len;
-                let collapse = last && o.sense.is_none();
                 let stat_sn = if collapse { self.next_stat_sn() } else { 0 };
                 let t = &self.tasks[usize::from(slot)];
                 let mut b = [0u8; BHS_LEN];
@@ -1067,17 +1092,17 @@ impl Session {
             // ABORT TASK
             1 => {
                 let rtt = bhs.tmf_rtt();
+                // A task whose status is already queued has completed: "task does not
+                // exist", as for one not found (initiators treat both as the task gone).
                 match self
                     .tasks
                     .iter()
-                    .position(|t| t.st != St::Free && t.itt == rtt)
+                    .position(|t| !matches!(t.st, St::Free | St::Sending) && t.itt == rtt)
                 {
                     Some(i) => {
                         self.abort_task(i as u16);
                         0
                     }
-                    // §11.6.1: a RefCmdSN already received means the task completed.
-                    None if serial_lt(bhs.tmf_ref_cmdsn(), self.exp_cmd_sn) => 0,
                     None => 1,
                 }
             }

@@ -238,10 +238,11 @@ fn read_write(engine: EngineKind, extra: &[(&str, &str)]) {
     let mut i = Initiator::connect(rig.addr);
     let (status, _) = i.login(Some(TARGET), extra);
     assert_eq!(status, 0);
+    // The new nexus sees a unit attention (power on) first.
+    let r = i.command(0, &[0u8; 6], &[], 0);
+    assert_eq!((r.status, r.sense.get(2)), (2, Some(&6)), "UNIT ATTENTION: {r:?}");
     let r = i.command(0, &[0u8; 6], &[], 0);
     assert_eq!(r.status, 0, "TEST UNIT READY: {r:?}");
-    // Clear a unit attention the new nexus may see first.
-    let _ = i.command(0, &[0u8; 6], &[], 0);
     for (lba, blocks, seed) in [(0u32, 8u16, 1u8), (100, 512, 2), (3000, 2048, 3)] {
         let data = pattern(usize::from(blocks) * 512, seed);
         let w = i.command(0, &write10(lba, blocks), &data, 0);
