@@ -23,6 +23,10 @@
 //!   /24, IPv6 /48) and in all. Pure.
 //! - [`control`]: the JSON-RPC control socket behind `stratactl ns` (its method table, over
 //!   the service).
+//! - [`client`]: an iSNS client for a target daemon: registers its entity, portals and
+//!   targets, answers ESI, re-registers after a name-server restart, takes SCNs, and answers
+//!   discovery-domain access questions ([`client::DdAccess`]). Uses `wire` (and the shared
+//!   constants of `registry`/`esi`); nothing on the server side uses it.
 //!
 //! Dependencies run one way: `server` → `control` → `service` → `registry`, `store`, `scn`.
 //!
@@ -30,6 +34,7 @@
 //! signals.
 
 pub mod admission;
+pub mod client;
 pub mod command;
 pub mod control;
 pub mod esi;

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use dataplane::backend::BlockBackend;
+use fabric_nameserver::client::{DdAccess, EntityInfo, IsnsClient};
 use jsonrpc::{Methods, NoParams, RpcError};
 use san::scsi::{LogicalUnit, LuConfig};
 use san::target::{Chap, Registry, TargetError};
@@ -89,6 +90,20 @@ pub struct Exports {
     state_dir: Option<PathBuf>,
     /// What the transport serves.
     pub registry: Arc<Registry>,
+    /// The name server registration (`--isns`), told of targets created and deleted while
+    /// running.
+    isns: Mutex<Option<IsnsClient>>,
+}
+
+/// Access by the name server's discovery domains: an initiator sees (SendTargets) and may
+/// log in to a target only if they share a DD.
+#[derive(Debug)]
+struct DdPolicy(Arc<DdAccess>);
+
+impl san::target::AccessPolicy for DdPolicy {
+    fn visible(&self, initiator: &str, target: &str) -> bool {
+        self.0.visible(initiator, target)
+    }
 }
 
 /// Reads a CHAP secret: the file's first line, without its line end.
@@ -157,6 +172,67 @@ impl Exports {
             ),
             state_dir,
             registry: Arc::new(Registry::new()),
+            isns: Mutex::new(None),
+        }
+    }
+
+    /// Registers the targets and the portals (those the transport listens on) with the iSNS
+    /// server at `server` and from then on
+    /// lets its discovery domains decide who sees what. The client keeps the registration
+    /// (ESI answers, re-registration after a name-server restart) on its own thread; a name
+    /// server that is down now is retried in the background.
+    pub fn register_isns(
+        &self,
+        server: SocketAddr,
+    ) -> Result<(), fabric_nameserver::client::ClientError> {
+        let entity = EntityInfo {
+            eid: String::new(),
+            portals: self
+                .registry
+                .portals()
+                .iter()
+                .map(|p| (p.addr, p.tpgt))
+                .collect(),
+            targets: self
+                .registry
+                .targets()
+                .iter()
+                .map(|t| t.name().to_string())
+                .collect(),
+            esi_port: None,
+            scn_port: None,
+        };
+        let client = IsnsClient::start(server, entity)?;
+        self.registry
+            .set_policy(Arc::new(DdPolicy(client.access())));
+        tracing::info!(%server, eid = %client.eid(), "registered with the iSNS server");
+        *self.isns.lock().unwrap_or_else(|p| p.into_inner()) = Some(client);
+        Ok(())
+    }
+
+    /// Deregisters from the name server (at shutdown).
+    pub fn deregister_isns(&self) {
+        let client = self.isns.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(c) = client {
+            if let Err(e) = c.stop() {
+                tracing::warn!(err = %e, "iSNS deregistration failed");
+            }
+        }
+    }
+
+    /// Tells the name server of a target created (`add`) or deleted while running.
+    fn isns_update(&self, iqn: &str, add: bool) {
+        let guard = self.isns.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = guard.as_ref() {
+            let r = if add {
+                c.add_target(iqn)
+            } else {
+                c.remove_target(iqn)
+            };
+            if let Err(e) = r {
+                // The client keeps what it was told and retries each round.
+                tracing::warn!(target = %iqn, err = %e, "iSNS update not confirmed yet");
+            }
         }
     }
 
@@ -275,6 +351,7 @@ impl Exports {
         m.add(ISCSI_TARGET_CREATE, move |a: IscsiTargetArgs| {
             let spec = IscsiTargetSpec::try_from(a).map_err(|e| rpc_err(e.into()))?;
             me.create_target(&[&spec]).map_err(rpc_err)?;
+            me.isns_update(&spec.iqn, true);
             Ok(json!({}))
         });
         let me = self.clone();
@@ -282,6 +359,7 @@ impl Exports {
             me.registry
                 .remove_target(&p.iqn)
                 .map_err(|e| rpc_err(e.into()))?;
+            me.isns_update(&p.iqn, false);
             tracing::info!(target = %p.iqn, "iSCSI target deleted");
             Ok(json!({}))
         });

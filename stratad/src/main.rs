@@ -146,6 +146,12 @@ struct Args {
     #[arg(long = "iscsi-target", value_name = "SPEC", requires = "iscsi_portals")]
     iscsi_targets: Vec<String>,
 
+    /// Register the iSCSI targets and portals with this iSNS server (strata-nameserver),
+    /// e.g. `127.0.0.1:3205`, and let its discovery domains decide which initiator sees
+    /// (SendTargets) and may log in to which target.
+    #[arg(long, value_name = "HOST:PORT", requires = "iscsi_portals")]
+    isns: Option<String>,
+
     /// Where the iSCSI LUNs keep their persistent reservations (one file per disk name), so
     /// they survive a restart. Default: DATA-DIR/iscsi-state.
     #[arg(long, value_name = "DIR")]
@@ -513,6 +519,15 @@ fn run(args: Args) -> Result<(), MainError> {
         for p in &args.iscsi_portals {
             tracing::info!(portal = %p, "iSCSI portal listening");
         }
+        if let Some(ns) = &args.isns {
+            let addr = std::net::ToSocketAddrs::to_socket_addrs(ns)
+                .ok()
+                .and_then(|mut a| a.next())
+                .ok_or_else(|| MainError::Iscsi(format!("--isns {ns}: not HOST:PORT")))?;
+            exports
+                .register_isns(addr)
+                .map_err(|e| MainError::Iscsi(format!("--isns {ns}: {e}")))?;
+        }
         Some(s)
     };
     for sh in &shares {
@@ -566,6 +581,7 @@ fn run(args: Args) -> Result<(), MainError> {
     }
     tracing::info!(disks = specs.len(), shares = shares.len(), "stratad ready");
     server.serve(std::os::fd::AsRawFd::as_raw_fd(&stop))?;
+    exports.deregister_isns();
     if let Some(s) = iscsi_server {
         // Sessions end before the reactors that serve them stop.
         s.shutdown();
