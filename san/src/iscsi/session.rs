@@ -58,6 +58,10 @@ pub const R2T_MAX: usize = 4;
 pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 /// Time the initiator has to answer a ping before the connection is dropped.
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Buffer capacity a free task slot keeps: larger transfers (up to the 1 MiB a command may
+/// move) allocate their buffer and give it back when done, so an idle session holds at most
+/// this much per slot it ever used, while 4–256 KiB I/O allocates nothing.
+pub const BUF_KEEP: usize = 256 * 1024;
 /// REPORT LUNS opcode (answered here from the target's table).
 const REPORT_LUNS: u8 = 0xA0;
 /// Bytes of a SCSI Response's sense data segment: 2-byte SenseLength + fixed sense.
@@ -826,6 +830,9 @@ impl Session {
         t.st = St::Free;
         t.unit = None;
         t.xfer = None;
+        if t.scsi.buf.capacity() > BUF_KEEP {
+            t.scsi.buf = Vec::new();
+        }
         if t.counted {
             t.counted = false;
             self.busy = self.busy.saturating_sub(1);

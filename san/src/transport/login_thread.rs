@@ -42,6 +42,8 @@ const READ_CHUNK: usize = 16 * 1024;
 /// Output a login or discovery connection may have waiting before it is dropped (a peer
 /// that does not read).
 const WBUF_MAX: usize = 1 << 20;
+/// How long a portal stops accepting after accept(2) failed (out of descriptors).
+const ACCEPT_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 /// epoll events per wait.
 const EVENTS_MAX: usize = 256;
 /// Longest sleep: deadlines are checked at least this often.
@@ -95,6 +97,8 @@ pub(crate) struct LoginThread {
     _stop: Arc<EventFd>,
     scratch: Box<[u8]>,
     next_conn_name: u64,
+    /// Portals paused after a failed accept: (until, listener index).
+    paused: Vec<(Instant, usize)>,
 }
 
 impl LoginThread {
@@ -137,13 +141,19 @@ impl LoginThread {
             _stop: stop,
             scratch: vec![0u8; READ_CHUNK].into_boxed_slice(),
             next_conn_name: 0,
+            paused: Vec::new(),
         })
     }
 
     pub(crate) fn run(mut self) {
         let mut events = vec![EpollEvent::default(); EVENTS_MAX];
         loop {
-            let n = match self.epoll.wait(WAIT_MAX_MS, &mut events) {
+            let wait = if self.paused.is_empty() {
+                WAIT_MAX_MS
+            } else {
+                ACCEPT_PAUSE.as_millis() as i32
+            };
+            let n = match self.epoll.wait(wait, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == ErrorKind::Interrupted => 0,
                 Err(e) => {
@@ -191,8 +201,19 @@ impl LoginThread {
                 Ok((s, _)) => s,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) => {
-                    // EMFILE and the like: try again on the next wake-up.
-                    tracing::warn!(err = %e, "accept failed");
+                    // EMFILE and the like: the listener stays readable, so it leaves the
+                    // epoll set for a while instead of spinning this thread; the oldest
+                    // half-open connection makes room.
+                    tracing::warn!(err = %e, "accept failed; pausing this portal");
+                    if let Some((&oldest, _)) = self.conns.iter().next() {
+                        bump(&self.shared.login.half_open_dropped);
+                        self.drop_conn(oldest);
+                    }
+                    let fd = self.listeners[li].0.as_raw_fd();
+                    let _ = self
+                        .epoll
+                        .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+                    self.paused.push((Instant::now() + ACCEPT_PAUSE, li));
                     return;
                 }
             };
@@ -249,6 +270,18 @@ impl LoginThread {
 
     fn expire(&mut self) {
         let now = Instant::now();
+        let mut i = 0;
+        while i < self.paused.len() {
+            let (until, li) = self.paused[i];
+            if until > now {
+                i += 1;
+                continue;
+            }
+            self.paused.swap_remove(i);
+            let fd = self.listeners[li].0.as_raw_fd();
+            let ev = EpollEvent::new(EventSet::IN, li as u64);
+            let _ = self.epoll.ctl(ControlOperation::Add, fd, ev);
+        }
         while let Some(Reverse((at, id))) = self.deadlines.peek().copied() {
             if at > now {
                 break;

@@ -11,6 +11,7 @@ use dataplane::reactor::ReactorHandle;
 
 use super::test_initiator::{Initiator, INITIATOR};
 use super::IscsiServer;
+use crate::iscsi::pdu::{crc32c, put_digest};
 use crate::scsi::{LogicalUnit, LuConfig};
 use crate::target::Registry;
 
@@ -240,7 +241,11 @@ fn read_write(engine: EngineKind, extra: &[(&str, &str)]) {
     assert_eq!(status, 0);
     // The new nexus sees a unit attention (power on) first.
     let r = i.command(0, &[0u8; 6], &[], 0);
-    assert_eq!((r.status, r.sense.get(2)), (2, Some(&6)), "UNIT ATTENTION: {r:?}");
+    assert_eq!(
+        (r.status, r.sense.get(2)),
+        (2, Some(&6)),
+        "UNIT ATTENTION: {r:?}"
+    );
     let r = i.command(0, &[0u8; 6], &[], 0);
     assert_eq!(r.status, 0, "TEST UNIT READY: {r:?}");
     for (lba, blocks, seed) in [(0u32, 8u16, 1u8), (100, 512, 2), (3000, 2048, 3)] {
@@ -306,7 +311,12 @@ fn serve_for_manual_testing() {
         .ok()
         .and_then(|p| p.parse().ok())
         .unwrap_or(120);
-    let disk = tempfile::NamedTempFile::new().expect("tempfile");
+    // STRATA_ISCSI_TEST_DIR=/dev/shm puts the LUN on tmpfs (benchmarks).
+    let disk = match std::env::var("STRATA_ISCSI_TEST_DIR") {
+        Ok(dir) => tempfile::NamedTempFile::new_in(dir),
+        Err(_) => tempfile::NamedTempFile::new(),
+    }
+    .expect("tempfile");
     disk.as_file().set_len(1 << 30).expect("size");
     let backend = RawBackend::open(disk.path(), false, false).expect("backend");
     let unit = LogicalUnit::new(
@@ -321,7 +331,11 @@ fn serve_for_manual_testing() {
     registry
         .add_target(TARGET, vec![(0, Arc::new(unit))], None, vec![])
         .expect("target");
-    let mut reactor = ReactorHandle::spawn(0, None, EngineKind::Uring).expect("reactor");
+    // STRATA_ISCSI_TEST_CPU pins the reactor (benchmarks).
+    let cpu = std::env::var("STRATA_ISCSI_TEST_CPU")
+        .ok()
+        .and_then(|c| c.parse().ok());
+    let mut reactor = ReactorHandle::spawn(0, cpu, EngineKind::Uring).expect("reactor");
     let server = IscsiServer::start(
         registry,
         &[SocketAddr::from(([127, 0, 0, 1], port))],
@@ -333,4 +347,168 @@ fn serve_for_manual_testing() {
     println!("{:?}", server.stats());
     server.shutdown();
     reactor.shutdown();
+}
+
+/// A NOP-Out header (immediate) with the given ITT.
+fn nop_out(itt: u32, cmd_sn: u32) -> [u8; 48] {
+    let mut b = [0u8; 48];
+    b[0] = 0x40;
+    b[1] = 0x80;
+    b[16..20].copy_from_slice(&itt.to_be_bytes());
+    b[20..24].copy_from_slice(&u32::MAX.to_be_bytes());
+    b[24..28].copy_from_slice(&cmd_sn.to_be_bytes());
+    b
+}
+
+#[test]
+fn cmdsn_outside_the_window_is_dropped() {
+    let rig = Rig::new(EngineKind::Uring, 1);
+    let mut i = rig.login();
+    let good = i.cmd_sn;
+    i.cmd_sn = i.max_cmd_sn.wrapping_add(1);
+    let b = i.cmd_bhs(0, &[0u8; 6], 0, false, false);
+    i.send(b, &[]);
+    i.cmd_sn = good.wrapping_sub(1);
+    let b = i.cmd_bhs(0, &[0u8; 6], 0, false, false);
+    i.send(b, &[]);
+    rig.wait_for("two commands dropped", |s| s.cmdsn_dropped == 2);
+    i.cmd_sn = good;
+    // The window is intact: a command with ExpCmdSN is answered, and nothing else came.
+    let r = i.command(0, &[0u8; 6], &[], 0);
+    assert_eq!(r.response, 0);
+}
+
+#[test]
+fn data_out_for_an_unknown_task_is_rejected() {
+    let rig = Rig::new(EngineKind::Uring, 1);
+    let mut i = rig.login();
+    let mut b = [0u8; 48];
+    b[0] = 0x05;
+    b[1] = 0x80;
+    b[16..20].copy_from_slice(&99u32.to_be_bytes());
+    b[20..24].copy_from_slice(&0x1234u32.to_be_bytes());
+    i.send(b, &[1u8; 512]);
+    let p = i.recv();
+    assert_eq!(
+        (p.opcode(), p.bhs[2]),
+        (0x3f, 0x09),
+        "Reject, invalid PDU field"
+    );
+    assert_eq!(&p.data[8..24], &b[8..24], "the rejected header comes back");
+    // SNACK (ERL 0) and an unknown opcode are rejected too.
+    let mut s = [0u8; 48];
+    s[0] = 0x10;
+    s[1] = 0x80;
+    i.send(s, &[]);
+    assert_eq!(i.recv().opcode(), 0x3f);
+    s[0] = 0x1c;
+    i.send(s, &[]);
+    let p = i.recv();
+    assert_eq!(
+        (p.opcode(), p.bhs[2]),
+        (0x3f, 0x05),
+        "command not supported"
+    );
+    assert_eq!(i.nop(b"alive").data, b"alive");
+    rig.wait_for("rejects counted", |s| s.pdus_rejected == 3);
+}
+
+#[test]
+fn data_digest_error_is_rejected_and_the_connection_goes_on() {
+    let rig = Rig::new(EngineKind::Uring, 1);
+    let mut i = Initiator::connect(rig.addr);
+    let (status, _) = i.login(
+        Some(TARGET),
+        &[("HeaderDigest", "CRC32C"), ("DataDigest", "CRC32C")],
+    );
+    assert_eq!(status, 0);
+    assert!(i.header_digest && i.data_digest, "digests negotiated");
+    // A NOP-Out with 4 data bytes and a wrong data digest, written by hand.
+    let mut b = nop_out(77, i.cmd_sn);
+    b[7] = 4;
+    let mut raw = b.to_vec();
+    raw.extend_from_slice(&put_digest(crc32c(&[&b])));
+    raw.extend_from_slice(b"abcd");
+    raw.extend_from_slice(&[0xde, 0xad, 0xbe, 0xef]);
+    std::io::Write::write_all(&mut i.sock, &raw).expect("write");
+    let p = i.recv();
+    assert_eq!(
+        (p.opcode(), p.bhs[2]),
+        (0x3f, 0x02),
+        "Reject, data digest error"
+    );
+    assert_eq!(i.nop(b"alive").data, b"alive");
+    assert_eq!(rig.server().stats().data_digest_errors, 1);
+}
+
+#[test]
+fn header_digest_error_drops_only_that_connection() {
+    let rig = Rig::new(EngineKind::Uring, 1);
+    let mut other = rig.login_with_isid_variant();
+    let mut i = Initiator::connect(rig.addr);
+    let (status, _) = i.login(Some(TARGET), &[("HeaderDigest", "CRC32C")]);
+    assert_eq!(status, 0);
+    let b = nop_out(5, i.cmd_sn);
+    let mut raw = b.to_vec();
+    raw.extend_from_slice(&[0, 0, 0, 0]);
+    std::io::Write::write_all(&mut i.sock, &raw).expect("write");
+    assert!(i.try_recv().is_err(), "dropped");
+    rig.wait_for("header digest error counted", |s| {
+        s.header_digest_errors == 1 && s.sessions == 1
+    });
+    assert_eq!(other.nop(b"unaffected").data, b"unaffected");
+}
+
+#[test]
+fn abort_of_a_write_waiting_for_data() {
+    let rig = Rig::new(EngineKind::Uring, 1);
+    let mut i = Initiator::connect(rig.addr);
+    let (status, _) = i.login(
+        Some(TARGET),
+        &[("ImmediateData", "No"), ("InitialR2T", "Yes")],
+    );
+    assert_eq!(status, 0);
+    let _ = i.command(0, &[0u8; 6], &[], 0); // unit attention
+    let b = i.cmd_bhs(0, &write10(0, 8), 4096, false, true);
+    let itt = u32::from_be_bytes([b[16], b[17], b[18], b[19]]);
+    i.send(b, &[]);
+    let r2t = i.recv();
+    assert_eq!(r2t.opcode(), 0x31, "R2T");
+    assert_eq!(i.tmf(1, 0, itt), 0, "ABORT TASK: function complete");
+    assert_eq!(i.tmf(1, 0, itt), 1, "then the task does not exist");
+    // Data-Out for the aborted task's TTT is refused; the session goes on.
+    i.data_out(itt, r2t.ttt(), &[0u8; 4096], 0, 4096);
+    assert_eq!(i.recv().opcode(), 0x3f);
+    assert_eq!(i.tmf(5, 0, 0), 0, "LOGICAL UNIT RESET");
+    assert_eq!(i.tmf(6, 0, 0), 0, "TARGET WARM RESET");
+    assert_eq!(i.tmf(7, 0, 0), 5, "TARGET COLD RESET: not supported");
+    assert_eq!(i.nop(b"alive").data, b"alive");
+}
+
+#[test]
+fn many_commands_in_flight() {
+    // A window's worth of reads queued before any answer is read: MaxCmdSN, slots and the
+    // send queue's backpressure hold.
+    let rig = Rig::new(EngineKind::Uring, 1);
+    let mut i = rig.login();
+    let _ = i.command(0, &[0u8; 6], &[], 0); // unit attention
+    let n = (i.max_cmd_sn.wrapping_sub(i.cmd_sn) + 1).min(128);
+    assert!(n >= 64, "window of {n}");
+    let mut itts = Vec::new();
+    for k in 0..n {
+        let b = i.cmd_bhs(0, &read10(k * 8, 64), 64 * 512, true, false);
+        itts.push(u32::from_be_bytes([b[16], b[17], b[18], b[19]]));
+        i.send(b, &[]);
+    }
+    let mut done = 0;
+    while done < n {
+        let p = i.recv();
+        assert_eq!(p.opcode(), 0x25);
+        if p.flags() & 0x01 != 0 {
+            assert_eq!(p.bhs[3], 0);
+            done += 1;
+        }
+    }
+    assert_eq!(i.nop(b"x").data, b"x");
+    let _ = itts;
 }
