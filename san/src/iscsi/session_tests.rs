@@ -3,6 +3,7 @@
 
 use super::out::{OutData, OutQueue, Render, NO_TASK};
 use super::*;
+use crate::iscsi::params::SessionParams;
 
 #[test]
 fn serial_arithmetic_wraps() {
@@ -83,4 +84,52 @@ fn send_queue_gathers_partial_sends_and_releases() {
     q.sent(46 + 6 + 6, &mut |r, c| got.push((r, c)));
     assert_eq!(got, vec![(NO_TASK, false), (3, true)]);
     assert!(q.is_empty());
+}
+
+fn session() -> Session {
+    let reg = crate::target::Registry::new();
+    let target = reg
+        .add_target("iqn.2026-01.test:t", vec![], None, vec![])
+        .expect("target");
+    Session::new(
+        SessionSetup {
+            initiator_name: Arc::from("iqn.2026-01.test:i"),
+            isid: [0x40, 0, 0, 0, 0, 1],
+            tsih: 1,
+            cid: 0,
+            target,
+            tpgt: 1,
+            params: SessionParams::default(),
+            exp_cmd_sn: 10,
+            stat_sn: 5,
+            portals: vec![],
+        },
+        Arc::new(SessionCounters::default()),
+    )
+}
+
+#[test]
+fn keepalive_pings_an_idle_initiator_then_drops_it() {
+    let mut s = session();
+    let t0 = Instant::now();
+    assert_eq!(s.tick(t0), Flow::Continue);
+    assert!(!s.has_output(), "not idle yet");
+    let later = t0 + KEEPALIVE_IDLE + Duration::from_secs(1);
+    assert_eq!(s.tick(later), Flow::Continue);
+    let mut iov = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; 4];
+    assert_eq!(s.gather(&mut iov, usize::MAX), 1);
+    // SAFETY: the iovec points at the queued header, alive until `sent`.
+    let hdr = unsafe { std::slice::from_raw_parts(iov[0].iov_base as *const u8, BHS_LEN) };
+    assert_eq!(hdr[0], 0x20, "NOP-In");
+    assert_eq!(&hdr[16..20], &[0xff; 4], "ITT reserved: a ping");
+    assert_ne!(&hdr[20..24], &[0xff; 4], "TTT asks for an answer");
+    assert_eq!(&hdr[24..28], &5u32.to_be_bytes(), "StatSN not advanced");
+    assert_eq!(&hdr[32..36], &(10 + TASK_WINDOW - 1).to_be_bytes(), "MaxCmdSN");
+    s.sent(BHS_LEN);
+    assert!(!s.has_output());
+    assert_eq!(s.tick(later + Duration::from_secs(1)), Flow::Continue);
+    assert_eq!(s.tick(later + KEEPALIVE_TIMEOUT + Duration::from_secs(1)), Flow::Close);
 }
