@@ -921,7 +921,7 @@ impl Session {
                 let t = &self.tasks[usize::from(slot)];
                 let mut b = [0u8; BHS_LEN];
                 DataIn {
-                    final_: last || end % burst == 0,
+                    final_: last || end.is_multiple_of(burst),
                     ack: false,
                     status: collapse.then_some(o.status),
                     residual,

@@ -42,7 +42,7 @@ fn nexus_names_follow_the_transport_id_form() {
 #[test]
 fn send_queue_gathers_partial_sends_and_releases() {
     let mut q = OutQueue::new(true, true);
-    let buf = vec![9u8; 10];
+    let buf = [9u8; 10];
     let bhs = [1u8; BHS_LEN];
     assert!(q.push(Render {
         bhs,
@@ -127,9 +127,16 @@ fn keepalive_pings_an_idle_initiator_then_drops_it() {
     assert_eq!(&hdr[16..20], &[0xff; 4], "ITT reserved: a ping");
     assert_ne!(&hdr[20..24], &[0xff; 4], "TTT asks for an answer");
     assert_eq!(&hdr[24..28], &5u32.to_be_bytes(), "StatSN not advanced");
-    assert_eq!(&hdr[32..36], &(10 + TASK_WINDOW - 1).to_be_bytes(), "MaxCmdSN");
+    assert_eq!(
+        &hdr[32..36],
+        &(10 + TASK_WINDOW - 1).to_be_bytes(),
+        "MaxCmdSN"
+    );
     s.sent(BHS_LEN);
     assert!(!s.has_output());
     assert_eq!(s.tick(later + Duration::from_secs(1)), Flow::Continue);
-    assert_eq!(s.tick(later + KEEPALIVE_TIMEOUT + Duration::from_secs(1)), Flow::Close);
+    assert_eq!(
+        s.tick(later + KEEPALIVE_TIMEOUT + Duration::from_secs(1)),
+        Flow::Close
+    );
 }

@@ -436,7 +436,8 @@ impl Poller for ConnPoller {
             if !self.recv_inflight && self.rstart < self.rend && self.session.can_take() {
                 work += self.parse(cx);
             }
-            if !self.recv_inflight && !(self.sync_epoll.is_some() && self.recv_idle) {
+            let sync_waits = self.sync_epoll.is_some() && self.recv_idle;
+            if !self.recv_inflight && !sync_waits {
                 self.post_recv(cx);
             }
         }

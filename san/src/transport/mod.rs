@@ -141,6 +141,9 @@ pub struct IscsiStats {
     pub keepalive_timeouts: u64,
 }
 
+/// A running session's identity: initiator name (lower case) and ISID.
+pub(crate) type SessionKey = (String, [u8; 6]);
+
 /// Everything the server's threads share.
 #[derive(Debug)]
 pub(crate) struct Shared {
@@ -148,7 +151,7 @@ pub(crate) struct Shared {
     pub(crate) session: Arc<SessionCounters>,
     pub(crate) conn: Arc<ConnCounters>,
     /// Running normal sessions by (initiator name in lower case, ISID).
-    pub(crate) sessions: Mutex<HashMap<(String, [u8; 6]), Arc<ConnShared>>>,
+    pub(crate) sessions: Mutex<HashMap<SessionKey, Arc<ConnShared>>>,
     /// Per reactor: its link and how many connections it serves.
     pub(crate) reactors: Vec<(ReactorLink, Arc<AtomicUsize>)>,
 }

@@ -39,9 +39,6 @@ impl Pdu {
     pub fn stat_sn(&self) -> u32 {
         self.u32_at(24)
     }
-    pub fn exp_cmd_sn(&self) -> u32 {
-        self.u32_at(28)
-    }
     pub fn max_cmd_sn(&self) -> u32 {
         self.u32_at(32)
     }
