@@ -62,6 +62,9 @@ pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(30);
 /// move) allocate their buffer and give it back when done, so an idle session holds at most
 /// this much per slot it ever used, while 4–256 KiB I/O allocates nothing.
 pub const BUF_KEEP: usize = 256 * 1024;
+/// Engine capacity a command needs free before it starts: its own operation
+/// (`OPS_PER_REQUEST_MAX`) plus the connection's receive and send.
+const ENGINE_RESERVE: usize = dataplane::backend::OPS_PER_REQUEST_MAX + 2;
 /// REPORT LUNS opcode (answered here from the target's table).
 const REPORT_LUNS: u8 = 0xA0;
 /// Bytes of a SCSI Response's sense data segment: 2-byte SenseLength + fixed sense.
@@ -738,6 +741,15 @@ impl Session {
         let Some(unit) = t.unit.clone() else {
             return;
         };
+        // Room on the engine for the command's operation and this connection's receive
+        // and send, like the vhost-user queues keep; otherwise retried on a later poll.
+        if cx.engine.capacity().saturating_sub(cx.engine.in_flight()) < ENGINE_RESERVE {
+            if t.st != St::Blocked {
+                t.st = St::Blocked;
+                blocked.push_back(slot);
+            }
+            return;
+        }
         let mut scx = ScsiCx {
             user_data: cx.user_data(slot),
             offload: cx.offload(),
