@@ -47,6 +47,8 @@ pub const HALF_OPEN_MAX: usize = 1024;
 pub const LOGIN_DEADLINE: Duration = Duration::from_secs(15);
 /// Lifetime of a discovery session (SendTargets and logout take milliseconds).
 pub const DISCOVERY_DEADLINE: Duration = Duration::from_secs(60);
+/// Accept queue length of a portal (the kernel caps it at net.core.somaxconn).
+pub const LISTEN_BACKLOG: i32 = 4096;
 /// Time `shutdown` waits for sessions to leave their reactors.
 pub const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
 
@@ -182,6 +184,10 @@ impl IscsiServer {
             let l = std::net::TcpListener::bind(addr)
                 .and_then(|l| l.set_nonblocking(true).map(|()| l))
                 .map_err(|source| TransportError::Listen { addr, source })?;
+            // A deep accept queue: a burst of connections waits there for the login thread
+            // instead of having its SYNs dropped (listen(2) again only resizes it).
+            // SAFETY: listen on a socket we own; no memory is involved.
+            unsafe { libc::listen(l.as_raw_fd(), LISTEN_BACKLOG) };
             let bound = l
                 .local_addr()
                 .map_err(|source| TransportError::Listen { addr, source })?;
