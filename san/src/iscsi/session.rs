@@ -38,7 +38,10 @@ use crate::scsi::{
 };
 use crate::target::{LunMap, Portal, Target};
 
+mod data;
+mod manage;
 pub mod out;
+mod respond;
 
 use out::{OutData, OutQueue, Render, INLINE_MAX, NO_TASK, OUT_RESERVE};
 
@@ -259,6 +262,10 @@ pub struct Session {
     closing: bool,
     /// The last queued PDU asked for the connection to close and it was sent.
     closed: bool,
+    /// The units of `luns` were given this reactor's offload sink.
+    attached: bool,
+    /// Commands were started or stepped since the last [`Session::end_batch`].
+    started: bool,
     /// Scratch for [`Session::sent`]: tasks whose last PDU went out (capacity: the send
     /// queue's size, so it never grows).
     released: Vec<u16>,
@@ -301,6 +308,8 @@ impl Session {
             ping_seq: 0,
             closing: false,
             closed: false,
+            attached: false,
+            started: false,
             released: Vec::with_capacity(out::OUT_SLOTS),
             setup,
         }
@@ -482,6 +491,29 @@ impl Session {
             self.lun_numbers.clear();
             self.lun_numbers.extend(self.luns.iter().map(|(n, _)| *n));
             self.luns_gen = g;
+            self.attached = false;
+        }
+    }
+
+    /// Gives every unit of the LUN table this reactor's offload sink (once per table; the
+    /// units' `attach` is idempotent), before any command of the session starts here.
+    fn attach_units(&mut self, cx: &PollCx<'_>) {
+        if !self.attached {
+            for (_, u) in self.luns.iter() {
+                u.attach(cx.offload());
+            }
+            self.attached = true;
+        }
+    }
+
+    /// After a burst of starts and completions: lets the units' backends hand over the
+    /// requests they deferred in this reactor iteration (datastore disks batch them).
+    pub fn end_batch(&mut self, cx: &mut PollCx<'_>) {
+        if self.started {
+            self.started = false;
+            for (_, u) in self.luns.iter() {
+                u.end_batch(&mut *cx.engine);
+            }
         }
     }
 
@@ -493,243 +525,8 @@ impl Session {
             .map(|i| self.luns[i].1.clone())
     }
 
-    fn on_command(&mut self, bhs: &Bhs, data: &[u8], cx: &mut PollCx<'_>) -> Flow {
-        if !bhs.immediate() && self.busy >= TASK_WINDOW {
-            // The initiator ignored MaxCmdSN.
-            bump(&self.counters.cmdsn_dropped);
-            return Flow::Continue;
-        }
-        if !self.take_cmdsn(bhs) {
-            return Flow::Continue;
-        }
-        let Some(slot) = self.free.pop() else {
-            self.reject(reject::IMMEDIATE_REJECTED, bhs);
-            return Flow::Continue;
-        };
-        bump(&self.counters.commands);
-        if !data.is_empty() && !self.p.immediate_data {
-            self.free.push(slot);
-            self.reject(reject::PROTOCOL_ERROR, bhs);
-            return Flow::Continue;
-        }
-        self.refresh_luns();
-        let unit = self.unit_of(bhs.lun());
-        let p = self.p;
-        let t = &mut self.tasks[usize::from(slot)];
-        t.st = St::DataOut;
-        t.itt = bhs.itt();
-        t.lun_raw = bhs.lun();
-        t.immediate = bhs.immediate();
-        t.counted = !t.immediate;
-        if t.counted {
-            self.busy += 1;
-        }
-        t.read = bhs.read_bit();
-        t.write = bhs.write_bit();
-        t.edtl = bhs.expected_data_len();
-        t.scsi.cdb = *bhs.cdb();
-        t.scsi.cdb_len = 16;
-        t.scsi.buf.clear();
-        t.xfer = None;
-        t.take = 0;
-        t.outcome = None;
-        t.sent = 0;
-        t.data_sn = 0;
-        t.r2t_sn = 0;
-        t.r2ts = [R2tRec::default(); R2T_MAX];
-        t.aborted = false;
-        t.unit = unit;
-        let cdb = t.scsi.cdb;
-        if cdb[0] == REPORT_LUNS {
-            let o = scsi::report_luns(&cdb, &self.lun_numbers, &mut t.scsi.buf);
-            self.finish(slot, o);
-            return Flow::Continue;
-        }
-        let Some(unit) = t.unit.clone() else {
-            let o = scsi::no_such_lun(&cdb, &mut t.scsi.buf);
-            self.finish(slot, o);
-            return Flow::Continue;
-        };
-        let xfer = match unit.plan(&cdb) {
-            Ok(x) => x,
-            Err(sense) => {
-                let o = Outcome {
-                    status: status::CHECK_CONDITION,
-                    sense: Some(sense),
-                    data_in: 0,
-                };
-                self.finish(slot, o);
-                return Flow::Continue;
-            }
-        };
-        t.xfer = Some(xfer);
-        if xfer.dir != DataDir::Out {
-            self.start(slot, cx);
-            return Flow::Continue;
-        }
-        // A write: collect min(EDTL, CDB length) bytes.
-        let take = if t.write { t.edtl.min(xfer.len) } else { 0 };
-        t.take = take;
-        t.scsi.buf.resize(take as usize, 0);
-        let imm = data.len() as u32;
-        if imm > p.first_burst || imm > t.edtl {
-            // More immediate data than FirstBurstLength or the transfer.
-            return self.protocol_reject(slot, bhs);
-        }
-        let n = imm.min(take) as usize;
-        t.scsi.buf[..n].copy_from_slice(&data[..n]);
-        // Unsolicited Data-Out follows unless InitialR2T=Yes or the command's F bit says
-        // none does (§11.3.4); it ends at FirstBurstLength or the transfer's end.
-        t.unsol_len = if p.initial_r2t || bhs.final_bit() {
-            imm
-        } else {
-            p.first_burst.min(t.edtl)
-        };
-        t.unsol_done = t.unsol_len == imm;
-        t.unsol_next = imm;
-        t.unsol_data_sn = 0;
-        t.r2t_next = t.unsol_len.min(take);
-        self.issue_r2ts(slot);
-        self.maybe_start_write(slot, cx);
-        Flow::Continue
-    }
-
-    fn protocol_reject(&mut self, slot: u16, bhs: &Bhs) -> Flow {
-        self.release(slot);
-        self.reject(reject::PROTOCOL_ERROR, bhs);
-        Flow::Continue
-    }
-
-    fn issue_r2ts(&mut self, slot: u16) {
-        let p = self.p;
-        let limit = (p.max_outstanding_r2t as usize).clamp(1, R2T_MAX);
-        loop {
-            let exp = self.exp_cmd_sn;
-            let max = self.max_cmd_sn();
-            let stat = self.stat_sn;
-            let t = &mut self.tasks[usize::from(slot)];
-            if t.r2t_next >= t.take {
-                return;
-            }
-            if t.r2ts.iter().filter(|r| r.active).count() >= limit {
-                return;
-            }
-            let Some(i) = t.r2ts.iter().position(|r| !r.active) else {
-                return;
-            };
-            let len = p.max_burst.max(1).min(t.take - t.r2t_next);
-            t.ttt_gen = t.ttt_gen.wrapping_add(1) & 0x7fff;
-            let ttt = (u32::from(t.ttt_gen) << 16) | u32::from(slot);
-            t.r2ts[i] = R2tRec {
-                active: true,
-                ttt,
-                off: t.r2t_next,
-                len,
-                got: 0,
-                data_sn: 0,
-            };
-            let mut b = [0u8; BHS_LEN];
-            R2t {
-                lun: t.lun_raw,
-                itt: t.itt,
-                ttt,
-                stat_sn: stat,
-                exp_cmd_sn: exp,
-                max_cmd_sn: max,
-                r2t_sn: t.r2t_sn,
-                buffer_offset: t.r2t_next,
-                desired_len: len,
-            }
-            .write(&mut b);
-            t.r2t_sn += 1;
-            t.r2t_next += len;
-            self.push(b, &[], false);
-        }
-    }
-
-    fn maybe_start_write(&mut self, slot: u16, cx: &mut PollCx<'_>) {
-        let t = &self.tasks[usize::from(slot)];
-        if t.st == St::DataOut
-            && t.unsol_done
-            && t.r2t_next >= t.take
-            && !t.r2ts.iter().any(|r| r.active)
-        {
-            // Every byte of [0, take) arrived (unsolicited, then solicited from there).
-            self.start(slot, cx);
-        }
-    }
-
-    fn on_data_out(&mut self, bhs: &Bhs, data: &[u8], cx: &mut PollCx<'_>) -> Flow {
-        let ttt = bhs.ttt();
-        let len = data.len() as u32;
-        let off = bhs.buffer_offset();
-        let slot = if ttt == RESERVED_TAG {
-            // Unsolicited: by ITT among tasks still taking unsolicited data.
-            let found = self
-                .tasks
-                .iter()
-                .position(|t| t.st == St::DataOut && !t.unsol_done && t.itt == bhs.itt());
-            let Some(i) = found else {
-                self.reject(reject::INVALID_PDU_FIELD, bhs);
-                return Flow::Continue;
-            };
-            let slot = i as u16;
-            let t = &mut self.tasks[i];
-            if off != t.unsol_next
-                || bhs.datasn() != t.unsol_data_sn
-                || off.checked_add(len).is_none_or(|e| e > t.unsol_len)
-            {
-                self.reject(reject::PROTOCOL_ERROR, bhs);
-                return Flow::Continue;
-            }
-            place(&mut t.scsi.buf, off, data);
-            t.unsol_next += len;
-            t.unsol_data_sn += 1;
-            if bhs.final_bit() || t.unsol_next == t.unsol_len {
-                t.unsol_done = true;
-                // A short unsolicited burst (F before FirstBurstLength): solicit from there.
-                if t.unsol_next < t.unsol_len {
-                    t.unsol_len = t.unsol_next;
-                    t.r2t_next = t.r2t_next.min(t.unsol_len.min(t.take));
-                    self.issue_r2ts(slot);
-                }
-            }
-            slot
-        } else {
-            let slot = (ttt & 0xffff) as usize;
-            let Some(t) = self
-                .tasks
-                .get_mut(slot)
-                .filter(|t| t.st == St::DataOut && t.itt == bhs.itt())
-            else {
-                self.reject(reject::INVALID_PDU_FIELD, bhs);
-                return Flow::Continue;
-            };
-            let Some(r) = t.r2ts.iter_mut().find(|r| r.active && r.ttt == ttt) else {
-                self.reject(reject::INVALID_PDU_FIELD, bhs);
-                return Flow::Continue;
-            };
-            if off != r.off + r.got
-                || bhs.datasn() != r.data_sn
-                || r.got.checked_add(len).is_none_or(|g| g > r.len)
-            {
-                self.reject(reject::PROTOCOL_ERROR, bhs);
-                return Flow::Continue;
-            }
-            r.got += len;
-            r.data_sn += 1;
-            if r.got == r.len {
-                r.active = false;
-            }
-            place(&mut t.scsi.buf, off, data);
-            self.issue_r2ts(slot as u16);
-            slot as u16
-        };
-        self.maybe_start_write(slot, cx);
-        Flow::Continue
-    }
-
     fn start(&mut self, slot: u16, cx: &mut PollCx<'_>) {
+        self.started = true;
         let Session {
             tasks,
             nexus,
@@ -778,6 +575,7 @@ impl Session {
 
     /// An engine completion for task `tag`.
     pub fn complete(&mut self, tag: u16, result: i32, cx: &mut PollCx<'_>) {
+        self.started = true;
         let Session {
             tasks,
             nexus,
@@ -872,385 +670,6 @@ impl Session {
         work
     }
 
-    fn residual(t: &Task, o: &Outcome) -> Residual {
-        let actual = match t.xfer.map(|x| x.dir) {
-            Some(DataDir::Out) => t.xfer.map_or(0, |x| x.len),
-            Some(DataDir::In) => o.data_in,
-            // No data, or a command that did not get as far as a plan (no-such-LUN, sense).
-            _ => o.data_in,
-        };
-        if actual < t.edtl {
-            Residual::Under(t.edtl - actual)
-        } else if actual > t.edtl {
-            Residual::Over(actual - t.edtl)
-        } else {
-            Residual::None
-        }
-    }
-
-    fn render(&mut self) -> usize {
-        let mut n = 0;
-        while let Some(&slot) = self.ready.front() {
-            if !self.render_task(slot) {
-                break;
-            }
-            self.ready.pop_front();
-            n += 1;
-        }
-        n
-    }
-
-    /// Queues the task's Data-In and status while the queue has room; true when all of it
-    /// is queued.
-    fn render_task(&mut self, slot: u16) -> bool {
-        let p = self.p;
-        let seg_max = p.max_send_data_segment.max(512);
-        let burst = p.max_burst.max(seg_max);
-        loop {
-            if self.out.free() <= OUT_RESERVE / 2 {
-                return false;
-            }
-            let t = &self.tasks[usize::from(slot)];
-            let Some(o) = t.outcome else {
-                return true;
-            };
-            let produced = o.data_in.min(t.scsi.buf.len() as u32);
-            let send_len = if t.read { produced.min(t.edtl) } else { 0 };
-            let residual = Self::residual(t, &o);
-            let seg = seg_max.min(send_len - t.sent).min(burst - t.sent % burst);
-            let end = t.sent + seg;
-            let collapse = t.sent < send_len && end == send_len && o.sense.is_none();
-            if collapse || t.sent >= send_len {
-                // The status goes out with this PDU: the command leaves the window.
-                self.uncount(slot);
-            }
-            let exp = self.exp_cmd_sn;
-            let max = self.max_cmd_sn();
-            let t = &self.tasks[usize::from(slot)];
-            if t.sent < send_len {
-                let last = end == send_len;
-                let stat_sn = if collapse { self.next_stat_sn() } else { 0 };
-                let t = &self.tasks[usize::from(slot)];
-                let mut b = [0u8; BHS_LEN];
-                DataIn {
-                    final_: last || end.is_multiple_of(burst),
-                    ack: false,
-                    status: collapse.then_some(o.status),
-                    residual,
-                    lun: 0,
-                    itt: t.itt,
-                    ttt: RESERVED_TAG,
-                    stat_sn,
-                    exp_cmd_sn: exp,
-                    max_cmd_sn: max,
-                    data_sn: t.data_sn,
-                    buffer_offset: t.sent,
-                    data_len: seg,
-                }
-                .write(&mut b);
-                let bytes = &t.scsi.buf[t.sent as usize..end as usize];
-                self.out.push(Render {
-                    bhs: b,
-                    data: OutData::Task {
-                        slot,
-                        off: t.sent,
-                        len: seg,
-                    },
-                    bytes,
-                    inline: &[],
-                    release: if collapse { slot } else { NO_TASK },
-                    close_after: false,
-                });
-                let t = &mut self.tasks[usize::from(slot)];
-                t.sent = end;
-                t.data_sn += 1;
-                if collapse {
-                    t.st = St::Sending;
-                    return true;
-                }
-                continue;
-            }
-            // The SCSI Response.
-            let mut sense = [0u8; SENSE_SEGMENT];
-            let data_len = match o.sense {
-                Some(s) if o.status == status::CHECK_CONDITION => {
-                    let mut f = [0u8; FIXED_SENSE_LEN];
-                    s.write_fixed(&mut f);
-                    sense[..2].copy_from_slice(&(FIXED_SENSE_LEN as u16).to_be_bytes());
-                    sense[2..].copy_from_slice(&f);
-                    SENSE_SEGMENT
-                }
-                _ => 0,
-            };
-            let exp_data_sn = if t.xfer.map(|x| x.dir) == Some(DataDir::Out) {
-                t.r2t_sn
-            } else {
-                t.data_sn
-            };
-            let itt = t.itt;
-            let stat_sn = self.next_stat_sn();
-            let mut b = [0u8; BHS_LEN];
-            ScsiResponse {
-                response: 0,
-                status: o.status,
-                residual,
-                bidi_residual: Residual::None,
-                itt,
-                stat_sn,
-                exp_cmd_sn: exp,
-                max_cmd_sn: max,
-                exp_data_sn,
-                data_len: data_len as u32,
-            }
-            .write(&mut b);
-            let inline = &sense[..data_len];
-            self.out.push(Render {
-                bhs: b,
-                data: if data_len > 0 {
-                    OutData::Inline(data_len as u8)
-                } else {
-                    OutData::None
-                },
-                bytes: inline,
-                inline,
-                release: slot,
-                close_after: false,
-            });
-            self.tasks[usize::from(slot)].st = St::Sending;
-            return true;
-        }
-    }
-
-    fn on_nop_out(&mut self, bhs: &Bhs, data: &[u8]) {
-        if !self.take_cmdsn(bhs) {
-            return;
-        }
-        if bhs.itt() == RESERVED_TAG {
-            // An answer to our ping (or a ping that wants no answer).
-            if self.ping.is_some_and(|(ttt, _)| ttt == bhs.ttt()) {
-                self.ping = None;
-            }
-            return;
-        }
-        let mut b = [0u8; BHS_LEN];
-        let data = &data[..data.len().min(self.p.max_send_data_segment as usize)];
-        NopIn {
-            lun: bhs.lun(),
-            itt: bhs.itt(),
-            ttt: RESERVED_TAG,
-            stat_sn: self.next_stat_sn(),
-            exp_cmd_sn: self.exp_cmd_sn,
-            max_cmd_sn: self.max_cmd_sn(),
-            data_len: data.len() as u32,
-        }
-        .write(&mut b);
-        self.push(b, data, false);
-    }
-
-    /// Keepalive: pings an idle initiator, drops one that does not answer.
-    pub fn tick(&mut self, now: Instant) -> Flow {
-        if let Some((_, sent)) = self.ping {
-            if now.saturating_duration_since(sent) > KEEPALIVE_TIMEOUT {
-                bump(&self.counters.keepalive_timeouts);
-                return Flow::Close;
-            }
-            return Flow::Continue;
-        }
-        if now.saturating_duration_since(self.last_rx) >= KEEPALIVE_IDLE && self.can_take() {
-            self.ping_seq = self.ping_seq.wrapping_add(1) & 0x7fff_ffff;
-            let ttt = 0x8000_0000 | self.ping_seq;
-            let mut b = [0u8; BHS_LEN];
-            NopIn {
-                lun: 0,
-                itt: RESERVED_TAG,
-                ttt,
-                stat_sn: self.stat_sn,
-                exp_cmd_sn: self.exp_cmd_sn,
-                max_cmd_sn: self.max_cmd_sn(),
-                data_len: 0,
-            }
-            .write(&mut b);
-            self.push(b, &[], false);
-            self.ping = Some((ttt, now));
-        }
-        Flow::Continue
-    }
-
-    fn abort_task(&mut self, slot: u16) {
-        let st = self.tasks[usize::from(slot)].st;
-        match st {
-            St::Free | St::Sending => {}
-            St::Running => {
-                bump(&self.counters.tasks_aborted);
-                self.tasks[usize::from(slot)].aborted = true;
-            }
-            St::Blocked | St::DataOut | St::Ready => {
-                bump(&self.counters.tasks_aborted);
-                if st == St::Blocked {
-                    self.blocked.retain(|&s| s != slot);
-                    let t = &mut self.tasks[usize::from(slot)];
-                    if let Some(u) = t.unit.clone() {
-                        u.abandon(&mut t.scsi);
-                    }
-                }
-                if st == St::Ready {
-                    self.ready.retain(|&s| s != slot);
-                }
-                self.release(slot);
-            }
-        }
-    }
-
-    fn on_tmf(&mut self, bhs: &Bhs) {
-        bump(&self.counters.task_management);
-        if !self.take_cmdsn(bhs) {
-            return;
-        }
-        let lun = bhs.lun();
-        let response = match bhs.tmf_function() {
-            // ABORT TASK
-            1 => {
-                let rtt = bhs.tmf_rtt();
-                // A task whose status is already queued has completed: "task does not
-                // exist", as for one not found (initiators treat both as the task gone).
-                match self
-                    .tasks
-                    .iter()
-                    .position(|t| !matches!(t.st, St::Free | St::Sending) && t.itt == rtt)
-                {
-                    Some(i) => {
-                        self.abort_task(i as u16);
-                        0
-                    }
-                    None => 1,
-                }
-            }
-            // ABORT TASK SET, CLEAR TASK SET, LOGICAL UNIT RESET
-            f @ (2 | 3 | 5) => {
-                if f == 5 && self.unit_of(lun).is_none() {
-                    2
-                } else {
-                    for i in 0..TASKS_MAX {
-                        if self.tasks[i].st != St::Free && self.tasks[i].lun_raw == lun {
-                            self.abort_task(i as u16);
-                        }
-                    }
-                    if f == 5 {
-                        if let Some(u) = self.unit_of(lun) {
-                            u.reset(&self.nexus, false);
-                        }
-                    }
-                    0
-                }
-            }
-            // TARGET WARM RESET
-            6 => {
-                for i in 0..TASKS_MAX {
-                    self.abort_task(i as u16);
-                }
-                self.refresh_luns();
-                for (_, u) in self.luns.iter() {
-                    u.reset(&self.nexus, true);
-                }
-                0
-            }
-            // TASK REASSIGN: needs ERL 2.
-            8 => 4,
-            _ => 5,
-        };
-        self.tmf = Some(PendingTmf {
-            itt: bhs.itt(),
-            response,
-        });
-        self.check_tmf();
-    }
-
-    /// Answers the pending task management request once no aborted task is in flight.
-    fn check_tmf(&mut self) {
-        let Some(tmf) = self.tmf else {
-            return;
-        };
-        if self.tasks.iter().any(|t| t.st == St::Running && t.aborted) {
-            return;
-        }
-        self.tmf = None;
-        let mut b = [0u8; BHS_LEN];
-        TmResponse {
-            response: tmf.response,
-            itt: tmf.itt,
-            stat_sn: self.next_stat_sn(),
-            exp_cmd_sn: self.exp_cmd_sn,
-            max_cmd_sn: self.max_cmd_sn(),
-        }
-        .write(&mut b);
-        self.push(b, &[], false);
-    }
-
-    fn on_logout(&mut self, bhs: &Bhs) {
-        if !self.take_cmdsn(bhs) {
-            return;
-        }
-        let response = match bhs.logout_reason() {
-            0 => 0,
-            1 if bhs.cid() == self.setup.cid => 0,
-            1 => 1,
-            // Remove the connection for recovery: ERL 0 has none.
-            _ => 2,
-        };
-        let mut b = [0u8; BHS_LEN];
-        LogoutResponse {
-            response,
-            itt: bhs.itt(),
-            stat_sn: self.next_stat_sn(),
-            exp_cmd_sn: self.exp_cmd_sn,
-            max_cmd_sn: self.max_cmd_sn(),
-            time2wait: 0,
-            time2retain: 0,
-        }
-        .write(&mut b);
-        let close = response == 0;
-        self.push(b, &[], close);
-        if close {
-            self.closing = true;
-        }
-    }
-
-    fn on_text(&mut self, bhs: &Bhs, data: &[u8]) {
-        if !self.take_cmdsn(bhs) {
-            return;
-        }
-        let mut text = Vec::new();
-        let asks = data
-            .split(|&b| b == 0)
-            .any(|kv| kv.starts_with(b"SendTargets="));
-        if asks {
-            // In a normal session SendTargets reports the session's own target.
-            text.extend_from_slice(b"TargetName=");
-            text.extend_from_slice(self.setup.target.name().as_bytes());
-            text.push(0);
-            for p in &self.setup.portals {
-                text.extend_from_slice(b"TargetAddress=");
-                text.extend_from_slice(p.target_address().as_bytes());
-                text.push(0);
-            }
-        }
-        text.truncate(self.p.max_send_data_segment as usize);
-        let mut b = [0u8; BHS_LEN];
-        TextResponse {
-            final_: true,
-            cont: false,
-            lun: bhs.lun(),
-            itt: bhs.itt(),
-            ttt: RESERVED_TAG,
-            stat_sn: self.next_stat_sn(),
-            exp_cmd_sn: self.exp_cmd_sn,
-            max_cmd_sn: self.max_cmd_sn(),
-            data_len: text.len() as u32,
-        }
-        .write(&mut b);
-        self.push(b, &text, false);
-    }
-
     /// Fills `iov` with queued bytes (see [`OutQueue::gather`]).
     pub fn gather(&self, iov: &mut [libc::iovec], max_bytes: usize) -> usize {
         let tasks = &self.tasks;
@@ -1301,17 +720,6 @@ impl Session {
             u.nexus_lost(&self.nexus);
         }
     }
-}
-
-/// Copies Data-Out bytes at `off` into the command's buffer (bytes beyond it are dropped:
-/// the command uses fewer than the initiator sends).
-fn place(buf: &mut [u8], off: u32, data: &[u8]) {
-    let off = off as usize;
-    if off >= buf.len() {
-        return;
-    }
-    let n = data.len().min(buf.len() - off);
-    buf[off..off + n].copy_from_slice(&data[..n]);
 }
 
 #[cfg(test)]

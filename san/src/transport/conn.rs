@@ -38,6 +38,9 @@ pub const SEND_IOV_MAX: usize = 128;
 pub const SEND_BYTES_MAX: usize = 1 << 20;
 /// Receive buffer room beyond one PDU, so several small PDUs arrive in one receive.
 pub const RECV_SLACK: usize = 64 * 1024;
+/// Sync engine: how long a receive that found nothing waits before it is tried again while
+/// the reactor is kept busy by others (a sleeping reactor wakes on the socket anyway).
+pub const SYNC_RECV_RETRY: Duration = Duration::from_micros(50);
 /// Keepalive tick (the timerfd's period): how often an idle connection is looked at.
 pub const TICK: Duration = Duration::from_secs(5);
 
@@ -93,8 +96,10 @@ pub struct ConnPoller {
     rend: usize,
     recv_inflight: bool,
     send_inflight: bool,
-    /// Sync mode: the last receive found nothing; wait for readiness before the next.
-    recv_idle: bool,
+    /// Sync mode: the last receive found nothing; the next waits for the reactor's wake-up
+    /// (the socket is in its epoll set) or, while the reactor stays busy with other pollers,
+    /// until this time.
+    recv_idle: Option<Instant>,
     send: Box<SendBuf>,
     next_tick: Instant,
     closing: bool,
@@ -194,7 +199,7 @@ impl ConnPoller {
             rend: s.leftover.len(),
             recv_inflight: false,
             send_inflight: false,
-            recv_idle: false,
+            recv_idle: None,
             send,
             next_tick: Instant::now() + TICK,
             closing: false,
@@ -321,7 +326,7 @@ impl ConnPoller {
     fn on_recv(&mut self, result: i32, cx: &mut PollCx<'_>) {
         self.recv_inflight = false;
         if result == -libc::EAGAIN || result == -libc::EINTR {
-            self.recv_idle = true;
+            self.recv_idle = Some(Instant::now() + SYNC_RECV_RETRY);
             return;
         }
         if result <= 0 {
@@ -436,7 +441,7 @@ impl Poller for ConnPoller {
             if !self.recv_inflight && self.rstart < self.rend && self.session.can_take() {
                 work += self.parse(cx);
             }
-            let sync_waits = self.sync_epoll.is_some() && self.recv_idle;
+            let sync_waits = self.recv_idle.is_some_and(|t| now < t);
             if !self.recv_inflight && !sync_waits {
                 self.post_recv(cx);
             }
@@ -444,6 +449,7 @@ impl Poller for ConnPoller {
         if !self.closing || self.session.has_output() {
             work += self.post_send(cx);
         }
+        self.session.end_batch(cx);
         if self.closing && self.drained() {
             // Leaves the reactor at its next flush.
             work += 1;
@@ -463,6 +469,7 @@ impl Poller for ConnPoller {
             self.session.poll(cx);
             self.post_recv(cx);
         }
+        self.session.end_batch(cx);
         self.post_send(cx);
     }
 
@@ -496,7 +503,7 @@ impl Poller for ConnPoller {
     }
 
     fn end_sleep(&mut self) {
-        self.recv_idle = false;
+        self.recv_idle = None;
     }
 
     fn prepare_sleep(&mut self) -> bool {
