@@ -15,6 +15,10 @@
 //!   fake guest memory.
 //! - [`fuse`]: FUSE requests → replies through the file server's `ShareHandler` on a real
 //!   `VmfsFs` over a datastore in memory.
+//! - [`iscsi_pdu`]: an iSCSI byte stream → PDU framing (AHS, digests, lengths) under any
+//!   framing settings, header accessors, text parsing, the target's PDU builders.
+//! - [`iscsi_login`]: Login Requests → the iSCSI login state machine (stages, CHAP,
+//!   negotiation), then a discovery session's PDUs, with protocol and access oracles.
 //! - [`isns`]: iSNS PDU bytes → reassembly → command → registry, with a WAL-replay oracle.
 //! - [`jsonrpc`]: a control-socket byte stream → line framing → JSON-RPC request parsing →
 //!   a method table, with a response-shape oracle.
@@ -29,6 +33,8 @@ pub mod cow_disk;
 pub mod datastore;
 pub mod fuse;
 pub mod input;
+pub mod iscsi_login;
+pub mod iscsi_pdu;
 pub mod isns;
 pub mod jsonrpc;
 pub mod vhost_user;
@@ -46,6 +52,8 @@ pub type Seeds = fn() -> Vec<Vec<u8>>;
 pub const TARGETS: &[(&str, Run, Seeds)] = &[
     ("blk_chain", blk_chain::run, blk_chain::seeds),
     ("fuse", fuse::run, fuse::seeds),
+    ("iscsi_login", iscsi_login::run, iscsi_login::seeds),
+    ("iscsi_pdu", iscsi_pdu::run, iscsi_pdu::seeds),
     ("isns", isns::run, isns::seeds),
     ("jsonrpc", jsonrpc::run, jsonrpc::seeds),
     ("vmfs_image", vmfs_image::run, vmfs_image::seeds),

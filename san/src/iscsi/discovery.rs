@@ -1,7 +1,11 @@
 //! The full-feature phase of a discovery session (RFC 7143 §4.3, Appendix C): Text
-//! requests with SendTargets (answers longer than the initiator's MaxRecvDataSegmentLength
-//! continue over several Text Responses, §11.10–11.11), NOP-Out, Logout; every other PDU is
-//! rejected. Pure: one framed PDU in, its responses out.
+//! requests with SendTargets, NOP-Out, Logout; every other PDU is rejected. Pure: one
+//! framed PDU in, its responses out.
+//!
+//! [`TextExchange`] is the Text Request/Response exchange itself (request text continued
+//! over C-bit PDUs, answers longer than the initiator's MaxRecvDataSegmentLength sent in
+//! pieces with a Target Transfer Tag, §11.10–11.11, SendTargets), shared with normal
+//! sessions, where SendTargets names only the session's own target.
 
 use std::sync::Arc;
 
@@ -14,7 +18,7 @@ use super::pdu::{
     BHS_LEN, RESERVED_TAG,
 };
 use super::text::{self, TextBuilder, TextError, TEXT_LEN_MAX};
-use crate::target::{Registry, Target};
+use crate::target::{check_name, Registry, Target};
 
 /// Commands a discovery session may have outstanding (MaxCmdSN = ExpCmdSN + window - 1):
 /// discovery is one request at a time, a few allow pipelining NOPs behind a text request.
@@ -46,6 +50,54 @@ pub enum DiscoveryError {
     Flags(&'static str),
 }
 
+impl DiscoveryError {
+    /// The Reject reason for this error (§11.17.1).
+    pub fn reject_reason(&self) -> u8 {
+        match self {
+            DiscoveryError::Opcode(_) => reject::PROTOCOL_ERROR,
+            _ => reject::INVALID_PDU_FIELD,
+        }
+    }
+}
+
+/// One Text Response to send: its flags, tag and data (the caller adds the sequence
+/// numbers: StatSN, ExpCmdSN, MaxCmdSN).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TextReply {
+    /// F bit.
+    pub final_: bool,
+    /// C bit (more text follows in the next response).
+    pub cont: bool,
+    /// Target Transfer Tag (the initiator continues the exchange with it; reserved when
+    /// final).
+    pub ttt: u32,
+    /// Data segment (at most the initiator's MaxRecvDataSegmentLength).
+    pub data: Vec<u8>,
+}
+
+impl TextReply {
+    /// The Text Response header for this reply to `req`.
+    pub fn response(
+        &self,
+        req: &Bhs,
+        stat_sn: u32,
+        exp_cmd_sn: u32,
+        max_cmd_sn: u32,
+    ) -> TextResponse {
+        TextResponse {
+            final_: self.final_,
+            cont: self.cont,
+            lun: req.lun(),
+            itt: req.itt(),
+            ttt: self.ttt,
+            stat_sn,
+            exp_cmd_sn,
+            max_cmd_sn,
+            data_len: self.data.len() as u32,
+        }
+    }
+}
+
 /// A text response still being sent in pieces.
 #[derive(Debug)]
 struct Pending {
@@ -63,6 +115,195 @@ struct Partial {
     text: Vec<u8>,
 }
 
+/// The Text Request/Response exchange of one connection (one exchange at a time, §11.10).
+#[derive(Debug)]
+pub struct TextExchange {
+    next_ttt: u32,
+    pending: Option<Pending>,
+    partial: Option<Partial>,
+}
+
+impl Default for TextExchange {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TextExchange {
+    /// No exchange under way.
+    pub fn new() -> Self {
+        TextExchange {
+            next_ttt: 1,
+            pending: None,
+            partial: None,
+        }
+    }
+
+    fn tag(&mut self) -> u32 {
+        let t = self.next_ttt;
+        self.next_ttt = match t.wrapping_add(1) {
+            RESERVED_TAG => 1,
+            n => n,
+        };
+        t
+    }
+
+    /// One Text Request (header and data segment) from `initiator`. `scope` is the normal
+    /// session's target (SendTargets then names only it, Appendix C) or `None` in a
+    /// discovery session (every target the initiator may see). `max_send` is the
+    /// initiator's MaxRecvDataSegmentLength.
+    pub fn on_request(
+        &mut self,
+        bhs: &Bhs,
+        data: &[u8],
+        registry: &Registry,
+        initiator: &str,
+        scope: Option<&Target>,
+        max_send: u32,
+    ) -> Result<TextReply, DiscoveryError> {
+        let cont = bhs.continue_bit();
+        if cont && bhs.final_bit() {
+            return Err(DiscoveryError::Flags("Text Request with both F and C"));
+        }
+        let ttt = bhs.ttt();
+        if ttt != RESERVED_TAG {
+            if self
+                .pending
+                .as_ref()
+                .is_some_and(|p| p.ttt == ttt && p.itt == bhs.itt())
+            {
+                return Ok(self.piece(max_send));
+            }
+            if !self
+                .partial
+                .as_ref()
+                .is_some_and(|p| p.ttt == ttt && p.itt == bhs.itt())
+            {
+                return Err(DiscoveryError::Ttt(ttt));
+            }
+        } else {
+            // §11.10.4: a reserved TTT starts a new exchange; an old one is dropped.
+            self.pending = None;
+            self.partial = None;
+        }
+        let mut partial = self.partial.take().unwrap_or(Partial {
+            itt: bhs.itt(),
+            ttt: RESERVED_TAG,
+            text: Vec::new(),
+        });
+        if partial.text.len() + data.len() > TEXT_LEN_MAX {
+            return Err(DiscoveryError::Text(TextError::TooLong));
+        }
+        partial.text.extend_from_slice(data);
+        if cont {
+            // More request text follows: an empty response with a tag to continue with.
+            partial.ttt = self.tag();
+            let ttt = partial.ttt;
+            self.partial = Some(partial);
+            return Ok(TextReply {
+                final_: false,
+                cont: false,
+                ttt,
+                data: Vec::new(),
+            });
+        }
+        let pairs = text::parse(&partial.text)?;
+        let mut t = TextBuilder::new();
+        for (k, v) in pairs.iter() {
+            match *k {
+                "SendTargets" => send_targets(registry, initiator, scope, v, &mut t),
+                _ => {
+                    t.push(k, "NotUnderstood");
+                }
+            }
+        }
+        self.pending = Some(Pending {
+            itt: bhs.itt(),
+            ttt: RESERVED_TAG,
+            text: t.into_bytes(),
+            sent: 0,
+        });
+        Ok(self.piece(max_send))
+    }
+
+    /// The next piece of the pending answer (§11.11: F=0, C=1 and a TTT while more
+    /// follows).
+    fn piece(&mut self, max_send: u32) -> TextReply {
+        let Some(mut p) = self.pending.take() else {
+            return TextReply {
+                final_: true,
+                cont: false,
+                ttt: RESERVED_TAG,
+                data: Vec::new(),
+            };
+        };
+        let max = (max_send as usize).max(1);
+        let end = (p.sent + max).min(p.text.len());
+        let data = p.text[p.sent..end].to_vec();
+        p.sent = end;
+        if p.sent < p.text.len() {
+            p.ttt = self.tag();
+            let ttt = p.ttt;
+            self.pending = Some(p);
+            TextReply {
+                final_: false,
+                cont: true,
+                ttt,
+                data,
+            }
+        } else {
+            TextReply {
+                final_: true,
+                cont: false,
+                ttt: RESERVED_TAG,
+                data,
+            }
+        }
+    }
+}
+
+/// Answers one SendTargets key: `All` (every target the initiator may see; in a normal
+/// session its own), an iSCSI name (that target, if visible and in scope), or nothing (the
+/// session's target; none in a discovery session). Any other value is answered `Reject`.
+fn send_targets(
+    registry: &Registry,
+    initiator: &str,
+    scope: Option<&Target>,
+    v: &str,
+    t: &mut TextBuilder,
+) {
+    let in_scope = |tg: &Target| scope.is_none_or(|s| s.name().eq_ignore_ascii_case(tg.name()));
+    let targets: Vec<Arc<Target>> = match v {
+        "All" => registry
+            .visible_to(initiator)
+            .into_iter()
+            .filter(|tg| in_scope(tg))
+            .collect(),
+        "" => scope
+            .and_then(|s| registry.target(s.name()))
+            .into_iter()
+            .collect(),
+        name if check_name(name).is_ok() => registry
+            .target(name)
+            .filter(|tg| registry.may_access(initiator, tg) && in_scope(tg))
+            .into_iter()
+            .collect(),
+        _ => {
+            t.push("SendTargets", "Reject");
+            return;
+        }
+    };
+    let portals = registry.portals();
+    for tg in targets {
+        t.push("TargetName", tg.name());
+        // A wildcard listener has no address an initiator could use: leaving
+        // TargetAddress out tells it to reuse the discovery connection's (§13.8).
+        for p in portals.iter().filter(|p| !p.addr.ip().is_unspecified()) {
+            t.push("TargetAddress", &p.target_address());
+        }
+    }
+}
+
 /// One discovery session's connection.
 #[derive(Debug)]
 pub struct Discovery {
@@ -72,9 +313,7 @@ pub struct Discovery {
     cid: u16,
     stat_sn: u32,
     exp_cmd_sn: u32,
-    next_ttt: u32,
-    pending: Option<Pending>,
-    partial: Option<Partial>,
+    text: TextExchange,
     last_error: Option<DiscoveryError>,
 }
 
@@ -88,9 +327,7 @@ impl Discovery {
             cid: est.cid,
             stat_sn: est.stat_sn,
             exp_cmd_sn: est.exp_cmd_sn,
-            next_ttt: 1,
-            pending: None,
-            partial: None,
+            text: TextExchange::new(),
             last_error: None,
         }
     }
@@ -119,15 +356,6 @@ impl Discovery {
         s
     }
 
-    fn tag(&mut self) -> u32 {
-        let t = self.next_ttt;
-        self.next_ttt = match t.wrapping_add(1) {
-            RESERVED_TAG => 1,
-            n => n,
-        };
-        t
-    }
-
     /// One framed full-feature PDU (`frame` from [`pdu::frame`] over `buf`); appends the
     /// responses (with the negotiated digests) to `out`.
     pub fn on_pdu(&mut self, frame: &Frame, buf: &[u8], out: &mut Vec<u8>) -> DiscoveryStep {
@@ -147,7 +375,18 @@ impl Discovery {
             self.exp_cmd_sn = self.exp_cmd_sn.wrapping_add(1);
         }
         let r = match bhs.opcode() {
-            opcode::TEXT_REQ => self.text(bhs, data, out),
+            opcode::TEXT_REQ => {
+                let max_send = self.params.max_send_data_segment;
+                self.text
+                    .on_request(bhs, data, &self.registry, &self.initiator, None, max_send)
+                    .map(|reply| {
+                        let mut b = [0u8; BHS_LEN];
+                        let (e, m) = (self.exp_cmd_sn, self.max_cmd_sn());
+                        reply.response(bhs, self.next_stat_sn(), e, m).write(&mut b);
+                        pdu::append_pdu(out, &b, &reply.data, &self.framing());
+                        DiscoveryStep::Continue
+                    })
+            }
             opcode::NOP_OUT => {
                 self.nop(bhs, data, out);
                 Ok(DiscoveryStep::Continue)
@@ -158,13 +397,9 @@ impl Discovery {
         match r {
             Ok(step) => step,
             Err(e) => {
-                let reason = match e {
-                    DiscoveryError::Opcode(_) => reject::PROTOCOL_ERROR,
-                    _ => reject::INVALID_PDU_FIELD,
-                };
                 tracing::debug!(error = %e, "discovery session rejects a PDU");
+                self.reject(bhs, e.reject_reason(), out);
                 self.last_error = Some(e);
-                self.reject(bhs, reason, out);
                 DiscoveryStep::Continue
             }
         }
@@ -227,144 +462,6 @@ impl Discovery {
         .write(&mut b);
         pdu::append_pdu(out, &b, &[], &self.framing());
         step
-    }
-
-    fn text(
-        &mut self,
-        bhs: &Bhs,
-        data: &[u8],
-        out: &mut Vec<u8>,
-    ) -> Result<DiscoveryStep, DiscoveryError> {
-        let cont = bhs.continue_bit();
-        if cont && bhs.final_bit() {
-            return Err(DiscoveryError::Flags("Text Request with both F and C"));
-        }
-        let ttt = bhs.ttt();
-        if ttt != RESERVED_TAG {
-            if self
-                .pending
-                .as_ref()
-                .is_some_and(|p| p.ttt == ttt && p.itt == bhs.itt())
-            {
-                self.send_piece(bhs, out);
-                return Ok(DiscoveryStep::Continue);
-            }
-            if !self
-                .partial
-                .as_ref()
-                .is_some_and(|p| p.ttt == ttt && p.itt == bhs.itt())
-            {
-                return Err(DiscoveryError::Ttt(ttt));
-            }
-        } else {
-            // §11.10.4: a reserved TTT starts a new exchange; an old one is dropped.
-            self.pending = None;
-            self.partial = None;
-        }
-        let mut partial = self.partial.take().unwrap_or(Partial {
-            itt: bhs.itt(),
-            ttt: RESERVED_TAG,
-            text: Vec::new(),
-        });
-        if partial.text.len() + data.len() > TEXT_LEN_MAX {
-            return Err(DiscoveryError::Text(TextError::TooLong));
-        }
-        partial.text.extend_from_slice(data);
-        if cont {
-            // More request text follows: an empty response with a tag to continue with.
-            partial.ttt = self.tag();
-            let ttt = partial.ttt;
-            self.partial = Some(partial);
-            self.text_response(bhs, false, false, ttt, &[], out);
-            return Ok(DiscoveryStep::Continue);
-        }
-        let pairs = text::parse(&partial.text)?;
-        let mut t = TextBuilder::new();
-        for (k, v) in pairs.iter() {
-            match *k {
-                "SendTargets" => self.send_targets(v, &mut t),
-                _ => {
-                    t.push(k, "NotUnderstood");
-                }
-            }
-        }
-        self.pending = Some(Pending {
-            itt: bhs.itt(),
-            ttt: RESERVED_TAG,
-            text: t.into_bytes(),
-            sent: 0,
-        });
-        self.send_piece(bhs, out);
-        Ok(DiscoveryStep::Continue)
-    }
-
-    /// `SendTargets=All` (every target the initiator may see), `SendTargets=<name>` (that
-    /// one, if visible), or empty (nothing: a discovery session has no target of its own).
-    fn send_targets(&self, v: &str, t: &mut TextBuilder) {
-        let targets: Vec<Arc<Target>> = match v {
-            "All" => self.registry.visible_to(&self.initiator),
-            "" => Vec::new(),
-            name => self
-                .registry
-                .target(name)
-                .filter(|tg| self.registry.may_access(&self.initiator, tg))
-                .into_iter()
-                .collect(),
-        };
-        let portals = self.registry.portals();
-        for tg in targets {
-            t.push("TargetName", tg.name());
-            // A wildcard listener has no address an initiator could use: leaving
-            // TargetAddress out tells it to reuse the discovery connection's (§13.8).
-            for p in portals.iter().filter(|p| !p.addr.ip().is_unspecified()) {
-                t.push("TargetAddress", &p.target_address());
-            }
-        }
-    }
-
-    /// Sends the next piece of the pending response (§11.11: F=0, C=1 and a TTT while
-    /// more follows).
-    fn send_piece(&mut self, bhs: &Bhs, out: &mut Vec<u8>) {
-        let Some(mut p) = self.pending.take() else {
-            return;
-        };
-        let max = (self.params.max_send_data_segment as usize).max(1);
-        let end = (p.sent + max).min(p.text.len());
-        let piece = p.text[p.sent..end].to_vec();
-        p.sent = end;
-        if p.sent < p.text.len() {
-            p.ttt = self.tag();
-            let ttt = p.ttt;
-            self.pending = Some(p);
-            self.text_response(bhs, false, true, ttt, &piece, out);
-        } else {
-            self.text_response(bhs, true, false, RESERVED_TAG, &piece, out);
-        }
-    }
-
-    fn text_response(
-        &mut self,
-        bhs: &Bhs,
-        final_: bool,
-        cont: bool,
-        ttt: u32,
-        data: &[u8],
-        out: &mut Vec<u8>,
-    ) {
-        let mut b = [0u8; BHS_LEN];
-        TextResponse {
-            final_,
-            cont,
-            lun: bhs.lun(),
-            itt: bhs.itt(),
-            ttt,
-            stat_sn: self.next_stat_sn(),
-            exp_cmd_sn: self.exp_cmd_sn,
-            max_cmd_sn: self.max_cmd_sn(),
-            data_len: data.len() as u32,
-        }
-        .write(&mut b);
-        pdu::append_pdu(out, &b, data, &self.framing());
     }
 }
 

@@ -421,3 +421,87 @@ fn a_frame_outside_its_buffer_closes() {
     assert_eq!(d.on_pdu(&fr, &bytes[..50], &mut out), DiscoveryStep::Close);
     assert!(out.is_empty());
 }
+
+#[test]
+fn invalid_send_targets_requests_fail_for_the_initiator() {
+    // What libiscsi's iSCSI.iSCSISendTargets.Invalid sends: each answer must be something
+    // an initiator treats as an error (neither TargetName nor TargetAddress).
+    let reg = registry(1);
+    let mut d = session(&reg, SessionParams::default());
+    for (i, (req, want)) in [
+        ("SendTargetsPlease=All", "SendTargetsPlease=NotUnderstood\0"),
+        ("SendTargets=Alle", "SendTargets=Reject\0"),
+        ("SendTargets=A", "SendTargets=Reject\0"),
+        ("sENDtARGETS=aLL", "sENDtARGETS=NotUnderstood\0"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (_, pdus) = send(
+            &mut d,
+            &Pdu {
+                immediate: true,
+                cmdsn: 20 + i as u32,
+                data: format!("{req}\0").into_bytes(),
+                ..Pdu::default()
+            },
+        );
+        assert_eq!(pdus[0].0.opcode(), opcode::TEXT_RESP);
+        assert_eq!(std::str::from_utf8(&pdus[0].1).expect("utf8"), want);
+    }
+}
+
+#[test]
+fn normal_sessions_see_only_their_own_target() {
+    let reg = registry(3);
+    let own = reg.target("iqn.2026-01.test:t001").expect("target");
+    let mut x = TextExchange::new();
+    let req = |data: &str| {
+        let p = Pdu {
+            data: data.replace(';', "\0").into_bytes(),
+            ..Pdu::default()
+        };
+        let bytes = wire(&p, &Framing::LOGIN);
+        (Bhs::from_slice(&bytes).expect("bhs"), p.data)
+    };
+    for (ask, listed) in [
+        ("SendTargets=All;", true),
+        ("SendTargets=;", true),
+        ("SendTargets=iqn.2026-01.test:t001;", true),
+        ("SendTargets=iqn.2026-01.test:t000;", false),
+    ] {
+        let (bhs, data) = req(ask);
+        let reply = x
+            .on_request(&bhs, &data, &reg, INI, Some(&own), 8192)
+            .expect("answer");
+        assert!(reply.final_ && !reply.cont && reply.ttt == RESERVED_TAG);
+        let body = String::from_utf8(reply.data).expect("utf8");
+        assert_eq!(
+            body.contains("TargetName=iqn.2026-01.test:t001\0"),
+            listed,
+            "{ask}"
+        );
+        assert!(
+            !body.contains("t000") && !body.contains("t002"),
+            "{ask}: {body}"
+        );
+        let h = reply_header(&bhs);
+        assert_eq!(h.itt(), 7);
+    }
+}
+
+fn reply_header(req: &Bhs) -> Bhs {
+    let reply = TextReply {
+        final_: true,
+        cont: false,
+        ttt: RESERVED_TAG,
+        data: vec![1, 2, 3],
+    };
+    let mut b = [0u8; BHS_LEN];
+    reply.response(req, 4, 5, 6).write(&mut b);
+    let h = Bhs(b);
+    assert_eq!(h.opcode(), opcode::TEXT_RESP);
+    assert_eq!(h.data_len(), 3);
+    assert_eq!(u32_at(&h, 24), 4);
+    h
+}
