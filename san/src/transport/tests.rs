@@ -22,31 +22,38 @@ struct Rig {
     server: Option<IscsiServer>,
     reactors: Vec<ReactorHandle>,
     addr: SocketAddr,
+    registry: Arc<Registry>,
     _disk: tempfile::NamedTempFile,
+}
+
+/// A logical unit on a fresh sparse file.
+fn unit(name: &str) -> (Arc<LogicalUnit>, tempfile::NamedTempFile) {
+    let disk = tempfile::NamedTempFile::new().expect("tempfile");
+    disk.as_file().set_len(DISK_BYTES).expect("size");
+    let backend = RawBackend::open(disk.path(), false, false).expect("backend");
+    let unit = LogicalUnit::new(
+        Arc::new(backend),
+        LuConfig {
+            name: name.into(),
+            state_path: None,
+        },
+    )
+    .expect("unit");
+    (Arc::new(unit), disk)
 }
 
 impl Rig {
     fn new(engine: EngineKind, reactors: usize) -> Rig {
-        let disk = tempfile::NamedTempFile::new().expect("tempfile");
-        disk.as_file().set_len(DISK_BYTES).expect("size");
-        let backend = RawBackend::open(disk.path(), false, false).expect("backend");
-        let unit = LogicalUnit::new(
-            Arc::new(backend),
-            LuConfig {
-                name: "disk0".into(),
-                state_path: None,
-            },
-        )
-        .expect("unit");
+        let (unit, disk) = unit("disk0");
         let registry = Arc::new(Registry::new());
         registry
-            .add_target(TARGET, vec![(0, Arc::new(unit))], None, vec![])
+            .add_target(TARGET, vec![(0, unit)], None, vec![])
             .expect("target");
         let handles: Vec<ReactorHandle> = (0..reactors)
             .map(|i| ReactorHandle::spawn(i, None, engine).expect("reactor"))
             .collect();
         let server = IscsiServer::start(
-            registry,
+            registry.clone(),
             &["127.0.0.1:0".parse().expect("addr")],
             handles.iter().map(|h| h.link()).collect(),
         )
@@ -56,6 +63,7 @@ impl Rig {
             server: Some(server),
             reactors: handles,
             addr,
+            registry,
             _disk: disk,
         }
     }
@@ -515,4 +523,35 @@ fn many_commands_in_flight() {
     }
     assert_eq!(i.nop(b"x").data, b"x");
     let _ = itts;
+}
+
+#[test]
+fn lun_added_while_the_session_runs() {
+    let rig = Rig::new(EngineKind::Uring, 1);
+    let mut i = rig.login();
+    let report_luns = |i: &mut Initiator| {
+        let mut cdb = [0u8; 12];
+        cdb[0] = 0xA0;
+        cdb[6..10].copy_from_slice(&4096u32.to_be_bytes());
+        let r = i.command(0, &cdb, &[], 4096);
+        assert_eq!(r.status, 0, "{r:?}");
+        u32::from_be_bytes([r.data[0], r.data[1], r.data[2], r.data[3]]) / 8
+    };
+    assert_eq!(report_luns(&mut i), 1);
+    let (u1, _disk1) = unit("disk1");
+    rig.registry.add_lun(TARGET, 1, u1).expect("add LUN");
+    assert_eq!(report_luns(&mut i), 2, "the session sees the new table");
+    let lun1 = 0x0001_0000_0000_0000;
+    let data = pattern(4096, 9);
+    let mut w = i.command(lun1, &write10(8, 8), &data, 0);
+    if w.status == 2 {
+        // The new unit's power-on unit attention.
+        w = i.command(lun1, &write10(8, 8), &data, 0);
+    }
+    assert_eq!(w.status, 0, "{w:?}");
+    let r = i.command(lun1, &read10(8, 8), &[], 4096);
+    assert!(r.status == 0 && r.data == data);
+    rig.registry.remove_lun(TARGET, 1).expect("remove LUN");
+    let r = i.command(lun1, &[0u8; 6], &[], 0);
+    assert_eq!((r.status, r.sense.get(12)), (2, Some(&0x25)), "LUN gone: {r:?}");
 }
