@@ -36,7 +36,7 @@ use crate::scsi::sense::FIXED_SENSE_LEN;
 use crate::scsi::{
     self, status, DataDir, LogicalUnit, Nexus, Outcome, ScsiCx, ScsiTask, Step, Xfer,
 };
-use crate::target::{LunMap, Portal, Target};
+use crate::target::{LunMap, Portal, Registry, Target};
 
 mod data;
 mod manage;
@@ -97,6 +97,8 @@ pub struct SessionCounters {
     pub keepalive_timeouts: AtomicU64,
     /// Tasks aborted (task management or connection loss).
     pub tasks_aborted: AtomicU64,
+    /// Sessions ended because their target was deleted.
+    pub target_removed: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -126,6 +128,8 @@ pub struct SessionSetup {
     pub stat_sn: u32,
     /// Portals, for SendTargets in the session.
     pub portals: Vec<Portal>,
+    /// The registry the target is exported from (a session ends when its target leaves).
+    pub registry: Arc<Registry>,
 }
 
 /// Whether the connection goes on.

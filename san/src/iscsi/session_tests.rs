@@ -87,7 +87,7 @@ fn send_queue_gathers_partial_sends_and_releases() {
 }
 
 fn session() -> Session {
-    let reg = crate::target::Registry::new();
+    let reg = Arc::new(crate::target::Registry::new());
     let target = reg
         .add_target("iqn.2026-01.test:t", vec![], None, vec![])
         .expect("target");
@@ -103,6 +103,7 @@ fn session() -> Session {
             exp_cmd_sn: 10,
             stat_sn: 5,
             portals: vec![],
+            registry: reg,
         },
         Arc::new(SessionCounters::default()),
     )
@@ -139,4 +140,16 @@ fn keepalive_pings_an_idle_initiator_then_drops_it() {
         s.tick(later + KEEPALIVE_TIMEOUT + Duration::from_secs(1)),
         Flow::Close
     );
+}
+
+#[test]
+fn a_deleted_target_ends_its_sessions() {
+    let mut s = session();
+    assert_eq!(s.tick(Instant::now()), Flow::Continue);
+    s.setup
+        .registry
+        .remove_target("iqn.2026-01.test:t")
+        .expect("remove");
+    assert_eq!(s.tick(Instant::now()), Flow::Close);
+    assert_eq!(s.counters.target_removed.load(Ordering::Relaxed), 1);
 }

@@ -532,6 +532,7 @@ impl LoginThread {
             exp_cmd_sn: est.exp_cmd_sn,
             stat_sn: est.stat_sn,
             portals: self.registry.portals(),
+            registry: self.registry.clone(),
         };
         let session = Session::new(setup, self.shared.session.clone());
         self.next_conn_name += 1;

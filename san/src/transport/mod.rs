@@ -141,6 +141,8 @@ pub struct IscsiStats {
     pub tasks_aborted: u64,
     /// Keepalive timeouts.
     pub keepalive_timeouts: u64,
+    /// Sessions ended because their target was deleted.
+    pub target_removed: u64,
 }
 
 /// A running session's identity: initiator name (lower case) and ISID.
@@ -255,6 +257,7 @@ impl IscsiServer {
             task_management: g(&s.task_management),
             tasks_aborted: g(&s.tasks_aborted),
             keepalive_timeouts: g(&s.keepalive_timeouts),
+            target_removed: g(&s.target_removed),
         }
     }
 

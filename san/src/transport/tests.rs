@@ -553,5 +553,9 @@ fn lun_added_while_the_session_runs() {
     assert!(r.status == 0 && r.data == data);
     rig.registry.remove_lun(TARGET, 1).expect("remove LUN");
     let r = i.command(lun1, &[0u8; 6], &[], 0);
-    assert_eq!((r.status, r.sense.get(12)), (2, Some(&0x25)), "LUN gone: {r:?}");
+    assert_eq!(
+        (r.status, r.sense.get(12)),
+        (2, Some(&0x25)),
+        "LUN gone: {r:?}"
+    );
 }

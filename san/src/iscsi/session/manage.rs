@@ -30,8 +30,16 @@ impl Session {
         self.push(b, data, false);
     }
 
-    /// Keepalive: pings an idle initiator, drops one that does not answer.
+    /// Periodic (the connection's tick): pings an idle initiator and drops one that does not
+    /// answer; ends the session when its target left the registry.
     pub fn tick(&mut self, now: Instant) -> Flow {
+        // A target deleted (or replaced) in the registry ends its sessions.
+        let name = self.setup.target.name();
+        let current = self.setup.registry.target(name);
+        if !current.is_some_and(|t| Arc::ptr_eq(&t, &self.setup.target)) {
+            bump(&self.counters.target_removed);
+            return Flow::Close;
+        }
         if let Some((_, sent)) = self.ping {
             if now.saturating_duration_since(sent) > KEEPALIVE_TIMEOUT {
                 bump(&self.counters.keepalive_timeouts);
