@@ -77,12 +77,13 @@ impl Geometry {
     }
 }
 
-/// Most blocks one WRITE SAME may cover without UNMAP (each block is written) and with it
-/// (one deallocation): 256 MiB and 1 GiB of 512-byte blocks, so one command keeps the
-/// backend busy for a bounded time (Block Limits VPD reports them).
+/// Most blocks one WRITE SAME may cover (without UNMAP each block is written: 256 MiB of
+/// 512-byte blocks), so one command keeps the backend busy for a bounded time.
 pub(crate) const MAX_WRITE_SAME_BLOCKS: u64 = 1 << 19;
-/// Most blocks one UNMAP (all descriptors together) or WRITE SAME with UNMAP may deallocate.
-pub(crate) const MAX_UNMAP_BLOCKS: u64 = 1 << 21;
+/// Most blocks one UNMAP (all descriptors together) may deallocate:
+/// 512 MiB of 512-byte blocks (libiscsi calls counts above 2^20 insane). Block Limits VPD
+/// reports both.
+pub(crate) const MAX_UNMAP_BLOCKS: u64 = 1 << 20;
 /// Most block descriptors in one UNMAP parameter list.
 pub(crate) const MAX_UNMAP_DESCRIPTORS: u32 = 64;
 
@@ -467,13 +468,9 @@ fn decode_full(g: &Geometry, cdb: &[u8]) -> Result<Cmd, Sense> {
                 return Err(Sense::invalid_field_in_cdb());
             }
             // A length of 0 means "to the end of the unit", which SBC-4 allows only when the
-            // Block Limits VPD says so (WSNZ = 1 here: refused).
-            let limit = if unmap {
-                MAX_UNMAP_BLOCKS
-            } else {
-                MAX_WRITE_SAME_BLOCKS
-            };
-            if blocks == 0 || blocks > limit {
+            // Block Limits VPD says so (WSNZ = 1 here: refused). MAXIMUM WRITE SAME LENGTH
+            // applies with UNMAP too.
+            if blocks == 0 || blocks > MAX_WRITE_SAME_BLOCKS {
                 return Err(Sense::invalid_field_in_cdb());
             }
             write_checks(lba, blocks)?;

@@ -897,7 +897,7 @@ fn deferred_backend_with_4k_blocks_completes_through_end_batch() {
         pending: Mutex::new(vec![]),
     });
     let lu = LogicalUnit::new(
-        b,
+        b.clone(),
         LuConfig {
             name: "d".into(),
             state_path: None,
@@ -921,6 +921,13 @@ fn deferred_backend_with_4k_blocks_completes_through_end_batch() {
     ws[1] = 0x08;
     assert!(h.run(&ws, &[0; 4096]).good());
     assert!(h.run(&read10(0, 2), &[]).data.iter().all(|&b| b == 0));
+    // The disk grows: the next command reports CAPACITY DATA HAS CHANGED, then runs.
+    b.mem.lock().unwrap().resize(2 * MIB as usize, 0);
+    assert_eq!(
+        h.run(&read10(300, 1), &[]).asc(),
+        ua::CAPACITY_CHANGED.key_asc()
+    );
+    assert!(h.run(&read10(300, 1), &[]).good());
 }
 
 #[test]
@@ -1056,4 +1063,26 @@ fn io_uring_with_o_direct_4k_blocks_bounces_unaligned_buffers() {
     w[1] = 0x08;
     assert!(h.run(&w, &pattern(8192, 13)).good());
     assert_eq!(h.run(&rw16(0x88, 100, 2), &[]).data, pattern(8192, 13));
+}
+
+#[test]
+fn block_limits_stay_within_what_initiators_accept() {
+    let mut h = Harness::null(MIB).ready();
+    let v = h.run(&[0x12, 1, 0xB0, 0, 255, 0], &[]).data;
+    assert_eq!(v[3], 0x3C);
+    let max_unmap = u32::from_be_bytes(v[20..24].try_into().unwrap());
+    let max_bdc = u32::from_be_bytes(v[24..28].try_into().unwrap());
+    assert!(max_unmap > 0 && max_unmap <= 1 << 20);
+    assert!(max_bdc > 0 && max_bdc <= 1 << 20);
+    let max_ws = u64::from_be_bytes(v[36..44].try_into().unwrap());
+    // One block past MAXIMUM WRITE SAME LENGTH is refused, with or without UNMAP.
+    for flags in [0u8, 0x08] {
+        let mut c = rw16(0x93, 0, (max_ws + 1) as u32);
+        c[1] = flags;
+        assert_eq!(
+            h.lu.plan(&c),
+            Err(Sense::invalid_field_in_cdb()),
+            "flags {flags:#x}"
+        );
+    }
 }
