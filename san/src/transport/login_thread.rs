@@ -27,7 +27,9 @@ use super::{
 };
 use crate::iscsi::discovery::{Discovery, DiscoveryStep};
 use crate::iscsi::login::{Established, Login, LoginConfig, LoginOffer, LoginStep, SessionKind};
-use crate::iscsi::pdu::{frame, reject, Framing, PduError};
+use crate::iscsi::pdu::{
+    append_pdu, frame, reject, stage, Bhs, Framing, LoginResponse, PduError, BHS_LEN,
+};
 use crate::iscsi::session::{Session, SessionSetup, R2T_MAX, TASK_WINDOW};
 use crate::target::{Portal, Registry};
 
@@ -82,6 +84,8 @@ struct HalfOpen {
     phase: Phase,
     deadline: Instant,
     want_out: bool,
+    /// A login request named SessionType=Discovery (needs no reactor).
+    discovery: bool,
 }
 
 /// The login thread's state (see the module comment).
@@ -250,6 +254,7 @@ impl LoginThread {
                     phase: Phase::Login(Box::new(login)),
                     deadline,
                     want_out: false,
+                    discovery: false,
                 },
             );
             self.deadlines.push(Reverse((deadline, id)));
@@ -372,6 +377,20 @@ impl LoginThread {
             match &mut c.phase {
                 Phase::Login(login) => {
                     let data = &buf[f.data.clone()];
+                    if memchr::memmem::find(data, b"SessionType=Discovery\0").is_some() {
+                        c.discovery = true;
+                    }
+                    // A normal session about to reach full-feature phase while every reactor
+                    // is full: refused now (target error, out of resources) rather than
+                    // dropped after a successful login.
+                    let to_ffp = f.bhs.login_transit() && f.bhs.login_nsg() == stage::FULL_FEATURE;
+                    if to_ffp && !c.discovery && !reactor_room(&self.shared) {
+                        bump(&self.shared.login.sessions_refused);
+                        refuse(&f.bhs, &mut c.wbuf);
+                        c.phase = Phase::Closing;
+                        used += f.total_len;
+                        break;
+                    }
                     match login.on_request(&f.bhs, data, &mut c.wbuf) {
                         LoginStep::Continue => {}
                         LoginStep::Failed => {
@@ -562,6 +581,38 @@ impl LoginThread {
         }
         tracing::debug!(conn = %name, initiator = %est.initiator_name, "session established");
     }
+}
+
+/// Whether some reactor can take one more connection.
+fn reactor_room(shared: &Shared) -> bool {
+    shared
+        .reactors
+        .iter()
+        .any(|(_, live)| live.load(Ordering::Acquire) < CONNECTIONS_PER_REACTOR_MAX)
+}
+
+/// The Login Response refusing a login for lack of resources (status 0x0302).
+fn refuse(req: &Bhs, out: &mut Vec<u8>) {
+    let mut b = [0u8; BHS_LEN];
+    LoginResponse {
+        transit: false,
+        cont: false,
+        csg: req.login_csg(),
+        nsg: 0,
+        version_max: 0,
+        version_active: 0,
+        isid: req.isid(),
+        tsih: 0,
+        itt: req.itt(),
+        stat_sn: req.expstatsn(),
+        exp_cmd_sn: req.cmdsn(),
+        max_cmd_sn: req.cmdsn(),
+        status_class: 3,
+        status_detail: 2,
+        data_len: 0,
+    }
+    .write(&mut b);
+    append_pdu(out, &b, &[], &Framing::LOGIN);
 }
 
 fn bump(c: &AtomicU64) {

@@ -559,3 +559,36 @@ fn lun_added_while_the_session_runs() {
         "LUN gone: {r:?}"
     );
 }
+
+#[test]
+fn logins_beyond_the_reactors_room_are_refused() {
+    let rig = Rig::new(EngineKind::Uring, 1);
+    let sessions: Vec<Initiator> = (0..super::CONNECTIONS_PER_REACTOR_MAX)
+        .map(|k| {
+            let mut i = Initiator::connect(rig.addr);
+            i.isid_variant = k as u8;
+            let (status, _) = i.login(Some(TARGET), &[]);
+            assert_eq!(status, 0, "login {k}");
+            i
+        })
+        .collect();
+    rig.wait_for("reactor full", |s| {
+        s.sessions == super::CONNECTIONS_PER_REACTOR_MAX as u64
+    });
+    let mut extra = Initiator::connect(rig.addr);
+    extra.isid_variant = 200;
+    let (status, _) = extra.login(Some(TARGET), &[]);
+    assert_eq!(status, 0x0302, "target error: out of resources");
+    assert_eq!(rig.server().stats().sessions_refused, 1);
+    // Discovery needs no reactor.
+    let mut d = Initiator::connect(rig.addr);
+    assert_eq!(d.login(None, &[]).0, 0);
+    drop(sessions);
+    rig.wait_for("room again", |s| s.sessions == 0);
+    assert_eq!(extra_login(&rig), 0);
+}
+
+fn extra_login(rig: &Rig) -> u16 {
+    let mut i = Initiator::connect(rig.addr);
+    i.login(Some(TARGET), &[]).0
+}
