@@ -354,6 +354,11 @@ impl Session {
         self.running
     }
 
+    /// Whether commands wait to be started again (see [`Step::Blocked`]).
+    pub fn has_blocked(&self) -> bool {
+        !self.blocked.is_empty()
+    }
+
     /// Whether anything waits in the send queue.
     pub fn has_output(&self) -> bool {
         !self.out.is_empty()

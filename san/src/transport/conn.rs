@@ -507,9 +507,12 @@ impl Poller for ConnPoller {
     }
 
     fn prepare_sleep(&mut self) -> bool {
-        // Sync mode: a receive that found nothing is retried once the socket is readable
-        // (the epoll set wakes the reactor then).
-        false
+        // Work nothing would wake the reactor for: commands blocked on a range another
+        // reactor's session holds (or on engine room), output whose send could not be posted.
+        // (Sync mode: a receive that found nothing is retried once the socket is readable:
+        // the epoll set wakes the reactor then.)
+        !self.closing
+            && (self.session.has_blocked() || (self.session.has_output() && !self.send_inflight))
     }
 
     fn key(&self) -> Option<(&str, u16)> {
