@@ -1,8 +1,9 @@
 //! I/O engines: the edge between the reactors and the kernel.
 //!
 //! One engine per reactor thread. A backend turns a validated request into [`IoOp`]s pushed to
-//! the engine; the reactor submits them in one batch and later reaps [`Completion`]s, matched
-//! by `user_data`. [`uring::UringEngine`] uses io_uring; [`sync::SyncEngine`] executes each op
+//! the engine, and a SAN connection its socket receives and sends ([`IoOp::Recv`],
+//! [`IoOp::Send`]); the reactor submits them in one batch and later reaps [`Completion`]s,
+//! matched by `user_data`. [`uring::UringEngine`] uses io_uring; [`sync::SyncEngine`] executes each op
 //! at push time (fallback where io_uring is unavailable, and for tests);
 //! [`fault::FaultEngine`] wraps another engine and injects errors.
 

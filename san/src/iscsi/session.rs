@@ -57,6 +57,9 @@ pub const IMMEDIATE_SLOTS: usize = 8;
 pub const TASKS_MAX: usize = 2 * TASK_WINDOW as usize + IMMEDIATE_SLOTS;
 /// R2T sequences outstanding per command at most (the MaxOutstandingR2T the target offers).
 pub const R2T_MAX: usize = 4;
+/// Task management requests answered later (waiting for aborted operations) at most;
+/// more are rejected.
+pub const TMF_PENDING_MAX: usize = 8;
 /// Idle time after which the target pings the initiator (NOP-In wanting a NOP-Out).
 pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 /// Time the initiator has to answer a ping before the connection is dropped.
@@ -258,7 +261,8 @@ pub struct Session {
     running: usize,
     out: OutQueue,
     counters: Arc<SessionCounters>,
-    tmf: Option<PendingTmf>,
+    /// Task management requests waiting for their aborted tasks' operations.
+    tmf: VecDeque<PendingTmf>,
     last_rx: Instant,
     ping: Option<(u32, Instant)>,
     ping_seq: u32,
@@ -306,7 +310,7 @@ impl Session {
             running: 0,
             out: OutQueue::new(p.header_digest, p.data_digest),
             counters,
-            tmf: None,
+            tmf: VecDeque::with_capacity(TMF_PENDING_MAX),
             last_rx: Instant::now(),
             ping: None,
             ping_seq: 0,
@@ -719,7 +723,7 @@ impl Session {
                 self.abort_task(i as u16);
             }
         }
-        self.tmf = None;
+        self.tmf.clear();
     }
 
     /// The session ended: its nexus is gone for every unit of the target.

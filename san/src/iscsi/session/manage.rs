@@ -149,22 +149,30 @@ impl Session {
             8 => 4,
             _ => 5,
         };
-        self.tmf = Some(PendingTmf {
+        if self.tmf.len() == TMF_PENDING_MAX {
+            // An initiator piling up task management while aborts wait.
+            self.reject(reject::OUT_OF_RESOURCES, bhs);
+            return;
+        }
+        self.tmf.push_back(PendingTmf {
             itt: bhs.itt(),
             response,
         });
         self.check_tmf();
     }
 
-    /// Answers the pending task management request once no aborted task is in flight.
+    /// Answers the pending task management requests, in order, once no aborted task is in
+    /// flight.
     pub(super) fn check_tmf(&mut self) {
-        let Some(tmf) = self.tmf else {
-            return;
-        };
-        if self.tasks.iter().any(|t| t.st == St::Running && t.aborted) {
+        if self.tmf.is_empty() || self.tasks.iter().any(|t| t.st == St::Running && t.aborted) {
             return;
         }
-        self.tmf = None;
+        while let Some(tmf) = self.tmf.pop_front() {
+            self.answer_tmf(tmf);
+        }
+    }
+
+    fn answer_tmf(&mut self, tmf: PendingTmf) {
         let mut b = [0u8; BHS_LEN];
         TmResponse {
             response: tmf.response,
