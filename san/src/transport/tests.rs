@@ -347,7 +347,12 @@ fn serve_for_manual_testing() {
     let cpu = std::env::var("STRATA_ISCSI_TEST_CPU")
         .ok()
         .and_then(|c| c.parse().ok());
-    let mut reactor = ReactorHandle::spawn(0, cpu, EngineKind::Uring).expect("reactor");
+    // STRATA_ISCSI_TEST_ENGINE=sync runs the synchronous engine.
+    let engine = match std::env::var("STRATA_ISCSI_TEST_ENGINE").as_deref() {
+        Ok("sync") => EngineKind::Sync,
+        _ => EngineKind::Uring,
+    };
+    let mut reactor = ReactorHandle::spawn(0, cpu, engine).expect("reactor");
     let server = IscsiServer::start(
         registry,
         &[SocketAddr::from(([127, 0, 0, 1], port))],
