@@ -53,6 +53,9 @@ pub struct ConnShared {
     pub dup: OwnedFd,
     /// Set once the poller has left its reactor (or is about to).
     pub ended: AtomicBool,
+    /// A new login took over this session's I_T nexus (reinstatement): the nexus lives on,
+    /// so the ending connection must not report it lost to the units.
+    pub reinstated: AtomicBool,
 }
 
 impl ConnShared {
@@ -477,7 +480,9 @@ impl Poller for ConnPoller {
         let drained = self.drained();
         if self.closing && drained && !self.removal_sent {
             self.removal_sent = true;
-            self.session.end();
+            if !self.shared.reinstated.load(Ordering::Acquire) {
+                self.session.end();
+            }
             self.shared.ended.store(true, Ordering::Release);
             if self.stopped {
                 // The reactor removes it already.

@@ -525,6 +525,7 @@ impl LoginThread {
         let shared = Arc::new(ConnShared {
             dup,
             ended: AtomicBool::new(false),
+            reinstated: AtomicBool::new(false),
         });
         let key = (est.initiator_name.to_ascii_lowercase(), est.isid);
         {
@@ -536,6 +537,7 @@ impl LoginThread {
             if let Some(old) = m.insert(key, shared.clone()) {
                 if !old.ended.load(Ordering::Acquire) {
                     bump(&self.shared.login.sessions_reinstated);
+                    old.reinstated.store(true, Ordering::Release);
                     old.kill();
                 }
             }
