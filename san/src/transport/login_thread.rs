@@ -50,14 +50,13 @@ const ACCEPT_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 const EVENTS_MAX: usize = 256;
 /// Longest sleep: deadlines are checked at least this often.
 const WAIT_MAX_MS: i32 = 1000;
-/// Largest SCSI transfer a command may ask for (MaxBurstLength offered).
-pub const MAX_BURST: u32 = 1 << 20;
 
 /// The target's operational offer.
 pub fn offer() -> LoginOffer {
     LoginOffer {
         max_recv_data_segment: 256 * 1024,
-        max_burst: MAX_BURST,
+        // A burst never needs to exceed the largest transfer one command may ask for.
+        max_burst: crate::scsi::MAX_TRANSFER_BYTES,
         first_burst: 256 * 1024,
         max_outstanding_r2t: R2T_MAX as u32,
         immediate_data: true,
