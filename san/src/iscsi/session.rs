@@ -263,7 +263,10 @@ pub struct Session {
     counters: Arc<SessionCounters>,
     /// Task management requests waiting for their aborted tasks' operations.
     tmf: VecDeque<PendingTmf>,
+    /// When a PDU was last seen, as of the last tick (the receive path does not read the
+    /// clock: it sets `rx_seen`, and the next tick dates it).
     last_rx: Instant,
+    rx_seen: bool,
     ping: Option<(u32, Instant)>,
     ping_seq: u32,
     /// A Logout Response (or a fatal Reject) is queued: take no more PDUs.
@@ -312,6 +315,7 @@ impl Session {
             counters,
             tmf: VecDeque::with_capacity(TMF_PENDING_MAX),
             last_rx: Instant::now(),
+            rx_seen: false,
             ping: None,
             ping_seq: 0,
             closing: false,
@@ -459,7 +463,7 @@ impl Session {
 
     /// One framed PDU; `buf` holds it at the ranges `frame` gives.
     pub fn on_pdu(&mut self, frame: &Frame, buf: &[u8], cx: &mut PollCx<'_>) -> Flow {
-        self.last_rx = Instant::now();
+        self.rx_seen = true;
         let bhs = frame.bhs;
         let data = &buf[frame.data.clone()];
         match bhs.opcode() {

@@ -41,6 +41,8 @@ pub const RECV_SLACK: usize = 64 * 1024;
 /// Sync engine: how long a receive that found nothing waits before it is tried again while
 /// the reactor is kept busy by others (a sleeping reactor wakes on the socket anyway).
 pub const SYNC_RECV_RETRY: Duration = Duration::from_micros(50);
+/// Polls between two clock readings of a busy connection (keepalive ticks need seconds).
+pub const CLOCK_EVERY: u32 = 64;
 /// Keepalive tick (the timerfd's period): how often an idle connection is looked at.
 pub const TICK: Duration = Duration::from_secs(5);
 
@@ -105,6 +107,12 @@ pub struct ConnPoller {
     recv_idle: Option<Instant>,
     send: Box<SendBuf>,
     next_tick: Instant,
+    /// Polls so far (the clock is read every [`CLOCK_EVERY`]).
+    polls: u32,
+    /// The clock is read at the next poll (after a sleep).
+    clock_due: bool,
+    /// The last reading.
+    last_now: Instant,
     closing: bool,
     removal_sent: bool,
     /// The reactor is removing the poller itself (its Shutdown, or our own removal request).
@@ -205,6 +213,9 @@ impl ConnPoller {
             recv_idle: None,
             send,
             next_tick: Instant::now() + TICK,
+            polls: 0,
+            clock_due: true,
+            last_now: Instant::now(),
             closing: false,
             removal_sent: false,
             stopped: false,
@@ -428,7 +439,19 @@ impl Poller for ConnPoller {
     fn poll_io(&mut self, cx: &mut PollCx<'_>) -> usize {
         let mut work = 0;
         if !self.closing {
-            let now = Instant::now();
+            // The clock is read every CLOCK_EVERY polls (and after a sleep), not on every
+            // loop iteration of a busy reactor.
+            self.polls = self.polls.wrapping_add(1);
+            let now = if self.clock_due
+                || self.recv_idle.is_some()
+                || self.polls.is_multiple_of(CLOCK_EVERY)
+            {
+                self.clock_due = false;
+                Instant::now()
+            } else {
+                self.last_now
+            };
+            self.last_now = now;
             if now >= self.next_tick {
                 self.next_tick = now + TICK;
                 let mut v = [0u8; 8];
@@ -509,6 +532,7 @@ impl Poller for ConnPoller {
 
     fn end_sleep(&mut self) {
         self.recv_idle = None;
+        self.clock_due = true;
     }
 
     fn prepare_sleep(&mut self) -> bool {

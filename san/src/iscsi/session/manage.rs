@@ -40,6 +40,9 @@ impl Session {
             bump(&self.counters.target_removed);
             return Flow::Close;
         }
+        if std::mem::take(&mut self.rx_seen) {
+            self.last_rx = now;
+        }
         if let Some((_, sent)) = self.ping {
             if now.saturating_duration_since(sent) > KEEPALIVE_TIMEOUT {
                 bump(&self.counters.keepalive_timeouts);
