@@ -950,3 +950,37 @@ fn tsih_skips_zero() {
     }
     assert_eq!(tsihs, [u16::MAX, 1]);
 }
+
+#[test]
+fn rejected_limits_are_not_proposed_again() {
+    let mut l = Login::new(config(LoginOffer {
+        max_burst: 65536,
+        first_burst: 16384,
+        immediate_data: false,
+        ..LoginOffer::default()
+    }));
+    let (step, r) = send(
+        &mut l,
+        &Req {
+            csg: 1,
+            nsg: 3,
+            ..Req::default()
+        },
+        &[
+            ("InitiatorName", INI),
+            ("TargetName", OPEN),
+            ("MaxBurstLength", "1"),
+            ("FirstBurstLength", "x"),
+            ("ImmediateData", "Perhaps"),
+            ("TargetPortalGroupTag", "9"),
+        ],
+    );
+    assert_eq!(r.get("MaxBurstLength"), Some("Reject"));
+    assert_eq!(r.get("FirstBurstLength"), Some("Reject"));
+    assert_eq!(r.get("ImmediateData"), Some("Reject"));
+    assert_eq!(r.order.len(), 5, "no proposal repeats a key: {:?}", r.order);
+    let e = established(step);
+    assert_eq!(e.params.max_burst, 65536);
+    assert_eq!(e.params.first_burst, 16384);
+    assert!(!e.params.immediate_data);
+}
