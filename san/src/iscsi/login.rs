@@ -477,13 +477,20 @@ impl Login {
                     }
                 }
                 if go {
-                    // The target's receive limit is declared before full-feature phase
-                    // (in the operational stage's answers, not the security stage's).
+                    // The target's receive limit is declared before full-feature phase,
+                    // in the operational stage's answers: initiators refuse operational
+                    // keys in the security stage (open-iscsi's discovery goes straight
+                    // from there to full-feature phase), where the default then holds.
                     if next == stage::FULL_FEATURE && !self.declared_mrdsl {
-                        out.push(
-                            "MaxRecvDataSegmentLength",
-                            &self.params.max_recv_data_segment.to_string(),
-                        );
+                        if csg == stage::OPERATIONAL {
+                            out.push(
+                                "MaxRecvDataSegmentLength",
+                                &self.params.max_recv_data_segment.to_string(),
+                            );
+                        } else {
+                            self.params.max_recv_data_segment =
+                                SessionParams::default().max_recv_data_segment;
+                        }
                         self.declared_mrdsl = true;
                     }
                     resp.transit = true;

@@ -984,3 +984,30 @@ fn rejected_limits_are_not_proposed_again() {
     assert_eq!(e.params.first_burst, 16384);
     assert!(!e.params.immediate_data);
 }
+
+#[test]
+fn security_stage_straight_to_full_feature_declares_no_operational_key() {
+    // open-iscsi's discovery with default settings: T=1, CSG=0, NSG=3.
+    let mut l = Login::new(config(LoginOffer::default()));
+    let (step, r) = send(
+        &mut l,
+        &Req {
+            nsg: 3,
+            ..Req::default()
+        },
+        &[
+            ("InitiatorName", INI),
+            ("SessionType", "Discovery"),
+            ("AuthMethod", "None"),
+        ],
+    );
+    assert_eq!(r.order, ["AuthMethod"], "only security keys");
+    assert!(r.bhs.login_transit());
+    assert_eq!((r.bhs.login_csg(), r.bhs.login_nsg()), (0, 3));
+    let e = established(step);
+    assert_eq!(
+        e.params.max_recv_data_segment, 8192,
+        "undeclared: the default"
+    );
+    assert_eq!(e.params.max_send_data_segment, 8192);
+}
