@@ -147,6 +147,10 @@ fn send_raw(l: &mut Login, r: &Req, data: &[u8]) -> (LoginStep, Resp) {
 fn failed(step: &LoginStep, resp: &Resp, st: u16) {
     assert!(matches!(step, LoginStep::Failed), "{step:?}");
     assert_eq!(resp.status(), st, "status");
+    assert!(
+        resp.stat_sn() >= 100,
+        "StatSN follows the initiator's ExpStatSN"
+    );
     assert!(!resp.bhs.login_transit());
     assert_eq!(resp.bhs.tsih(), 0);
 }
