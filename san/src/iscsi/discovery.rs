@@ -334,11 +334,7 @@ impl Discovery {
 
     /// How received PDUs are framed on this connection.
     pub fn framing(&self) -> Framing {
-        Framing {
-            header_digest: self.params.header_digest,
-            data_digest: self.params.data_digest,
-            max_recv_data_segment: self.params.max_recv_data_segment,
-        }
+        self.params.framing()
     }
 
     /// Why the last PDU was rejected.
