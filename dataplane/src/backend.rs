@@ -150,6 +150,11 @@ pub trait BlockBackend: Send + Sync + std::fmt::Debug {
     fn read_only(&self) -> bool;
     /// True if DISCARD and WRITE_ZEROES are supported.
     fn supports_discard(&self) -> bool;
+    /// True if a discarded range reads back as zeroes (a SCSI unit then reports LBPRZ);
+    /// false where DISCARD is only advisory.
+    fn discard_zeroes(&self) -> bool {
+        false
+    }
     /// Logical block size advertised to the guest.
     fn block_size(&self) -> u32;
     /// Starts `req` (already validated against this backend's size and mode).
@@ -237,6 +242,11 @@ impl BlockBackend for RawBackend {
     }
 
     fn supports_discard(&self) -> bool {
+        !self.read_only
+    }
+
+    fn discard_zeroes(&self) -> bool {
+        // DISCARD punches a hole, which reads back as zeroes (files and block devices alike).
         !self.read_only
     }
 
@@ -358,6 +368,10 @@ impl BlockBackend for NullBackend {
 
     fn supports_discard(&self) -> bool {
         true
+    }
+
+    fn discard_zeroes(&self) -> bool {
+        self.read_zeroes
     }
 
     fn block_size(&self) -> u32 {

@@ -10,17 +10,57 @@
 //!    or cannot start yet because an overlapping COMPARE AND WRITE (or another command a CAW
 //!    waits for) holds the range ([`Step::Blocked`]: the transport calls `start` again later).
 //! 3. Each engine completion carrying that user_data goes to [`LogicalUnit::complete`] until
-//!    it returns [`Step::Done`]. Data-In bytes are then `task.buf[..outcome.data_in]`.
+//!    it returns [`Step::Done`] (a command of several steps — FUA write then flush, COMPARE
+//!    AND WRITE's read then write, WRITE SAME chunks, UNMAP descriptors — starts its next
+//!    step inside `complete` and answers [`Step::InFlight`] again). Data-In bytes are then
+//!    `task.buf[..outcome.data_in]`. `task.buf` must stay untouched while in flight.
+//! 4. A task the transport drops while [`Step::Blocked`] (abort, session end) goes to
+//!    [`LogicalUnit::abandon`]; one with operations in flight must wait for their
+//!    completions first (the engine writes into its buffer).
+//!
+//! What the transport must also do, per reactor:
+//! - [`LogicalUnit::attach`] with the reactor's [`OffloadSink`], on the reactor's thread,
+//!   before it starts the unit's commands there (a datastore backend hands work to its
+//!   metadata thread and posts the completions to that sink; without it those requests fail
+//!   with EIO). Idempotent: calling it when a session lands on the reactor is fine.
+//! - [`LogicalUnit::end_batch`] once per reactor loop iteration for every unit it started or
+//!   completed commands on, after the iteration's `start`/`complete` calls and before
+//!   submitting the engine (a datastore backend hands the iteration's deferred requests over
+//!   there; without it they never complete). Cheap when nothing was deferred.
+//! - move the sink's completions into the engine ([`OffloadSink::inject_into`]) once per
+//!   iteration before reaping, as the vhost-user reactor does (persistent-reservation state
+//!   writes complete through it too), and route them by user_data like engine completions.
+//! - answer REPORT LUNS itself with [`report_luns`] (the unit does not know the target's
+//!   LUNs) and commands to absent LUNs with [`no_such_lun`];
+//! - on LOGICAL UNIT RESET / TARGET WARM RESET call [`LogicalUnit::reset`], and on a session's
+//!   end [`LogicalUnit::nexus_lost`].
 //!
 //! A [`LogicalUnit`] is shared (`Arc`) by every session and reactor that exports it: range
 //! locks, persistent reservations and unit attentions are per unit, per I_T nexus.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
+use dataplane::blk::request::ParsedRequest;
 use dataplane::engine::IoEngine;
 use dataplane::offload::OffloadSink;
 
+mod cdb;
+mod emulate;
+mod exec;
+mod io;
+mod locks;
+mod mode;
+mod persist;
+mod pr;
 pub mod sense;
+mod ua;
+
+#[cfg(test)]
+mod pr_tests;
+#[cfg(test)]
+mod tests;
+#[cfg(test)]
+mod vmfs_tests;
 
 pub use sense::Sense;
 
@@ -56,6 +96,10 @@ pub struct Nexus {
     /// Relative target port identifier (VPD 83h, REPORT TARGET PORT GROUPS), ≥ 1.
     pub relative_port: u16,
 }
+
+/// Largest data transfer of one command (Block Limits VPD MAXIMUM TRANSFER LENGTH); CDBs
+/// asking for more get ILLEGAL REQUEST, INVALID FIELD IN CDB.
+pub const MAX_TRANSFER_BYTES: u32 = 1 << 20;
 
 /// Direction of a command's data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,7 +165,8 @@ pub struct ScsiCx<'a> {
 /// steady-state I/O allocates nothing).
 #[derive(Debug, Default)]
 pub struct ScsiTask {
-    /// Data-Out on entry to [`LogicalUnit::start`]; Data-In when the command is done.
+    /// Data-Out on entry to [`LogicalUnit::start`]; Data-In when the command is done. Must
+    /// not be touched (moved, grown) while the command is in flight: the engine writes into it.
     pub buf: Vec<u8>,
     /// The CDB (up to 16 bytes used; longer CDBs are refused).
     pub cdb: [u8; 16],
@@ -136,6 +181,21 @@ pub struct ScsiTask {
 pub(crate) struct TaskState {
     /// Engine operations still in flight.
     pub(crate) pending: u16,
+    /// First error among the current step's operations.
+    pub(crate) err: i32,
+    /// Bytes the current step's operations reported.
+    pub(crate) got: u64,
+    /// The backend request of the current step (boxed once per task slot: its iovec must stay
+    /// put until the completion).
+    pub(crate) req: Option<Box<ParsedRequest>>,
+    /// What the command does next.
+    pub(crate) job: io::Job,
+    /// The current step.
+    pub(crate) seg: io::Seg,
+    /// The range lock held (or waited for) in the unit's table.
+    pub(crate) lock: Option<locks::LockId>,
+    /// Aligned bounce buffer for O_DIRECT backends (grown once per task slot).
+    pub(crate) bounce: Vec<io::Page>,
 }
 
 /// Errors setting up a logical unit.
@@ -164,20 +224,67 @@ pub struct LuConfig {
     pub state_path: Option<std::path::PathBuf>,
 }
 
+/// What every command of a unit consults, behind one lock: range locks, unit attentions,
+/// persistent reservations, the SPC-2 reservation, the capacity last reported.
+#[derive(Debug, Default)]
+struct UnitState {
+    locks: locks::LockTable,
+    uas: ua::UnitAttentions,
+    pr: pr::PrState,
+    /// The I_T nexus holding an SPC-2 RESERVE(6) reservation: (initiator port, target port).
+    spc2: Option<(Arc<str>, Arc<str>)>,
+    /// Capacity in bytes when last seen (a change raises CAPACITY DATA HAS CHANGED).
+    capacity: u64,
+}
+
 /// A SCSI logical unit on one disk backend, shared by every session that exports it.
 #[derive(Debug)]
 pub struct LogicalUnit {
     backend: Arc<dyn dataplane::backend::BlockBackend>,
     config: LuConfig,
+    ident: emulate::Identity,
+    state: Mutex<UnitState>,
+    persister: Option<persist::Persister>,
 }
 
 impl LogicalUnit {
-    /// A unit serving `backend`.
+    /// A unit serving `backend`; loads the persistent-reservation state saved at
+    /// `config.state_path` (if any, and saved with APTPL) and starts its writer thread.
     pub fn new(
         backend: Arc<dyn dataplane::backend::BlockBackend>,
         config: LuConfig,
     ) -> Result<Self, ScsiError> {
-        Ok(LogicalUnit { backend, config })
+        let bs = backend.block_size();
+        if !(bs == 512 || bs == 4096) {
+            return Err(ScsiError::Unsupported(format!("block size {bs}")));
+        }
+        let capacity = backend.size_bytes();
+        if capacity < u64::from(bs) {
+            return Err(ScsiError::Unsupported(format!("size {capacity} bytes")));
+        }
+        let (pr, persister) = match &config.state_path {
+            Some(path) => (
+                persist::load(path)?,
+                Some(persist::Persister::start(path.clone(), &config.name)?),
+            ),
+            None => (pr::PrState::default(), None),
+        };
+        let ident = emulate::Identity::new(
+            &config.name,
+            backend.supports_discard() && !backend.read_only(),
+            backend.discard_zeroes(),
+        );
+        Ok(LogicalUnit {
+            backend,
+            config,
+            ident,
+            state: Mutex::new(UnitState {
+                pr,
+                capacity,
+                ..UnitState::default()
+            }),
+            persister,
+        })
     }
 
     /// The unit's backend.
@@ -190,45 +297,101 @@ impl LogicalUnit {
         &self.config
     }
 
+    /// Gives the backend the calling reactor's completion mailbox (see the module comment);
+    /// call on the reactor's thread before starting commands there. Idempotent.
+    pub fn attach(&self, sink: &OffloadSink) {
+        self.backend.attach(sink);
+    }
+
+    /// Lets the backend finish the requests it deferred during this reactor iteration (see
+    /// the module comment): call once per iteration after starting commands, before
+    /// submitting the engine. Never blocks.
+    pub fn end_batch(&self, engine: &mut dyn IoEngine) {
+        self.backend.end_batch(engine);
+    }
+
+    fn geometry(&self) -> cdb::Geometry {
+        let block_size = self.backend.block_size();
+        cdb::Geometry {
+            block_size,
+            blocks: self.backend.size_bytes() / u64::from(block_size),
+            read_only: self.backend.read_only(),
+        }
+    }
+
+    fn lock_state(&self) -> MutexGuard<'_, UnitState> {
+        // A panic elsewhere while holding the lock leaves tables that are still consistent
+        // (every update is a single step).
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Decodes `cdb` (pure): the data it moves, or the sense for a CDB that cannot run
-    /// (unknown opcode, invalid field, LBA out of range).
+    /// (unknown opcode, invalid field, LBA out of range). For Data-In the length is the
+    /// allocation length (the most the command returns; `Outcome::data_in` says how much it
+    /// did).
     pub fn plan(&self, cdb: &[u8]) -> Result<Xfer, Sense> {
-        let _ = cdb;
-        Err(Sense::invalid_opcode())
+        let g = self.geometry();
+        cdb::decode(&g, cdb).map(|c| c.xfer(&g))
     }
 
     /// Starts `task` (CDB in `task.cdb`, Data-Out in `task.buf`).
     pub fn start(&self, task: &mut ScsiTask, cx: &mut ScsiCx<'_>) -> Step {
-        let _ = (task, cx);
-        Step::Done(Outcome {
-            status: status::CHECK_CONDITION,
-            sense: Some(Sense::invalid_opcode()),
-            data_in: 0,
-        })
+        let step = self.start_inner(task, cx);
+        if let Step::Done(_) = step {
+            self.release(task);
+            task.state.job = io::Job::Idle;
+        }
+        step
+    }
+
+    /// Releases the task's range lock, if any.
+    fn release(&self, task: &mut ScsiTask) {
+        if let Some(id) = task.state.lock.take() {
+            self.lock_state().locks.release(id);
+        }
     }
 
     /// One engine completion (`result`: bytes or -errno) of an operation `task` pushed.
     pub fn complete(&self, task: &mut ScsiTask, result: i32, cx: &mut ScsiCx<'_>) -> Step {
-        let _ = (task, result, cx);
-        Step::InFlight
+        self.step_done(task, result, cx)
     }
 
     /// The task was aborted by task management before it started (it was blocked) or after
     /// its operations completed: release whatever it holds (range locks).
     pub fn abandon(&self, task: &mut ScsiTask) {
-        let _ = task;
+        self.release(task);
+        task.state.job = io::Job::Idle;
+        task.state.pending = 0;
     }
 
-    /// A nexus is gone (its session ended): drop its unit attentions (registrations and
-    /// reservations stay, as SPC-5 requires).
+    /// A nexus is gone (its session ended): drop its unit attentions and its SPC-2
+    /// reservation (registrations and persistent reservations stay, as SPC-5 requires).
     pub fn nexus_lost(&self, nexus: &Nexus) {
-        let _ = nexus;
+        let mut st = self.lock_state();
+        st.uas.forget(&nexus.initiator_port);
+        if st
+            .spc2
+            .as_ref()
+            .is_some_and(|(i, t)| *i == nexus.initiator_port && *t == nexus.target_port)
+        {
+            st.spc2 = None;
+        }
     }
 
     /// LOGICAL UNIT RESET / TARGET WARM RESET from `by`: releases SPC-2 reservations and
-    /// establishes a unit attention (29h/03h or 29h/02h) for every other nexus.
+    /// establishes a unit attention (29h/03h or 29h/02h) for every nexus — the one that asked
+    /// too (SAM-5 6.3.3; libiscsi's MultipathIO.Reset expects it on every path).
+    /// Persistent reservations stay.
     pub fn reset(&self, by: &Nexus, target_reset: bool) {
-        let _ = (by, target_reset);
+        let mut st = self.lock_state();
+        st.spc2 = None;
+        let cond = if target_reset {
+            sense::ua::TARGET_RESET
+        } else {
+            sense::ua::LUN_RESET
+        };
+        tracing::debug!(unit = %self.config.name, by = %by.initiator_port, target_reset, "reset");
+        st.uas.raise_all(cond, None);
     }
 }
 
@@ -237,22 +400,12 @@ impl LogicalUnit {
 /// [`report_luns`], REQUEST SENSE returns the LUN-not-supported sense, everything else CHECK
 /// CONDITION, ILLEGAL REQUEST, LOGICAL UNIT NOT SUPPORTED (25h/00h). Data-In goes to `buf`.
 pub fn no_such_lun(cdb: &[u8], buf: &mut Vec<u8>) -> Outcome {
-    let _ = (cdb, buf);
-    Outcome {
-        status: status::CHECK_CONDITION,
-        sense: Some(Sense::lun_not_supported()),
-        data_in: 0,
-    }
+    emulate::no_such_lun(cdb, buf)
 }
 
 /// REPORT LUNS parameter data for `luns` (SAM-5 single-level LUN format), cut to the CDB's
 /// allocation length, into `buf`. Returns the Outcome (INVALID FIELD IN CDB for a bad SELECT
 /// REPORT or an allocation length below 16).
 pub fn report_luns(cdb: &[u8], luns: &[u64], buf: &mut Vec<u8>) -> Outcome {
-    let _ = (cdb, luns, buf);
-    Outcome {
-        status: status::CHECK_CONDITION,
-        sense: Some(Sense::invalid_opcode()),
-        data_in: 0,
-    }
+    emulate::report_luns(cdb, luns, buf)
 }

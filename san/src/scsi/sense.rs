@@ -76,3 +76,104 @@ impl Sense {
         out[13] = self.ascq;
     }
 }
+
+/// The conditions the unit reports, by name (SPC-5 Annex D codes).
+impl Sense {
+    /// ILLEGAL REQUEST, INVALID FIELD IN CDB (24h/00h).
+    pub const fn invalid_field_in_cdb() -> Self {
+        Sense::new(key::ILLEGAL_REQUEST, 0x24, 0x00)
+    }
+
+    /// ILLEGAL REQUEST, INVALID FIELD IN PARAMETER LIST (26h/00h).
+    pub const fn invalid_field_in_param_list() -> Self {
+        Sense::new(key::ILLEGAL_REQUEST, 0x26, 0x00)
+    }
+
+    /// ILLEGAL REQUEST, PARAMETER LIST LENGTH ERROR (1Ah/00h).
+    pub const fn param_list_length_error() -> Self {
+        Sense::new(key::ILLEGAL_REQUEST, 0x1A, 0x00)
+    }
+
+    /// ILLEGAL REQUEST, LOGICAL BLOCK ADDRESS OUT OF RANGE (21h/00h).
+    pub const fn lba_out_of_range() -> Self {
+        Sense::new(key::ILLEGAL_REQUEST, 0x21, 0x00)
+    }
+
+    /// ILLEGAL REQUEST, SAVING PARAMETERS NOT SUPPORTED (39h/00h).
+    pub const fn saving_not_supported() -> Self {
+        Sense::new(key::ILLEGAL_REQUEST, 0x39, 0x00)
+    }
+
+    /// ILLEGAL REQUEST, INVALID RELEASE OF PERSISTENT RESERVATION (26h/04h).
+    pub const fn invalid_pr_release() -> Self {
+        Sense::new(key::ILLEGAL_REQUEST, 0x26, 0x04)
+    }
+
+    /// ILLEGAL REQUEST, INSUFFICIENT REGISTRATION RESOURCES (55h/04h).
+    pub const fn insufficient_registration_resources() -> Self {
+        Sense::new(key::ILLEGAL_REQUEST, 0x55, 0x04)
+    }
+
+    /// DATA PROTECT, WRITE PROTECTED (27h/00h).
+    pub const fn write_protected() -> Self {
+        Sense::new(key::DATA_PROTECT, 0x27, 0x00)
+    }
+
+    /// DATA PROTECT, SPACE ALLOCATION FAILED WRITE PROTECT (27h/07h): a thin unit out of space.
+    pub const fn space_allocation_failed() -> Self {
+        Sense::new(key::DATA_PROTECT, 0x27, 0x07)
+    }
+
+    /// MEDIUM ERROR, UNRECOVERED READ ERROR (11h/00h).
+    pub const fn read_error() -> Self {
+        Sense::new(key::MEDIUM_ERROR, 0x11, 0x00)
+    }
+
+    /// MEDIUM ERROR, WRITE ERROR (0Ch/00h).
+    pub const fn write_error() -> Self {
+        Sense::new(key::MEDIUM_ERROR, 0x0C, 0x00)
+    }
+
+    /// HARDWARE ERROR, INTERNAL TARGET FAILURE (44h/00h).
+    pub const fn internal_failure() -> Self {
+        Sense::new(key::HARDWARE_ERROR, 0x44, 0x00)
+    }
+
+    /// MISCOMPARE, MISCOMPARE DURING VERIFY OPERATION (1Dh/00h); INFORMATION holds the offset
+    /// of the first byte that differs.
+    pub const fn miscompare(offset: u64) -> Self {
+        Sense {
+            key: key::MISCOMPARE,
+            asc: 0x1D,
+            ascq: 0x00,
+            info: Some(offset),
+        }
+    }
+
+    /// NO SENSE, NO ADDITIONAL SENSE INFORMATION (REQUEST SENSE with nothing to report).
+    pub const fn no_sense() -> Self {
+        Sense::new(key::NO_SENSE, 0x00, 0x00)
+    }
+}
+
+/// Unit attention conditions (additional sense code and qualifier, key UNIT ATTENTION).
+pub mod ua {
+    use super::{key, Sense};
+
+    /// POWER ON, RESET, OR BUS DEVICE RESET OCCURRED (29h/00h): first command of a nexus.
+    pub const POWER_ON: Sense = Sense::new(key::UNIT_ATTENTION, 0x29, 0x00);
+    /// SCSI BUS RESET OCCURRED (29h/02h): what a TARGET WARM RESET reports.
+    pub const TARGET_RESET: Sense = Sense::new(key::UNIT_ATTENTION, 0x29, 0x02);
+    /// BUS DEVICE RESET FUNCTION OCCURRED (29h/03h): what a LOGICAL UNIT RESET reports.
+    pub const LUN_RESET: Sense = Sense::new(key::UNIT_ATTENTION, 0x29, 0x03);
+    /// MODE PARAMETERS CHANGED (2Ah/01h).
+    pub const MODE_CHANGED: Sense = Sense::new(key::UNIT_ATTENTION, 0x2A, 0x01);
+    /// RESERVATIONS PREEMPTED (2Ah/03h).
+    pub const RESERVATIONS_PREEMPTED: Sense = Sense::new(key::UNIT_ATTENTION, 0x2A, 0x03);
+    /// RESERVATIONS RELEASED (2Ah/04h).
+    pub const RESERVATIONS_RELEASED: Sense = Sense::new(key::UNIT_ATTENTION, 0x2A, 0x04);
+    /// REGISTRATIONS PREEMPTED (2Ah/05h).
+    pub const REGISTRATIONS_PREEMPTED: Sense = Sense::new(key::UNIT_ATTENTION, 0x2A, 0x05);
+    /// CAPACITY DATA HAS CHANGED (2Ah/09h).
+    pub const CAPACITY_CHANGED: Sense = Sense::new(key::UNIT_ATTENTION, 0x2A, 0x09);
+}
