@@ -101,7 +101,7 @@ impl<'a> PollCx<'a> {
     /// The reactor's mailbox for completions finished on other threads: a backend that
     /// offloads requests posts their completions here, the reactor injects them into its
     /// engine (so they reach [`Poller::complete`] like any other) and wakes for them.
-    pub fn offload(&self) -> &OffloadSink {
+    pub fn offload(&self) -> &'a OffloadSink {
         self.offload
     }
 

@@ -16,6 +16,8 @@ pub enum FaultPlan {
     Writes,
     /// Every flush fails.
     Flushes,
+    /// Every socket operation (receive or send) fails: a connection lost mid-stream.
+    Sockets,
 }
 
 /// An engine that fails operations according to a [`FaultPlan`] with `errno`; the others
@@ -48,6 +50,7 @@ impl FaultEngine {
             FaultPlan::EveryNth(n) => n != 0 && self.count.is_multiple_of(n),
             FaultPlan::Writes => matches!(op, IoOp::Writev { .. }),
             FaultPlan::Flushes => matches!(op, IoOp::Fsync { .. }),
+            FaultPlan::Sockets => matches!(op, IoOp::Recv { .. } | IoOp::Send { .. }),
         }
     }
 }

@@ -1,14 +1,18 @@
 //! I/O engines: the edge between the reactors and the kernel.
 //!
 //! One engine per reactor thread. A backend turns a validated request into [`IoOp`]s pushed to
-//! the engine; the reactor submits them in one batch and later reaps [`Completion`]s, matched
-//! by `user_data`. [`uring::UringEngine`] uses io_uring; [`sync::SyncEngine`] executes each op
+//! the engine, and a SAN connection its socket receives and sends ([`IoOp::Recv`],
+//! [`IoOp::Send`]); the reactor submits them in one batch and later reaps [`Completion`]s,
+//! matched by `user_data`. [`uring::UringEngine`] uses io_uring; [`sync::SyncEngine`] executes each op
 //! at push time (fallback where io_uring is unavailable, and for tests);
 //! [`fault::FaultEngine`] wraps another engine and injects errors.
 
 pub mod fault;
 pub mod sync;
 pub mod uring;
+
+#[cfg(test)]
+mod socket_tests;
 
 use std::os::fd::RawFd;
 
@@ -65,6 +69,32 @@ pub enum IoOp {
         offset: u64,
         /// Length of the range.
         len: u64,
+    },
+    /// recv(fd, buf, len, 0) on a connected socket: completes with the bytes received (0 at
+    /// end of stream) or -errno. The synchronous engines never wait: with no data they
+    /// complete with `-EAGAIN` (the caller retries when the socket is readable).
+    Recv {
+        /// Connected socket.
+        fd: RawFd,
+        /// Where the bytes go; must stay valid and unaliased until the completion is reaped.
+        buf: *mut u8,
+        /// Room at `buf`.
+        len: u32,
+    },
+    /// sendmsg(fd, msg, MSG_NOSIGNAL) on a connected socket: a gather list of several PDUs
+    /// in one call. Completes with the bytes sent (possibly fewer than asked: the caller sends
+    /// the rest) or -errno (`-EPIPE` / `-ECONNRESET` once the peer is gone, never SIGPIPE).
+    /// The synchronous engines complete with `-EAGAIN` when the socket buffer is full.
+    ///
+    /// A `msghdr` rather than an iovec list: io_uring reads the header (and the iovecs it
+    /// names) when it issues the operation, so the caller keeps both in place, like the
+    /// iovecs of [`IoOp::Readv`], until the completion is reaped.
+    Send {
+        /// Connected socket.
+        fd: RawFd,
+        /// `msg_iov`/`msg_iovlen` set, no name or control data; must stay valid until the
+        /// completion is reaped, with the iovecs and buffers it points to.
+        msg: *const libc::msghdr,
     },
 }
 

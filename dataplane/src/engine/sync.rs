@@ -1,4 +1,5 @@
 //! Synchronous engine: each op runs at push time; completions wait in a bounded ring.
+//! Socket operations never wait: they complete with `-EAGAIN` when the socket is not ready.
 
 use std::collections::VecDeque;
 use std::os::fd::RawFd;
@@ -9,7 +10,8 @@ use super::{Completion, EngineError, IoEngine, IoOp};
 /// reactor's batching behaves the same with either engine.
 pub const SYNC_CAPACITY: usize = super::uring::URING_ENTRIES as usize;
 
-/// Executes operations with preadv/pwritev/fdatasync/fallocate on the calling thread.
+/// Executes operations with preadv/pwritev/fdatasync/fallocate/recv/sendmsg on the calling
+/// thread.
 #[derive(Debug)]
 pub struct SyncEngine {
     done: VecDeque<Completion>,
@@ -87,6 +89,19 @@ pub(crate) unsafe fn execute(op: IoOp) -> i32 {
             };
             // SAFETY: fallocate on a caller-owned descriptor has no memory effects.
             ret_to_result(unsafe { libc::fallocate(fd, mode, off, l) } as isize)
+        }
+        IoOp::Recv { fd, buf, len } => {
+            // SAFETY: the caller guarantees buf is `len` writable bytes for the call; with
+            // MSG_DONTWAIT the call never blocks the reactor (no data: -EAGAIN).
+            ret_to_result(unsafe { libc::recv(fd, buf.cast(), len as usize, libc::MSG_DONTWAIT) })
+        }
+        IoOp::Send { fd, msg } => {
+            // SAFETY: the caller guarantees msg and the iovecs and buffers it names are valid
+            // for the call; MSG_NOSIGNAL turns a closed peer into -EPIPE, MSG_DONTWAIT a full
+            // socket buffer into -EAGAIN.
+            ret_to_result(unsafe {
+                libc::sendmsg(fd, msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)
+            })
         }
     }
 }

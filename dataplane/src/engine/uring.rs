@@ -12,6 +12,9 @@ use super::{Completion, EngineError, IoEngine, IoOp};
 /// Submission queue entries per reactor. 256 covers queue depth 32 on 8 queues (or 128 on two)
 /// without the reactor ever waiting for ring space; the completion queue is twice that (kernel
 /// default), and in-flight operations are capped at this number so it can never overflow.
+/// Socket connections count against it too: each keeps one receive (and at most one send) in
+/// flight for as long as it lives, so the SAN transport bounds connections per reactor
+/// (`san::transport::CONNECTIONS_PER_REACTOR_MAX`) well below this.
 pub const URING_ENTRIES: u32 = 256;
 
 /// io_uring-backed engine.
@@ -77,6 +80,10 @@ impl UringEngine {
             } => opcode::Fallocate::new(types::Fd(fd), len)
                 .offset(offset)
                 .mode(mode)
+                .build(),
+            IoOp::Recv { fd, buf, len } => opcode::Recv::new(types::Fd(fd), buf, len).build(),
+            IoOp::Send { fd, msg } => opcode::SendMsg::new(types::Fd(fd), msg)
+                .flags(libc::MSG_NOSIGNAL as u32)
                 .build(),
         }
         .user_data(user_data)

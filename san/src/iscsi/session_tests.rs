@@ -1,0 +1,363 @@
+//! Tests of the session's pure parts (window arithmetic, LUN and nexus names, the send
+//! queue); the command paths are driven end to end over TCP in the transport's tests.
+
+use super::out::{OutData, OutQueue, Render, NO_TASK};
+use super::*;
+use crate::iscsi::params::SessionParams;
+
+#[test]
+fn serial_arithmetic_wraps() {
+    assert!(serial_lt(1, 2));
+    assert!(!serial_lt(2, 2));
+    assert!(serial_lt(u32::MAX, 0));
+    assert!(!serial_lt(0, u32::MAX));
+}
+
+#[test]
+fn lun_numbers_peripheral_and_flat() {
+    assert_eq!(lun_number(0), Some(0));
+    assert_eq!(lun_number(0x0005_0000_0000_0000), Some(5));
+    assert_eq!(lun_number(0x4101_0000_0000_0000), Some(0x101));
+    assert_eq!(lun_number(0x0001_0001_0000_0000), None, "second level");
+    assert_eq!(
+        lun_number(0x8000_0000_0000_0000),
+        None,
+        "logical unit addressing"
+    );
+}
+
+#[test]
+fn nexus_names_follow_the_transport_id_form() {
+    let n = nexus(
+        "iqn.2026-01.test:i",
+        [0x40, 0, 1, 0x37, 0, 0x1],
+        "iqn.2026-01.test:t",
+        1,
+    );
+    assert_eq!(&*n.initiator_port, "iqn.2026-01.test:i,i,0x400001370001");
+    assert_eq!(&*n.target_port, "iqn.2026-01.test:t,t,0x0001");
+    assert_eq!(n.relative_port, 1);
+}
+
+#[test]
+fn send_queue_gathers_partial_sends_and_releases() {
+    let mut q = OutQueue::new(true, true);
+    let buf = [9u8; 10];
+    let bhs = [1u8; BHS_LEN];
+    assert!(q.push(Render {
+        bhs,
+        data: OutData::Inline(5),
+        bytes: b"hello",
+        inline: b"hello",
+        release: NO_TASK,
+        close_after: false,
+    }));
+    assert!(q.push(Render {
+        bhs,
+        data: OutData::Task {
+            slot: 3,
+            off: 2,
+            len: 6
+        },
+        bytes: &buf[2..8],
+        inline: &[],
+        release: 3,
+        close_after: true,
+    }));
+    // 48 + 4 (header digest) + 5 + 3 pad + 4 digest = 64; then 52 + 6 + 2 + 4 = 64.
+    let mut iov = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; 8];
+    let ptr = buf.as_ptr();
+    let n = q.gather(&mut iov, usize::MAX, &|_| ptr);
+    assert_eq!(n, 6);
+    assert_eq!(iov.iter().take(n).map(|v| v.iov_len).sum::<usize>(), 128);
+    let mut got = Vec::new();
+    q.sent(70, &mut |r, c| got.push((r, c)));
+    assert_eq!(got, vec![(NO_TASK, false)]);
+    let n = q.gather(&mut iov, usize::MAX, &|_| ptr);
+    // 46 header bytes left, then data, then trailer.
+    assert_eq!(n, 3);
+    assert_eq!(iov[0].iov_len, 46);
+    assert_eq!(iov[1].iov_base as *const u8, ptr.wrapping_add(2));
+    q.sent(46 + 6 + 6, &mut |r, c| got.push((r, c)));
+    assert_eq!(got, vec![(NO_TASK, false), (3, true)]);
+    assert!(q.is_empty());
+}
+
+fn session() -> Session {
+    let reg = Arc::new(crate::target::Registry::new());
+    let target = reg
+        .add_target("iqn.2026-01.test:t", vec![], None, vec![])
+        .expect("target");
+    Session::new(
+        SessionSetup {
+            initiator_name: Arc::from("iqn.2026-01.test:i"),
+            isid: [0x40, 0, 0, 0, 0, 1],
+            tsih: 1,
+            cid: 0,
+            target,
+            tpgt: 1,
+            params: SessionParams::default(),
+            exp_cmd_sn: 10,
+            stat_sn: 5,
+            portals: vec![],
+            registry: reg,
+        },
+        Arc::new(SessionCounters::default()),
+    )
+}
+
+#[test]
+fn keepalive_pings_an_idle_initiator_then_drops_it() {
+    let mut s = session();
+    let t0 = Instant::now();
+    assert_eq!(s.tick(t0), Flow::Continue);
+    assert!(!s.has_output(), "not idle yet");
+    let later = t0 + KEEPALIVE_IDLE + Duration::from_secs(1);
+    assert_eq!(s.tick(later), Flow::Continue);
+    let mut iov = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; 4];
+    assert_eq!(s.gather(&mut iov, usize::MAX), 1);
+    // SAFETY: the iovec points at the queued header, alive until `sent`.
+    let hdr = unsafe { std::slice::from_raw_parts(iov[0].iov_base as *const u8, BHS_LEN) };
+    assert_eq!(hdr[0], 0x20, "NOP-In");
+    assert_eq!(&hdr[16..20], &[0xff; 4], "ITT reserved: a ping");
+    assert_ne!(&hdr[20..24], &[0xff; 4], "TTT asks for an answer");
+    assert_eq!(&hdr[24..28], &5u32.to_be_bytes(), "StatSN not advanced");
+    assert_eq!(
+        &hdr[32..36],
+        &(10 + TASK_WINDOW - 1).to_be_bytes(),
+        "MaxCmdSN"
+    );
+    s.sent(BHS_LEN);
+    assert!(!s.has_output());
+    assert_eq!(s.tick(later + Duration::from_secs(1)), Flow::Continue);
+    assert_eq!(
+        s.tick(later + KEEPALIVE_TIMEOUT + Duration::from_secs(1)),
+        Flow::Close
+    );
+}
+
+#[test]
+fn a_deleted_target_ends_its_sessions() {
+    let mut s = session();
+    assert_eq!(s.tick(Instant::now()), Flow::Continue);
+    s.setup
+        .registry
+        .remove_target("iqn.2026-01.test:t")
+        .expect("remove");
+    assert_eq!(s.tick(Instant::now()), Flow::Close);
+    assert_eq!(s.counters.target_removed.load(Ordering::Relaxed), 1);
+}
+
+/// A session on a real unit (a sparse file) with a synchronous engine, for driving PDUs.
+struct Driven {
+    s: Session,
+    engine: dataplane::engine::sync::SyncEngine,
+    round: dataplane::poller::Round,
+    offload: dataplane::offload::OffloadSink,
+    _disk: tempfile::NamedTempFile,
+}
+
+impl Driven {
+    fn new(params: SessionParams) -> Driven {
+        let disk = tempfile::NamedTempFile::new().expect("tempfile");
+        disk.as_file().set_len(1 << 20).expect("size");
+        let backend =
+            dataplane::backend::RawBackend::open(disk.path(), false, false).expect("backend");
+        let unit = LogicalUnit::new(
+            Arc::new(backend),
+            scsi::LuConfig {
+                name: "d".into(),
+                state_path: None,
+            },
+        )
+        .expect("unit");
+        let reg = Arc::new(crate::target::Registry::new());
+        let target = reg
+            .add_target(
+                "iqn.2026-01.test:t",
+                vec![(0, Arc::new(unit))],
+                None,
+                vec![],
+            )
+            .expect("target");
+        let s = Session::new(
+            SessionSetup {
+                initiator_name: Arc::from("iqn.2026-01.test:i"),
+                isid: [0; 6],
+                tsih: 1,
+                cid: 0,
+                target,
+                tpgt: 1,
+                params,
+                exp_cmd_sn: 0,
+                stat_sn: 0,
+                portals: vec![],
+                registry: reg,
+            },
+            Arc::new(SessionCounters::default()),
+        );
+        let wake = vmm_sys_util::eventfd::EventFd::new(0).expect("eventfd");
+        Driven {
+            s,
+            engine: dataplane::engine::sync::SyncEngine::new(),
+            round: dataplane::poller::Round::default(),
+            offload: dataplane::offload::OffloadSink::new(wake),
+            _disk: disk,
+        }
+    }
+
+    /// Hands `pdu` (header and data as framed) to the session, then runs the engine's
+    /// completions and drains the send queue as if everything was sent.
+    fn feed(&mut self, bhs: [u8; BHS_LEN], data: &[u8]) -> Flow {
+        let mut buf = bhs.to_vec();
+        buf[5..8].copy_from_slice(&(data.len() as u32).to_be_bytes()[1..]);
+        buf.extend_from_slice(data);
+        let frame = Frame {
+            total_len: buf.len(),
+            bhs: Bhs::from_slice(&buf).expect("bhs"),
+            ahs: BHS_LEN..BHS_LEN,
+            data: BHS_LEN..buf.len(),
+        };
+        let mut cx = PollCx::new(&mut self.engine, 0, &mut self.round, &self.offload);
+        let flow = if self.s.can_take() {
+            self.s.on_pdu(&frame, &buf, &mut cx)
+        } else {
+            Flow::Continue
+        };
+        self.settle();
+        flow
+    }
+
+    fn settle(&mut self) {
+        use dataplane::engine::IoEngine;
+        let mut done = [dataplane::engine::Completion::default(); 64];
+        for _ in 0..64 {
+            let mut cx = PollCx::new(&mut self.engine, 0, &mut self.round, &self.offload);
+            self.s.poll(&mut cx);
+            self.s.end_batch(&mut cx);
+            let n = self.engine.reap(&mut done);
+            for c in &done[..n] {
+                let mut cx = PollCx::new(&mut self.engine, 0, &mut self.round, &self.offload);
+                self.s
+                    .complete(dataplane::poller::tag_of(c.user_data), c.result, &mut cx);
+            }
+            let mut iov = [libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            }; 64];
+            let k = self.s.gather(&mut iov, usize::MAX);
+            let bytes: usize = iov[..k].iter().map(|v| v.iov_len).sum();
+            self.s.sent(bytes);
+            if n == 0 && k == 0 {
+                break;
+            }
+        }
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+    /// Hostile PDU sequences (initiator opcodes with arbitrary fields and data) never panic
+    /// the session, and whatever they do, it ends with nothing in flight once abandoned.
+    #[test]
+    fn hostile_pdus_never_panic(
+        pdus in proptest::collection::vec(
+            (0usize..9, proptest::collection::vec(proptest::prelude::any::<u8>(), BHS_LEN),
+             0usize..3, proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600)),
+            1..24),
+        immediate_data in proptest::prelude::any::<bool>(),
+        initial_r2t in proptest::prelude::any::<bool>(),
+    ) {
+        let params = SessionParams {
+            immediate_data,
+            initial_r2t,
+            max_outstanding_r2t: 2,
+            first_burst: 4096,
+            max_burst: 8192,
+            max_recv_data_segment: 4096,
+            max_send_data_segment: 1024,
+            ..SessionParams::default()
+        };
+        let mut d = Driven::new(params);
+        const OPS: [u8; 9] = [0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x10, 0x1f];
+        for (op, fields, cdb_kind, data) in pdus {
+            let mut b = [0u8; BHS_LEN];
+            b.copy_from_slice(&fields);
+            b[0] = (b[0] & 0x40) | OPS[op];
+            b[4] = 0; // no AHS (framing checks those)
+            if OPS[op] == 0x01 {
+                // Mostly plausible CDBs, so commands get past the plan.
+                let cdbs: [&[u8]; 3] = [
+                    &[0x2A, 0, 0, 0, 0, 1, 0, 0, 4, 0],
+                    &[0x28, 0, 0, 0, 0, 2, 0, 0, 3, 0],
+                    &[0x00, 0, 0, 0, 0, 0],
+                ];
+                let c = cdbs[cdb_kind];
+                b[32..32 + c.len()].copy_from_slice(c);
+                b[8..16].fill(0);
+            }
+            let _ = d.feed(b, &data);
+        }
+        d.s.abandon();
+        d.settle();
+        proptest::prop_assert_eq!(d.s.in_flight(), 0);
+    }
+}
+
+#[test]
+fn write_with_r2t_and_read_back_through_the_session() {
+    let mut d = Driven::new(SessionParams {
+        immediate_data: false,
+        initial_r2t: true,
+        ..SessionParams::default()
+    });
+    // TEST UNIT READY takes the power-on unit attention.
+    let mut tur = [0u8; BHS_LEN];
+    tur[0] = 0x01;
+    tur[1] = 0x80;
+    assert_eq!(d.feed(tur, &[]), Flow::Continue);
+    // WRITE(10) of 8 blocks: the target asks for the data with an R2T.
+    let mut w = [0u8; BHS_LEN];
+    w[0] = 0x01;
+    w[1] = 0xA0;
+    w[16..20].copy_from_slice(&7u32.to_be_bytes());
+    w[20..24].copy_from_slice(&4096u32.to_be_bytes());
+    w[24..28].copy_from_slice(&1u32.to_be_bytes());
+    w[32..42].copy_from_slice(&[0x2A, 0, 0, 0, 0, 0, 0, 0, 8, 0]);
+    let mut cx = PollCx::new(&mut d.engine, 0, &mut d.round, &d.offload);
+    let mut buf = w.to_vec();
+    let frame = Frame {
+        total_len: BHS_LEN,
+        bhs: Bhs::from_slice(&buf).expect("bhs"),
+        ahs: BHS_LEN..BHS_LEN,
+        data: BHS_LEN..BHS_LEN,
+    };
+    d.s.on_pdu(&frame, &buf, &mut cx);
+    let mut iov = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; 8];
+    assert_eq!(d.s.gather(&mut iov, usize::MAX), 1);
+    // SAFETY: the iovec points at the queued R2T header, alive until `sent`.
+    let r2t = unsafe { std::slice::from_raw_parts(iov[0].iov_base as *const u8, BHS_LEN) };
+    assert_eq!(r2t[0], 0x31);
+    let ttt: [u8; 4] = r2t[20..24].try_into().expect("ttt");
+    assert_eq!(&r2t[44..48], &4096u32.to_be_bytes(), "desired length");
+    d.s.sent(BHS_LEN);
+    // Data-Out answering it.
+    let mut o = [0u8; BHS_LEN];
+    o[0] = 0x05;
+    o[1] = 0x80;
+    o[16..20].copy_from_slice(&7u32.to_be_bytes());
+    o[20..24].copy_from_slice(&ttt);
+    buf = vec![0x5a; 4096];
+    assert_eq!(d.feed(o, &buf), Flow::Continue);
+    assert!(!d.s.has_output(), "status sent");
+    assert_eq!(d.s.in_flight(), 0);
+}
