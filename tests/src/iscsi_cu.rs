@@ -168,29 +168,37 @@ impl Pending {
 }
 
 /// CUnit's verdict in a test's text: right after the `...` of the test line (no output), or
-/// a line that is just `passed`/`FAILED`, or the end of an output line without a newline.
+/// at the start of a later line (alone, or followed by a message libiscsi printed after the
+/// verdict: `passed    [FAILED] PRIN command: ...`), or at the end of an output line that
+/// lacked a newline. Messages are bracketed (`[FAILED]`), so a bare leading word is CUnit's.
 fn verdict(text: &[String]) -> Option<Outcome> {
-    let word = |s: &str| match s {
-        "passed" => Some(Outcome::Pass),
-        "FAILED" => Some(Outcome::Fail),
-        _ => None,
+    let leading = |s: &str| {
+        ["passed", "FAILED"]
+            .into_iter()
+            .find(|w| {
+                s.strip_prefix(w)
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with(char::is_whitespace))
+            })
+            .map(|w| {
+                if w == "passed" {
+                    Outcome::Pass
+                } else {
+                    Outcome::Fail
+                }
+            })
     };
-    if let Some(first) = text.first() {
-        for w in ["passed", "FAILED"] {
-            if first.starts_with(w) {
-                return word(w);
-            }
-        }
-    }
-    if let Some(v) = text.iter().find_map(|l| word(l.trim())) {
+    if let Some(v) = text.iter().find_map(|l| leading(l.trim_start())) {
         return Some(v);
     }
     text.iter().find_map(|l| {
         let t = l.trim_end();
-        ["passed", "FAILED"]
-            .into_iter()
-            .find(|w| t.ends_with(w))
-            .and_then(word)
+        if t.ends_with("passed") {
+            Some(Outcome::Pass)
+        } else if t.ends_with("FAILED") && !t.ends_with("[FAILED]") {
+            Some(Outcome::Fail)
+        } else {
+            None
+        }
     })
 }
 
@@ -340,6 +348,8 @@ Suite: ModeSense6
 passed
 Suite: Reserve6
   Test: LUNReset ...passed    [FAILED] PRIN command: failed with sense.
+  Test: LUNReset2 ...    [FAILED] RESERVE6 command: failed with sense. UNIT_ATTENTION
+passed    [FAILED] PRIN command: failed with sense. UNIT_ATTENTION
 
 Suite: WriteSame10
   Test: UnmapVPD ...    [FAILED] WRITESAME10 command failed with status 2
@@ -350,7 +360,7 @@ Suite: iSCSIdatasn
 
 Run Summary:    Type  Total    Ran Passed Failed Inactive
               suites     51     51    n/a      0        0
-               tests      7      7      5      2        0
+               tests      8      8      6      2        0
              asserts  55149  55149  55138     11      n/a
 ";
 
@@ -370,6 +380,7 @@ Run Summary:    Type  Total    Ran Passed Failed Inactive
                 ("GetLBAStatus.BeyondEol", Outcome::Fail),
                 ("ModeSense6.Control", Outcome::Pass),
                 ("Reserve6.LUNReset", Outcome::Pass),
+                ("Reserve6.LUNReset2", Outcome::Pass),
                 ("WriteSame10.UnmapVPD", Outcome::Pass),
                 ("iSCSIdatasn.iSCSIDataSnInvalid", Outcome::Fail),
             ]
@@ -378,15 +389,15 @@ Run Summary:    Type  Total    Ran Passed Failed Inactive
         assert!(r.results[2]
             .message
             .starts_with("GET_LBA_STATUS successful"));
-        assert!(r.results[6]
+        assert!(r.results[7]
             .message
             .contains("test_iscsi_datasn_invalid.c:98"));
         assert_eq!(
             r.summary,
             Some(Summary {
-                total: 7,
-                ran: 7,
-                passed: 5,
+                total: 8,
+                ran: 8,
+                passed: 6,
                 failed: 2
             })
         );
@@ -410,7 +421,7 @@ Run Summary:    Type  Total    Ran Passed Failed Inactive
             "{text}"
         );
         let exp = parse_expected(&text).unwrap();
-        assert_eq!(exp.len(), 7);
+        assert_eq!(exp.len(), 8);
         let d = compare(&r, &exp);
         assert!(d.errors.is_empty() && d.notes.is_empty(), "{d:?}");
 
