@@ -112,7 +112,12 @@ impl Harness {
         .ok()?;
         let reg = Arc::new(Registry::new());
         let target = reg
-            .add_target("iqn.2026-01.fuzz:t", vec![(0, Arc::new(unit))], None, vec![])
+            .add_target(
+                "iqn.2026-01.fuzz:t",
+                vec![(0, Arc::new(unit))],
+                None,
+                vec![],
+            )
             .ok()?;
         let s = Session::new(
             SessionSetup {
@@ -154,8 +159,7 @@ impl Harness {
         bhs[5..8].copy_from_slice(&n[1..]);
         self.rbuf.extend_from_slice(&bhs);
         if self.p.header_digest {
-            self.rbuf
-                .extend_from_slice(&crc32c(&[&bhs]).to_le_bytes());
+            self.rbuf.extend_from_slice(&crc32c(&[&bhs]).to_le_bytes());
         }
         if !data.is_empty() {
             let pad = [0u8; 3];
@@ -378,7 +382,8 @@ impl Harness {
                 if self.r2t.len() == R2T_QUEUE {
                     self.r2t.pop_front();
                 }
-                self.r2t.push_back((fr.bhs.lun(), itt, fr.bhs.ttt(), r(40), r(44)));
+                self.r2t
+                    .push_back((fr.bhs.lun(), itt, fr.bhs.ttt(), r(40), r(44)));
             }
             at += fr.total_len;
         }
@@ -454,12 +459,23 @@ pub fn seeds() -> Vec<Vec<u8>> {
         let mut e = Enc::new();
         e.u8(a).u8(b);
         rec(&mut e, 2, &cmd(false, 0x80, 1, 0, &[0; 6]), &[]);
-        rec(&mut e, 2, &cmd(false, 0xC0, 2, 96, &[0x12, 0, 0, 0, 96, 0]), &[]);
+        rec(
+            &mut e,
+            2,
+            &cmd(false, 0xC0, 2, 96, &[0x12, 0, 0, 0, 96, 0]),
+            &[],
+        );
         rec(&mut e, 2, &cmd(false, 0xC0, 3, 32, &rc16), &[]);
         rec(
             &mut e,
             2,
-            &cmd(false, 0xC0, 4, 64, &[0xA0, 0, 0, 0, 0, 0, 0, 0, 0, 64, 0, 0]),
+            &cmd(
+                false,
+                0xC0,
+                4,
+                64,
+                &[0xA0, 0, 0, 0, 0, 0, 0, 0, 0, 64, 0, 0],
+            ),
             &[],
         );
         // Write: immediate data (taken if ImmediateData=Yes), the rest after R2Ts.

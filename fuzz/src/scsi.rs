@@ -369,9 +369,7 @@ impl Harness {
                 return;
             }
             if self.slots.iter().any(|s| s.running == Some(true)) {
-                let c = self
-                    .reap()
-                    .expect("an operation in flight never completed");
+                let c = self.reap().expect("an operation in flight never completed");
                 self.complete_slot(c);
                 continue;
             }
