@@ -12,15 +12,16 @@
 //! partial PDUs included) or as a PDU the harness frames: DataSegmentLength, no AHS, padding
 //! and digests filled in (bit 3: data digest then corrupted); bit 1 fills CmdSN and ExpStatSN
 //! from the harness's counters; bit 2 turns the record into the Data-Out PDUs answering every
-//! R2T the target sent and the harness did not answer yet (its ITT, TTT, offsets, DataSNs, split at the target's
-//! MaxRecvDataSegmentLength), which no fuzzer could guess (nothing when there is none).
+//! R2T the target sent and the harness did not answer yet (their ITT, TTT, offsets, DataSNs,
+//! split at the target's MaxRecvDataSegmentLength), which no fuzzer could guess (nothing
+//! when there is none).
 //!
 //! Oracles besides "no panic": every PDU the target sends frames with the negotiated digests
 //! within the initiator's MaxRecvDataSegmentLength and is a target opcode; StatSN goes up by
 //! one per status-bearing PDU (SCSI Response, Data-In with status, TM, Text and Logout
-//! Responses, Reject, NOP-In answering a NOP-Out); Data-In never lies beyond the Expected Data
-//! Transfer Length of a command with its ITT; once the connection is dropped, no operation
-//! stays in flight.
+//! Responses, Reject, NOP-In answering a NOP-Out), and R2Ts and pings carry the next one;
+//! Data-In never lies beyond the Expected Data Transfer Length of a command with its ITT;
+//! once the connection is dropped, no operation stays in flight.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -349,7 +350,8 @@ impl Harness {
             let itt = fr.bhs.itt();
             if crate::trace() {
                 eprintln!(
-                    "iscsi_session: out {op:#04x} flags {:#04x} itt {itt:#x} statsn {stat_sn} data {} status {:#x}",
+                    "iscsi_session: out {op:#04x} flags {:#04x} itt {itt:#x} statsn {stat_sn} \
+                     data {} status {:#x}",
                     b[1],
                     fr.data.len(),
                     b[3]
@@ -361,6 +363,10 @@ impl Harness {
                 0x20 => itt != RESERVED,
                 _ => false,
             };
+            if op == 0x31 || (op == 0x20 && itt == RESERVED) {
+                // R2T and a ping carry the next StatSN without using it.
+                assert_eq!(stat_sn, self.stat_sn, "StatSN of opcode {op:#x}");
+            }
             if status_bearing {
                 assert_eq!(
                     stat_sn, self.stat_sn,

@@ -14,8 +14,9 @@
 //! (the allocation length); CHECK CONDITION always carries sense with a defined key; a
 //! command never stays blocked once nothing else runs, and an operation in flight always
 //! completes; on the raw backend a READ of a block returns what the last WRITE of it put
-//! there; a READ or WRITE that ends GOOD was allowed by the persistent reservation held when
-//! it started (read by a third, observing nexus with READ FULL STATUS).
+//! there (when neither overlapped a command of the other nexus); a READ or WRITE that ends
+//! GOOD was allowed by the persistent reservation held when it started (read by a third,
+//! observing nexus with READ FULL STATUS).
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -172,6 +173,9 @@ struct Slot {
     xfer: Option<Xfer>,
     /// The reservation seen when the command last started (reads and writes only).
     pr: Option<PrView>,
+    /// The other nexus's command was outstanding at some time during this one (their
+    /// operations may have run in either order: the shadow neither trusts nor records it).
+    overlapped: bool,
 }
 
 struct Harness {
@@ -325,6 +329,11 @@ impl Harness {
 
     /// (Re)starts slot `i`'s command; returns whether it is done.
     fn start(&mut self, i: usize) -> bool {
+        let other = SLOTS - 1 - i;
+        if self.slots[other].running.is_some() {
+            self.slots[i].overlapped = true;
+            self.slots[other].overlapped = true;
+        }
         let rw = rw_range(&self.slots[i].task.cdb);
         self.slots[i].pr = if rw.is_some() { self.observe() } else { None };
         let s = &mut self.slots[i];
@@ -442,7 +451,9 @@ impl Harness {
         let n = n.min(self.blocks - lba);
         let bs = self.block as usize;
         if write {
-            let full = o.status == status::GOOD && s.task.buf.len() as u64 == n * self.block;
+            let full = o.status == status::GOOD
+                && !s.overlapped
+                && s.task.buf.len() as u64 == n * self.block;
             for b in 0..n {
                 if full {
                     let at = b as usize * bs;
@@ -452,7 +463,10 @@ impl Harness {
                     self.shadow.remove(&(lba + b));
                 }
             }
-        } else if o.status == status::GOOD && u64::from(o.data_in) == n * self.block {
+        } else if o.status == status::GOOD
+            && !s.overlapped
+            && u64::from(o.data_in) == n * self.block
+        {
             for b in 0..n {
                 if let Some(want) = self.shadow.get(&(lba + b)) {
                     let at = b as usize * bs;
@@ -473,6 +487,7 @@ impl Harness {
         let xfer = self.lu.plan(cdb);
         let s = &mut self.slots[i];
         s.nexus = i;
+        s.overlapped = false;
         s.task.cdb = [0; 16];
         s.task.cdb[..cdb.len()].copy_from_slice(cdb);
         s.task.cdb_len = cdb.len() as u8;
