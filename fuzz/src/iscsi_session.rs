@@ -44,9 +44,10 @@ use crate::input::{Enc, Input};
 const RECORDS_MAX: usize = 64;
 /// The null LUN's size (reads up to the 1 MiB a command may move, anywhere).
 const LUN_BYTES: u64 = 64 << 20;
-/// Rounds of poll/reap/send per settle at most; a 1 MiB read sent in 1000-byte pieces takes
-/// about 1100.
-const SETTLE_ROUNDS: usize = 8192;
+/// Rounds of poll/reap/send per settle at most (each round makes progress or the settle
+/// ends): one raw record may hold a full window of 1 MiB reads (128 MiB of Data-In), about
+/// 135 000 rounds in 1000-byte sends; a session that keeps finding work past this is stuck.
+const SETTLE_ROUNDS: usize = 1 << 20;
 /// Bytes per send when sends are cut into pieces.
 const SEND_PIECE: usize = 1000;
 /// Data-Out PDUs the harness builds for one R2T at most.
