@@ -673,3 +673,26 @@ pub fn seeds() -> Vec<Vec<u8>> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The reservation oracle sees what the unit holds: after A registers and takes
+    /// Exclusive Access, the observer reads A as the registered holder and B as a stranger
+    /// whose writes and reads must conflict.
+    #[test]
+    fn observer_reads_the_reservation() {
+        let mut h = Harness::new(1).expect("harness");
+        assert!(h.observe().is_some_and(|v| v.kind.is_none()));
+        for (flags, (c, p)) in [(0u8, pr_out(0, 0, 0, 0xAA)), (0, pr_out(1, 3, 0xAA, 0))] {
+            h.command(flags, &c, &p);
+            h.command(flags, &c, &p);
+        }
+        let v = h.observe().expect("READ FULL STATUS");
+        assert_eq!(v.kind, Some(3));
+        assert_eq!(v.of, [(true, true), (false, false)]);
+        assert!(v.conflicts(1, true) && v.conflicts(1, false));
+        assert!(!v.conflicts(0, true));
+    }
+}
