@@ -376,6 +376,13 @@ fn spawn_committer(ds: Arc<Datastore>) -> std::io::Result<()> {
 }
 
 fn run(args: Args) -> Result<(), MainError> {
+    // First of all: blocks SIGTERM/SIGINT in this thread, so every thread spawned from here
+    // on (datastore and disk workers, reservation writers, reactors, the iSCSI login thread)
+    // inherits the mask and the signals reach only the signalfd. A thread spawned earlier
+    // would take them with the default action: death (a SCSI unit's reservation writer did,
+    // in iSCSI-only mode). A signal during startup waits in the signalfd and stops the
+    // daemon as soon as it serves.
+    let stop = stop_signal_fd()?;
     let mut specs = Vec::with_capacity(args.disks.len());
     let spec_err = |option, spec: &String| {
         let spec = spec.clone();
@@ -467,10 +474,6 @@ fn run(args: Args) -> Result<(), MainError> {
         ),
     ));
     exports.create_targets(&iscsi_specs)?;
-    // Blocks SIGTERM/SIGINT in this thread, so every thread spawned from here on inherits
-    // the mask and the signals reach only the signalfd (a thread spawned earlier would take
-    // them with the default action: death).
-    let stop = stop_signal_fd()?;
     let mut shares = Vec::with_capacity(share_specs.len());
     if !share_specs.is_empty() {
         let ds = datastore.as_ref().ok_or(MainError::ShareWithoutDatastore)?;
