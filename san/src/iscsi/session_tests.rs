@@ -160,6 +160,8 @@ struct Driven {
     engine: dataplane::engine::sync::SyncEngine,
     round: dataplane::poller::Round,
     offload: dataplane::offload::OffloadSink,
+    /// Every byte the session sent, in order (no digests in these tests).
+    wire: Vec<u8>,
     _disk: tempfile::NamedTempFile,
 }
 
@@ -208,6 +210,7 @@ impl Driven {
             engine: dataplane::engine::sync::SyncEngine::new(),
             round: dataplane::poller::Round::default(),
             offload: dataplane::offload::OffloadSink::new(wake),
+            wire: Vec::new(),
             _disk: disk,
         }
     }
@@ -253,12 +256,70 @@ impl Driven {
             }; 64];
             let k = self.s.gather(&mut iov, usize::MAX);
             let bytes: usize = iov[..k].iter().map(|v| v.iov_len).sum();
+            for v in &iov[..k] {
+                // SAFETY: the iovecs point at queued bytes, alive until `sent`.
+                let b = unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) };
+                self.wire.extend_from_slice(b);
+            }
             self.s.sent(bytes);
             if n == 0 && k == 0 {
                 break;
             }
         }
     }
+
+    /// The PDUs sent since the last call: (header, data segment).
+    fn take_pdus(&mut self) -> Vec<([u8; BHS_LEN], Vec<u8>)> {
+        let mut out = Vec::new();
+        let wire = std::mem::take(&mut self.wire);
+        let mut at = 0;
+        while at + BHS_LEN <= wire.len() {
+            let mut h = [0u8; BHS_LEN];
+            h.copy_from_slice(&wire[at..at + BHS_LEN]);
+            let len = u32::from_be_bytes([0, h[5], h[6], h[7]]) as usize;
+            let start = at + BHS_LEN + usize::from(h[4]) * 4;
+            out.push((h, wire[start..start + len].to_vec()));
+            at = start + len.div_ceil(4) * 4;
+        }
+        out
+    }
+
+    /// Clears the power-on unit attention with a TEST UNIT READY (CmdSN `sn`).
+    fn clear_ua(&mut self, sn: u32) {
+        let mut tur = [0u8; BHS_LEN];
+        tur[0] = 0x01;
+        tur[1] = 0x80;
+        tur[16..20].copy_from_slice(&0x7000_0000u32.to_be_bytes());
+        tur[24..28].copy_from_slice(&sn.to_be_bytes());
+        assert_eq!(self.feed(tur, &[]), Flow::Continue);
+        self.take_pdus();
+    }
+}
+
+/// A SCSI Command header: ITT, CmdSN, EDTL, W bit and F bit set, `cdb`.
+fn command(itt: u32, cmd_sn: u32, edtl: u32, write: bool, cdb: &[u8]) -> [u8; BHS_LEN] {
+    let mut b = [0u8; BHS_LEN];
+    b[0] = 0x01;
+    b[1] = 0x80 | if write { 0x20 } else { 0x40 };
+    b[16..20].copy_from_slice(&itt.to_be_bytes());
+    b[20..24].copy_from_slice(&edtl.to_be_bytes());
+    b[24..28].copy_from_slice(&cmd_sn.to_be_bytes());
+    b[32..32 + cdb.len()].copy_from_slice(cdb);
+    b
+}
+
+/// The (status, sense key, ASC) of the SCSI Response for `itt` among `pdus`.
+fn response_of(pdus: &[([u8; BHS_LEN], Vec<u8>)], itt: u32) -> Option<(u8, u8, u8)> {
+    pdus.iter()
+        .find(|(h, _)| h[0] & 0x3f == 0x21 && h[16..20] == itt.to_be_bytes())
+        .map(|(h, d)| {
+            let (key, asc) = if d.len() >= 2 + 14 {
+                (d[2 + 2] & 0x0f, d[2 + 12])
+            } else {
+                (0, 0)
+            };
+            (h[3], key, asc)
+        })
 }
 
 proptest::proptest! {
@@ -360,4 +421,58 @@ fn write_with_r2t_and_read_back_through_the_session() {
     assert_eq!(d.feed(o, &buf), Flow::Continue);
     assert!(!d.s.has_output(), "status sent");
     assert_eq!(d.s.in_flight(), 0);
+}
+
+#[test]
+fn compare_and_write_with_a_data_length_other_than_its_blocks_is_refused() {
+    let mut d = Driven::new(SessionParams::default());
+    d.clear_ua(0);
+    // COMPARE AND WRITE of 1 block at LBA 0 (1024 bytes of Data-Out) with immediate data.
+    let mut caw = [0u8; 16];
+    caw[0] = 0x89;
+    caw[13] = 1;
+    let data = vec![0u8; 1024];
+    assert_eq!(
+        d.feed(command(1, 1, 1024, true, &caw), &data),
+        Flow::Continue
+    );
+    assert_eq!(
+        response_of(&d.take_pdus(), 1),
+        Some((0, 0, 0)),
+        "exact: runs"
+    );
+    // 256 blocks wrap to 0 in the one-byte field: 256 KiB of Data-Out for no blocks.
+    caw[13] = 0;
+    let burst = vec![0u8; 8192];
+    assert_eq!(
+        d.feed(command(2, 2, 256 * 1024, true, &caw), &burst),
+        Flow::Continue
+    );
+    assert_eq!(
+        response_of(&d.take_pdus(), 2),
+        Some((status::CHECK_CONDITION, 0x05, 0x24)),
+        "INVALID FIELD IN CDB"
+    );
+    // Data-Out of 4 blocks for a 1-block COMPARE AND WRITE, and 2 blocks for 3.
+    for (i, (blocks, edtl)) in [(1u8, 4096u32), (3, 2048)].into_iter().enumerate() {
+        caw[13] = blocks;
+        let itt = 3 + i as u32;
+        let imm = vec![0u8; edtl.min(8192) as usize];
+        d.feed(command(itt, itt, edtl, true, &caw), &imm);
+        assert_eq!(
+            response_of(&d.take_pdus(), itt),
+            Some((status::CHECK_CONDITION, 0x05, 0x24))
+        );
+    }
+    // WRITE SAME(16) of one block's pattern: only exactly one block.
+    let mut ws = [0u8; 16];
+    ws[0] = 0x93;
+    ws[13] = 8;
+    d.feed(command(5, 5, 256, true, &ws), &[0u8; 256]);
+    assert_eq!(
+        response_of(&d.take_pdus(), 5),
+        Some((status::CHECK_CONDITION, 0x05, 0x24))
+    );
+    d.feed(command(6, 6, 512, true, &ws), &[0u8; 512]);
+    assert_eq!(response_of(&d.take_pdus(), 6), Some((0, 0, 0)));
 }

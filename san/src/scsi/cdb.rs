@@ -590,13 +590,18 @@ impl Cmd {
             }
             Cmd::CompareAndWrite { blocks, .. } => (DataDir::Out, 2 * blocks * bs),
         };
+        let exact = matches!(
+            self,
+            Cmd::CompareAndWrite { .. } | Cmd::WriteSame { ndob: false, .. }
+        );
         if len == 0 {
             Xfer {
                 dir: DataDir::None,
                 len: 0,
+                exact,
             }
         } else {
-            Xfer { dir, len }
+            Xfer { dir, len, exact }
         }
     }
 }

@@ -120,6 +120,12 @@ pub struct Xfer {
     pub dir: DataDir,
     /// Bytes.
     pub len: u32,
+    /// The command's data has a fixed structure that a transfer of any other length cannot
+    /// carry (COMPARE AND WRITE: the compare half then the write half; WRITE SAME: one
+    /// block): the transport refuses a command whose expected transfer length differs from
+    /// `len` with [`Sense::invalid_field_in_cdb`] instead of running it with a residual
+    /// (SBC-4 5.3; libiscsi's InvalidDataOutSize tests).
+    pub exact: bool,
 }
 
 /// How a command ended.

@@ -403,7 +403,8 @@ fn out_of_range_protection_and_unknown_opcodes() {
         h.lu.plan(&read10(0, 4)),
         Ok(Xfer {
             dir: DataDir::In,
-            len: 2048
+            len: 2048,
+            exact: false,
         })
     );
 }
@@ -638,7 +639,8 @@ fn compare_and_write_matches_then_writes_or_reports_miscompare() {
         h.lu.plan(&caw(8, 255)),
         Ok(Xfer {
             dir: DataDir::Out,
-            len: 2 * 255 * 512
+            len: 2 * 255 * 512,
+            exact: true,
         })
     );
     assert!(h.run(&caw(8, 0), &[]).good());

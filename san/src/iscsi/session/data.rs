@@ -63,7 +63,15 @@ impl Session {
             self.finish(slot, o);
             return Flow::Continue;
         };
-        let xfer = match unit.plan(&cdb) {
+        let planned = unit.plan(&cdb).and_then(|x| {
+            // A command whose data has a fixed structure runs only with exactly that data.
+            if x.exact && (t.edtl != x.len || (x.dir == DataDir::Out && !t.write)) {
+                Err(scsi::Sense::invalid_field_in_cdb())
+            } else {
+                Ok(x)
+            }
+        });
+        let xfer = match planned {
             Ok(x) => x,
             Err(sense) => {
                 let o = Outcome {
