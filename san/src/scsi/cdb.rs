@@ -77,9 +77,11 @@ impl Geometry {
     }
 }
 
-/// Most blocks one WRITE SAME may cover (without UNMAP each block is written: 256 MiB of
-/// 512-byte blocks), so one command keeps the backend busy for a bounded time.
-pub(crate) const MAX_WRITE_SAME_BLOCKS: u64 = 1 << 19;
+/// Most blocks one WRITE SAME may cover (without UNMAP each block is written: 32 MiB of
+/// 512-byte blocks), so one command keeps the backend busy for a bounded time. The largest
+/// length WRITE SAME(10) can carry; a larger WRITE SAME(16) is refused, which initiators learn from the Block Limits VPD and split (libiscsi's
+/// WriteSame16.Unmap checks a 65536-block request fails when the limit is below it).
+pub(crate) const MAX_WRITE_SAME_BLOCKS: u64 = 0xFFFF;
 /// Most blocks one UNMAP (all descriptors together) may deallocate:
 /// 512 MiB of 512-byte blocks (libiscsi calls counts above 2^20 insane). Block Limits VPD
 /// reports both.
@@ -467,9 +469,11 @@ fn decode_full(g: &Geometry, cdb: &[u8]) -> Result<Cmd, Sense> {
             if anchor || (opcode == op::WRITE_SAME_10 && c[1] & 0x01 != 0) {
                 return Err(Sense::invalid_field_in_cdb());
             }
-            // A length of 0 means "to the end of the unit", which SBC-4 allows only when the
-            // Block Limits VPD says so (WSNZ = 1 here: refused). MAXIMUM WRITE SAME LENGTH
-            // applies with UNMAP too.
+            // A length of 0 means "from the LBA to the end of the unit", which SBC-4 allows
+            // only when the Block Limits VPD says so: WSNZ = 1 here, refused. (With 0 allowed,
+            // libiscsi's WriteSame10.UnmapUntilEnd sends a non-zero block with UNMAP and
+            // expects zeroes back, which SBC-4 forbids: reads must return the block sent.)
+            // MAXIMUM WRITE SAME LENGTH applies with UNMAP too.
             if blocks == 0 || blocks > MAX_WRITE_SAME_BLOCKS {
                 return Err(Sense::invalid_field_in_cdb());
             }

@@ -121,7 +121,7 @@ pub(crate) fn inquiry(
         }
         0xB0 => {
             buf.resize(64, 0);
-            buf[4] = 0x01; // WSNZ: WRITE SAME with 0 blocks is refused
+            buf[4] = 0x01; // WSNZ: WRITE SAME with 0 blocks is refused (see cdb.rs)
             buf[5] = g.max_caw_blocks() as u8;
             buf[6..8].copy_from_slice(&(per_phys as u16).to_be_bytes());
             buf[8..12].copy_from_slice(&(MAX_TRANSFER_BYTES / bs).to_be_bytes());

@@ -573,6 +573,28 @@ fn write_same_pattern_zero_unmap_and_ndob() {
 }
 
 #[test]
+fn write_same_length_is_bounded_with_and_without_unmap() {
+    let (h, _dir) = Harness::raw(64 * MIB);
+    let mut h = h.ready();
+    let page = h.run(&[0x12, 0x01, 0xB0, 0, 64, 0], &[]).data;
+    assert_eq!(page[4] & 0x01, 1, "WSNZ");
+    assert_eq!(
+        &page[36..44],
+        &0xFFFFu64.to_be_bytes(),
+        "MAXIMUM WRITE SAME LENGTH"
+    );
+    for unmap in [0u8, 0x08] {
+        // One block more than the limit (libiscsi's WriteSame16.Unmap sends 65536).
+        let mut ws = rw16(0x93, 0, 65536);
+        ws[1] = unmap;
+        assert_eq!(h.lu.plan(&ws), Err(Sense::invalid_field_in_cdb()));
+        let mut ok = rw16(0x93, 0, 65535);
+        ok[1] = unmap;
+        assert!(h.lu.plan(&ok).is_ok());
+    }
+}
+
+#[test]
 fn verify_compares_and_reports_the_offset() {
     let (h, _dir) = Harness::raw(MIB);
     let mut h = h.ready();
