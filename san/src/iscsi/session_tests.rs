@@ -475,4 +475,18 @@ fn compare_and_write_with_a_data_length_other_than_its_blocks_is_refused() {
     );
     d.feed(command(6, 6, 512, true, &ws), &[0u8; 512]);
     assert_eq!(response_of(&d.take_pdus(), 6), Some((0, 0, 0)));
+    // With UNMAP, no block at all is accepted too (deallocate); without, it is not.
+    d.feed(command(7, 7, 0, true, &ws), &[]);
+    assert_eq!(
+        response_of(&d.take_pdus(), 7),
+        Some((status::CHECK_CONDITION, 0x05, 0x24))
+    );
+    ws[1] = 0x08;
+    d.feed(command(8, 8, 0, true, &ws), &[]);
+    assert_eq!(response_of(&d.take_pdus(), 8), Some((0, 0, 0)));
+    d.feed(command(9, 9, 1024, true, &ws), &[0u8; 1024]);
+    assert_eq!(
+        response_of(&d.take_pdus(), 9),
+        Some((status::CHECK_CONDITION, 0x05, 0x24))
+    );
 }

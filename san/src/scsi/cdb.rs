@@ -3,7 +3,7 @@
 //! `LogicalUnit::plan` can run it before any data moves and a fuzzer can run it on anything.
 
 use super::sense::Sense;
-use super::{DataDir, Xfer, MAX_TRANSFER_BYTES};
+use super::{DataDir, Fit, Xfer, MAX_TRANSFER_BYTES};
 
 /// Operation codes (SPC-5, SBC-4).
 pub(crate) mod op {
@@ -594,18 +594,23 @@ impl Cmd {
             }
             Cmd::CompareAndWrite { blocks, .. } => (DataDir::Out, 2 * blocks * bs),
         };
-        let exact = matches!(
-            self,
-            Cmd::CompareAndWrite { .. } | Cmd::WriteSame { ndob: false, .. }
-        );
+        let fit = match self {
+            Cmd::CompareAndWrite { .. } | Cmd::WriteSame { unmap: false, .. } => Fit::Exact,
+            Cmd::WriteSame {
+                unmap: true,
+                ndob: false,
+                ..
+            } => Fit::ExactOrNone,
+            _ => Fit::Residual,
+        };
         if len == 0 {
             Xfer {
                 dir: DataDir::None,
                 len: 0,
-                exact,
+                fit,
             }
         } else {
-            Xfer { dir, len, exact }
+            Xfer { dir, len, fit }
         }
     }
 }

@@ -173,6 +173,10 @@ pub(crate) fn read_capacity16(
     buf.resize(32, 0);
     buf[0..8].copy_from_slice(&g.blocks.saturating_sub(1).to_be_bytes());
     buf[8..12].copy_from_slice(&g.block_size.to_be_bytes());
+    // LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT stays 0 although the backing files' pages
+    // are 4 KiB (the Block Limits VPD's granularities say so): with it above 0, libiscsi's
+    // GetLBAStatus.UnmapSingle expects the first descriptor to start past the requested
+    // LBA, which SBC-4 forbids (it must contain that LBA).
     if id.thin {
         buf[14] = 0x80 | if id.lbprz { 0x40 } else { 0 }; // LBPME, LBPRZ
     }
@@ -187,8 +191,13 @@ pub(crate) fn request_sense(sense: Sense, desc: bool, alloc: u32, buf: &mut Vec<
         if let Some(info) = sense.info {
             buf.extend_from_slice(&[0x00, 0x0A, 0x80, 0]);
             buf.extend_from_slice(&info.to_be_bytes());
-            buf[7] = 12;
         }
+        if let Some(byte) = sense.field {
+            // Sense-key specific descriptor: SKSV, C/D, FIELD POINTER.
+            let [hi, lo] = byte.to_be_bytes();
+            buf.extend_from_slice(&[0x02, 0x06, 0, 0, 0xC0, hi, lo, 0]);
+        }
+        buf[7] = (buf.len() - 8) as u8;
     } else {
         let mut fixed = [0u8; FIXED_SENSE_LEN];
         sense.write_fixed(&mut fixed);
@@ -328,11 +337,13 @@ pub(crate) fn report_opcodes(
                 .filter(|s| s.opcode == opcode && s.sa.is_some())
                 .peekable();
             let has_sa = with_sa.peek().is_some();
+            // The REPORTING OPTIONS (byte 2) do not fit the opcode.
+            let bad_options = Sense::invalid_field_in_cdb().at_cdb_byte(2);
             let found = match options {
-                1 if has_sa => return check(Sense::invalid_field_in_cdb()),
+                1 if has_sa => return check(bad_options),
                 1 => list.clone().find(|s| s.opcode == opcode),
                 2 if !has_sa && list.clone().any(|s| s.opcode == opcode) => {
-                    return check(Sense::invalid_field_in_cdb())
+                    return check(bad_options)
                 }
                 _ => list
                     .clone()
@@ -358,7 +369,7 @@ pub(crate) fn report_opcodes(
                 }
             }
         }
-        _ => return check(Sense::invalid_field_in_cdb()),
+        _ => return check(Sense::invalid_field_in_cdb().at_cdb_byte(2)),
     }
     reply(buf, alloc)
 }

@@ -397,6 +397,9 @@ impl LogicalUnit {
                 unmap,
                 ndob,
             } => {
+                // UNMAP without a block (the transport allows that: `Fit::ExactOrNone`):
+                // deallocate as with NDOB.
+                let ndob = ndob || (unmap && buf.is_empty());
                 if !ndob && buf.len() < bs {
                     return short_data();
                 }

@@ -120,12 +120,37 @@ pub struct Xfer {
     pub dir: DataDir,
     /// Bytes.
     pub len: u32,
-    /// The command's data has a fixed structure that a transfer of any other length cannot
-    /// carry (COMPARE AND WRITE: the compare half then the write half; WRITE SAME: one
-    /// block): the transport refuses a command whose expected transfer length differs from
-    /// `len` with [`Sense::invalid_field_in_cdb`] instead of running it with a residual
-    /// (SBC-4 5.3; libiscsi's InvalidDataOutSize tests).
-    pub exact: bool,
+    /// What an expected transfer length other than `len` means (see [`Fit`]).
+    pub fit: Fit,
+}
+
+/// How a transport treats a command whose expected data transfer length (the initiator's
+/// side) differs from [`Xfer::len`] (the CDB's side).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fit {
+    /// Runs with what arrives (or fits) and reports the residual (reads, writes, parameter
+    /// lists: SAM-5 5.4.2).
+    Residual,
+    /// The data has a fixed structure that no other length can carry (COMPARE AND WRITE:
+    /// the compare half then the write half; WRITE SAME: one block): the transport refuses
+    /// the command with [`Sense::invalid_field_in_cdb`] (libiscsi's InvalidDataOutSize
+    /// tests).
+    Exact,
+    /// As `Exact`, but no data at all is accepted too: WRITE SAME with UNMAP then
+    /// deallocates as with NDOB (reads return zeroes), as initiators unmapping without a
+    /// block expect (libiscsi's WriteSame*.UnmapUnaligned).
+    ExactOrNone,
+}
+
+impl Fit {
+    /// Whether a command planned with this fit and `len` may run with `edtl` bytes.
+    pub fn accepts(self, len: u32, edtl: u32) -> bool {
+        match self {
+            Fit::Residual => true,
+            Fit::Exact => edtl == len,
+            Fit::ExactOrNone => edtl == len || edtl == 0,
+        }
+    }
 }
 
 /// How a command ended.

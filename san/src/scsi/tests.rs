@@ -303,6 +303,27 @@ fn read_capacity_10_and_16() {
         8 * 2048 - 1
     );
     assert_eq!(d.data[14] & 0xC0, 0xC0, "LBPME and LBPRZ");
+    assert_eq!(d.data[13] & 0x0F, 0, "LBPPBE: see emulate.rs");
+}
+
+#[test]
+fn write_same_unmap_without_a_block_deallocates() {
+    let (h, _dir) = Harness::raw(MIB);
+    let mut h = h.ready();
+    assert!(h.run(&write10(1, 7), &pattern(7 * 512, 4)).good());
+    let mut ws = rw16(0x93, 1, 7);
+    ws[1] = 0x08;
+    assert_eq!(
+        h.lu.plan(&ws).map(|x| x.fit),
+        Ok(Fit::ExactOrNone),
+        "UNMAP: the block may be left out"
+    );
+    assert!(h.run(&ws, &[]).good());
+    assert!(h.run(&read10(1, 7), &[]).data.iter().all(|&b| b == 0));
+    // Without UNMAP the block is required.
+    ws[1] = 0;
+    assert_eq!(h.lu.plan(&ws).map(|x| x.fit), Ok(Fit::Exact));
+    assert!(!h.run(&ws, &[]).good());
 }
 
 #[test]
@@ -404,7 +425,7 @@ fn out_of_range_protection_and_unknown_opcodes() {
         Ok(Xfer {
             dir: DataDir::In,
             len: 2048,
-            exact: false,
+            fit: Fit::Residual,
         })
     );
 }
@@ -662,7 +683,7 @@ fn compare_and_write_matches_then_writes_or_reports_miscompare() {
         Ok(Xfer {
             dir: DataDir::Out,
             len: 2 * 255 * 512,
-            exact: true,
+            fit: Fit::Exact,
         })
     );
     assert!(h.run(&caw(8, 0), &[]).good());
@@ -748,12 +769,17 @@ fn get_lba_status_and_report_opcodes() {
         assert_eq!(one.data[1] & 0x07, 3);
         assert_eq!(one.data[4], d[0]);
         let wrong = if servactv { 1 } else { 2 };
-        assert!(!h
-            .run(
-                &[0xA3, 0x0C, wrong, d[0], d[2], d[3], 0, 0, 1, 0, 0, 0],
-                &[]
-            )
-            .good());
+        let bad = h.run(
+            &[0xA3, 0x0C, wrong, d[0], d[2], d[3], 0, 0, 1, 0, 0, 0],
+            &[],
+        );
+        // INVALID FIELD IN CDB pointing at the REPORTING OPTIONS byte (a pointer-less one
+        // reads as "command not supported" to initiators).
+        assert_eq!(bad.asc(), (key::ILLEGAL_REQUEST, 0x24, 0));
+        assert_eq!(bad.sense.and_then(|s| s.field), Some(2));
+        let mut fixed = [0u8; crate::scsi::sense::FIXED_SENSE_LEN];
+        bad.sense.expect("sense").write_fixed(&mut fixed);
+        assert_eq!(fixed[15..18], [0xC0, 0, 2], "SKSV, C/D, FIELD POINTER");
     }
     // An unsupported opcode: "not supported".
     let one = h.run(&[0xA3, 0x0C, 1, 0xC0, 0, 0, 0, 0, 1, 0, 0, 0], &[]);

@@ -65,7 +65,12 @@ impl Session {
         };
         let planned = unit.plan(&cdb).and_then(|x| {
             // A command whose data has a fixed structure runs only with exactly that data.
-            if x.exact && (t.edtl != x.len || (x.dir == DataDir::Out && !t.write)) {
+            let edtl = if t.write || x.dir != DataDir::Out {
+                t.edtl
+            } else {
+                0
+            };
+            if !x.fit.accepts(x.len, edtl) {
                 Err(scsi::Sense::invalid_field_in_cdb())
             } else {
                 Ok(x)
