@@ -32,6 +32,7 @@ pub(crate) mod op {
     pub const PERSISTENT_RESERVE_OUT: u8 = 0x5F;
     pub const READ_16: u8 = 0x88;
     pub const COMPARE_AND_WRITE: u8 = 0x89;
+    pub const ORWRITE_16: u8 = 0x8B;
     pub const WRITE_16: u8 = 0x8A;
     pub const WRITE_AND_VERIFY_16: u8 = 0x8E;
     pub const VERIFY_16: u8 = 0x8F;
@@ -172,6 +173,12 @@ pub(crate) enum Cmd {
         ndob: bool,
     },
     CompareAndWrite {
+        lba: u64,
+        blocks: u32,
+        fua: bool,
+    },
+    /// ORWRITE(16): the blocks become medium OR Data-Out, atomically like COMPARE AND WRITE.
+    OrWrite {
         lba: u64,
         blocks: u32,
         fua: bool,
@@ -499,6 +506,21 @@ fn decode_full(g: &Geometry, cdb: &[u8]) -> Result<Cmd, Sense> {
                 fua: c[1] & 0x08 != 0,
             })
         }
+        op::ORWRITE_16 => {
+            // ORPROTECT: no protection information.
+            no_protect(c)?;
+            let lba = be64(&c[2..10]);
+            let blocks = be32(&c[10..14]);
+            if blocks > g.max_transfer_blocks() {
+                return Err(Sense::invalid_field_in_cdb());
+            }
+            write_checks(lba, u64::from(blocks))?;
+            Ok(Cmd::OrWrite {
+                lba,
+                blocks,
+                fua: c[1] & 0x08 != 0,
+            })
+        }
         op::MODE_SENSE_6 | op::MODE_SENSE_10 => {
             let ten = opcode == op::MODE_SENSE_10;
             Ok(Cmd::ModeSense(ModeSenseCdb {
@@ -576,7 +598,8 @@ impl Cmd {
                 blocks,
                 ..
             }
-            | Cmd::WriteVerify { blocks, .. } => (DataDir::Out, blocks * bs),
+            | Cmd::WriteVerify { blocks, .. }
+            | Cmd::OrWrite { blocks, .. } => (DataDir::Out, blocks * bs),
             Cmd::Verify { blocks, bytchk, .. } => match bytchk {
                 0 => (DataDir::None, 0),
                 1 => (DataDir::Out, blocks * bs),
@@ -595,7 +618,10 @@ impl Cmd {
             Cmd::CompareAndWrite { blocks, .. } => (DataDir::Out, 2 * blocks * bs),
         };
         let fit = match self {
-            Cmd::CompareAndWrite { .. } | Cmd::WriteSame { unmap: false, .. } => Fit::Exact,
+            // An atomic read-modify-write of part of its blocks means nothing.
+            Cmd::CompareAndWrite { .. }
+            | Cmd::OrWrite { .. }
+            | Cmd::WriteSame { unmap: false, .. } => Fit::Exact,
             Cmd::WriteSame {
                 unmap: true,
                 ndob: false,

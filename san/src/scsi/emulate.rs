@@ -279,6 +279,7 @@ const SUPPORTED: &[Supported] = &[
     cmd_sa(op::PERSISTENT_RESERVE_OUT, 6, 10),
     cmd(op::READ_16, 16),
     cmd(op::COMPARE_AND_WRITE, 16),
+    cmd(op::ORWRITE_16, 16),
     cmd(op::WRITE_16, 16),
     cmd(op::WRITE_AND_VERIFY_16, 16),
     cmd(op::VERIFY_16, 16),

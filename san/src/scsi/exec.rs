@@ -42,6 +42,7 @@ fn access(cmd: &Cmd) -> Access {
         | Cmd::Unmap { .. }
         | Cmd::WriteSame { .. }
         | Cmd::CompareAndWrite { .. }
+        | Cmd::OrWrite { .. }
         | Cmd::ModeSelect { .. }
         | Cmd::StartStop => Access::Write,
         _ => Access::Always,
@@ -122,7 +123,9 @@ impl LogicalUnit {
             | Cmd::Verify { lba, blocks, .. }
             | Cmd::WriteVerify { lba, blocks } => r(lba, u64::from(blocks)),
             Cmd::WriteSame { lba, blocks, .. } => r(lba, blocks),
-            Cmd::CompareAndWrite { lba, blocks, .. } if blocks > 0 => {
+            Cmd::CompareAndWrite { lba, blocks, .. } | Cmd::OrWrite { lba, blocks, .. }
+                if blocks > 0 =>
+            {
                 Some((lba, lba + u64::from(blocks), true))
             }
             Cmd::Unmap { param_len } => unmap_list(g, param_len, buf)
@@ -228,7 +231,7 @@ impl LogicalUnit {
             if let Some(stale) = task
                 .state
                 .lock
-                .take_if(|_| !matches!(cmd, Cmd::CompareAndWrite { .. }))
+                .take_if(|_| !matches!(cmd, Cmd::CompareAndWrite { .. } | Cmd::OrWrite { .. }))
             {
                 // A waiting COMPARE AND WRITE the transport replaced without `abandon`.
                 st.locks.release(stale);
@@ -362,6 +365,20 @@ impl LogicalUnit {
                 buf.resize(3 * n, 0);
                 st.seg = seg(SegKind::Read, lba, bs, n, 2 * n);
                 st.job = Job::Caw { n, stage: 0, fua };
+                self.drive(task, cx, None)
+            }
+            Cmd::OrWrite { lba, blocks, fua } => {
+                let n = blocks as usize * bs;
+                if n == 0 {
+                    return done(good(0));
+                }
+                if buf.len() != n {
+                    return short_data();
+                }
+                // [Data-Out | the blocks as read]: read, OR into the Data-Out, write that.
+                buf.resize(2 * n, 0);
+                st.seg = seg(SegKind::Read, lba, bs, n, n);
+                st.job = Job::OrWrite { n, stage: 0, fua };
                 self.drive(task, cx, None)
             }
             Cmd::Unmap { param_len } => {

@@ -690,6 +690,54 @@ fn compare_and_write_matches_then_writes_or_reports_miscompare() {
 }
 
 #[test]
+fn orwrite_ors_the_data_into_the_blocks_atomically() {
+    let (a, _dir) = Harness::raw(MIB);
+    let mut a = a.ready();
+    assert!(a.run(&write10(3, 2), &[0x0Fu8; 1024]).good());
+    let or = rw16(0x8B, 3, 2);
+    assert_eq!(
+        a.lu.plan(&or).map(|x| (x.len, x.fit)),
+        Ok((1024, Fit::Exact))
+    );
+    let mut data = vec![0xA0u8; 1024];
+    data[1023] = 0x50;
+    assert!(a.run(&or, &data).good());
+    let got = a.run(&read10(3, 2), &[]).data;
+    assert!(got[..1023].iter().all(|&b| b == 0xAF));
+    assert_eq!(got[1023], 0x5F);
+    // FUA (a flush after the write), zero blocks, beyond the end, protection information.
+    let mut fua = or;
+    fua[1] = 0x08;
+    assert!(a.run(&fua, &[0u8; 1024]).good());
+    assert!(a.run(&rw16(0x8B, 0, 0), &[]).good());
+    let end = MIB / 512;
+    assert_eq!(
+        a.run(&rw16(0x8B, end, 1), &[0; 512]).asc(),
+        (key::ILLEGAL_REQUEST, 0x21, 0)
+    );
+    let mut prot = or;
+    prot[1] = 0x20;
+    assert_eq!(a.lu.plan(&prot), Err(Sense::invalid_field_in_cdb()));
+    // It waits for an overlapping read in flight, like COMPARE AND WRITE, and a write
+    // arriving meanwhile waits behind it.
+    let mut rd = a.task(&read10(4, 1), &[]);
+    assert_eq!(a.start(&mut rd, 100), Step::InFlight);
+    let c_read = a.reap_one();
+    let mut ow = a.task(&rw16(0x8B, 4, 1), &[0x01; 512]);
+    assert_eq!(a.start(&mut ow, 101), Step::Blocked);
+    let mut wr = a.task(&write10(4, 1), &[0x10; 512]);
+    assert_eq!(a.start(&mut wr, 102), Step::Blocked);
+    assert!(a.complete(&mut rd, c_read) != Step::InFlight);
+    let step = a.start(&mut ow, 101);
+    assert_eq!(step, Step::InFlight);
+    assert!(a.finish(&mut ow, step).good());
+    let step = a.start(&mut wr, 102);
+    assert!(a.finish(&mut wr, step).good());
+    assert_eq!(a.run(&read10(4, 1), &[]).data, vec![0x10; 512]);
+    assert_eq!(a.lu.lock_state().locks.held(), 0);
+}
+
+#[test]
 fn compare_and_write_is_atomic_across_nexuses() {
     let (a, _dir) = Harness::raw(MIB);
     let mut a = a.ready();
@@ -1048,7 +1096,7 @@ mod fuzz {
         /// Data-In fits the buffer and the plan.
         #[test]
         fn any_cdb_any_data(cdb in proptest::collection::vec(any::<u8>(), 0..=16),
-                            opcode in prop::sample::select(vec![0x00u8, 0x03, 0x08, 0x0A, 0x12, 0x15, 0x16, 0x17, 0x1A, 0x1B, 0x25, 0x28, 0x2A, 0x2E, 0x2F, 0x34, 0x35, 0x41, 0x42, 0x55, 0x5A, 0x5E, 0x5F, 0x88, 0x89, 0x8A, 0x8E, 0x8F, 0x90, 0x91, 0x93, 0x9E, 0xA0, 0xA3, 0xA8, 0xAA, 0xAE, 0xAF, 0xFF]),
+                            opcode in prop::sample::select(vec![0x00u8, 0x03, 0x08, 0x0A, 0x12, 0x15, 0x16, 0x17, 0x1A, 0x1B, 0x25, 0x28, 0x2A, 0x2E, 0x2F, 0x34, 0x35, 0x41, 0x42, 0x55, 0x5A, 0x5E, 0x5F, 0x88, 0x89, 0x8A, 0x8B, 0x8E, 0x8F, 0x90, 0x91, 0x93, 0x9E, 0xA0, 0xA3, 0xA8, 0xAA, 0xAE, 0xAF, 0xFF]),
                             data in proptest::collection::vec(any::<u8>(), 0..600),
                             fill in 0usize..3) {
             let mut h = Harness::null(64 * 1024);
