@@ -76,6 +76,13 @@ const REPORT_LUNS: u8 = 0xA0;
 /// Bytes of a SCSI Response's sense data segment: 2-byte SenseLength + fixed sense.
 const SENSE_SEGMENT: usize = 2 + FIXED_SENSE_LEN;
 
+/// The answer of a command another nexus aborted (SAM-5 5.6 with TAS = 1).
+const TASK_ABORTED: Outcome = Outcome {
+    status: status::TASK_ABORTED,
+    sense: None,
+    data_in: 0,
+};
+
 const _: () = assert!(TASKS_MAX < u16::MAX as usize);
 const _: () = assert!(SENSE_SEGMENT <= INLINE_MAX);
 
@@ -232,7 +239,12 @@ struct Task {
     /// Data-In bytes rendered so far.
     sent: u32,
     data_sn: u32,
+    /// Aborted by this session (task management, connection loss): no answer.
     aborted: bool,
+    /// The unit's abort epoch when the command was taken (see `LogicalUnit::abort_epoch`).
+    epoch: u64,
+    /// Aborted by another nexus (PREEMPT AND ABORT, a reset): answered TASK ABORTED.
+    aborted_by_other: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -250,6 +262,8 @@ pub struct Session {
     luns: Arc<LunMap>,
     lun_numbers: Vec<u64>,
     luns_gen: u64,
+    /// Each unit's abort epoch as last looked at (parallel to `luns`).
+    abort_seen: Vec<u64>,
     stat_sn: u32,
     exp_cmd_sn: u32,
     /// Non-immediate tasks holding a slot.
@@ -295,6 +309,7 @@ impl Session {
         let luns = setup.target.luns();
         let luns_gen = setup.target.generation();
         let lun_numbers = luns.iter().map(|(n, _)| *n).collect();
+        let abort_seen = luns.iter().map(|(_, u)| u.abort_epoch()).collect();
         let mut free: Vec<u16> = (0..TASKS_MAX as u16).collect();
         free.reverse();
         Session {
@@ -303,6 +318,7 @@ impl Session {
             luns,
             lun_numbers,
             luns_gen,
+            abort_seen,
             stat_sn: setup.stat_sn,
             exp_cmd_sn: setup.exp_cmd_sn,
             busy: 0,
@@ -507,6 +523,9 @@ impl Session {
             self.luns = self.setup.target.luns();
             self.lun_numbers.clear();
             self.lun_numbers.extend(self.luns.iter().map(|(n, _)| *n));
+            self.abort_seen.clear();
+            self.abort_seen
+                .extend(self.luns.iter().map(|(_, u)| u.abort_epoch()));
             self.luns_gen = g;
             self.attached = false;
         }
@@ -555,6 +574,15 @@ impl Session {
         let Some(unit) = t.unit.clone() else {
             return;
         };
+        if t.aborted_by_other {
+            // Aborted while it collected its data or waited: it never runs.
+            if t.st == St::Blocked {
+                blocked.retain(|&s| s != slot);
+            }
+            unit.abandon(&mut t.scsi);
+            self.finish(slot, TASK_ABORTED);
+            return;
+        }
         // Room on the engine for the command's operation and this connection's receive
         // and send, like the vhost-user queues keep; otherwise retried on a later poll.
         if cx.engine.capacity().saturating_sub(cx.engine.in_flight()) < ENGINE_RESERVE {
@@ -629,6 +657,7 @@ impl Session {
 
     fn finish(&mut self, slot: u16, o: Outcome) {
         let t = &mut self.tasks[usize::from(slot)];
+        let o = if t.aborted_by_other { TASK_ABORTED } else { o };
         if t.aborted {
             if let Some(u) = t.unit.clone() {
                 u.abandon(&mut t.scsi);
@@ -671,7 +700,7 @@ impl Session {
     /// queue, answers a task management request whose aborts completed. Returns the work
     /// done.
     pub fn poll(&mut self, cx: &mut PollCx<'_>) -> usize {
-        let mut work = 0;
+        let mut work = self.check_aborts();
         for _ in 0..self.blocked.len() {
             let Some(slot) = self.blocked.pop_front() else {
                 break;

@@ -162,7 +162,7 @@ struct Driven {
     offload: dataplane::offload::OffloadSink,
     /// Every byte the session sent, in order (no digests in these tests).
     wire: Vec<u8>,
-    _disk: tempfile::NamedTempFile,
+    _disk: Option<tempfile::NamedTempFile>,
 }
 
 impl Driven {
@@ -211,7 +211,7 @@ impl Driven {
             round: dataplane::poller::Round::default(),
             offload: dataplane::offload::OffloadSink::new(wake),
             wire: Vec::new(),
-            _disk: disk,
+            _disk: Some(disk),
         }
     }
 
@@ -265,6 +265,23 @@ impl Driven {
             if n == 0 && k == 0 {
                 break;
             }
+        }
+    }
+
+    /// Another session (ISID `isid`, so another nexus) on the same target and unit.
+    fn peer(&self, isid: [u8; 6]) -> Driven {
+        let mut setup = self.s.setup.clone();
+        setup.isid = isid;
+        setup.exp_cmd_sn = 0;
+        setup.stat_sn = 0;
+        let wake = vmm_sys_util::eventfd::EventFd::new(0).expect("eventfd");
+        Driven {
+            s: Session::new(setup, Arc::new(SessionCounters::default())),
+            engine: dataplane::engine::sync::SyncEngine::new(),
+            round: dataplane::poller::Round::default(),
+            offload: dataplane::offload::OffloadSink::new(wake),
+            wire: Vec::new(),
+            _disk: None,
         }
     }
 
@@ -488,5 +505,134 @@ fn compare_and_write_with_a_data_length_other_than_its_blocks_is_refused() {
     assert_eq!(
         response_of(&d.take_pdus(), 9),
         Some((status::CHECK_CONDITION, 0x05, 0x24))
+    );
+}
+
+/// PERSISTENT RESERVE OUT (`action`, type Write Exclusive) with reservation key `key` and
+/// service action key `sa_key`, as command `itt`/`sn` of `d`; its status.
+fn prout(d: &mut Driven, itt: u32, sn: u32, action: u8, key: u64, sa_key: u64) -> u8 {
+    let mut cdb = [0u8; 10];
+    cdb[0] = 0x5F;
+    cdb[1] = action;
+    cdb[2] = 0x01;
+    cdb[8] = 24;
+    let mut params = [0u8; 24];
+    params[0..8].copy_from_slice(&key.to_be_bytes());
+    params[8..16].copy_from_slice(&sa_key.to_be_bytes());
+    d.feed(command(itt, sn, 24, true, &cdb), &params);
+    response_of(&d.take_pdus(), itt).expect("PROUT response").0
+}
+
+/// A WRITE(10) of 8 blocks at LBA 0 that waits for its data (InitialR2T, sent without
+/// immediate data):
+/// the R2T's Target Transfer Tag.
+fn write_waiting_for_data(d: &mut Driven, itt: u32, sn: u32) -> [u8; 4] {
+    d.feed(
+        command(itt, sn, 4096, true, &[0x2A, 0, 0, 0, 0, 0, 0, 0, 8, 0]),
+        &[],
+    );
+    let pdus = d.take_pdus();
+    let (r2t, _) = pdus.iter().find(|(h, _)| h[0] == 0x31).expect("R2T");
+    r2t[20..24].try_into().expect("ttt")
+}
+
+/// The Data-Out answering `ttt` for command `itt` (4096 bytes, final).
+fn data_out(d: &mut Driven, itt: u32, ttt: [u8; 4]) {
+    let mut o = [0u8; BHS_LEN];
+    o[0] = 0x05;
+    o[1] = 0x80;
+    o[16..20].copy_from_slice(&itt.to_be_bytes());
+    o[20..24].copy_from_slice(&ttt);
+    d.feed(o, &[0x5a; 4096]);
+}
+
+#[test]
+fn preempt_and_abort_aborts_the_preempted_nexus_tasks() {
+    // Immediate data for the PROUT parameter lists; the writes send none, so they wait for
+    // an R2T.
+    let params = SessionParams {
+        immediate_data: true,
+        initial_r2t: true,
+        ..SessionParams::default()
+    };
+    let mut a = Driven::new(params);
+    let mut b = a.peer([0x40, 0, 0, 0, 0, 2]);
+    let mut c = a.peer([0x40, 0, 0, 0, 0, 3]);
+    a.clear_ua(0);
+    b.clear_ua(0);
+    c.clear_ua(0);
+    // A, B and C register (keys 0xA, 0xB, 0xC); A reserves.
+    assert_eq!(prout(&mut a, 1, 1, 0, 0, 0xA), 0);
+    assert_eq!(prout(&mut b, 1, 1, 0, 0, 0xB), 0);
+    assert_eq!(prout(&mut c, 1, 1, 0, 0, 0xC), 0);
+    assert_eq!(prout(&mut a, 2, 2, 1, 0xA, 0), 0);
+    // A's and C's writes wait for their data.
+    let ttt_a = write_waiting_for_data(&mut a, 3, 3);
+    let ttt_c = write_waiting_for_data(&mut c, 2, 2);
+    // B preempts A's key and aborts its tasks; C is not preempted.
+    assert_eq!(prout(&mut b, 2, 2, 5, 0xB, 0xA), 0);
+    // A's write ends with TASK ABORTED once its data is in; nothing is written.
+    a.settle();
+    data_out(&mut a, 3, ttt_a);
+    assert_eq!(
+        response_of(&a.take_pdus(), 3),
+        Some((status::TASK_ABORTED, 0, 0))
+    );
+    // C's write is not aborted: it runs, and meets B's Write Exclusive reservation.
+    c.settle();
+    data_out(&mut c, 2, ttt_c);
+    assert_eq!(
+        response_of(&c.take_pdus(), 2),
+        Some((status::RESERVATION_CONFLICT, 0, 0)),
+        "not aborted: it ran (and met B's reservation)"
+    );
+    // A new command of A's runs normally (here: the preemption's unit attention).
+    a.feed(command(4, 4, 0, false, &[0, 0, 0, 0, 0, 0]), &[]);
+    assert_eq!(
+        response_of(&a.take_pdus(), 4),
+        Some((status::CHECK_CONDITION, 0x06, 0x2A))
+    );
+    // Plain PREEMPT aborts nothing.
+    let ttt_c = write_waiting_for_data(&mut c, 3, 3);
+    assert_eq!(prout(&mut b, 3, 3, 4, 0xB, 0xC), 0);
+    c.settle();
+    data_out(&mut c, 3, ttt_c);
+    assert_ne!(
+        response_of(&c.take_pdus(), 3).map(|r| r.0),
+        Some(status::TASK_ABORTED)
+    );
+}
+
+#[test]
+fn a_logical_unit_reset_aborts_other_nexuses_tasks() {
+    // Immediate data for the PROUT parameter lists; the writes send none, so they wait for
+    // an R2T.
+    let params = SessionParams {
+        immediate_data: true,
+        initial_r2t: true,
+        ..SessionParams::default()
+    };
+    let mut a = Driven::new(params);
+    let mut b = a.peer([0x40, 0, 0, 0, 0, 2]);
+    a.clear_ua(0);
+    b.clear_ua(0);
+    let ttt = write_waiting_for_data(&mut a, 1, 1);
+    // LOGICAL UNIT RESET from B.
+    let mut tmf = [0u8; BHS_LEN];
+    tmf[0] = 0x42;
+    tmf[1] = 0x80 | 5;
+    tmf[16..20].copy_from_slice(&9u32.to_be_bytes());
+    tmf[24..28].copy_from_slice(&1u32.to_be_bytes());
+    b.feed(tmf, &[]);
+    let pdus = b.take_pdus();
+    assert!(
+        pdus.iter().any(|(h, _)| h[0] == 0x22 && h[2] == 0),
+        "TMF done"
+    );
+    a.settle();
+    data_out(&mut a, 1, ttt);
+    assert_eq!(
+        response_of(&a.take_pdus(), 1),
+        Some((status::TASK_ABORTED, 0, 0))
     );
 }

@@ -190,7 +190,18 @@ impl LogicalUnit {
                 }
                 Cmd::PrOut(c) => {
                     let st = &mut *st;
-                    return match st.pr.out(nexus, &c, &task.buf, &mut st.uas) {
+                    let mut aborted = Vec::new();
+                    let res = st.pr.out(nexus, &c, &task.buf, &mut st.uas, &mut aborted);
+                    for (i_port, t_port) in aborted {
+                        self.record_abort(
+                            st,
+                            super::aborts::Whom::One {
+                                i_port: i_port.into(),
+                                t_port: t_port.into(),
+                            },
+                        );
+                    }
+                    return match res {
                         Err(PrError::Conflict) => conflict(),
                         Err(PrError::Check(s)) => done(check(s)),
                         Ok(false) => done(good(0)),

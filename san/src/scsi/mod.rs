@@ -38,12 +38,14 @@
 //! A [`LogicalUnit`] is shared (`Arc`) by every session and reactor that exports it: range
 //! locks, persistent reservations and unit attentions are per unit, per I_T nexus.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use dataplane::blk::request::ParsedRequest;
 use dataplane::engine::IoEngine;
 use dataplane::offload::OffloadSink;
 
+mod aborts;
 mod cdb;
 mod emulate;
 mod exec;
@@ -266,6 +268,9 @@ struct UnitState {
     spc2: Option<(Arc<str>, Arc<str>)>,
     /// Capacity in bytes when last seen (a change raises CAPACITY DATA HAS CHANGED).
     capacity: u64,
+    /// Whose tasks other nexuses aborted (see `aborts`); `LogicalUnit::abort_epoch` numbers
+    /// its entries.
+    aborts: aborts::AbortLog,
 }
 
 /// A SCSI logical unit on one disk backend, shared by every session that exports it.
@@ -276,6 +281,9 @@ pub struct LogicalUnit {
     ident: emulate::Identity,
     state: Mutex<UnitState>,
     persister: Option<persist::Persister>,
+    /// The epoch of the newest abort-log entry (read without the lock by every transport
+    /// iteration; written under it).
+    abort_epoch: AtomicU64,
 }
 
 impl LogicalUnit {
@@ -315,6 +323,7 @@ impl LogicalUnit {
                 ..UnitState::default()
             }),
             persister,
+            abort_epoch: AtomicU64::new(0),
         })
     }
 
@@ -409,12 +418,42 @@ impl LogicalUnit {
         }
     }
 
+    /// The unit's abort epoch. A transport tags each command it takes with it and, whenever
+    /// it has moved since the transport last looked (one atomic load per iteration), asks
+    /// [`LogicalUnit::aborted_since`] about its commands: those another nexus aborted (PREEMPT
+    /// AND ABORT, LOGICAL UNIT RESET, TARGET WARM RESET) end with TASK ABORTED status
+    /// (SAM-5 5.6, TAS = 1) — once their operations in flight, if any, completed.
+    pub fn abort_epoch(&self) -> u64 {
+        self.abort_epoch.load(Ordering::Acquire)
+    }
+
+    /// Whether another nexus aborted `nexus`'s tasks after epoch `since` (a command tagged
+    /// `since` is then aborted).
+    pub fn aborted_since(&self, nexus: &Nexus, since: u64) -> bool {
+        since < self.abort_epoch() && self.lock_state().aborts.names_since(nexus, since)
+    }
+
+    /// Logs an abort (under the state lock) and moves the epoch.
+    fn record_abort(&self, st: &mut UnitState, whom: aborts::Whom) {
+        let epoch = self.abort_epoch.load(Ordering::Relaxed) + 1;
+        st.aborts.record(whom, epoch);
+        self.abort_epoch.store(epoch, Ordering::Release);
+    }
+
     /// LOGICAL UNIT RESET / TARGET WARM RESET from `by`: releases SPC-2 reservations and
     /// establishes a unit attention (29h/03h or 29h/02h) for every nexus — the one that asked
-    /// too (SAM-5 6.3.3; libiscsi's MultipathIO.Reset expects it on every path).
-    /// Persistent reservations stay.
+    /// too (SAM-5 6.3.3; libiscsi's MultipathIO.Reset expects it on every path) — and aborts
+    /// the tasks of every other nexus (see [`LogicalUnit::abort_epoch`]; `by`'s transport
+    /// aborts its own). Persistent reservations stay.
     pub fn reset(&self, by: &Nexus, target_reset: bool) {
         let mut st = self.lock_state();
+        self.record_abort(
+            &mut st,
+            aborts::Whom::AllBut {
+                i_port: by.initiator_port.clone(),
+                t_port: by.target_port.clone(),
+            },
+        );
         st.spc2 = None;
         let cond = if target_reset {
             sense::ua::TARGET_RESET

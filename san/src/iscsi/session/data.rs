@@ -51,6 +51,8 @@ impl Session {
         t.r2t_sn = 0;
         t.r2ts = [R2tRec::default(); R2T_MAX];
         t.aborted = false;
+        t.aborted_by_other = false;
+        t.epoch = unit.as_ref().map_or(0, |u| u.abort_epoch());
         t.unit = unit;
         let cdb = t.scsi.cdb;
         if cdb[0] == REPORT_LUNS {

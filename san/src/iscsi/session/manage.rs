@@ -95,6 +95,59 @@ impl Session {
         }
     }
 
+    /// Per iteration: aborts the commands another nexus aborted on their unit (see
+    /// `LogicalUnit::abort_epoch`); one atomic load per unit when nothing happened. Returns
+    /// the commands aborted.
+    pub(super) fn check_aborts(&mut self) -> usize {
+        let mut n = 0;
+        for i in 0..self.luns.len().min(self.abort_seen.len()) {
+            let epoch = self.luns[i].1.abort_epoch();
+            if epoch == self.abort_seen[i] {
+                continue;
+            }
+            let seen = std::mem::replace(&mut self.abort_seen[i], epoch);
+            let unit = self.luns[i].1.clone();
+            if !unit.aborted_since(&self.nexus, seen) {
+                continue;
+            }
+            for slot in 0..TASKS_MAX {
+                let t = &self.tasks[slot];
+                if matches!(t.st, St::Free | St::Sending)
+                    || t.aborted
+                    || t.aborted_by_other
+                    || !t.unit.as_ref().is_some_and(|u| Arc::ptr_eq(u, &unit))
+                    || !unit.aborted_since(&self.nexus, t.epoch)
+                {
+                    continue;
+                }
+                self.abort_by_other(slot as u16);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Another nexus aborted this command: it ends with TASK ABORTED — at once if it waits
+    /// for a range lock or its answer is not rendered yet, once its data is in if it collects
+    /// Data-Out (the initiator sends it anyway), once its operations complete if it runs.
+    fn abort_by_other(&mut self, slot: u16) {
+        bump(&self.counters.tasks_aborted);
+        let t = &mut self.tasks[usize::from(slot)];
+        t.aborted_by_other = true;
+        match t.st {
+            St::Blocked => {
+                self.blocked.retain(|&s| s != slot);
+                let t = &mut self.tasks[usize::from(slot)];
+                if let Some(u) = t.unit.clone() {
+                    u.abandon(&mut t.scsi);
+                }
+                self.finish(slot, TASK_ABORTED);
+            }
+            St::Ready if t.sent == 0 => t.outcome = Some(TASK_ABORTED),
+            _ => {}
+        }
+    }
+
     pub(super) fn on_tmf(&mut self, bhs: &Bhs) {
         bump(&self.counters.task_management);
         if !self.take_cmdsn(bhs) {
