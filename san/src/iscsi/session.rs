@@ -464,6 +464,13 @@ impl Session {
             PduError::DataDigest { bhs, .. } => {
                 bump(&self.counters.data_digest_errors);
                 self.reject(reject::DATA_DIGEST, bhs);
+                // Data lost from a command collecting Data-Out: at ERL 0 it cannot be asked
+                // for again, so the command ends (RFC 7143 §7.8; see `terminate_data_out`).
+                if bhs.opcode() == opcode::DATA_OUT {
+                    if let Some(slot) = self.data_out_task(bhs) {
+                        self.terminate_data_out(slot);
+                    }
+                }
                 Flow::Continue
             }
             PduError::HeaderDigest { .. } => {

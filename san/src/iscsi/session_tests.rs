@@ -636,3 +636,69 @@ fn a_logical_unit_reset_aborts_other_nexuses_tasks() {
         Some((status::TASK_ABORTED, 0, 0))
     );
 }
+
+#[test]
+fn a_data_out_out_of_sequence_ends_its_command_at_once() {
+    let params = SessionParams {
+        immediate_data: true,
+        initial_r2t: true,
+        ..SessionParams::default()
+    };
+    let mut d = Driven::new(params);
+    d.clear_ua(0);
+    for (itt, sn, datasn) in [(1u32, 1u32, 1u32), (2, 2, 27), (3, 3, u32::MAX)] {
+        let ttt = write_waiting_for_data(&mut d, itt, sn);
+        let mut o = [0u8; BHS_LEN];
+        o[0] = 0x05;
+        o[1] = 0x80;
+        o[16..20].copy_from_slice(&itt.to_be_bytes());
+        o[20..24].copy_from_slice(&ttt);
+        o[36..40].copy_from_slice(&datasn.to_be_bytes());
+        d.feed(o, &[0x5a; 4096]);
+        let pdus = d.take_pdus();
+        assert!(pdus.iter().any(|(h, _)| h[0] == 0x3f), "Reject");
+        assert_eq!(
+            response_of(&pdus, itt),
+            Some((status::CHECK_CONDITION, 0x0B, 0x47)),
+            "ABORTED COMMAND, PROTOCOL SERVICE CRC ERROR"
+        );
+        // The right Data-Out, late: no command any more (rejected), the session goes on.
+        o[36..40].fill(0);
+        assert_eq!(d.feed(o, &[0x5a; 4096]), Flow::Continue);
+        let pdus = d.take_pdus();
+        assert!(pdus.iter().all(|(h, _)| h[0] == 0x3f));
+    }
+    d.feed(command(9, 4, 0, false, &[0, 0, 0, 0, 0, 0]), &[]);
+    assert_eq!(response_of(&d.take_pdus(), 9), Some((0, 0, 0)));
+    assert_eq!(d.s.in_flight(), 0);
+}
+
+#[test]
+fn a_data_out_with_a_data_digest_error_ends_its_command() {
+    let mut d = Driven::new(SessionParams {
+        immediate_data: true,
+        initial_r2t: true,
+        ..SessionParams::default()
+    });
+    d.clear_ua(0);
+    let ttt = write_waiting_for_data(&mut d, 1, 1);
+    let mut o = [0u8; BHS_LEN];
+    o[0] = 0x05;
+    o[1] = 0x80;
+    o[16..20].copy_from_slice(&1u32.to_be_bytes());
+    o[20..24].copy_from_slice(&ttt);
+    let e = PduError::DataDigest {
+        got: 1,
+        computed: 2,
+        total_len: BHS_LEN + 4096 + 4,
+        bhs: Bhs::from_slice(&o).expect("bhs"),
+    };
+    assert_eq!(d.s.on_frame_error(&e), Flow::Continue);
+    d.settle();
+    let pdus = d.take_pdus();
+    assert!(pdus.iter().any(|(h, _)| h[0] == 0x3f && h[2] == 0x02));
+    assert_eq!(
+        response_of(&pdus, 1),
+        Some((status::CHECK_CONDITION, 0x0B, 0x47))
+    );
+}

@@ -169,6 +169,12 @@ impl Sense {
         }
     }
 
+    /// ABORTED COMMAND, PROTOCOL SERVICE CRC ERROR (47h/05h): the transport lost data of the
+    /// command (iSCSI, RFC 7143 §11.4.7.2: a Data-Out digest or sequence error at ERL 0).
+    pub const fn protocol_crc_error() -> Self {
+        Sense::new(key::ABORTED_COMMAND, 0x47, 0x05)
+    }
+
     /// NO SENSE, NO ADDITIONAL SENSE INFORMATION (REQUEST SENSE with nothing to report).
     pub const fn no_sense() -> Self {
         Sense::new(key::NO_SENSE, 0x00, 0x00)

@@ -122,6 +122,62 @@ impl Session {
         Flow::Continue
     }
 
+    /// A Data-Out out of sequence (DataSN, offset, length) for a command collecting its
+    /// data: at ErrorRecoveryLevel 0 the target cannot ask for the data again (recovery
+    /// R2Ts are ERL 1), so — a sequence error being an implied digest error (RFC 7143
+    /// §7.9, §7.8) — the PDU is rejected and the command ends at once with CHECK
+    /// CONDITION, ABORTED COMMAND, PROTOCOL SERVICE CRC ERROR (§11.4.7.2), instead of
+    /// waiting for data that will never come. Its later Data-Out PDUs find no command and
+    /// are rejected too; the session goes on.
+    pub(super) fn data_out_sequence_error(&mut self, slot: u16, bhs: &Bhs) {
+        self.reject(reject::PROTOCOL_ERROR, bhs);
+        self.terminate_data_out(slot);
+    }
+
+    /// Ends a command still collecting Data-Out with PROTOCOL SERVICE CRC ERROR (see
+    /// [`Session::data_out_sequence_error`]).
+    pub(super) fn terminate_data_out(&mut self, slot: u16) {
+        let t = &mut self.tasks[usize::from(slot)];
+        if t.st != St::DataOut {
+            return;
+        }
+        t.r2ts = [R2tRec::default(); R2T_MAX];
+        t.unsol_done = true;
+        if let Some(u) = t.unit.clone() {
+            u.abandon(&mut t.scsi);
+        }
+        self.finish(
+            slot,
+            Outcome {
+                status: status::CHECK_CONDITION,
+                sense: Some(scsi::Sense::protocol_crc_error()),
+                data_in: 0,
+            },
+        );
+    }
+
+    /// The command a Data-Out names (unsolicited: by ITT; solicited: by its TTT), if it is
+    /// collecting data.
+    pub(super) fn data_out_task(&self, bhs: &Bhs) -> Option<u16> {
+        let ttt = bhs.ttt();
+        let slot = if ttt == RESERVED_TAG {
+            self.tasks
+                .iter()
+                .position(|t| t.st == St::DataOut && !t.unsol_done && t.itt == bhs.itt())?
+        } else {
+            let slot = (ttt & 0xffff) as usize;
+            let t = self.tasks.get(slot)?;
+            if !(t.st == St::DataOut
+                && t.itt == bhs.itt()
+                && t.r2ts.iter().any(|r| r.active && r.ttt == ttt))
+            {
+                return None;
+            }
+            slot
+        };
+        Some(slot as u16)
+    }
+
     pub(super) fn protocol_reject(&mut self, slot: u16, bhs: &Bhs) -> Flow {
         self.release(slot);
         self.reject(reject::PROTOCOL_ERROR, bhs);
@@ -207,7 +263,7 @@ impl Session {
                 || bhs.datasn() != t.unsol_data_sn
                 || off.checked_add(len).is_none_or(|e| e > t.unsol_len)
             {
-                self.reject(reject::PROTOCOL_ERROR, bhs);
+                self.data_out_sequence_error(slot, bhs);
                 return Flow::Continue;
             }
             place(&mut t.scsi.buf, off, data);
@@ -241,7 +297,7 @@ impl Session {
                 || bhs.datasn() != r.data_sn
                 || r.got.checked_add(len).is_none_or(|g| g > r.len)
             {
-                self.reject(reject::PROTOCOL_ERROR, bhs);
+                self.data_out_sequence_error(slot as u16, bhs);
                 return Flow::Continue;
             }
             r.got += len;
