@@ -269,6 +269,10 @@ pub struct Session {
     /// Non-immediate tasks holding a slot.
     busy: u32,
     tasks: Box<[Task]>,
+    /// The ITT of each slot whose command is active (taken, status not yet queued);
+    /// RESERVED_TAG otherwise. Compact, so a new command's ITT is checked against the active
+    /// ones without walking the task slots.
+    active_itts: Box<[u32]>,
     free: Vec<u16>,
     blocked: VecDeque<u16>,
     ready: VecDeque<u16>,
@@ -323,6 +327,7 @@ impl Session {
             exp_cmd_sn: setup.exp_cmd_sn,
             busy: 0,
             tasks: (0..TASKS_MAX).map(|_| Task::default()).collect(),
+            active_itts: vec![RESERVED_TAG; TASKS_MAX].into_boxed_slice(),
             free,
             blocked: VecDeque::with_capacity(TASKS_MAX),
             ready: VecDeque::with_capacity(TASKS_MAX),
@@ -685,7 +690,14 @@ impl Session {
         }
     }
 
+    /// The command in `slot` is no longer active (its status is queued, or it is gone): its
+    /// ITT may be used again.
+    fn retire_itt(&mut self, slot: u16) {
+        self.active_itts[usize::from(slot)] = RESERVED_TAG;
+    }
+
     fn release(&mut self, slot: u16) {
+        self.retire_itt(slot);
         let t = &mut self.tasks[usize::from(slot)];
         if t.st == St::Free {
             return;

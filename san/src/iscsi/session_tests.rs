@@ -702,3 +702,30 @@ fn a_data_out_with_a_data_digest_error_ends_its_command() {
         Some((status::CHECK_CONDITION, 0x0B, 0x47))
     );
 }
+
+#[test]
+fn a_command_reusing_an_active_itt_is_rejected_as_task_in_progress() {
+    let mut d = Driven::new(SessionParams {
+        immediate_data: true,
+        initial_r2t: true,
+        ..SessionParams::default()
+    });
+    d.clear_ua(0);
+    let ttt = write_waiting_for_data(&mut d, 5, 1);
+    // Another command with ITT 5 while the write waits for its data.
+    d.feed(command(5, 2, 0, false, &[0, 0, 0, 0, 0, 0]), &[]);
+    let pdus = d.take_pdus();
+    assert_eq!(pdus.len(), 1);
+    assert_eq!(pdus[0].0[0], 0x3f, "Reject");
+    assert_eq!(pdus[0].0[2], 0x07, "task in progress");
+    assert_eq!(
+        &pdus[0].1[16..20],
+        &5u32.to_be_bytes(),
+        "the rejected header"
+    );
+    // The write goes on undisturbed; then ITT 5 is free again.
+    data_out(&mut d, 5, ttt);
+    assert_eq!(response_of(&d.take_pdus(), 5), Some((0, 0, 0)));
+    d.feed(command(5, 3, 0, false, &[0, 0, 0, 0, 0, 0]), &[]);
+    assert_eq!(response_of(&d.take_pdus(), 5), Some((0, 0, 0)));
+}

@@ -14,6 +14,13 @@ impl Session {
         if !self.take_cmdsn(bhs) {
             return Flow::Continue;
         }
+        if bhs.itt() == RESERVED_TAG || self.active_itts.contains(&bhs.itt()) {
+            // The ITT of a command still active (or the reserved one): an initiator must
+            // not reuse a tag before the command's status (RFC 7143 §11.1.3). Rejected as
+            // "task in progress", the running command undisturbed.
+            self.reject(reject::TASK_IN_PROGRESS, bhs);
+            return Flow::Continue;
+        }
         let Some(slot) = self.free.pop() else {
             self.reject(reject::IMMEDIATE_REJECTED, bhs);
             return Flow::Continue;
@@ -28,6 +35,7 @@ impl Session {
         self.attach_units(cx);
         let unit = self.unit_of(bhs.lun());
         let p = self.p;
+        self.active_itts[usize::from(slot)] = bhs.itt();
         let t = &mut self.tasks[usize::from(slot)];
         t.st = St::DataOut;
         t.itt = bhs.itt();
