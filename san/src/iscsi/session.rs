@@ -29,8 +29,8 @@ use dataplane::poller::PollCx;
 
 use crate::iscsi::params::SessionParams;
 use crate::iscsi::pdu::{
-    opcode, reject, Bhs, DataIn, Frame, Framing, LogoutResponse, NopIn, PduError, R2t, Reject,
-    Residual, ScsiResponse, TextResponse, TmResponse, BHS_LEN, RESERVED_TAG,
+    opcode, reject, AsyncMessage, Bhs, DataIn, Frame, Framing, LogoutResponse, NopIn, PduError,
+    R2t, Reject, Residual, ScsiResponse, TextResponse, TmResponse, BHS_LEN, RESERVED_TAG,
 };
 use crate::scsi::sense::FIXED_SENSE_LEN;
 use crate::scsi::{
@@ -71,6 +71,8 @@ pub const BUF_KEEP: usize = 256 * 1024;
 /// Engine capacity a command needs free before it starts: its own operation
 /// (`OPS_PER_REQUEST_MAX`) plus the connection's receive and send.
 const ENGINE_RESERVE: usize = dataplane::backend::OPS_PER_REQUEST_MAX + 2;
+/// AsyncEvent of an Async Message asking the initiator to log out (RFC 7143 §11.9.1).
+const ASYNC_LOGOUT_REQUEST: u8 = 1;
 /// REPORT LUNS opcode (answered here from the target's table).
 const REPORT_LUNS: u8 = 0xA0;
 /// Bytes of a SCSI Response's sense data segment: 2-byte SenseLength + fixed sense.

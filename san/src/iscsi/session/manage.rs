@@ -241,6 +241,29 @@ impl Session {
         self.push(b, &[], false);
     }
 
+    /// Asks the initiator to log out within `secs` seconds (Async Message, AsyncEvent 1:
+    /// the server is shutting down). Nothing if the session is already closing.
+    pub fn request_logout(&mut self, secs: u16) {
+        if self.closing {
+            return;
+        }
+        let mut b = [0u8; BHS_LEN];
+        AsyncMessage {
+            lun: 0,
+            stat_sn: self.next_stat_sn(),
+            exp_cmd_sn: self.exp_cmd_sn,
+            max_cmd_sn: self.max_cmd_sn(),
+            event: ASYNC_LOGOUT_REQUEST,
+            vcode: 0,
+            param1: 0,
+            param2: 0,
+            param3: secs,
+            data_len: 0,
+        }
+        .write(&mut b);
+        self.push(b, &[], false);
+    }
+
     pub(super) fn on_logout(&mut self, bhs: &Bhs) {
         if !self.take_cmdsn(bhs) {
             return;
