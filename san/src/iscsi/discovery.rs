@@ -7,6 +7,7 @@
 //! pieces with a Target Transfer Tag, §11.10–11.11, SendTargets), shared with normal
 //! sessions, where SendTargets names only the session's own target.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use thiserror::Error;
@@ -18,7 +19,7 @@ use super::pdu::{
     BHS_LEN, RESERVED_TAG,
 };
 use super::text::{self, TextBuilder, TextError, TEXT_LEN_MAX};
-use crate::target::{check_name, Registry, Target};
+use crate::target::{check_name, Portal, Registry, Target};
 
 /// Commands a discovery session may have outstanding (MaxCmdSN = ExpCmdSN + window - 1):
 /// discovery is one request at a time, a few allow pipelining NOPs behind a text request.
@@ -121,6 +122,7 @@ pub struct TextExchange {
     next_ttt: u32,
     pending: Option<Pending>,
     partial: Option<Partial>,
+    local: Option<SocketAddr>,
 }
 
 impl Default for TextExchange {
@@ -136,7 +138,14 @@ impl TextExchange {
             next_ttt: 1,
             pending: None,
             partial: None,
+            local: None,
         }
+    }
+
+    /// The connection's local address: SendTargets names it for a portal that listens on
+    /// a wildcard address (same port) instead of leaving that portal out.
+    pub fn set_local_address(&mut self, addr: SocketAddr) {
+        self.local = Some(addr);
     }
 
     fn tag(&mut self) -> u32 {
@@ -211,7 +220,7 @@ impl TextExchange {
         let mut t = TextBuilder::new();
         for (k, v) in pairs.iter() {
             match *k {
-                "SendTargets" => send_targets(registry, initiator, scope, v, &mut t),
+                "SendTargets" => send_targets(registry, initiator, scope, self.local, v, &mut t),
                 _ => {
                     t.push(k, "NotUnderstood");
                 }
@@ -269,6 +278,7 @@ fn send_targets(
     registry: &Registry,
     initiator: &str,
     scope: Option<&Target>,
+    local: Option<SocketAddr>,
     v: &str,
     t: &mut TextBuilder,
 ) {
@@ -293,12 +303,24 @@ fn send_targets(
             return;
         }
     };
-    let portals = registry.portals();
+    // A wildcard listener has no address an initiator could use: it is named by the
+    // connection's own address when that came in on its port, else left out (without any
+    // TargetAddress the initiator reuses the discovery connection's, §13.8).
+    let portals: Vec<Portal> = registry
+        .portals()
+        .into_iter()
+        .filter_map(|p| {
+            if !p.addr.ip().is_unspecified() {
+                return Some(p);
+            }
+            local
+                .filter(|l| l.port() == p.addr.port() && !l.ip().is_unspecified())
+                .map(|addr| Portal { addr, tpgt: p.tpgt })
+        })
+        .collect();
     for tg in targets {
         t.push("TargetName", tg.name());
-        // A wildcard listener has no address an initiator could use: leaving
-        // TargetAddress out tells it to reuse the discovery connection's (§13.8).
-        for p in portals.iter().filter(|p| !p.addr.ip().is_unspecified()) {
+        for p in &portals {
             t.push("TargetAddress", &p.target_address());
         }
     }
@@ -332,13 +354,15 @@ impl Discovery {
         }
     }
 
+    /// The connection's local address (see [`TextExchange::set_local_address`]).
+    pub fn with_local_address(mut self, addr: SocketAddr) -> Self {
+        self.text.set_local_address(addr);
+        self
+    }
+
     /// How received PDUs are framed on this connection.
     pub fn framing(&self) -> Framing {
-        Framing {
-            header_digest: self.params.header_digest,
-            data_digest: self.params.data_digest,
-            max_recv_data_segment: self.params.max_recv_data_segment,
-        }
+        self.params.framing()
     }
 
     /// Why the last PDU was rejected.

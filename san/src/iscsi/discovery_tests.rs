@@ -505,3 +505,35 @@ fn reply_header(req: &Bhs) -> Bhs {
     assert_eq!(u32_at(&h, 24), 4);
     h
 }
+
+#[test]
+fn a_wildcard_portal_is_named_by_the_connection_address() {
+    let reg = registry(1);
+    let local: std::net::SocketAddr = "198.51.100.7:3260".parse().expect("addr");
+    let mut d = session(&reg, SessionParams::default()).with_local_address(local);
+    let (_, pdus) = send(
+        &mut d,
+        &Pdu {
+            data: text("SendTargets=All;"),
+            ..Pdu::default()
+        },
+    );
+    let body = String::from_utf8(pdus[0].1.clone()).expect("utf8");
+    assert!(
+        body.contains("TargetAddress=198.51.100.7:3260,3\0"),
+        "{body}"
+    );
+    assert!(!body.contains("0.0.0.0"));
+    // Another port: that listener is not the one the connection came in on.
+    let other: std::net::SocketAddr = "198.51.100.7:3261".parse().expect("addr");
+    let mut d = session(&reg, SessionParams::default()).with_local_address(other);
+    let (_, pdus) = send(
+        &mut d,
+        &Pdu {
+            data: text("SendTargets=All;"),
+            ..Pdu::default()
+        },
+    );
+    let body = String::from_utf8(pdus[0].1.clone()).expect("utf8");
+    assert!(!body.contains(",3\0"), "{body}");
+}

@@ -364,6 +364,10 @@ impl Login {
             return self.fail(bhs, e, out);
         }
         self.pdus += 1;
+        if self.stage.is_none() {
+            // The first StatSN follows the initiator's ExpStatSN, refusals included.
+            self.stat_sn = bhs.expstatsn();
+        }
         if bhs.opcode() != opcode::LOGIN_REQ {
             return self.fail(bhs, LoginError::NotLogin(bhs.opcode()), out);
         }
@@ -388,15 +392,14 @@ impl Login {
         match self.stage {
             None => {
                 // The first request fixes the connection's identity.
+                self.isid = bhs.isid();
+                self.cid = bhs.cid();
                 if bhs.version_min() > ISCSI_VERSION {
                     return Err(LoginError::Version(bhs.version_min()));
                 }
                 if bhs.tsih() != 0 {
                     return Err(LoginError::NoSession(bhs.tsih()));
                 }
-                self.isid = bhs.isid();
-                self.cid = bhs.cid();
-                self.stat_sn = bhs.expstatsn();
                 if csg != stage::SECURITY && csg != stage::OPERATIONAL {
                     return Err(LoginError::Protocol("first request not in a login stage"));
                 }
@@ -477,13 +480,20 @@ impl Login {
                     }
                 }
                 if go {
-                    // The target's receive limit is declared before full-feature phase
-                    // (in the operational stage's answers, not the security stage's).
+                    // The target's receive limit is declared before full-feature phase,
+                    // in the operational stage's answers: initiators refuse operational
+                    // keys in the security stage (open-iscsi's discovery goes straight
+                    // from there to full-feature phase), where the default then holds.
                     if next == stage::FULL_FEATURE && !self.declared_mrdsl {
-                        out.push(
-                            "MaxRecvDataSegmentLength",
-                            &self.params.max_recv_data_segment.to_string(),
-                        );
+                        if csg == stage::OPERATIONAL {
+                            out.push(
+                                "MaxRecvDataSegmentLength",
+                                &self.params.max_recv_data_segment.to_string(),
+                            );
+                        } else {
+                            self.params.max_recv_data_segment =
+                                SessionParams::default().max_recv_data_segment;
+                        }
                         self.declared_mrdsl = true;
                     }
                     resp.transit = true;

@@ -119,20 +119,24 @@ impl Login {
                     out.push(k, "Reject");
                 }
             },
-            "ImmediateData" => match parse_bool(v) {
-                Some(b) => {
-                    // AND: No wins.
-                    p.immediate_data = b && offer.immediate_data;
-                    if self.proposed.has(KeySet::IMMEDIATE_DATA) {
-                        return;
+            "ImmediateData" => {
+                let answer = self.proposed.has(KeySet::IMMEDIATE_DATA);
+                self.sent.add(KeySet::IMMEDIATE_DATA);
+                match parse_bool(v) {
+                    Some(b) => {
+                        // AND: No wins.
+                        p.immediate_data = b && offer.immediate_data;
+                        if !answer {
+                            out.push(k, yes_no(p.immediate_data));
+                        }
                     }
-                    self.sent.add(KeySet::IMMEDIATE_DATA);
-                    out.push(k, yes_no(p.immediate_data));
+                    None => {
+                        // Negotiated once and failed: the target's limit holds.
+                        p.immediate_data &= offer.immediate_data;
+                        out.push(k, "Reject");
+                    }
                 }
-                None => {
-                    out.push(k, "Reject");
-                }
-            },
+            }
             "DataPDUInOrder" | "DataSequenceInOrder" => match parse_bool(v) {
                 // OR with the target's Yes: always Yes (the session needs data in order).
                 Some(_) => {
@@ -142,33 +146,30 @@ impl Login {
                     out.push(k, "Reject");
                 }
             },
-            "MaxBurstLength" => match num_in(v, seg.0, seg.1) {
-                Some(n) => {
-                    p.max_burst = n.min(u64::from(offer.max_burst.max(DATA_SEGMENT_MIN))) as u32;
-                    if self.proposed.has(KeySet::MAX_BURST) {
-                        return;
+            "MaxBurstLength" | "FirstBurstLength" => {
+                let (key, limit, value) = if k == "MaxBurstLength" {
+                    (KeySet::MAX_BURST, offer.max_burst, &mut p.max_burst)
+                } else {
+                    (KeySet::FIRST_BURST, offer.first_burst, &mut p.first_burst)
+                };
+                let limit = limit.max(DATA_SEGMENT_MIN);
+                let answer = self.proposed.has(key);
+                self.sent.add(key);
+                match num_in(v, seg.0, seg.1) {
+                    Some(n) => {
+                        // Min-negotiated.
+                        *value = n.min(u64::from(limit)) as u32;
+                        if !answer {
+                            out.push(k, &value.to_string());
+                        }
                     }
-                    self.sent.add(KeySet::MAX_BURST);
-                    out.push(k, &p.max_burst.to_string());
-                }
-                None => {
-                    out.push(k, "Reject");
-                }
-            },
-            "FirstBurstLength" => match num_in(v, seg.0, seg.1) {
-                Some(n) => {
-                    p.first_burst =
-                        n.min(u64::from(offer.first_burst.max(DATA_SEGMENT_MIN))) as u32;
-                    if self.proposed.has(KeySet::FIRST_BURST) {
-                        return;
+                    None => {
+                        // Negotiated once and failed: the target's limit holds.
+                        *value = (*value).min(limit);
+                        out.push(k, "Reject");
                     }
-                    self.sent.add(KeySet::FIRST_BURST);
-                    out.push(k, &p.first_burst.to_string());
                 }
-                None => {
-                    out.push(k, "Reject");
-                }
-            },
+            }
             "MaxOutstandingR2T" => match num_in(v, 1, 65535) {
                 Some(n) => {
                     p.max_outstanding_r2t =
@@ -199,8 +200,10 @@ impl Login {
                     out.push(k, "Reject");
                 }
             },
+            // The target declares its own (an answer would repeat the key).
+            "TargetPortalGroupTag" => {}
             // Keys only a target declares, or only full-feature phase uses.
-            "TargetAlias" | "TargetAddress" | "TargetPortalGroupTag" | "SendTargets" => {
+            "TargetAlias" | "TargetAddress" | "SendTargets" => {
                 out.push(k, "Irrelevant");
             }
             _ => {

@@ -147,6 +147,10 @@ fn send_raw(l: &mut Login, r: &Req, data: &[u8]) -> (LoginStep, Resp) {
 fn failed(step: &LoginStep, resp: &Resp, st: u16) {
     assert!(matches!(step, LoginStep::Failed), "{step:?}");
     assert_eq!(resp.status(), st, "status");
+    assert!(
+        resp.stat_sn() >= 100,
+        "StatSN follows the initiator's ExpStatSN"
+    );
     assert!(!resp.bhs.login_transit());
     assert_eq!(resp.bhs.tsih(), 0);
 }
@@ -949,4 +953,65 @@ fn tsih_skips_zero() {
         tsihs.push(established(step).tsih);
     }
     assert_eq!(tsihs, [u16::MAX, 1]);
+}
+
+#[test]
+fn rejected_limits_are_not_proposed_again() {
+    let mut l = Login::new(config(LoginOffer {
+        max_burst: 65536,
+        first_burst: 16384,
+        immediate_data: false,
+        ..LoginOffer::default()
+    }));
+    let (step, r) = send(
+        &mut l,
+        &Req {
+            csg: 1,
+            nsg: 3,
+            ..Req::default()
+        },
+        &[
+            ("InitiatorName", INI),
+            ("TargetName", OPEN),
+            ("MaxBurstLength", "1"),
+            ("FirstBurstLength", "x"),
+            ("ImmediateData", "Perhaps"),
+            ("TargetPortalGroupTag", "9"),
+        ],
+    );
+    assert_eq!(r.get("MaxBurstLength"), Some("Reject"));
+    assert_eq!(r.get("FirstBurstLength"), Some("Reject"));
+    assert_eq!(r.get("ImmediateData"), Some("Reject"));
+    assert_eq!(r.order.len(), 5, "no proposal repeats a key: {:?}", r.order);
+    let e = established(step);
+    assert_eq!(e.params.max_burst, 65536);
+    assert_eq!(e.params.first_burst, 16384);
+    assert!(!e.params.immediate_data);
+}
+
+#[test]
+fn security_stage_straight_to_full_feature_declares_no_operational_key() {
+    // open-iscsi's discovery with default settings: T=1, CSG=0, NSG=3.
+    let mut l = Login::new(config(LoginOffer::default()));
+    let (step, r) = send(
+        &mut l,
+        &Req {
+            nsg: 3,
+            ..Req::default()
+        },
+        &[
+            ("InitiatorName", INI),
+            ("SessionType", "Discovery"),
+            ("AuthMethod", "None"),
+        ],
+    );
+    assert_eq!(r.order, ["AuthMethod"], "only security keys");
+    assert!(r.bhs.login_transit());
+    assert_eq!((r.bhs.login_csg(), r.bhs.login_nsg()), (0, 3));
+    let e = established(step);
+    assert_eq!(
+        e.params.max_recv_data_segment, 8192,
+        "undeclared: the default"
+    );
+    assert_eq!(e.params.max_send_data_segment, 8192);
 }

@@ -1,6 +1,8 @@
 //! The parameters a login settles for a session and its connection (RFC 7143 §13), with the
 //! defaults and the target's offers.
 
+use super::pdu::Framing;
+
 /// Negotiated values. "Initiator's" limits bound what the target sends; "target's" bound what
 /// it receives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +58,17 @@ impl Default for SessionParams {
             max_connections: 1,
             default_time2wait: 2,
             default_time2retain: 20,
+        }
+    }
+}
+
+impl SessionParams {
+    /// How the target frames the PDUs it receives on a connection with these parameters.
+    pub fn framing(&self) -> Framing {
+        Framing {
+            header_digest: self.header_digest,
+            data_digest: self.data_digest,
+            max_recv_data_segment: self.max_recv_data_segment,
         }
     }
 }

@@ -410,6 +410,13 @@ pub fn pad_len(n: usize) -> usize {
     (4 - (n & 3)) & 3
 }
 
+/// The padding bytes after a data segment of `n` bytes (zeros, §11.2.3), to send from a
+/// static buffer and to feed the data digest: `crc32c(&[data, padding(data.len())])`.
+pub fn padding(n: usize) -> &'static [u8] {
+    const ZEROS: [u8; 3] = [0; 3];
+    &ZEROS[..pad_len(n)]
+}
+
 /// CRC32C over the concatenation of `parts` (iSCSI digests, §12.1), as a number; on the wire
 /// it is sent least significant byte first (see [`put_digest`]).
 pub fn crc32c(parts: &[&[u8]]) -> u32 {
@@ -518,8 +525,7 @@ pub fn append_pdu(out: &mut Vec<u8>, bhs: &[u8; BHS_LEN], data: &[u8], f: &Frami
     if data.is_empty() {
         return;
     }
-    let pad = [0u8; 3];
-    let pad = &pad[..pad_len(data.len())];
+    let pad = padding(data.len());
     out.extend_from_slice(data);
     out.extend_from_slice(pad);
     if f.data_digest {

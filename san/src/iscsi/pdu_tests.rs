@@ -53,6 +53,13 @@ fn crc32c_matches_rfc_test_vectors() {
 }
 
 #[test]
+fn padding_bytes() {
+    assert_eq!(padding(5), &[0, 0, 0]);
+    assert_eq!(padding(8), &[] as &[u8]);
+    assert_eq!(padding(7).len(), 1);
+}
+
+#[test]
 fn pad_lengths() {
     assert_eq!(
         [0, 1, 2, 3, 4, 5].map(pad_len),
