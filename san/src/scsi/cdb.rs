@@ -23,6 +23,7 @@ pub(crate) mod op {
     pub const WRITE_AND_VERIFY_10: u8 = 0x2E;
     pub const VERIFY_10: u8 = 0x2F;
     pub const PRE_FETCH_10: u8 = 0x34;
+    pub const READ_DEFECT_DATA_10: u8 = 0x37;
     pub const SYNCHRONIZE_CACHE_10: u8 = 0x35;
     pub const WRITE_SAME_10: u8 = 0x41;
     pub const UNMAP: u8 = 0x42;
@@ -46,6 +47,7 @@ pub(crate) mod op {
     pub const WRITE_12: u8 = 0xAA;
     pub const WRITE_AND_VERIFY_12: u8 = 0xAE;
     pub const VERIFY_12: u8 = 0xAF;
+    pub const READ_DEFECT_DATA_12: u8 = 0xB7;
 
     /// SERVICE ACTION IN(16) actions.
     pub const SAI_READ_CAPACITY_16: u8 = 0x10;
@@ -209,6 +211,14 @@ pub(crate) enum Cmd {
     Reserve6,
     Release6,
     StartStop,
+    /// READ DEFECT DATA 10/12: the lists asked for and their format.
+    ReadDefects {
+        twelve: bool,
+        plist: bool,
+        glist: bool,
+        format: u8,
+        alloc: u32,
+    },
 }
 
 fn be16(b: &[u8]) -> u32 {
@@ -561,6 +571,28 @@ fn decode_full(g: &Geometry, cdb: &[u8]) -> Result<Cmd, Sense> {
             rtype: c[2] & 0x0F,
             param_len: param(be32(&c[5..9]))?,
         })),
+        op::READ_DEFECT_DATA_10 | op::READ_DEFECT_DATA_12 => {
+            let twelve = opcode == op::READ_DEFECT_DATA_12;
+            // The request bits sit in byte 2 of the 10-byte CDB, byte 1 of the 12-byte one.
+            let at = if twelve { 1 } else { 2 };
+            let format = c[at] & 0x07;
+            // Short block, long block, bytes from index, physical sector, vendor specific;
+            // the others are reserved.
+            if matches!(format, 1 | 2 | 7) {
+                return Err(Sense::invalid_field_in_cdb().at_cdb_byte(at as u16));
+            }
+            Ok(Cmd::ReadDefects {
+                twelve,
+                plist: c[at] & 0x10 != 0,
+                glist: c[at] & 0x08 != 0,
+                format,
+                alloc: if twelve {
+                    be32(&c[6..10])
+                } else {
+                    be16(&c[7..9])
+                },
+            })
+        }
         op::RESERVE_6 => Ok(Cmd::Reserve6),
         op::RELEASE_6 => Ok(Cmd::Release6),
         op::START_STOP_UNIT => Ok(Cmd::StartStop),
@@ -586,6 +618,7 @@ impl Cmd {
             | Cmd::GetLbaStatus { alloc, .. }
             | Cmd::ModeSense(ModeSenseCdb { alloc, .. })
             | Cmd::ReportOpcodes { alloc, .. }
+            | Cmd::ReadDefects { alloc, .. }
             | Cmd::PrIn { alloc, .. } => (DataDir::In, alloc),
             Cmd::ReadCapacity10 => (DataDir::In, 8),
             Cmd::Rw {

@@ -1,6 +1,6 @@
 //! Commands the unit answers from what it knows, without the backend: INQUIRY and its VPD
 //! pages, READ CAPACITY, REQUEST SENSE, REPORT SUPPORTED OPERATION CODES, GET LBA STATUS,
-//! REPORT LUNS and the answers for a LUN the target does not have. Each writes its parameter
+//! READ DEFECT DATA, REPORT LUNS and the answers for a LUN the target does not have. Each writes its parameter
 //! data into the task buffer, cut to the allocation length.
 
 use super::cdb::{op, Geometry, MAX_UNMAP_BLOCKS, MAX_UNMAP_DESCRIPTORS, MAX_WRITE_SAME_BLOCKS};
@@ -219,6 +219,27 @@ pub(crate) fn get_lba_status(g: &Geometry, lba: u64, alloc: u32, buf: &mut Vec<u
     reply(buf, alloc)
 }
 
+/// READ DEFECT DATA (10 or 12): the header of the lists asked for, with no defects — the
+/// unit is a file on a host's storage, which hides its media defects (PLISTV and GLISTV say
+/// the empty lists are valid).
+pub(crate) fn read_defects(
+    twelve: bool,
+    plist: bool,
+    glist: bool,
+    format: u8,
+    alloc: u32,
+    buf: &mut Vec<u8>,
+) -> Outcome {
+    buf.clear();
+    let flags = u8::from(plist) << 4 | u8::from(glist) << 3 | format;
+    buf.extend_from_slice(&[0, flags, 0, 0]);
+    if twelve {
+        // GENERATION CODE 0 (above), DEFECT LIST LENGTH 0.
+        buf.extend_from_slice(&[0; 4]);
+    }
+    reply(buf, alloc)
+}
+
 /// One supported command: opcode, service action (if it has them), CDB length.
 struct Supported {
     opcode: u8,
@@ -261,6 +282,7 @@ const SUPPORTED: &[Supported] = &[
     cmd(op::WRITE_AND_VERIFY_10, 10),
     cmd(op::VERIFY_10, 10),
     cmd(op::PRE_FETCH_10, 10),
+    cmd(op::READ_DEFECT_DATA_10, 10),
     cmd(op::SYNCHRONIZE_CACHE_10, 10),
     cmd(op::WRITE_SAME_10, 10),
     cmd(op::UNMAP, 10),
@@ -294,6 +316,7 @@ const SUPPORTED: &[Supported] = &[
     cmd(op::WRITE_12, 12),
     cmd(op::WRITE_AND_VERIFY_12, 12),
     cmd(op::VERIFY_12, 12),
+    cmd(op::READ_DEFECT_DATA_12, 12),
 ];
 
 fn offered(s: &Supported, thin: bool) -> bool {

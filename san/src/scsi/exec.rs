@@ -35,6 +35,7 @@ fn access(cmd: &Cmd) -> Access {
         | Cmd::Verify { .. }
         | Cmd::GetLbaStatus { .. }
         | Cmd::ModeSense(_)
+        | Cmd::ReadDefects { .. }
         | Cmd::PreFetch => Access::Read,
         Cmd::Rw { dir: Rw::Write, .. }
         | Cmd::WriteVerify { .. }
@@ -306,6 +307,15 @@ impl LogicalUnit {
                 buf,
             )),
             Cmd::ModeSense(c) => done(mode::sense(g, &c, buf)),
+            Cmd::ReadDefects {
+                twelve,
+                plist,
+                glist,
+                format,
+                alloc,
+            } => done(emulate::read_defects(
+                twelve, plist, glist, format, alloc, buf,
+            )),
             Cmd::ModeSelect {
                 ten,
                 pf,

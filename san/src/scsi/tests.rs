@@ -835,6 +835,25 @@ fn get_lba_status_and_report_opcodes() {
 }
 
 #[test]
+fn read_defect_data_reports_empty_lists() {
+    let mut h = Harness::null(MIB).ready();
+    // (10): both lists, short block format.
+    let d = h.run(&[0x37, 0, 0x18, 0, 0, 0, 0, 0, 32, 0], &[]);
+    assert!(d.good());
+    assert_eq!(d.data, [0, 0x18, 0, 0]);
+    // (12): the request bits in byte 1; 8-byte header.
+    let d = h.run(&[0xB7, 0x13, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0], &[]);
+    assert!(d.good());
+    assert_eq!(d.data, [0, 0x13, 0, 0, 0, 0, 0, 0]);
+    // Cut to the allocation length; a reserved format is refused.
+    assert_eq!(h.run(&[0x37, 0, 0, 0, 0, 0, 0, 0, 2, 0], &[]).data.len(), 2);
+    assert_eq!(
+        h.run(&[0x37, 0, 0x01, 0, 0, 0, 0, 0, 32, 0], &[]).asc(),
+        (key::ILLEGAL_REQUEST, 0x24, 0)
+    );
+}
+
+#[test]
 fn reset_and_capacity_unit_attentions() {
     let mut a = Harness::null(MIB).ready();
     let mut b = Harness::new(a.lu.clone(), nexus("iqn.2026-01.test:b", 2)).ready();
@@ -1096,7 +1115,7 @@ mod fuzz {
         /// Data-In fits the buffer and the plan.
         #[test]
         fn any_cdb_any_data(cdb in proptest::collection::vec(any::<u8>(), 0..=16),
-                            opcode in prop::sample::select(vec![0x00u8, 0x03, 0x08, 0x0A, 0x12, 0x15, 0x16, 0x17, 0x1A, 0x1B, 0x25, 0x28, 0x2A, 0x2E, 0x2F, 0x34, 0x35, 0x41, 0x42, 0x55, 0x5A, 0x5E, 0x5F, 0x88, 0x89, 0x8A, 0x8B, 0x8E, 0x8F, 0x90, 0x91, 0x93, 0x9E, 0xA0, 0xA3, 0xA8, 0xAA, 0xAE, 0xAF, 0xFF]),
+                            opcode in prop::sample::select(vec![0x00u8, 0x03, 0x08, 0x0A, 0x12, 0x15, 0x16, 0x17, 0x1A, 0x1B, 0x25, 0x28, 0x2A, 0x2E, 0x2F, 0x34, 0x35, 0x37, 0x41, 0x42, 0x55, 0x5A, 0x5E, 0x5F, 0x88, 0x89, 0x8A, 0x8B, 0x8E, 0x8F, 0x90, 0x91, 0x93, 0x9E, 0xA0, 0xA3, 0xA8, 0xAA, 0xAE, 0xAF, 0xB7, 0xFF]),
                             data in proptest::collection::vec(any::<u8>(), 0..600),
                             fill in 0usize..3) {
             let mut h = Harness::null(64 * 1024);
