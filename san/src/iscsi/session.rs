@@ -253,6 +253,8 @@ struct Task {
 struct PendingTmf {
     itt: u32,
     response: u8,
+    /// Close the connection after the answer (TARGET COLD RESET).
+    close: bool,
 }
 
 /// The full-feature phase of one connection (see the module comment).
@@ -293,6 +295,8 @@ pub struct Session {
     closing: bool,
     /// The last queued PDU asked for the connection to close and it was sent.
     closed: bool,
+    /// Another nexus's TARGET COLD RESET ends this connection.
+    dropped: bool,
     /// The units of `luns` were given this reactor's offload sink.
     attached: bool,
     /// Commands were started or stepped since the last [`Session::end_batch`].
@@ -343,6 +347,7 @@ impl Session {
             ping_seq: 0,
             closing: false,
             closed: false,
+            dropped: false,
             attached: false,
             started: false,
             released: Vec::with_capacity(out::OUT_SLOTS),
@@ -375,9 +380,10 @@ impl Session {
             && held + TASK_WINDOW as usize + IMMEDIATE_SLOTS < TASKS_MAX
     }
 
-    /// Whether the session is done (a Logout Response or fatal Reject went out).
+    /// Whether the session is done (a Logout Response or fatal Reject went out, or another
+    /// nexus's TARGET COLD RESET ended it).
     pub fn finished(&self) -> bool {
-        self.closed
+        self.closed || self.dropped
     }
 
     /// Tasks with engine operations in flight (their buffers are in the kernel's hands).

@@ -729,3 +729,39 @@ fn a_command_reusing_an_active_itt_is_rejected_as_task_in_progress() {
     d.feed(command(5, 3, 0, false, &[0, 0, 0, 0, 0, 0]), &[]);
     assert_eq!(response_of(&d.take_pdus(), 5), Some((0, 0, 0)));
 }
+
+#[test]
+fn a_target_cold_reset_ends_every_connection() {
+    let mut a = Driven::new(SessionParams::default());
+    let mut b = a.peer([0x40, 0, 0, 0, 0, 2]);
+    a.clear_ua(0);
+    b.clear_ua(0);
+    // RESERVE(6) from A.
+    a.feed(command(1, 1, 0, false, &[0x16, 0, 0, 0, 0, 0]), &[]);
+    assert_eq!(response_of(&a.take_pdus(), 1), Some((0, 0, 0)));
+    // TARGET COLD RESET from B: answered, then B's connection ends.
+    let mut tmf = [0u8; BHS_LEN];
+    tmf[0] = 0x42;
+    tmf[1] = 0x80 | 7;
+    tmf[16..20].copy_from_slice(&9u32.to_be_bytes());
+    tmf[24..28].copy_from_slice(&1u32.to_be_bytes());
+    b.feed(tmf, &[]);
+    let pdus = b.take_pdus();
+    assert!(
+        pdus.iter().any(|(h, _)| h[0] == 0x22 && h[2] == 0),
+        "TMF done"
+    );
+    assert!(b.s.finished(), "B's connection ends after the answer");
+    assert!(!b.s.can_take());
+    // A's connection ends on its next iteration.
+    assert!(!a.s.finished());
+    a.settle();
+    assert!(a.s.finished());
+    // The SPC-2 reservation is gone: a new nexus may reserve.
+    let mut c = a.peer([0x40, 0, 0, 0, 0, 3]);
+    c.feed(command(1, 0, 0, false, &[0x16, 0, 0, 0, 0, 0]), &[]);
+    // Its first command reports the power-on unit attention, then RESERVE(6) works.
+    c.take_pdus();
+    c.feed(command(2, 1, 0, false, &[0x16, 0, 0, 0, 0, 0]), &[]);
+    assert_eq!(response_of(&c.take_pdus(), 2), Some((0, 0, 0)));
+}

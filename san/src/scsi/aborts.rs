@@ -41,6 +41,8 @@ impl Whom {
 struct Entry {
     whom: Whom,
     epoch: u64,
+    /// A TARGET COLD RESET: the transports of the nexuses named end their connections too.
+    hard: bool,
 }
 
 /// The unit's abort log (kept under the unit's state lock; the epoch beside it is atomic).
@@ -52,10 +54,36 @@ pub(crate) struct AbortLog {
 impl AbortLog {
     /// Logs `whom` at `epoch` (the unit's epoch after this abort).
     pub(crate) fn record(&mut self, whom: Whom, epoch: u64) {
+        self.push(Entry {
+            whom,
+            epoch,
+            hard: false,
+        });
+    }
+
+    /// Logs a TARGET COLD RESET (`whom`'s connections end too) at `epoch`.
+    pub(crate) fn record_hard(&mut self, whom: Whom, epoch: u64) {
+        self.push(Entry {
+            whom,
+            epoch,
+            hard: true,
+        });
+    }
+
+    fn push(&mut self, e: Entry) {
         if self.entries.len() == ABORTS_MAX {
             self.entries.pop_front();
         }
-        self.entries.push_back(Entry { whom, epoch });
+        self.entries.push_back(e);
+    }
+
+    /// Whether a cold-reset entry newer than `since` names `n`.
+    pub(crate) fn hard_since(&self, n: &Nexus, since: u64) -> bool {
+        self.entries
+            .iter()
+            .rev()
+            .take_while(|e| e.epoch > since)
+            .any(|e| e.hard && e.whom.names(n))
     }
 
     /// Whether an entry newer than `since` names `n`.
@@ -104,6 +132,7 @@ mod tests {
         );
         assert!(log.names_since(&b, 1));
         assert!(!log.names_since(&a, 1));
+        assert!(!log.hard_since(&b, 0), "not a cold reset");
         for e in 3..3 + ABORTS_MAX as u64 {
             log.record(
                 Whom::One {

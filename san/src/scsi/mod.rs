@@ -446,21 +446,43 @@ impl LogicalUnit {
     /// the tasks of every other nexus (see [`LogicalUnit::abort_epoch`]; `by`'s transport
     /// aborts its own). Persistent reservations stay.
     pub fn reset(&self, by: &Nexus, target_reset: bool) {
-        let mut st = self.lock_state();
-        self.record_abort(
-            &mut st,
-            aborts::Whom::AllBut {
-                i_port: by.initiator_port.clone(),
-                t_port: by.target_port.clone(),
-            },
-        );
-        st.spc2 = None;
         let cond = if target_reset {
             sense::ua::TARGET_RESET
         } else {
             sense::ua::LUN_RESET
         };
-        tracing::debug!(unit = %self.config.name, by = %by.initiator_port, target_reset, "reset");
+        self.reset_as(by, cond, false);
+    }
+
+    /// TARGET COLD RESET from `by`: a TARGET WARM RESET that also ends the connections of
+    /// every other nexus (RFC 7143 §11.5.1; see [`LogicalUnit::hard_reset_since`]); `by`'s
+    /// transport ends its own after its answer.
+    pub fn cold_reset(&self, by: &Nexus) {
+        self.reset_as(by, sense::ua::POWER_ON, true);
+    }
+
+    /// Whether a TARGET COLD RESET logged after epoch `since` asks the transports of the
+    /// other nexuses to end their connections (checked when [`LogicalUnit::abort_epoch`]
+    /// moved).
+    pub fn hard_reset_since(&self, nexus: &Nexus, since: u64) -> bool {
+        since < self.abort_epoch() && self.lock_state().aborts.hard_since(nexus, since)
+    }
+
+    fn reset_as(&self, by: &Nexus, cond: Sense, hard: bool) {
+        let mut st = self.lock_state();
+        let whom = aborts::Whom::AllBut {
+            i_port: by.initiator_port.clone(),
+            t_port: by.target_port.clone(),
+        };
+        if hard {
+            let epoch = self.abort_epoch.load(Ordering::Relaxed) + 1;
+            st.aborts.record_hard(whom, epoch);
+            self.abort_epoch.store(epoch, Ordering::Release);
+        } else {
+            self.record_abort(&mut st, whom);
+        }
+        st.spc2 = None;
+        tracing::debug!(unit = %self.config.name, by = %by.initiator_port, ?cond, hard, "reset");
         st.uas.raise_all(cond, None);
     }
 }

@@ -519,6 +519,10 @@ impl Poller for ConnPoller {
                 work += 1;
             }
             work += self.session.poll(cx);
+            if self.session.finished() {
+                // Ended from elsewhere (another nexus's TARGET COLD RESET).
+                self.close();
+            }
             if !self.recv_inflight && self.rstart < self.rend && self.session.can_take() {
                 work += self.parse(cx);
             }

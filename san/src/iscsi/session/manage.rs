@@ -110,6 +110,10 @@ impl Session {
             if !unit.aborted_since(&self.nexus, seen) {
                 continue;
             }
+            if unit.hard_reset_since(&self.nexus, seen) {
+                // A TARGET COLD RESET: the connection ends (its tasks are abandoned).
+                self.dropped = true;
+            }
             for slot in 0..TASKS_MAX {
                 let t = &self.tasks[slot];
                 if matches!(t.st, St::Free | St::Sending)
@@ -154,6 +158,7 @@ impl Session {
             return;
         }
         let lun = bhs.lun();
+        let mut cold = false;
         let response = match bhs.tmf_function() {
             // ABORT TASK
             1 => {
@@ -201,6 +206,19 @@ impl Session {
                 }
                 0
             }
+            // TARGET COLD RESET: a warm reset, then every connection of the target ends —
+            // this one once the answer is out, the others when they see the reset.
+            7 => {
+                for i in 0..TASKS_MAX {
+                    self.abort_task(i as u16);
+                }
+                self.refresh_luns();
+                for (_, u) in self.luns.iter() {
+                    u.cold_reset(&self.nexus);
+                }
+                cold = true;
+                0
+            }
             // TASK REASSIGN: needs ERL 2.
             8 => 4,
             _ => 5,
@@ -213,6 +231,7 @@ impl Session {
         self.tmf.push_back(PendingTmf {
             itt: bhs.itt(),
             response,
+            close: cold,
         });
         self.check_tmf();
     }
@@ -238,7 +257,11 @@ impl Session {
             max_cmd_sn: self.max_cmd_sn(),
         }
         .write(&mut b);
-        self.push(b, &[], false);
+        self.push(b, &[], tmf.close);
+        if tmf.close {
+            // TARGET COLD RESET: the connection ends once the answer is out.
+            self.closing = true;
+        }
     }
 
     /// Asks the initiator to log out within `secs` seconds (Async Message, AsyncEvent 1:
