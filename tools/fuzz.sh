@@ -18,7 +18,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root=$(pwd)
 
-targets=(blk_chain fuse iscsi_login iscsi_pdu isns jsonrpc vmfs_image vmfs_journal vhost_user)
+targets=(blk_chain fuse iscsi_login iscsi_pdu iscsi_session isns jsonrpc scsi vmfs_image vmfs_journal vhost_user)
 triple=$(rustc -vV | sed -n 's/^host: //p')
 # A separate target dir: the instrumented build's RUSTFLAGS differ from every other build's.
 fuzz_dir=${FUZZ_TARGET_DIR:-$root/target/fuzz}

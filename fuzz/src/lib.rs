@@ -19,6 +19,11 @@
 //!   framing settings, header accessors, text parsing, the target's PDU builders.
 //! - [`iscsi_login`]: Login Requests → the iSCSI login state machine (stages, CHAP,
 //!   negotiation), then a discovery session's PDUs, with protocol and access oracles.
+//! - [`iscsi_session`]: a byte stream of full-feature PDUs → an iSCSI session over a null
+//!   LUN (window, immediate/unsolicited data, R2T, Data-In, TMF, logout), with framing,
+//!   StatSN and Data-In length oracles.
+//! - [`scsi`]: CDBs and Data-Out from two nexuses → a SCSI logical unit (null or raw backend)
+//!   through plan/start/complete, with Data-In, sense, read-back and reservation oracles.
 //! - [`isns`]: iSNS PDU bytes → reassembly → command → registry, with a WAL-replay oracle.
 //! - [`jsonrpc`]: a control-socket byte stream → line framing → JSON-RPC request parsing →
 //!   a method table, with a response-shape oracle.
@@ -35,8 +40,10 @@ pub mod fuse;
 pub mod input;
 pub mod iscsi_login;
 pub mod iscsi_pdu;
+pub mod iscsi_session;
 pub mod isns;
 pub mod jsonrpc;
+pub mod scsi;
 pub mod vhost_user;
 pub mod vmfs_image;
 pub mod vmfs_journal;
@@ -54,8 +61,10 @@ pub const TARGETS: &[(&str, Run, Seeds)] = &[
     ("fuse", fuse::run, fuse::seeds),
     ("iscsi_login", iscsi_login::run, iscsi_login::seeds),
     ("iscsi_pdu", iscsi_pdu::run, iscsi_pdu::seeds),
+    ("iscsi_session", iscsi_session::run, iscsi_session::seeds),
     ("isns", isns::run, isns::seeds),
     ("jsonrpc", jsonrpc::run, jsonrpc::seeds),
+    ("scsi", scsi::run, scsi::seeds),
     ("vmfs_image", vmfs_image::run, vmfs_image::seeds),
     ("vmfs_journal", vmfs_journal::run, vmfs_journal::seeds),
     ("vhost_user", vhost_user::run, vhost_user::seeds),
