@@ -539,8 +539,10 @@ fn abort_of_a_write_waiting_for_data() {
     assert_eq!(i.recv().opcode(), 0x3f);
     assert_eq!(i.tmf(5, 0, 0), 0, "LOGICAL UNIT RESET");
     assert_eq!(i.tmf(6, 0, 0), 0, "TARGET WARM RESET");
-    assert_eq!(i.tmf(7, 0, 0), 5, "TARGET COLD RESET: not supported");
     assert_eq!(i.nop(b"alive").data, b"alive");
+    // TARGET COLD RESET: answered, then the target ends the connection (RFC 7143 §11.5.1).
+    assert_eq!(i.tmf(7, 0, 0), 0, "TARGET COLD RESET");
+    assert!(i.try_recv().is_err(), "connection ended");
 }
 
 #[test]
