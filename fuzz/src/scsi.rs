@@ -501,6 +501,7 @@ impl Harness {
             let x = Xfer {
                 dir: DataDir::In,
                 len: alloc,
+                fit: san::scsi::Fit::Residual,
             };
             check_outcome(&o, &s.task, Some(x));
             return;

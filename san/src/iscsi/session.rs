@@ -29,8 +29,8 @@ use dataplane::poller::PollCx;
 
 use crate::iscsi::params::SessionParams;
 use crate::iscsi::pdu::{
-    opcode, reject, Bhs, DataIn, Frame, Framing, LogoutResponse, NopIn, PduError, R2t, Reject,
-    Residual, ScsiResponse, TextResponse, TmResponse, BHS_LEN, RESERVED_TAG,
+    opcode, reject, AsyncMessage, Bhs, DataIn, Frame, Framing, LogoutResponse, NopIn, PduError,
+    R2t, Reject, Residual, ScsiResponse, TextResponse, TmResponse, BHS_LEN, RESERVED_TAG,
 };
 use crate::scsi::sense::FIXED_SENSE_LEN;
 use crate::scsi::{
@@ -71,10 +71,19 @@ pub const BUF_KEEP: usize = 256 * 1024;
 /// Engine capacity a command needs free before it starts: its own operation
 /// (`OPS_PER_REQUEST_MAX`) plus the connection's receive and send.
 const ENGINE_RESERVE: usize = dataplane::backend::OPS_PER_REQUEST_MAX + 2;
+/// AsyncEvent of an Async Message asking the initiator to log out (RFC 7143 §11.9.1).
+const ASYNC_LOGOUT_REQUEST: u8 = 1;
 /// REPORT LUNS opcode (answered here from the target's table).
 const REPORT_LUNS: u8 = 0xA0;
 /// Bytes of a SCSI Response's sense data segment: 2-byte SenseLength + fixed sense.
 const SENSE_SEGMENT: usize = 2 + FIXED_SENSE_LEN;
+
+/// The answer of a command another nexus aborted (SAM-5 5.6 with TAS = 1).
+const TASK_ABORTED: Outcome = Outcome {
+    status: status::TASK_ABORTED,
+    sense: None,
+    data_in: 0,
+};
 
 const _: () = assert!(TASKS_MAX < u16::MAX as usize);
 const _: () = assert!(SENSE_SEGMENT <= INLINE_MAX);
@@ -232,13 +241,20 @@ struct Task {
     /// Data-In bytes rendered so far.
     sent: u32,
     data_sn: u32,
+    /// Aborted by this session (task management, connection loss): no answer.
     aborted: bool,
+    /// The unit's abort epoch when the command was taken (see `LogicalUnit::abort_epoch`).
+    epoch: u64,
+    /// Aborted by another nexus (PREEMPT AND ABORT, a reset): answered TASK ABORTED.
+    aborted_by_other: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
 struct PendingTmf {
     itt: u32,
     response: u8,
+    /// Close the connection after the answer (TARGET COLD RESET).
+    close: bool,
 }
 
 /// The full-feature phase of one connection (see the module comment).
@@ -250,11 +266,17 @@ pub struct Session {
     luns: Arc<LunMap>,
     lun_numbers: Vec<u64>,
     luns_gen: u64,
+    /// Each unit's abort epoch as last looked at (parallel to `luns`).
+    abort_seen: Vec<u64>,
     stat_sn: u32,
     exp_cmd_sn: u32,
     /// Non-immediate tasks holding a slot.
     busy: u32,
     tasks: Box<[Task]>,
+    /// The ITT of each slot whose command is active (taken, status not yet queued);
+    /// RESERVED_TAG otherwise. Compact, so a new command's ITT is checked against the active
+    /// ones without walking the task slots.
+    active_itts: Box<[u32]>,
     free: Vec<u16>,
     blocked: VecDeque<u16>,
     ready: VecDeque<u16>,
@@ -273,6 +295,8 @@ pub struct Session {
     closing: bool,
     /// The last queued PDU asked for the connection to close and it was sent.
     closed: bool,
+    /// Another nexus's TARGET COLD RESET ends this connection.
+    dropped: bool,
     /// The units of `luns` were given this reactor's offload sink.
     attached: bool,
     /// Commands were started or stepped since the last [`Session::end_batch`].
@@ -295,6 +319,7 @@ impl Session {
         let luns = setup.target.luns();
         let luns_gen = setup.target.generation();
         let lun_numbers = luns.iter().map(|(n, _)| *n).collect();
+        let abort_seen = luns.iter().map(|(_, u)| u.abort_epoch()).collect();
         let mut free: Vec<u16> = (0..TASKS_MAX as u16).collect();
         free.reverse();
         Session {
@@ -303,10 +328,12 @@ impl Session {
             luns,
             lun_numbers,
             luns_gen,
+            abort_seen,
             stat_sn: setup.stat_sn,
             exp_cmd_sn: setup.exp_cmd_sn,
             busy: 0,
             tasks: (0..TASKS_MAX).map(|_| Task::default()).collect(),
+            active_itts: vec![RESERVED_TAG; TASKS_MAX].into_boxed_slice(),
             free,
             blocked: VecDeque::with_capacity(TASKS_MAX),
             ready: VecDeque::with_capacity(TASKS_MAX),
@@ -320,6 +347,7 @@ impl Session {
             ping_seq: 0,
             closing: false,
             closed: false,
+            dropped: false,
             attached: false,
             started: false,
             released: Vec::with_capacity(out::OUT_SLOTS),
@@ -352,9 +380,10 @@ impl Session {
             && held + TASK_WINDOW as usize + IMMEDIATE_SLOTS < TASKS_MAX
     }
 
-    /// Whether the session is done (a Logout Response or fatal Reject went out).
+    /// Whether the session is done (a Logout Response or fatal Reject went out, or another
+    /// nexus's TARGET COLD RESET ended it).
     pub fn finished(&self) -> bool {
-        self.closed
+        self.closed || self.dropped
     }
 
     /// Tasks with engine operations in flight (their buffers are in the kernel's hands).
@@ -448,6 +477,13 @@ impl Session {
             PduError::DataDigest { bhs, .. } => {
                 bump(&self.counters.data_digest_errors);
                 self.reject(reject::DATA_DIGEST, bhs);
+                // Data lost from a command collecting Data-Out: at ERL 0 it cannot be asked
+                // for again, so the command ends (RFC 7143 §7.8; see `terminate_data_out`).
+                if bhs.opcode() == opcode::DATA_OUT {
+                    if let Some(slot) = self.data_out_task(bhs) {
+                        self.terminate_data_out(slot);
+                    }
+                }
                 Flow::Continue
             }
             PduError::HeaderDigest { .. } => {
@@ -507,6 +543,9 @@ impl Session {
             self.luns = self.setup.target.luns();
             self.lun_numbers.clear();
             self.lun_numbers.extend(self.luns.iter().map(|(n, _)| *n));
+            self.abort_seen.clear();
+            self.abort_seen
+                .extend(self.luns.iter().map(|(_, u)| u.abort_epoch()));
             self.luns_gen = g;
             self.attached = false;
         }
@@ -555,6 +594,15 @@ impl Session {
         let Some(unit) = t.unit.clone() else {
             return;
         };
+        if t.aborted_by_other {
+            // Aborted while it collected its data or waited: it never runs.
+            if t.st == St::Blocked {
+                blocked.retain(|&s| s != slot);
+            }
+            unit.abandon(&mut t.scsi);
+            self.finish(slot, TASK_ABORTED);
+            return;
+        }
         // Room on the engine for the command's operation and this connection's receive
         // and send, like the vhost-user queues keep; otherwise retried on a later poll.
         if cx.engine.capacity().saturating_sub(cx.engine.in_flight()) < ENGINE_RESERVE {
@@ -629,6 +677,7 @@ impl Session {
 
     fn finish(&mut self, slot: u16, o: Outcome) {
         let t = &mut self.tasks[usize::from(slot)];
+        let o = if t.aborted_by_other { TASK_ABORTED } else { o };
         if t.aborted {
             if let Some(u) = t.unit.clone() {
                 u.abandon(&mut t.scsi);
@@ -649,7 +698,14 @@ impl Session {
         }
     }
 
+    /// The command in `slot` is no longer active (its status is queued, or it is gone): its
+    /// ITT may be used again.
+    fn retire_itt(&mut self, slot: u16) {
+        self.active_itts[usize::from(slot)] = RESERVED_TAG;
+    }
+
     fn release(&mut self, slot: u16) {
+        self.retire_itt(slot);
         let t = &mut self.tasks[usize::from(slot)];
         if t.st == St::Free {
             return;
@@ -671,7 +727,7 @@ impl Session {
     /// queue, answers a task management request whose aborts completed. Returns the work
     /// done.
     pub fn poll(&mut self, cx: &mut PollCx<'_>) -> usize {
-        let mut work = 0;
+        let mut work = self.check_aborts();
         for _ in 0..self.blocked.len() {
             let Some(slot) = self.blocked.pop_front() else {
                 break;

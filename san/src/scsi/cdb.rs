@@ -3,7 +3,7 @@
 //! `LogicalUnit::plan` can run it before any data moves and a fuzzer can run it on anything.
 
 use super::sense::Sense;
-use super::{DataDir, Xfer, MAX_TRANSFER_BYTES};
+use super::{DataDir, Fit, Xfer, MAX_TRANSFER_BYTES};
 
 /// Operation codes (SPC-5, SBC-4).
 pub(crate) mod op {
@@ -23,6 +23,7 @@ pub(crate) mod op {
     pub const WRITE_AND_VERIFY_10: u8 = 0x2E;
     pub const VERIFY_10: u8 = 0x2F;
     pub const PRE_FETCH_10: u8 = 0x34;
+    pub const READ_DEFECT_DATA_10: u8 = 0x37;
     pub const SYNCHRONIZE_CACHE_10: u8 = 0x35;
     pub const WRITE_SAME_10: u8 = 0x41;
     pub const UNMAP: u8 = 0x42;
@@ -32,6 +33,7 @@ pub(crate) mod op {
     pub const PERSISTENT_RESERVE_OUT: u8 = 0x5F;
     pub const READ_16: u8 = 0x88;
     pub const COMPARE_AND_WRITE: u8 = 0x89;
+    pub const ORWRITE_16: u8 = 0x8B;
     pub const WRITE_16: u8 = 0x8A;
     pub const WRITE_AND_VERIFY_16: u8 = 0x8E;
     pub const VERIFY_16: u8 = 0x8F;
@@ -45,6 +47,7 @@ pub(crate) mod op {
     pub const WRITE_12: u8 = 0xAA;
     pub const WRITE_AND_VERIFY_12: u8 = 0xAE;
     pub const VERIFY_12: u8 = 0xAF;
+    pub const READ_DEFECT_DATA_12: u8 = 0xB7;
 
     /// SERVICE ACTION IN(16) actions.
     pub const SAI_READ_CAPACITY_16: u8 = 0x10;
@@ -77,9 +80,11 @@ impl Geometry {
     }
 }
 
-/// Most blocks one WRITE SAME may cover (without UNMAP each block is written: 256 MiB of
-/// 512-byte blocks), so one command keeps the backend busy for a bounded time.
-pub(crate) const MAX_WRITE_SAME_BLOCKS: u64 = 1 << 19;
+/// Most blocks one WRITE SAME may cover (without UNMAP each block is written: 32 MiB of
+/// 512-byte blocks), so one command keeps the backend busy for a bounded time. The largest
+/// length WRITE SAME(10) can carry; a larger WRITE SAME(16) is refused, which initiators learn from the Block Limits VPD and split (libiscsi's
+/// WriteSame16.Unmap checks a 65536-block request fails when the limit is below it).
+pub(crate) const MAX_WRITE_SAME_BLOCKS: u64 = 0xFFFF;
 /// Most blocks one UNMAP (all descriptors together) may deallocate:
 /// 512 MiB of 512-byte blocks (libiscsi calls counts above 2^20 insane). Block Limits VPD
 /// reports both.
@@ -174,6 +179,12 @@ pub(crate) enum Cmd {
         blocks: u32,
         fua: bool,
     },
+    /// ORWRITE(16): the blocks become medium OR Data-Out, atomically like COMPARE AND WRITE.
+    OrWrite {
+        lba: u64,
+        blocks: u32,
+        fua: bool,
+    },
     GetLbaStatus {
         lba: u64,
         alloc: u32,
@@ -200,6 +211,14 @@ pub(crate) enum Cmd {
     Reserve6,
     Release6,
     StartStop,
+    /// READ DEFECT DATA 10/12: the lists asked for and their format.
+    ReadDefects {
+        twelve: bool,
+        plist: bool,
+        glist: bool,
+        format: u8,
+        alloc: u32,
+    },
 }
 
 fn be16(b: &[u8]) -> u32 {
@@ -467,9 +486,11 @@ fn decode_full(g: &Geometry, cdb: &[u8]) -> Result<Cmd, Sense> {
             if anchor || (opcode == op::WRITE_SAME_10 && c[1] & 0x01 != 0) {
                 return Err(Sense::invalid_field_in_cdb());
             }
-            // A length of 0 means "to the end of the unit", which SBC-4 allows only when the
-            // Block Limits VPD says so (WSNZ = 1 here: refused). MAXIMUM WRITE SAME LENGTH
-            // applies with UNMAP too.
+            // A length of 0 means "from the LBA to the end of the unit", which SBC-4 allows
+            // only when the Block Limits VPD says so: WSNZ = 1 here, refused. (With 0 allowed,
+            // libiscsi's WriteSame10.UnmapUntilEnd sends a non-zero block with UNMAP and
+            // expects zeroes back, which SBC-4 forbids: reads must return the block sent.)
+            // MAXIMUM WRITE SAME LENGTH applies with UNMAP too.
             if blocks == 0 || blocks > MAX_WRITE_SAME_BLOCKS {
                 return Err(Sense::invalid_field_in_cdb());
             }
@@ -490,6 +511,21 @@ fn decode_full(g: &Geometry, cdb: &[u8]) -> Result<Cmd, Sense> {
             }
             write_checks(lba, u64::from(blocks))?;
             Ok(Cmd::CompareAndWrite {
+                lba,
+                blocks,
+                fua: c[1] & 0x08 != 0,
+            })
+        }
+        op::ORWRITE_16 => {
+            // ORPROTECT: no protection information.
+            no_protect(c)?;
+            let lba = be64(&c[2..10]);
+            let blocks = be32(&c[10..14]);
+            if blocks > g.max_transfer_blocks() {
+                return Err(Sense::invalid_field_in_cdb());
+            }
+            write_checks(lba, u64::from(blocks))?;
+            Ok(Cmd::OrWrite {
                 lba,
                 blocks,
                 fua: c[1] & 0x08 != 0,
@@ -535,6 +571,28 @@ fn decode_full(g: &Geometry, cdb: &[u8]) -> Result<Cmd, Sense> {
             rtype: c[2] & 0x0F,
             param_len: param(be32(&c[5..9]))?,
         })),
+        op::READ_DEFECT_DATA_10 | op::READ_DEFECT_DATA_12 => {
+            let twelve = opcode == op::READ_DEFECT_DATA_12;
+            // The request bits sit in byte 2 of the 10-byte CDB, byte 1 of the 12-byte one.
+            let at = if twelve { 1 } else { 2 };
+            let format = c[at] & 0x07;
+            // Short block, long block, bytes from index, physical sector, vendor specific;
+            // the others are reserved.
+            if matches!(format, 1 | 2 | 7) {
+                return Err(Sense::invalid_field_in_cdb().at_cdb_byte(at as u16));
+            }
+            Ok(Cmd::ReadDefects {
+                twelve,
+                plist: c[at] & 0x10 != 0,
+                glist: c[at] & 0x08 != 0,
+                format,
+                alloc: if twelve {
+                    be32(&c[6..10])
+                } else {
+                    be16(&c[7..9])
+                },
+            })
+        }
         op::RESERVE_6 => Ok(Cmd::Reserve6),
         op::RELEASE_6 => Ok(Cmd::Release6),
         op::START_STOP_UNIT => Ok(Cmd::StartStop),
@@ -560,6 +618,7 @@ impl Cmd {
             | Cmd::GetLbaStatus { alloc, .. }
             | Cmd::ModeSense(ModeSenseCdb { alloc, .. })
             | Cmd::ReportOpcodes { alloc, .. }
+            | Cmd::ReadDefects { alloc, .. }
             | Cmd::PrIn { alloc, .. } => (DataDir::In, alloc),
             Cmd::ReadCapacity10 => (DataDir::In, 8),
             Cmd::Rw {
@@ -572,7 +631,8 @@ impl Cmd {
                 blocks,
                 ..
             }
-            | Cmd::WriteVerify { blocks, .. } => (DataDir::Out, blocks * bs),
+            | Cmd::WriteVerify { blocks, .. }
+            | Cmd::OrWrite { blocks, .. } => (DataDir::Out, blocks * bs),
             Cmd::Verify { blocks, bytchk, .. } => match bytchk {
                 0 => (DataDir::None, 0),
                 1 => (DataDir::Out, blocks * bs),
@@ -590,13 +650,26 @@ impl Cmd {
             }
             Cmd::CompareAndWrite { blocks, .. } => (DataDir::Out, 2 * blocks * bs),
         };
+        let fit = match self {
+            // An atomic read-modify-write of part of its blocks means nothing.
+            Cmd::CompareAndWrite { .. }
+            | Cmd::OrWrite { .. }
+            | Cmd::WriteSame { unmap: false, .. } => Fit::Exact,
+            Cmd::WriteSame {
+                unmap: true,
+                ndob: false,
+                ..
+            } => Fit::ExactOrNone,
+            _ => Fit::Residual,
+        };
         if len == 0 {
             Xfer {
                 dir: DataDir::None,
                 len: 0,
+                fit,
             }
         } else {
-            Xfer { dir, len }
+            Xfer { dir, len, fit }
         }
     }
 }

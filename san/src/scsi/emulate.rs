@@ -1,6 +1,6 @@
 //! Commands the unit answers from what it knows, without the backend: INQUIRY and its VPD
 //! pages, READ CAPACITY, REQUEST SENSE, REPORT SUPPORTED OPERATION CODES, GET LBA STATUS,
-//! REPORT LUNS and the answers for a LUN the target does not have. Each writes its parameter
+//! READ DEFECT DATA, REPORT LUNS and the answers for a LUN the target does not have. Each writes its parameter
 //! data into the task buffer, cut to the allocation length.
 
 use super::cdb::{op, Geometry, MAX_UNMAP_BLOCKS, MAX_UNMAP_DESCRIPTORS, MAX_WRITE_SAME_BLOCKS};
@@ -121,7 +121,7 @@ pub(crate) fn inquiry(
         }
         0xB0 => {
             buf.resize(64, 0);
-            buf[4] = 0x01; // WSNZ: WRITE SAME with 0 blocks is refused
+            buf[4] = 0x01; // WSNZ: WRITE SAME with 0 blocks is refused (see cdb.rs)
             buf[5] = g.max_caw_blocks() as u8;
             buf[6..8].copy_from_slice(&(per_phys as u16).to_be_bytes());
             buf[8..12].copy_from_slice(&(MAX_TRANSFER_BYTES / bs).to_be_bytes());
@@ -173,6 +173,10 @@ pub(crate) fn read_capacity16(
     buf.resize(32, 0);
     buf[0..8].copy_from_slice(&g.blocks.saturating_sub(1).to_be_bytes());
     buf[8..12].copy_from_slice(&g.block_size.to_be_bytes());
+    // LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT stays 0 although the backing files' pages
+    // are 4 KiB (the Block Limits VPD's granularities say so): with it above 0, libiscsi's
+    // GetLBAStatus.UnmapSingle expects the first descriptor to start past the requested
+    // LBA, which SBC-4 forbids (it must contain that LBA).
     if id.thin {
         buf[14] = 0x80 | if id.lbprz { 0x40 } else { 0 }; // LBPME, LBPRZ
     }
@@ -187,8 +191,13 @@ pub(crate) fn request_sense(sense: Sense, desc: bool, alloc: u32, buf: &mut Vec<
         if let Some(info) = sense.info {
             buf.extend_from_slice(&[0x00, 0x0A, 0x80, 0]);
             buf.extend_from_slice(&info.to_be_bytes());
-            buf[7] = 12;
         }
+        if let Some(byte) = sense.field {
+            // Sense-key specific descriptor: SKSV, C/D, FIELD POINTER.
+            let [hi, lo] = byte.to_be_bytes();
+            buf.extend_from_slice(&[0x02, 0x06, 0, 0, 0xC0, hi, lo, 0]);
+        }
+        buf[7] = (buf.len() - 8) as u8;
     } else {
         let mut fixed = [0u8; FIXED_SENSE_LEN];
         sense.write_fixed(&mut fixed);
@@ -207,6 +216,27 @@ pub(crate) fn get_lba_status(g: &Geometry, lba: u64, alloc: u32, buf: &mut Vec<u
     let count = (g.blocks - lba).min(u64::from(u32::MAX)) as u32;
     buf.extend_from_slice(&count.to_be_bytes());
     buf.extend_from_slice(&[0x00, 0, 0, 0]);
+    reply(buf, alloc)
+}
+
+/// READ DEFECT DATA (10 or 12): the header of the lists asked for, with no defects — the
+/// unit is a file on a host's storage, which hides its media defects (PLISTV and GLISTV say
+/// the empty lists are valid).
+pub(crate) fn read_defects(
+    twelve: bool,
+    plist: bool,
+    glist: bool,
+    format: u8,
+    alloc: u32,
+    buf: &mut Vec<u8>,
+) -> Outcome {
+    buf.clear();
+    let flags = u8::from(plist) << 4 | u8::from(glist) << 3 | format;
+    buf.extend_from_slice(&[0, flags, 0, 0]);
+    if twelve {
+        // GENERATION CODE 0 (above), DEFECT LIST LENGTH 0.
+        buf.extend_from_slice(&[0; 4]);
+    }
     reply(buf, alloc)
 }
 
@@ -252,6 +282,7 @@ const SUPPORTED: &[Supported] = &[
     cmd(op::WRITE_AND_VERIFY_10, 10),
     cmd(op::VERIFY_10, 10),
     cmd(op::PRE_FETCH_10, 10),
+    cmd(op::READ_DEFECT_DATA_10, 10),
     cmd(op::SYNCHRONIZE_CACHE_10, 10),
     cmd(op::WRITE_SAME_10, 10),
     cmd(op::UNMAP, 10),
@@ -270,6 +301,7 @@ const SUPPORTED: &[Supported] = &[
     cmd_sa(op::PERSISTENT_RESERVE_OUT, 6, 10),
     cmd(op::READ_16, 16),
     cmd(op::COMPARE_AND_WRITE, 16),
+    cmd(op::ORWRITE_16, 16),
     cmd(op::WRITE_16, 16),
     cmd(op::WRITE_AND_VERIFY_16, 16),
     cmd(op::VERIFY_16, 16),
@@ -284,6 +316,7 @@ const SUPPORTED: &[Supported] = &[
     cmd(op::WRITE_12, 12),
     cmd(op::WRITE_AND_VERIFY_12, 12),
     cmd(op::VERIFY_12, 12),
+    cmd(op::READ_DEFECT_DATA_12, 12),
 ];
 
 fn offered(s: &Supported, thin: bool) -> bool {
@@ -328,11 +361,13 @@ pub(crate) fn report_opcodes(
                 .filter(|s| s.opcode == opcode && s.sa.is_some())
                 .peekable();
             let has_sa = with_sa.peek().is_some();
+            // The REPORTING OPTIONS (byte 2) do not fit the opcode.
+            let bad_options = Sense::invalid_field_in_cdb().at_cdb_byte(2);
             let found = match options {
-                1 if has_sa => return check(Sense::invalid_field_in_cdb()),
+                1 if has_sa => return check(bad_options),
                 1 => list.clone().find(|s| s.opcode == opcode),
                 2 if !has_sa && list.clone().any(|s| s.opcode == opcode) => {
-                    return check(Sense::invalid_field_in_cdb())
+                    return check(bad_options)
                 }
                 _ => list
                     .clone()
@@ -358,7 +393,7 @@ pub(crate) fn report_opcodes(
                 }
             }
         }
-        _ => return check(Sense::invalid_field_in_cdb()),
+        _ => return check(Sense::invalid_field_in_cdb().at_cdb_byte(2)),
     }
     reply(buf, alloc)
 }

@@ -35,6 +35,7 @@ fn access(cmd: &Cmd) -> Access {
         | Cmd::Verify { .. }
         | Cmd::GetLbaStatus { .. }
         | Cmd::ModeSense(_)
+        | Cmd::ReadDefects { .. }
         | Cmd::PreFetch => Access::Read,
         Cmd::Rw { dir: Rw::Write, .. }
         | Cmd::WriteVerify { .. }
@@ -42,6 +43,7 @@ fn access(cmd: &Cmd) -> Access {
         | Cmd::Unmap { .. }
         | Cmd::WriteSame { .. }
         | Cmd::CompareAndWrite { .. }
+        | Cmd::OrWrite { .. }
         | Cmd::ModeSelect { .. }
         | Cmd::StartStop => Access::Write,
         _ => Access::Always,
@@ -122,7 +124,9 @@ impl LogicalUnit {
             | Cmd::Verify { lba, blocks, .. }
             | Cmd::WriteVerify { lba, blocks } => r(lba, u64::from(blocks)),
             Cmd::WriteSame { lba, blocks, .. } => r(lba, blocks),
-            Cmd::CompareAndWrite { lba, blocks, .. } if blocks > 0 => {
+            Cmd::CompareAndWrite { lba, blocks, .. } | Cmd::OrWrite { lba, blocks, .. }
+                if blocks > 0 =>
+            {
                 Some((lba, lba + u64::from(blocks), true))
             }
             Cmd::Unmap { param_len } => unmap_list(g, param_len, buf)
@@ -187,7 +191,18 @@ impl LogicalUnit {
                 }
                 Cmd::PrOut(c) => {
                     let st = &mut *st;
-                    return match st.pr.out(nexus, &c, &task.buf, &mut st.uas) {
+                    let mut aborted = Vec::new();
+                    let res = st.pr.out(nexus, &c, &task.buf, &mut st.uas, &mut aborted);
+                    for (i_port, t_port) in aborted {
+                        self.record_abort(
+                            st,
+                            super::aborts::Whom::One {
+                                i_port: i_port.into(),
+                                t_port: t_port.into(),
+                            },
+                        );
+                    }
+                    return match res {
                         Err(PrError::Conflict) => conflict(),
                         Err(PrError::Check(s)) => done(check(s)),
                         Ok(false) => done(good(0)),
@@ -228,7 +243,7 @@ impl LogicalUnit {
             if let Some(stale) = task
                 .state
                 .lock
-                .take_if(|_| !matches!(cmd, Cmd::CompareAndWrite { .. }))
+                .take_if(|_| !matches!(cmd, Cmd::CompareAndWrite { .. } | Cmd::OrWrite { .. }))
             {
                 // A waiting COMPARE AND WRITE the transport replaced without `abandon`.
                 st.locks.release(stale);
@@ -292,6 +307,15 @@ impl LogicalUnit {
                 buf,
             )),
             Cmd::ModeSense(c) => done(mode::sense(g, &c, buf)),
+            Cmd::ReadDefects {
+                twelve,
+                plist,
+                glist,
+                format,
+                alloc,
+            } => done(emulate::read_defects(
+                twelve, plist, glist, format, alloc, buf,
+            )),
             Cmd::ModeSelect {
                 ten,
                 pf,
@@ -364,6 +388,20 @@ impl LogicalUnit {
                 st.job = Job::Caw { n, stage: 0, fua };
                 self.drive(task, cx, None)
             }
+            Cmd::OrWrite { lba, blocks, fua } => {
+                let n = blocks as usize * bs;
+                if n == 0 {
+                    return done(good(0));
+                }
+                if buf.len() != n {
+                    return short_data();
+                }
+                // [Data-Out | the blocks as read]: read, OR into the Data-Out, write that.
+                buf.resize(2 * n, 0);
+                st.seg = seg(SegKind::Read, lba, bs, n, n);
+                st.job = Job::OrWrite { n, stage: 0, fua };
+                self.drive(task, cx, None)
+            }
             Cmd::Unmap { param_len } => {
                 if !self.ident.thin {
                     return done(check(Sense::invalid_opcode()));
@@ -397,6 +435,9 @@ impl LogicalUnit {
                 unmap,
                 ndob,
             } => {
+                // UNMAP without a block (the transport allows that: `Fit::ExactOrNone`):
+                // deallocate as with NDOB.
+                let ndob = ndob || (unmap && buf.is_empty());
                 if !ndob && buf.len() < bs {
                     return short_data();
                 }

@@ -81,6 +81,8 @@ pub(crate) enum Job {
     Verify { at: usize, n: usize, bytchk: u8 },
     /// COMPARE AND WRITE of `n` bytes: 0 = reading, 1 = writing, 2 = flushing (FUA).
     Caw { n: usize, stage: u8, fua: bool },
+    /// ORWRITE of `n` bytes: 0 = reading (into `task.buf[n..2n]`), 1 = writing, 2 = flushing.
+    OrWrite { n: usize, stage: u8, fua: bool },
     /// WRITE SAME by chunks: next disk byte and end.
     WriteSame { next: u64, end: u64 },
     /// UNMAP: next descriptor of the parameter list in `task.buf`, and their count.
@@ -298,6 +300,33 @@ impl LogicalUnit {
                 }
                 1 if fua => {
                     st.job = Job::Caw { n, stage: 2, fua };
+                    *seg = Seg {
+                        kind: SegKind::Flush,
+                        ..Seg::default()
+                    };
+                    Next::Issue
+                }
+                _ => Next::Finish(good(0)),
+            },
+            Job::OrWrite { n, stage, fua } => match stage {
+                0 => {
+                    let (data, medium) = task.buf.split_at_mut(n);
+                    for (d, m) in data.iter_mut().zip(&medium[..n]) {
+                        *d |= *m;
+                    }
+                    st.job = Job::OrWrite { n, stage: 1, fua };
+                    *seg = Seg {
+                        kind: SegKind::Write,
+                        off: seg.off,
+                        len: n as u64,
+                        buf_at: 0,
+                        done: 0,
+                        bounced: false,
+                    };
+                    Next::Issue
+                }
+                1 if fua => {
+                    st.job = Job::OrWrite { n, stage: 2, fua };
                     *seg = Seg {
                         kind: SegKind::Flush,
                         ..Seg::default()

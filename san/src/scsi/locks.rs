@@ -1,8 +1,8 @@
-//! Range locks that make COMPARE AND WRITE atomic against every other command on its blocks,
-//! across all sessions and reactors of a unit.
+//! Range locks that make COMPARE AND WRITE (and ORWRITE) atomic against every other command
+//! on its blocks, across all sessions and reactors of a unit.
 //!
 //! Every block command registers its LBA range for its lifetime ("shared"); a COMPARE AND
-//! WRITE registers an exclusive range. A shared range overlapping an exclusive one cannot
+//! WRITE or ORWRITE registers an exclusive range. A shared range overlapping an exclusive one cannot
 //! start (the transport retries it later); an exclusive range is inserted at once (so later
 //! commands queue behind it and it cannot starve) but only *runs* once no overlapping shared
 //! range older than it remains, and no older overlapping exclusive range. The table is bounded:

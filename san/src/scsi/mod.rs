@@ -38,12 +38,14 @@
 //! A [`LogicalUnit`] is shared (`Arc`) by every session and reactor that exports it: range
 //! locks, persistent reservations and unit attentions are per unit, per I_T nexus.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use dataplane::blk::request::ParsedRequest;
 use dataplane::engine::IoEngine;
 use dataplane::offload::OffloadSink;
 
+mod aborts;
 mod cdb;
 mod emulate;
 mod exec;
@@ -120,6 +122,37 @@ pub struct Xfer {
     pub dir: DataDir,
     /// Bytes.
     pub len: u32,
+    /// What an expected transfer length other than `len` means (see [`Fit`]).
+    pub fit: Fit,
+}
+
+/// How a transport treats a command whose expected data transfer length (the initiator's
+/// side) differs from [`Xfer::len`] (the CDB's side).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fit {
+    /// Runs with what arrives (or fits) and reports the residual (reads, writes, parameter
+    /// lists: SAM-5 5.4.2).
+    Residual,
+    /// The data has a fixed structure that no other length can carry (COMPARE AND WRITE:
+    /// the compare half then the write half; WRITE SAME: one block): the transport refuses
+    /// the command with [`Sense::invalid_field_in_cdb`] (libiscsi's InvalidDataOutSize
+    /// tests).
+    Exact,
+    /// As `Exact`, but no data at all is accepted too: WRITE SAME with UNMAP then
+    /// deallocates as with NDOB (reads return zeroes), as initiators unmapping without a
+    /// block expect (libiscsi's WriteSame*.UnmapUnaligned).
+    ExactOrNone,
+}
+
+impl Fit {
+    /// Whether a command planned with this fit and `len` may run with `edtl` bytes.
+    pub fn accepts(self, len: u32, edtl: u32) -> bool {
+        match self {
+            Fit::Residual => true,
+            Fit::Exact => edtl == len,
+            Fit::ExactOrNone => edtl == len || edtl == 0,
+        }
+    }
 }
 
 /// How a command ended.
@@ -235,6 +268,9 @@ struct UnitState {
     spc2: Option<(Arc<str>, Arc<str>)>,
     /// Capacity in bytes when last seen (a change raises CAPACITY DATA HAS CHANGED).
     capacity: u64,
+    /// Whose tasks other nexuses aborted (see `aborts`); `LogicalUnit::abort_epoch` numbers
+    /// its entries.
+    aborts: aborts::AbortLog,
 }
 
 /// A SCSI logical unit on one disk backend, shared by every session that exports it.
@@ -245,6 +281,9 @@ pub struct LogicalUnit {
     ident: emulate::Identity,
     state: Mutex<UnitState>,
     persister: Option<persist::Persister>,
+    /// The epoch of the newest abort-log entry (read without the lock by every transport
+    /// iteration; written under it).
+    abort_epoch: AtomicU64,
 }
 
 impl LogicalUnit {
@@ -284,6 +323,7 @@ impl LogicalUnit {
                 ..UnitState::default()
             }),
             persister,
+            abort_epoch: AtomicU64::new(0),
         })
     }
 
@@ -378,19 +418,71 @@ impl LogicalUnit {
         }
     }
 
+    /// The unit's abort epoch. A transport tags each command it takes with it and, whenever
+    /// it has moved since the transport last looked (one atomic load per iteration), asks
+    /// [`LogicalUnit::aborted_since`] about its commands: those another nexus aborted (PREEMPT
+    /// AND ABORT, LOGICAL UNIT RESET, TARGET WARM RESET) end with TASK ABORTED status
+    /// (SAM-5 5.6, TAS = 1) — once their operations in flight, if any, completed.
+    pub fn abort_epoch(&self) -> u64 {
+        self.abort_epoch.load(Ordering::Acquire)
+    }
+
+    /// Whether another nexus aborted `nexus`'s tasks after epoch `since` (a command tagged
+    /// `since` is then aborted).
+    pub fn aborted_since(&self, nexus: &Nexus, since: u64) -> bool {
+        since < self.abort_epoch() && self.lock_state().aborts.names_since(nexus, since)
+    }
+
+    /// Logs an abort (under the state lock) and moves the epoch.
+    fn record_abort(&self, st: &mut UnitState, whom: aborts::Whom) {
+        let epoch = self.abort_epoch.load(Ordering::Relaxed) + 1;
+        st.aborts.record(whom, epoch);
+        self.abort_epoch.store(epoch, Ordering::Release);
+    }
+
     /// LOGICAL UNIT RESET / TARGET WARM RESET from `by`: releases SPC-2 reservations and
     /// establishes a unit attention (29h/03h or 29h/02h) for every nexus — the one that asked
-    /// too (SAM-5 6.3.3; libiscsi's MultipathIO.Reset expects it on every path).
-    /// Persistent reservations stay.
+    /// too (SAM-5 6.3.3; libiscsi's MultipathIO.Reset expects it on every path) — and aborts
+    /// the tasks of every other nexus (see [`LogicalUnit::abort_epoch`]; `by`'s transport
+    /// aborts its own). Persistent reservations stay.
     pub fn reset(&self, by: &Nexus, target_reset: bool) {
-        let mut st = self.lock_state();
-        st.spc2 = None;
         let cond = if target_reset {
             sense::ua::TARGET_RESET
         } else {
             sense::ua::LUN_RESET
         };
-        tracing::debug!(unit = %self.config.name, by = %by.initiator_port, target_reset, "reset");
+        self.reset_as(by, cond, false);
+    }
+
+    /// TARGET COLD RESET from `by`: a TARGET WARM RESET that also ends the connections of
+    /// every other nexus (RFC 7143 §11.5.1; see [`LogicalUnit::hard_reset_since`]); `by`'s
+    /// transport ends its own after its answer.
+    pub fn cold_reset(&self, by: &Nexus) {
+        self.reset_as(by, sense::ua::POWER_ON, true);
+    }
+
+    /// Whether a TARGET COLD RESET logged after epoch `since` asks the transports of the
+    /// other nexuses to end their connections (checked when [`LogicalUnit::abort_epoch`]
+    /// moved).
+    pub fn hard_reset_since(&self, nexus: &Nexus, since: u64) -> bool {
+        since < self.abort_epoch() && self.lock_state().aborts.hard_since(nexus, since)
+    }
+
+    fn reset_as(&self, by: &Nexus, cond: Sense, hard: bool) {
+        let mut st = self.lock_state();
+        let whom = aborts::Whom::AllBut {
+            i_port: by.initiator_port.clone(),
+            t_port: by.target_port.clone(),
+        };
+        if hard {
+            let epoch = self.abort_epoch.load(Ordering::Relaxed) + 1;
+            st.aborts.record_hard(whom, epoch);
+            self.abort_epoch.store(epoch, Ordering::Release);
+        } else {
+            self.record_abort(&mut st, whom);
+        }
+        st.spc2 = None;
+        tracing::debug!(unit = %self.config.name, by = %by.initiator_port, ?cond, hard, "reset");
         st.uas.raise_all(cond, None);
     }
 }

@@ -33,6 +33,8 @@ fn page(code: u8, changeable: bool, out: &mut Vec<u8>) {
             out.resize(at + 12, 0);
             if !changeable {
                 out[at + 3] = 0x10; // QUEUE ALGORITHM MODIFIER: unrestricted reordering
+                                    // TAS: tasks another nexus aborts end with TASK ABORTED (see `aborts`).
+                out[at + 5] = 0x40;
                 out[at + 8] = 0xFF; // BUSY TIMEOUT PERIOD: unlimited
                 out[at + 9] = 0xFF;
             }

@@ -167,13 +167,16 @@ impl PrState {
     }
 
     /// PERSISTENT RESERVE OUT. `params` is the parameter list as received, `param_len` what
-    /// the CDB declared. Returns whether the state changed (and must be saved).
+    /// the CDB declared. Returns whether the state changed (and must be saved). A PREEMPT
+    /// AND ABORT adds the nexuses it preempted (initiator port, target port) to `aborted`:
+    /// their tasks are to be aborted.
     pub(crate) fn out(
         &mut self,
         n: &Nexus,
         c: &PrOutCdb,
         params: &[u8],
         uas: &mut UnitAttentions,
+        aborted: &mut Vec<(String, String)>,
     ) -> Result<bool, PrError> {
         let PrOutCdb {
             action,
@@ -271,7 +274,14 @@ impl PrState {
                         self.generation = self.generation.wrapping_add(1);
                         Ok(true)
                     }
-                    _ => self.preempt(n, rtype, sa_key, uas),
+                    _ => {
+                        let victims = if action == sa::PREEMPT_AND_ABORT {
+                            Some(aborted)
+                        } else {
+                            None
+                        };
+                        self.preempt(n, rtype, sa_key, uas, victims)
+                    }
                 }
             }
         }
@@ -312,6 +322,7 @@ impl PrState {
         rtype: u8,
         sa_key: u64,
         uas: &mut UnitAttentions,
+        aborted: Option<&mut Vec<(String, String)>>,
     ) -> Result<bool, PrError> {
         let holder_key = match &self.res {
             Some(r) if all_registrants(r.kind) => Some(0),
@@ -334,19 +345,22 @@ impl PrState {
         if !takes_reservation && sa_key == 0 {
             return Err(PrError::Check(Sense::invalid_field_in_param_list()));
         }
-        let victims: Vec<String> = self
+        let victims: Vec<(String, String)> = self
             .regs
             .iter()
             .filter(|g| !is_me(g) && (sa_key == 0 || g.key == sa_key))
-            .map(|g| g.i_port.clone())
+            .map(|g| (g.i_port.clone(), g.t_port.clone()))
             .collect();
         if !takes_reservation && !self.regs.iter().any(|g| g.key == sa_key) {
             return Err(PrError::Conflict);
         }
         self.regs
             .retain(|g| is_me(g) || !(sa_key == 0 || g.key == sa_key));
-        for v in &victims {
+        for (v, _) in &victims {
             uas.raise(v, ua::REGISTRATIONS_PREEMPTED);
+        }
+        if let Some(aborted) = aborted {
+            aborted.extend(victims);
         }
         if takes_reservation {
             let old = self.res.take();

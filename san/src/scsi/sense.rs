@@ -34,6 +34,11 @@ pub struct Sense {
     pub ascq: u8,
     /// INFORMATION field, when valid.
     pub info: Option<u64>,
+    /// Sense-key specific FIELD POINTER: the CDB byte an ILLEGAL REQUEST objects to (SKSV
+    /// and C/D set). Initiators tell "this field of a command you have is invalid" from
+    /// "you lack the command" by it (libiscsi treats an INVALID FIELD IN CDB to MAINTENANCE
+    /// IN without a pointer, or pointing at byte 1, as the latter).
+    pub field: Option<u16>,
 }
 
 /// Bytes of fixed-format sense data written by [`Sense::write_fixed`].
@@ -47,6 +52,15 @@ impl Sense {
             asc,
             ascq,
             info: None,
+            field: None,
+        }
+    }
+
+    /// This condition with a FIELD POINTER at CDB byte `byte`.
+    pub const fn at_cdb_byte(self, byte: u16) -> Self {
+        Sense {
+            field: Some(byte),
+            ..self
         }
     }
 
@@ -74,6 +88,10 @@ impl Sense {
         out[7] = (FIXED_SENSE_LEN - 8) as u8;
         out[12] = self.asc;
         out[13] = self.ascq;
+        if let Some(byte) = self.field {
+            out[15] = 0xC0; // SKSV, C/D: the pointer is into the CDB
+            out[16..18].copy_from_slice(&byte.to_be_bytes());
+        }
     }
 }
 
@@ -147,7 +165,14 @@ impl Sense {
             asc: 0x1D,
             ascq: 0x00,
             info: Some(offset),
+            field: None,
         }
+    }
+
+    /// ABORTED COMMAND, PROTOCOL SERVICE CRC ERROR (47h/05h): the transport lost data of the
+    /// command (iSCSI, RFC 7143 §11.4.7.2: a Data-Out digest or sequence error at ERL 0).
+    pub const fn protocol_crc_error() -> Self {
+        Sense::new(key::ABORTED_COMMAND, 0x47, 0x05)
     }
 
     /// NO SENSE, NO ADDITIONAL SENSE INFORMATION (REQUEST SENSE with nothing to report).

@@ -303,6 +303,27 @@ fn read_capacity_10_and_16() {
         8 * 2048 - 1
     );
     assert_eq!(d.data[14] & 0xC0, 0xC0, "LBPME and LBPRZ");
+    assert_eq!(d.data[13] & 0x0F, 0, "LBPPBE: see emulate.rs");
+}
+
+#[test]
+fn write_same_unmap_without_a_block_deallocates() {
+    let (h, _dir) = Harness::raw(MIB);
+    let mut h = h.ready();
+    assert!(h.run(&write10(1, 7), &pattern(7 * 512, 4)).good());
+    let mut ws = rw16(0x93, 1, 7);
+    ws[1] = 0x08;
+    assert_eq!(
+        h.lu.plan(&ws).map(|x| x.fit),
+        Ok(Fit::ExactOrNone),
+        "UNMAP: the block may be left out"
+    );
+    assert!(h.run(&ws, &[]).good());
+    assert!(h.run(&read10(1, 7), &[]).data.iter().all(|&b| b == 0));
+    // Without UNMAP the block is required.
+    ws[1] = 0;
+    assert_eq!(h.lu.plan(&ws).map(|x| x.fit), Ok(Fit::Exact));
+    assert!(!h.run(&ws, &[]).good());
 }
 
 #[test]
@@ -403,7 +424,8 @@ fn out_of_range_protection_and_unknown_opcodes() {
         h.lu.plan(&read10(0, 4)),
         Ok(Xfer {
             dir: DataDir::In,
-            len: 2048
+            len: 2048,
+            fit: Fit::Residual,
         })
     );
 }
@@ -572,6 +594,28 @@ fn write_same_pattern_zero_unmap_and_ndob() {
 }
 
 #[test]
+fn write_same_length_is_bounded_with_and_without_unmap() {
+    let (h, _dir) = Harness::raw(64 * MIB);
+    let mut h = h.ready();
+    let page = h.run(&[0x12, 0x01, 0xB0, 0, 64, 0], &[]).data;
+    assert_eq!(page[4] & 0x01, 1, "WSNZ");
+    assert_eq!(
+        &page[36..44],
+        &0xFFFFu64.to_be_bytes(),
+        "MAXIMUM WRITE SAME LENGTH"
+    );
+    for unmap in [0u8, 0x08] {
+        // One block more than the limit (libiscsi's WriteSame16.Unmap sends 65536).
+        let mut ws = rw16(0x93, 0, 65536);
+        ws[1] = unmap;
+        assert_eq!(h.lu.plan(&ws), Err(Sense::invalid_field_in_cdb()));
+        let mut ok = rw16(0x93, 0, 65535);
+        ok[1] = unmap;
+        assert!(h.lu.plan(&ok).is_ok());
+    }
+}
+
+#[test]
 fn verify_compares_and_reports_the_offset() {
     let (h, _dir) = Harness::raw(MIB);
     let mut h = h.ready();
@@ -638,10 +682,59 @@ fn compare_and_write_matches_then_writes_or_reports_miscompare() {
         h.lu.plan(&caw(8, 255)),
         Ok(Xfer {
             dir: DataDir::Out,
-            len: 2 * 255 * 512
+            len: 2 * 255 * 512,
+            fit: Fit::Exact,
         })
     );
     assert!(h.run(&caw(8, 0), &[]).good());
+}
+
+#[test]
+fn orwrite_ors_the_data_into_the_blocks_atomically() {
+    let (a, _dir) = Harness::raw(MIB);
+    let mut a = a.ready();
+    assert!(a.run(&write10(3, 2), &[0x0Fu8; 1024]).good());
+    let or = rw16(0x8B, 3, 2);
+    assert_eq!(
+        a.lu.plan(&or).map(|x| (x.len, x.fit)),
+        Ok((1024, Fit::Exact))
+    );
+    let mut data = vec![0xA0u8; 1024];
+    data[1023] = 0x50;
+    assert!(a.run(&or, &data).good());
+    let got = a.run(&read10(3, 2), &[]).data;
+    assert!(got[..1023].iter().all(|&b| b == 0xAF));
+    assert_eq!(got[1023], 0x5F);
+    // FUA (a flush after the write), zero blocks, beyond the end, protection information.
+    let mut fua = or;
+    fua[1] = 0x08;
+    assert!(a.run(&fua, &[0u8; 1024]).good());
+    assert!(a.run(&rw16(0x8B, 0, 0), &[]).good());
+    let end = MIB / 512;
+    assert_eq!(
+        a.run(&rw16(0x8B, end, 1), &[0; 512]).asc(),
+        (key::ILLEGAL_REQUEST, 0x21, 0)
+    );
+    let mut prot = or;
+    prot[1] = 0x20;
+    assert_eq!(a.lu.plan(&prot), Err(Sense::invalid_field_in_cdb()));
+    // It waits for an overlapping read in flight, like COMPARE AND WRITE, and a write
+    // arriving meanwhile waits behind it.
+    let mut rd = a.task(&read10(4, 1), &[]);
+    assert_eq!(a.start(&mut rd, 100), Step::InFlight);
+    let c_read = a.reap_one();
+    let mut ow = a.task(&rw16(0x8B, 4, 1), &[0x01; 512]);
+    assert_eq!(a.start(&mut ow, 101), Step::Blocked);
+    let mut wr = a.task(&write10(4, 1), &[0x10; 512]);
+    assert_eq!(a.start(&mut wr, 102), Step::Blocked);
+    assert!(a.complete(&mut rd, c_read) != Step::InFlight);
+    let step = a.start(&mut ow, 101);
+    assert_eq!(step, Step::InFlight);
+    assert!(a.finish(&mut ow, step).good());
+    let step = a.start(&mut wr, 102);
+    assert!(a.finish(&mut wr, step).good());
+    assert_eq!(a.run(&read10(4, 1), &[]).data, vec![0x10; 512]);
+    assert_eq!(a.lu.lock_state().locks.held(), 0);
 }
 
 #[test]
@@ -724,16 +817,40 @@ fn get_lba_status_and_report_opcodes() {
         assert_eq!(one.data[1] & 0x07, 3);
         assert_eq!(one.data[4], d[0]);
         let wrong = if servactv { 1 } else { 2 };
-        assert!(!h
-            .run(
-                &[0xA3, 0x0C, wrong, d[0], d[2], d[3], 0, 0, 1, 0, 0, 0],
-                &[]
-            )
-            .good());
+        let bad = h.run(
+            &[0xA3, 0x0C, wrong, d[0], d[2], d[3], 0, 0, 1, 0, 0, 0],
+            &[],
+        );
+        // INVALID FIELD IN CDB pointing at the REPORTING OPTIONS byte (a pointer-less one
+        // reads as "command not supported" to initiators).
+        assert_eq!(bad.asc(), (key::ILLEGAL_REQUEST, 0x24, 0));
+        assert_eq!(bad.sense.and_then(|s| s.field), Some(2));
+        let mut fixed = [0u8; crate::scsi::sense::FIXED_SENSE_LEN];
+        bad.sense.expect("sense").write_fixed(&mut fixed);
+        assert_eq!(fixed[15..18], [0xC0, 0, 2], "SKSV, C/D, FIELD POINTER");
     }
     // An unsupported opcode: "not supported".
     let one = h.run(&[0xA3, 0x0C, 1, 0xC0, 0, 0, 0, 0, 1, 0, 0, 0], &[]);
     assert_eq!(one.data[1] & 0x07, 1);
+}
+
+#[test]
+fn read_defect_data_reports_empty_lists() {
+    let mut h = Harness::null(MIB).ready();
+    // (10): both lists, short block format.
+    let d = h.run(&[0x37, 0, 0x18, 0, 0, 0, 0, 0, 32, 0], &[]);
+    assert!(d.good());
+    assert_eq!(d.data, [0, 0x18, 0, 0]);
+    // (12): the request bits in byte 1; 8-byte header.
+    let d = h.run(&[0xB7, 0x13, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0], &[]);
+    assert!(d.good());
+    assert_eq!(d.data, [0, 0x13, 0, 0, 0, 0, 0, 0]);
+    // Cut to the allocation length; a reserved format is refused.
+    assert_eq!(h.run(&[0x37, 0, 0, 0, 0, 0, 0, 0, 2, 0], &[]).data.len(), 2);
+    assert_eq!(
+        h.run(&[0x37, 0, 0x01, 0, 0, 0, 0, 0, 32, 0], &[]).asc(),
+        (key::ILLEGAL_REQUEST, 0x24, 0)
+    );
 }
 
 #[test]
@@ -998,7 +1115,7 @@ mod fuzz {
         /// Data-In fits the buffer and the plan.
         #[test]
         fn any_cdb_any_data(cdb in proptest::collection::vec(any::<u8>(), 0..=16),
-                            opcode in prop::sample::select(vec![0x00u8, 0x03, 0x08, 0x0A, 0x12, 0x15, 0x16, 0x17, 0x1A, 0x1B, 0x25, 0x28, 0x2A, 0x2E, 0x2F, 0x34, 0x35, 0x41, 0x42, 0x55, 0x5A, 0x5E, 0x5F, 0x88, 0x89, 0x8A, 0x8E, 0x8F, 0x90, 0x91, 0x93, 0x9E, 0xA0, 0xA3, 0xA8, 0xAA, 0xAE, 0xAF, 0xFF]),
+                            opcode in prop::sample::select(vec![0x00u8, 0x03, 0x08, 0x0A, 0x12, 0x15, 0x16, 0x17, 0x1A, 0x1B, 0x25, 0x28, 0x2A, 0x2E, 0x2F, 0x34, 0x35, 0x37, 0x41, 0x42, 0x55, 0x5A, 0x5E, 0x5F, 0x88, 0x89, 0x8A, 0x8B, 0x8E, 0x8F, 0x90, 0x91, 0x93, 0x9E, 0xA0, 0xA3, 0xA8, 0xAA, 0xAE, 0xAF, 0xB7, 0xFF]),
                             data in proptest::collection::vec(any::<u8>(), 0..600),
                             fill in 0usize..3) {
             let mut h = Harness::null(64 * 1024);

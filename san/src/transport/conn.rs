@@ -45,6 +45,9 @@ pub const SYNC_RECV_RETRY: Duration = Duration::from_micros(50);
 pub const CLOCK_EVERY: u32 = 64;
 /// Keepalive tick (the timerfd's period): how often an idle connection is looked at.
 pub const TICK: Duration = Duration::from_secs(5);
+/// Parameter3 of the Async Message asking for a logout at shutdown: the seconds the
+/// initiator has to log out (the server waits `super::SHUTDOWN_LOGOUT_WAIT` for all).
+pub const LOGOUT_WITHIN_SECS: u16 = 2;
 
 /// What the server and a connection share: the way to end it from outside (reinstatement,
 /// shutdown) and whether it has ended.
@@ -58,9 +61,45 @@ pub struct ConnShared {
     /// A new login took over this session's I_T nexus (reinstatement): the nexus lives on,
     /// so the ending connection must not report it lost to the units.
     pub reinstated: AtomicBool,
+    /// The server is shutting down: the connection asks its initiator to log out.
+    pub logout: AtomicBool,
+    /// A second descriptor of the poller's timer, armed to wake its reactor at once.
+    pub timer: OwnedFd,
 }
 
 impl ConnShared {
+    /// The shared part of a connection on `sock` whose poller ticks on `timer`.
+    pub fn new(sock: &OwnedFd, timer: &OwnedFd) -> std::io::Result<Self> {
+        Ok(ConnShared {
+            dup: sock.try_clone()?,
+            ended: AtomicBool::new(false),
+            reinstated: AtomicBool::new(false),
+            logout: AtomicBool::new(false),
+            timer: timer.try_clone()?,
+        })
+    }
+
+    /// Asks the initiator to log out (server shutdown): the poller sends an Async Message
+    /// (AsyncEvent 1, target requests logout) on its next iteration, which this wakes.
+    pub fn request_logout(&self) {
+        self.logout.store(true, Ordering::Release);
+        let now = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 1,
+        };
+        let period = libc::timespec {
+            tv_sec: TICK.as_secs() as libc::time_t,
+            tv_nsec: 0,
+        };
+        let spec = libc::itimerspec {
+            it_interval: period,
+            it_value: now,
+        };
+        // SAFETY: spec is a valid itimerspec for a timerfd this struct owns a descriptor of;
+        // the old value is not asked for.
+        unsafe { libc::timerfd_settime(self.timer.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
+    }
+
     /// Ends the connection: its receive completes and the poller winds down.
     pub fn kill(&self) {
         // SAFETY: shutdown on a descriptor this struct owns; no memory is involved.
@@ -114,6 +153,8 @@ pub struct ConnPoller {
     /// The last reading.
     last_now: Instant,
     closing: bool,
+    /// The Async Message asking for a logout went out (server shutdown).
+    logout_asked: bool,
     removal_sent: bool,
     /// The reactor is removing the poller itself (its Shutdown, or our own removal request).
     stopped: bool,
@@ -132,7 +173,9 @@ impl std::fmt::Debug for ConnPoller {
     }
 }
 
-fn timerfd() -> std::io::Result<OwnedFd> {
+/// The poller's keepalive timer (periodic, [`TICK`]); created before the poller, so the
+/// connection's [`ConnShared`] can hold a descriptor of it.
+pub fn timerfd() -> std::io::Result<OwnedFd> {
     // SAFETY: timerfd_create returns a new descriptor we own (or -1).
     let fd = unsafe {
         libc::timerfd_create(
@@ -176,6 +219,8 @@ pub struct ConnSetup {
     pub name: Arc<str>,
     /// The connected socket (blocking mode; the engine never waits on it).
     pub sock: OwnedFd,
+    /// The keepalive timer ([`timerfd`]).
+    pub timer: OwnedFd,
     /// The session in full-feature phase.
     pub session: Session,
     /// Bytes already received after the login (normally none).
@@ -202,7 +247,7 @@ impl ConnPoller {
         Ok(ConnPoller {
             name: s.name,
             sock: s.sock,
-            timer: timerfd()?,
+            timer: s.timer,
             sync_epoll: None,
             session: s.session,
             rbuf,
@@ -217,6 +262,7 @@ impl ConnPoller {
             clock_due: true,
             last_now: Instant::now(),
             closing: false,
+            logout_asked: false,
             removal_sent: false,
             stopped: false,
             link: s.link,
@@ -463,7 +509,20 @@ impl Poller for ConnPoller {
                 }
                 work += 1;
             }
+            if !self.logout_asked && self.shared.logout.load(Ordering::Acquire) {
+                self.logout_asked = true;
+                let mut v = [0u8; 8];
+                // SAFETY: reads 8 bytes into v from our timerfd (non-blocking; EAGAIN ok):
+                // consumes the expiry `request_logout` armed.
+                unsafe { libc::read(self.timer.as_raw_fd(), v.as_mut_ptr().cast(), 8) };
+                self.session.request_logout(LOGOUT_WITHIN_SECS);
+                work += 1;
+            }
             work += self.session.poll(cx);
+            if self.session.finished() {
+                // Ended from elsewhere (another nexus's TARGET COLD RESET).
+                self.close();
+            }
             if !self.recv_inflight && self.rstart < self.rend && self.session.can_take() {
                 work += self.parse(cx);
             }

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BinaryHeap};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -21,7 +21,7 @@ use dataplane::reactor::Command;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::conn::{ConnPoller, ConnSetup, ConnShared};
+use super::conn::{self, ConnPoller, ConnSetup, ConnShared};
 use super::{
     Shared, CONNECTIONS_PER_REACTOR_MAX, DISCOVERY_DEADLINE, HALF_OPEN_MAX, LOGIN_DEADLINE,
 };
@@ -518,14 +518,18 @@ impl LoginThread {
         if c.sock.set_nonblocking(false).is_err() {
             return;
         }
-        let Ok(dup) = c.sock.try_clone().map(OwnedFd::from) else {
-            return;
-        };
-        let shared = Arc::new(ConnShared {
-            dup,
-            ended: AtomicBool::new(false),
-            reinstated: AtomicBool::new(false),
+        let sock = OwnedFd::from(c.sock);
+        let made = conn::timerfd().and_then(|timer| {
+            let shared = ConnShared::new(&sock, &timer)?;
+            Ok((timer, shared))
         });
+        let (timer, shared) = match made {
+            Ok((timer, shared)) => (timer, Arc::new(shared)),
+            Err(e) => {
+                tracing::error!(err = %e, "connection setup failed");
+                return;
+            }
+        };
         let key = (est.initiator_name.to_ascii_lowercase(), est.isid);
         {
             let mut m = self
@@ -560,7 +564,8 @@ impl LoginThread {
         live.fetch_add(1, Ordering::AcqRel);
         let poller = ConnPoller::new(ConnSetup {
             name: name.clone(),
-            sock: OwnedFd::from(c.sock),
+            sock,
+            timer,
             session,
             leftover: c.rbuf,
             link: link.clone(),

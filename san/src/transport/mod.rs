@@ -51,6 +51,9 @@ pub const DISCOVERY_DEADLINE: Duration = Duration::from_secs(60);
 pub const LISTEN_BACKLOG: i32 = 4096;
 /// Time `shutdown` waits for sessions to leave their reactors.
 pub const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
+/// Time `shutdown` gives the initiators, all together, to log out after it asked them to
+/// (Async Message, AsyncEvent 1); the sessions still there then are cut.
+pub const SHUTDOWN_LOGOUT_WAIT: Duration = Duration::from_secs(2);
 
 /// Errors starting the server.
 #[derive(Debug, thiserror::Error)]
@@ -262,8 +265,10 @@ impl IscsiServer {
     }
 
     /// Stops accepting (the login thread closes its listeners and half-open connections),
-    /// ends every session (their sockets are shut down; each poller leaves its reactor once
-    /// its in-flight operations completed), and waits for them up to [`SHUTDOWN_WAIT`].
+    /// asks every session's initiator to log out (Async Message, AsyncEvent 1) and gives
+    /// them [`SHUTDOWN_LOGOUT_WAIT`] in all, ends the sessions still there (their sockets
+    /// are shut down; each poller leaves its reactor once its in-flight operations
+    /// completed), and waits for them up to [`SHUTDOWN_WAIT`].
     pub fn shutdown(mut self) {
         self.stop_all();
     }
@@ -283,7 +288,18 @@ impl IscsiServer {
             m.drain().map(|(_, v)| v).collect()
         };
         for s in &sessions {
-            s.kill();
+            s.request_logout();
+        }
+        let logout_deadline = Instant::now() + SHUTDOWN_LOGOUT_WAIT;
+        while Instant::now() < logout_deadline
+            && sessions.iter().any(|s| !s.ended.load(Ordering::Acquire))
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for s in &sessions {
+            if !s.ended.load(Ordering::Acquire) {
+                s.kill();
+            }
         }
         let deadline = Instant::now() + SHUTDOWN_WAIT;
         while self

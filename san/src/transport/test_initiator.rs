@@ -180,13 +180,13 @@ impl Initiator {
         data.truncate(len);
         let p = Pdu { bhs, data };
         // Track StatSN for PDUs carrying status.
-        if matches!(p.opcode(), 0x21 | 0x22 | 0x24 | 0x26 | 0x3f)
+        if matches!(p.opcode(), 0x21 | 0x22 | 0x24 | 0x26 | 0x32 | 0x3f)
             || (p.opcode() == 0x25 && p.flags() & 0x01 != 0)
             || (p.opcode() == 0x20 && p.itt() != 0xffff_ffff)
         {
             self.exp_stat_sn = p.stat_sn().wrapping_add(1);
         }
-        if matches!(p.opcode(), 0x20..=0x26 | 0x31 | 0x3f) {
+        if matches!(p.opcode(), 0x20..=0x26 | 0x31 | 0x32 | 0x3f) {
             self.max_cmd_sn = p.max_cmd_sn();
         }
         Ok(p)

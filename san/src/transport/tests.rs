@@ -231,8 +231,49 @@ fn shutdown_ends_live_sessions() {
     let t0 = Instant::now();
     rig.server.take().expect("server").shutdown();
     assert!(t0.elapsed() < Duration::from_secs(5));
+    // Each was asked to log out first (and did not: cut after the grace time).
+    for i in [&mut a, &mut b] {
+        let p = i.recv();
+        assert_eq!(p.opcode(), 0x32, "Async Message");
+        assert_eq!(p.bhs[36], 1, "target requests logout");
+        assert!(i.try_recv().is_err());
+    }
+}
+
+#[test]
+fn shutdown_asks_initiators_to_log_out_uring() {
+    shutdown_asks_initiators_to_log_out_and_waits_for_them_briefly(EngineKind::Uring);
+}
+
+#[test]
+fn shutdown_asks_initiators_to_log_out_sync() {
+    shutdown_asks_initiators_to_log_out_and_waits_for_them_briefly(EngineKind::Sync);
+}
+
+fn shutdown_asks_initiators_to_log_out_and_waits_for_them_briefly(engine: EngineKind) {
+    let mut rig = Rig::new(engine, 2);
+    let mut a = rig.login();
+    let mut b = rig.login_with_isid_variant();
+    rig.wait_for("two sessions", |s| s.sessions == 2);
+    let server = rig.server.take().expect("server");
+    let t0 = Instant::now();
+    let stopper = std::thread::spawn(move || server.shutdown());
+    // Both initiators get the request (logout within LOGOUT_WITHIN_SECS) and log out.
+    for i in [&mut a, &mut b] {
+        let p = i.recv();
+        assert_eq!(p.opcode(), 0x32, "Async Message");
+        assert_eq!(p.bhs[36], 1, "AsyncEvent: target requests logout");
+        assert_eq!(
+            u16::from_be_bytes([p.bhs[42], p.bhs[43]]),
+            super::conn::LOGOUT_WITHIN_SECS,
+            "Parameter3"
+        );
+        assert_eq!(i.logout(), 0, "logout accepted");
+    }
+    stopper.join().expect("shutdown");
+    // Done as soon as they left, well before the grace time ran out.
+    assert!(t0.elapsed() < super::SHUTDOWN_LOGOUT_WAIT);
     assert!(a.try_recv().is_err());
-    assert!(b.try_recv().is_err());
 }
 
 impl Rig {
@@ -498,8 +539,10 @@ fn abort_of_a_write_waiting_for_data() {
     assert_eq!(i.recv().opcode(), 0x3f);
     assert_eq!(i.tmf(5, 0, 0), 0, "LOGICAL UNIT RESET");
     assert_eq!(i.tmf(6, 0, 0), 0, "TARGET WARM RESET");
-    assert_eq!(i.tmf(7, 0, 0), 5, "TARGET COLD RESET: not supported");
     assert_eq!(i.nop(b"alive").data, b"alive");
+    // TARGET COLD RESET: answered, then the target ends the connection (RFC 7143 §11.5.1).
+    assert_eq!(i.tmf(7, 0, 0), 0, "TARGET COLD RESET");
+    assert!(i.try_recv().is_err(), "connection ended");
 }
 
 #[test]

@@ -14,6 +14,13 @@ impl Session {
         if !self.take_cmdsn(bhs) {
             return Flow::Continue;
         }
+        if bhs.itt() == RESERVED_TAG || self.active_itts.contains(&bhs.itt()) {
+            // The ITT of a command still active (or the reserved one): an initiator must
+            // not reuse a tag before the command's status (RFC 7143 §11.1.3). Rejected as
+            // "task in progress", the running command undisturbed.
+            self.reject(reject::TASK_IN_PROGRESS, bhs);
+            return Flow::Continue;
+        }
         let Some(slot) = self.free.pop() else {
             self.reject(reject::IMMEDIATE_REJECTED, bhs);
             return Flow::Continue;
@@ -28,6 +35,7 @@ impl Session {
         self.attach_units(cx);
         let unit = self.unit_of(bhs.lun());
         let p = self.p;
+        self.active_itts[usize::from(slot)] = bhs.itt();
         let t = &mut self.tasks[usize::from(slot)];
         t.st = St::DataOut;
         t.itt = bhs.itt();
@@ -51,6 +59,8 @@ impl Session {
         t.r2t_sn = 0;
         t.r2ts = [R2tRec::default(); R2T_MAX];
         t.aborted = false;
+        t.aborted_by_other = false;
+        t.epoch = unit.as_ref().map_or(0, |u| u.abort_epoch());
         t.unit = unit;
         let cdb = t.scsi.cdb;
         if cdb[0] == REPORT_LUNS {
@@ -63,7 +73,20 @@ impl Session {
             self.finish(slot, o);
             return Flow::Continue;
         };
-        let xfer = match unit.plan(&cdb) {
+        let planned = unit.plan(&cdb).and_then(|x| {
+            // A command whose data has a fixed structure runs only with exactly that data.
+            let edtl = if t.write || x.dir != DataDir::Out {
+                t.edtl
+            } else {
+                0
+            };
+            if !x.fit.accepts(x.len, edtl) {
+                Err(scsi::Sense::invalid_field_in_cdb())
+            } else {
+                Ok(x)
+            }
+        });
+        let xfer = match planned {
             Ok(x) => x,
             Err(sense) => {
                 let o = Outcome {
@@ -105,6 +128,62 @@ impl Session {
         self.issue_r2ts(slot);
         self.maybe_start_write(slot, cx);
         Flow::Continue
+    }
+
+    /// A Data-Out out of sequence (DataSN, offset, length) for a command collecting its
+    /// data: at ErrorRecoveryLevel 0 the target cannot ask for the data again (recovery
+    /// R2Ts are ERL 1), so — a sequence error being an implied digest error (RFC 7143
+    /// §7.9, §7.8) — the PDU is rejected and the command ends at once with CHECK
+    /// CONDITION, ABORTED COMMAND, PROTOCOL SERVICE CRC ERROR (§11.4.7.2), instead of
+    /// waiting for data that will never come. Its later Data-Out PDUs find no command and
+    /// are rejected too; the session goes on.
+    pub(super) fn data_out_sequence_error(&mut self, slot: u16, bhs: &Bhs) {
+        self.reject(reject::PROTOCOL_ERROR, bhs);
+        self.terminate_data_out(slot);
+    }
+
+    /// Ends a command still collecting Data-Out with PROTOCOL SERVICE CRC ERROR (see
+    /// [`Session::data_out_sequence_error`]).
+    pub(super) fn terminate_data_out(&mut self, slot: u16) {
+        let t = &mut self.tasks[usize::from(slot)];
+        if t.st != St::DataOut {
+            return;
+        }
+        t.r2ts = [R2tRec::default(); R2T_MAX];
+        t.unsol_done = true;
+        if let Some(u) = t.unit.clone() {
+            u.abandon(&mut t.scsi);
+        }
+        self.finish(
+            slot,
+            Outcome {
+                status: status::CHECK_CONDITION,
+                sense: Some(scsi::Sense::protocol_crc_error()),
+                data_in: 0,
+            },
+        );
+    }
+
+    /// The command a Data-Out names (unsolicited: by ITT; solicited: by its TTT), if it is
+    /// collecting data.
+    pub(super) fn data_out_task(&self, bhs: &Bhs) -> Option<u16> {
+        let ttt = bhs.ttt();
+        let slot = if ttt == RESERVED_TAG {
+            self.tasks
+                .iter()
+                .position(|t| t.st == St::DataOut && !t.unsol_done && t.itt == bhs.itt())?
+        } else {
+            let slot = (ttt & 0xffff) as usize;
+            let t = self.tasks.get(slot)?;
+            if !(t.st == St::DataOut
+                && t.itt == bhs.itt()
+                && t.r2ts.iter().any(|r| r.active && r.ttt == ttt))
+            {
+                return None;
+            }
+            slot
+        };
+        Some(slot as u16)
     }
 
     pub(super) fn protocol_reject(&mut self, slot: u16, bhs: &Bhs) -> Flow {
@@ -192,7 +271,7 @@ impl Session {
                 || bhs.datasn() != t.unsol_data_sn
                 || off.checked_add(len).is_none_or(|e| e > t.unsol_len)
             {
-                self.reject(reject::PROTOCOL_ERROR, bhs);
+                self.data_out_sequence_error(slot, bhs);
                 return Flow::Continue;
             }
             place(&mut t.scsi.buf, off, data);
@@ -226,7 +305,7 @@ impl Session {
                 || bhs.datasn() != r.data_sn
                 || r.got.checked_add(len).is_none_or(|g| g > r.len)
             {
-                self.reject(reject::PROTOCOL_ERROR, bhs);
+                self.data_out_sequence_error(slot as u16, bhs);
                 return Flow::Continue;
             }
             r.got += len;

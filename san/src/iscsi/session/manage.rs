@@ -95,12 +95,70 @@ impl Session {
         }
     }
 
+    /// Per iteration: aborts the commands another nexus aborted on their unit (see
+    /// `LogicalUnit::abort_epoch`); one atomic load per unit when nothing happened. Returns
+    /// the commands aborted.
+    pub(super) fn check_aborts(&mut self) -> usize {
+        let mut n = 0;
+        for i in 0..self.luns.len().min(self.abort_seen.len()) {
+            let epoch = self.luns[i].1.abort_epoch();
+            if epoch == self.abort_seen[i] {
+                continue;
+            }
+            let seen = std::mem::replace(&mut self.abort_seen[i], epoch);
+            let unit = self.luns[i].1.clone();
+            if !unit.aborted_since(&self.nexus, seen) {
+                continue;
+            }
+            if unit.hard_reset_since(&self.nexus, seen) {
+                // A TARGET COLD RESET: the connection ends (its tasks are abandoned).
+                self.dropped = true;
+            }
+            for slot in 0..TASKS_MAX {
+                let t = &self.tasks[slot];
+                if matches!(t.st, St::Free | St::Sending)
+                    || t.aborted
+                    || t.aborted_by_other
+                    || !t.unit.as_ref().is_some_and(|u| Arc::ptr_eq(u, &unit))
+                    || !unit.aborted_since(&self.nexus, t.epoch)
+                {
+                    continue;
+                }
+                self.abort_by_other(slot as u16);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Another nexus aborted this command: it ends with TASK ABORTED — at once if it waits
+    /// for a range lock or its answer is not rendered yet, once its data is in if it collects
+    /// Data-Out (the initiator sends it anyway), once its operations complete if it runs.
+    fn abort_by_other(&mut self, slot: u16) {
+        bump(&self.counters.tasks_aborted);
+        let t = &mut self.tasks[usize::from(slot)];
+        t.aborted_by_other = true;
+        match t.st {
+            St::Blocked => {
+                self.blocked.retain(|&s| s != slot);
+                let t = &mut self.tasks[usize::from(slot)];
+                if let Some(u) = t.unit.clone() {
+                    u.abandon(&mut t.scsi);
+                }
+                self.finish(slot, TASK_ABORTED);
+            }
+            St::Ready if t.sent == 0 => t.outcome = Some(TASK_ABORTED),
+            _ => {}
+        }
+    }
+
     pub(super) fn on_tmf(&mut self, bhs: &Bhs) {
         bump(&self.counters.task_management);
         if !self.take_cmdsn(bhs) {
             return;
         }
         let lun = bhs.lun();
+        let mut cold = false;
         let response = match bhs.tmf_function() {
             // ABORT TASK
             1 => {
@@ -148,6 +206,19 @@ impl Session {
                 }
                 0
             }
+            // TARGET COLD RESET: a warm reset, then every connection of the target ends —
+            // this one once the answer is out, the others when they see the reset.
+            7 => {
+                for i in 0..TASKS_MAX {
+                    self.abort_task(i as u16);
+                }
+                self.refresh_luns();
+                for (_, u) in self.luns.iter() {
+                    u.cold_reset(&self.nexus);
+                }
+                cold = true;
+                0
+            }
             // TASK REASSIGN: needs ERL 2.
             8 => 4,
             _ => 5,
@@ -160,6 +231,7 @@ impl Session {
         self.tmf.push_back(PendingTmf {
             itt: bhs.itt(),
             response,
+            close: cold,
         });
         self.check_tmf();
     }
@@ -183,6 +255,33 @@ impl Session {
             stat_sn: self.next_stat_sn(),
             exp_cmd_sn: self.exp_cmd_sn,
             max_cmd_sn: self.max_cmd_sn(),
+        }
+        .write(&mut b);
+        self.push(b, &[], tmf.close);
+        if tmf.close {
+            // TARGET COLD RESET: the connection ends once the answer is out.
+            self.closing = true;
+        }
+    }
+
+    /// Asks the initiator to log out within `secs` seconds (Async Message, AsyncEvent 1:
+    /// the server is shutting down). Nothing if the session is already closing.
+    pub fn request_logout(&mut self, secs: u16) {
+        if self.closing {
+            return;
+        }
+        let mut b = [0u8; BHS_LEN];
+        AsyncMessage {
+            lun: 0,
+            stat_sn: self.next_stat_sn(),
+            exp_cmd_sn: self.exp_cmd_sn,
+            max_cmd_sn: self.max_cmd_sn(),
+            event: ASYNC_LOGOUT_REQUEST,
+            vcode: 0,
+            param1: 0,
+            param2: 0,
+            param3: secs,
+            data_len: 0,
         }
         .write(&mut b);
         self.push(b, &[], false);

@@ -99,6 +99,7 @@ impl Session {
                 t.data_sn += 1;
                 if collapse {
                     t.st = St::Sending;
+                    self.retire_itt(slot);
                     return true;
                 }
                 continue;
@@ -150,6 +151,7 @@ impl Session {
                 close_after: false,
             });
             self.tasks[usize::from(slot)].st = St::Sending;
+            self.retire_itt(slot);
             return true;
         }
     }
