@@ -217,6 +217,25 @@ fn main() -> ExitCode {
     }
 }
 
+/// Raises the soft limit on open descriptors to the hard limit: every iSCSI connection, disk
+/// image and frontend socket holds one, and a daemon's load should be bounded by its own
+/// limits (connections per reactor, half-open connections), not by the login shell's 1024.
+fn raise_fd_limit() {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 && l.rlim_cur < l.rlim_max {
+            l.rlim_cur = l.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
+                tracing::warn!(err = %std::io::Error::last_os_error(), "cannot raise the descriptor limit");
+            }
+        }
+    }
+}
+
 /// Blocks SIGTERM and SIGINT in every thread (reactors inherit the mask) and returns a
 /// signalfd that becomes readable when one arrives.
 fn stop_signal_fd() -> Result<OwnedFd, MainError> {
@@ -383,6 +402,7 @@ fn run(args: Args) -> Result<(), MainError> {
     // in iSCSI-only mode). A signal during startup waits in the signalfd and stops the
     // daemon as soon as it serves.
     let stop = stop_signal_fd()?;
+    raise_fd_limit();
     let mut specs = Vec::with_capacity(args.disks.len());
     let spec_err = |option, spec: &String| {
         let spec = spec.clone();

@@ -190,15 +190,46 @@ fn garbage_during_login_drops_the_connection_only() {
     assert_eq!(good.nop(b"still here").data, b"still here");
 }
 
+/// Idle connections opened by the half-open test.
+const HOSTILE_CONNECTIONS: usize = 10_000;
+
+/// Raises this process's soft descriptor limit to at least `want` (up to the hard limit): the
+/// half-open test holds both ends of its connections.
+fn raise_fd_limit(want: u64) {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut l), 0);
+        if l.rlim_cur < want {
+            l.rlim_cur = want.min(l.rlim_max);
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &l), 0);
+        }
+        assert!(
+            l.rlim_cur >= want,
+            "descriptor limit {} below {want}",
+            l.rlim_cur
+        );
+    }
+}
+
 #[test]
 fn idle_half_open_connections_do_not_block_logins() {
     let rig = Rig::new(EngineKind::Uring, 1);
-    // More idle connections than the login thread keeps: the oldest make room.
-    let n = super::HALF_OPEN_MAX + 100;
+    let mut a = rig.login();
+    // 10 000 idle connections (the figure), far more than the login thread keeps:
+    // the oldest make room, and an established session keeps working meanwhile.
+    let n = HOSTILE_CONNECTIONS;
+    // Our ends, the login thread's (at most HALF_OPEN_MAX at a time) and some room.
+    raise_fd_limit((n + super::HALF_OPEN_MAX + 1024) as u64);
     let idle: Vec<_> = (0..n)
         .map(|_| std::net::TcpStream::connect(rig.addr).expect("connect"))
         .collect();
-    rig.wait_for("oldest dropped", |s| s.half_open_dropped >= 100);
+    let dropped = (n - super::HALF_OPEN_MAX) as u64;
+    rig.wait_for("oldest dropped", |s| s.half_open_dropped >= dropped);
+    assert_eq!(a.nop(b"busy").data, b"busy");
     // Trickled bytes: half a BHS.
     let mut trickle = Initiator::connect(rig.addr);
     std::io::Write::write_all(&mut trickle.sock, &[0x43; 20]).expect("write");
