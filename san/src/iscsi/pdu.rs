@@ -535,17 +535,28 @@ pub fn append_pdu(out: &mut Vec<u8>, bhs: &[u8; BHS_LEN], data: &[u8], f: &Frami
 
 // ---- builders of target PDUs ----
 
-fn start(b: &mut [u8; BHS_LEN], op: u8, flags: u8, data_len: u32) {
+/// The StatSN, ExpCmdSN and MaxCmdSN a target PDU carries at bytes 24..36.
+type Sns = (u32, u32, u32);
+
+/// Clears `b` and writes the fields every target PDU shares (§11.2.1): opcode, flags,
+/// DataSegmentLength, Initiator Task Tag and the StatSN / ExpCmdSN / MaxCmdSN triple.
+fn start(b: &mut [u8; BHS_LEN], op: u8, flags: u8, data_len: u32, itt: u32, sns: Sns) {
     *b = [0; BHS_LEN];
     b[0] = op;
     b[1] = flags;
     put24(b, 5, data_len);
-}
-
-fn put_sns(b: &mut [u8; BHS_LEN], stat_sn: u32, exp_cmd_sn: u32, max_cmd_sn: u32) {
+    put32(b, 16, itt);
+    let (stat_sn, exp_cmd_sn, max_cmd_sn) = sns;
     put32(b, 24, stat_sn);
     put32(b, 28, exp_cmd_sn);
     put32(b, 32, max_cmd_sn);
+}
+
+/// Writes the LUN and Target Transfer Tag of the target PDUs that carry both (Data-In, R2T,
+/// NOP-In, Text Response).
+fn put_lun_ttt(b: &mut [u8; BHS_LEN], lun: u64, ttt: u32) {
+    b[8..16].copy_from_slice(&lun.to_be_bytes());
+    put32(b, 20, ttt);
 }
 
 /// Residual count of a response (§11.4.5).
@@ -600,11 +611,17 @@ impl ScsiResponse {
     pub fn write(&self, b: &mut [u8; BHS_LEN]) {
         let (u, n) = self.residual.bits_and_count();
         let (bu, bn) = self.bidi_residual.bits_and_count();
-        start(b, opcode::SCSI_RESP, 0x80 | u | (bu << 2), self.data_len);
+        let flags = 0x80 | u | (bu << 2);
+        start(
+            b,
+            opcode::SCSI_RESP,
+            flags,
+            self.data_len,
+            self.itt,
+            (self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn),
+        );
         b[2] = self.response;
         b[3] = self.status;
-        put32(b, 16, self.itt);
-        put_sns(b, self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn);
         put32(b, 36, self.exp_data_sn);
         put32(b, 40, bn);
         put32(b, 44, n);
@@ -658,23 +675,17 @@ impl DataIn {
             flags |= 0x01 | bits;
             count = n;
         }
-        start(b, opcode::DATA_IN, flags, self.data_len);
+        let stat_sn = if self.status.is_some() {
+            self.stat_sn
+        } else {
+            0
+        };
+        let sns = (stat_sn, self.exp_cmd_sn, self.max_cmd_sn);
+        start(b, opcode::DATA_IN, flags, self.data_len, self.itt, sns);
         if let Some(st) = self.status {
             b[3] = st;
         }
-        b[8..16].copy_from_slice(&self.lun.to_be_bytes());
-        put32(b, 16, self.itt);
-        put32(b, 20, self.ttt);
-        put_sns(
-            b,
-            if self.status.is_some() {
-                self.stat_sn
-            } else {
-                0
-            },
-            self.exp_cmd_sn,
-            self.max_cmd_sn,
-        );
+        put_lun_ttt(b, self.lun, self.ttt);
         put32(b, 36, self.data_sn);
         put32(b, 40, self.buffer_offset);
         put32(b, 44, count);
@@ -707,11 +718,15 @@ pub struct R2t {
 impl R2t {
     /// Writes the BHS.
     pub fn write(&self, b: &mut [u8; BHS_LEN]) {
-        start(b, opcode::R2T, 0x80, 0);
-        b[8..16].copy_from_slice(&self.lun.to_be_bytes());
-        put32(b, 16, self.itt);
-        put32(b, 20, self.ttt);
-        put_sns(b, self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn);
+        start(
+            b,
+            opcode::R2T,
+            0x80,
+            0,
+            self.itt,
+            (self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn),
+        );
+        put_lun_ttt(b, self.lun, self.ttt);
         put32(b, 36, self.r2t_sn);
         put32(b, 40, self.buffer_offset);
         put32(b, 44, self.desired_len);
@@ -740,11 +755,15 @@ pub struct NopIn {
 impl NopIn {
     /// Writes the BHS.
     pub fn write(&self, b: &mut [u8; BHS_LEN]) {
-        start(b, opcode::NOP_IN, 0x80, self.data_len);
-        b[8..16].copy_from_slice(&self.lun.to_be_bytes());
-        put32(b, 16, self.itt);
-        put32(b, 20, self.ttt);
-        put_sns(b, self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn);
+        start(
+            b,
+            opcode::NOP_IN,
+            0x80,
+            self.data_len,
+            self.itt,
+            (self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn),
+        );
+        put_lun_ttt(b, self.lun, self.ttt);
     }
 }
 
@@ -768,10 +787,15 @@ pub struct TmResponse {
 impl TmResponse {
     /// Writes the BHS.
     pub fn write(&self, b: &mut [u8; BHS_LEN]) {
-        start(b, opcode::TMF_RESP, 0x80, 0);
+        start(
+            b,
+            opcode::TMF_RESP,
+            0x80,
+            0,
+            self.itt,
+            (self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn),
+        );
         b[2] = self.response;
-        put32(b, 16, self.itt);
-        put_sns(b, self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn);
     }
 }
 
@@ -798,10 +822,15 @@ pub struct LogoutResponse {
 impl LogoutResponse {
     /// Writes the BHS.
     pub fn write(&self, b: &mut [u8; BHS_LEN]) {
-        start(b, opcode::LOGOUT_RESP, 0x80, 0);
+        start(
+            b,
+            opcode::LOGOUT_RESP,
+            0x80,
+            0,
+            self.itt,
+            (self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn),
+        );
         b[2] = self.response;
-        put32(b, 16, self.itt);
-        put_sns(b, self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn);
         put16(b, 40, self.time2wait);
         put16(b, 42, self.time2retain);
     }
@@ -827,10 +856,15 @@ pub struct Reject {
 impl Reject {
     /// Writes the BHS.
     pub fn write(&self, b: &mut [u8; BHS_LEN]) {
-        start(b, opcode::REJECT, 0x80, self.data_len);
+        start(
+            b,
+            opcode::REJECT,
+            0x80,
+            self.data_len,
+            RESERVED_TAG,
+            (self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn),
+        );
         b[2] = self.reason;
-        put32(b, 16, RESERVED_TAG);
-        put_sns(b, self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn);
         put32(b, 36, self.data_sn);
     }
 }
@@ -864,10 +898,15 @@ pub struct AsyncMessage {
 impl AsyncMessage {
     /// Writes the BHS.
     pub fn write(&self, b: &mut [u8; BHS_LEN]) {
-        start(b, opcode::ASYNC, 0x80, self.data_len);
+        start(
+            b,
+            opcode::ASYNC,
+            0x80,
+            self.data_len,
+            RESERVED_TAG,
+            (self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn),
+        );
         b[8..16].copy_from_slice(&self.lun.to_be_bytes());
-        put32(b, 16, RESERVED_TAG);
-        put_sns(b, self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn);
         b[36] = self.event;
         b[37] = self.vcode;
         put16(b, 38, self.param1);
@@ -903,11 +942,15 @@ impl TextResponse {
     /// Writes the BHS.
     pub fn write(&self, b: &mut [u8; BHS_LEN]) {
         let flags = if self.final_ { 0x80 } else { 0 } | if self.cont { 0x40 } else { 0 };
-        start(b, opcode::TEXT_RESP, flags, self.data_len);
-        b[8..16].copy_from_slice(&self.lun.to_be_bytes());
-        put32(b, 16, self.itt);
-        put32(b, 20, self.ttt);
-        put_sns(b, self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn);
+        start(
+            b,
+            opcode::TEXT_RESP,
+            flags,
+            self.data_len,
+            self.itt,
+            (self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn),
+        );
+        put_lun_ttt(b, self.lun, self.ttt);
     }
 }
 
@@ -956,13 +999,18 @@ impl LoginResponse {
         if self.cont {
             flags |= 0x40;
         }
-        start(b, opcode::LOGIN_RESP, flags, self.data_len);
+        start(
+            b,
+            opcode::LOGIN_RESP,
+            flags,
+            self.data_len,
+            self.itt,
+            (self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn),
+        );
         b[2] = self.version_max;
         b[3] = self.version_active;
         b[8..14].copy_from_slice(&self.isid);
         put16(b, 14, self.tsih);
-        put32(b, 16, self.itt);
-        put_sns(b, self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn);
         b[36] = self.status_class;
         b[37] = self.status_detail;
     }
