@@ -245,6 +245,16 @@ fn cdb_len(opcode: u8) -> usize {
     }
 }
 
+/// The LBA and transfer length of a 10-, 12- or 16-byte block command CDB (SBC-4 4.2.2: the
+/// layouts READ, WRITE, VERIFY and the others share), told apart by the opcode's group.
+fn lba_and_blocks(c: &[u8]) -> (u64, u32) {
+    match cdb_len(c[0]) {
+        10 => (u64::from(be32(&c[2..6])), be16(&c[7..9])),
+        12 => (u64::from(be32(&c[2..6])), be32(&c[6..10])),
+        _ => (be64(&c[2..10]), be32(&c[10..14])),
+    }
+}
+
 /// Checks an LBA range against the capacity.
 fn range(g: &Geometry, lba: u64, blocks: u64) -> Result<(), Sense> {
     // With 0 blocks the end of the unit itself is still a valid address.
@@ -371,52 +381,19 @@ fn decode_full(g: &Geometry, cdb: &[u8]) -> Result<Cmd, Sense> {
             };
             rw(g, dir, lba, blocks, false)
         }
-        op::READ_10 | op::WRITE_10 => {
+        op::READ_10 | op::WRITE_10 | op::READ_12 | op::WRITE_12 | op::READ_16 | op::WRITE_16 => {
             no_protect(c)?;
-            let dir = if opcode == op::READ_10 {
+            let dir = if matches!(opcode, op::READ_10 | op::READ_12 | op::READ_16) {
                 Rw::Read
             } else {
                 Rw::Write
             };
-            rw(
-                g,
-                dir,
-                u64::from(be32(&c[2..6])),
-                be16(&c[7..9]),
-                c[1] & 0x08 != 0,
-            )
-        }
-        op::READ_12 | op::WRITE_12 => {
-            no_protect(c)?;
-            let dir = if opcode == op::READ_12 {
-                Rw::Read
-            } else {
-                Rw::Write
-            };
-            rw(
-                g,
-                dir,
-                u64::from(be32(&c[2..6])),
-                be32(&c[6..10]),
-                c[1] & 0x08 != 0,
-            )
-        }
-        op::READ_16 | op::WRITE_16 => {
-            no_protect(c)?;
-            let dir = if opcode == op::READ_16 {
-                Rw::Read
-            } else {
-                Rw::Write
-            };
-            rw(g, dir, be64(&c[2..10]), be32(&c[10..14]), c[1] & 0x08 != 0)
+            let (lba, blocks) = lba_and_blocks(c);
+            rw(g, dir, lba, blocks, c[1] & 0x08 != 0)
         }
         op::VERIFY_10 | op::VERIFY_12 | op::VERIFY_16 => {
             no_protect(c)?;
-            let (lba, blocks) = match opcode {
-                op::VERIFY_10 => (u64::from(be32(&c[2..6])), be16(&c[7..9])),
-                op::VERIFY_12 => (u64::from(be32(&c[2..6])), be32(&c[6..10])),
-                _ => (be64(&c[2..10]), be32(&c[10..14])),
-            };
+            let (lba, blocks) = lba_and_blocks(c);
             let bytchk = (c[1] >> 1) & 0x03;
             if bytchk == 2 || blocks > g.max_transfer_blocks() {
                 return Err(Sense::invalid_field_in_cdb());
@@ -430,11 +407,7 @@ fn decode_full(g: &Geometry, cdb: &[u8]) -> Result<Cmd, Sense> {
         }
         op::WRITE_AND_VERIFY_10 | op::WRITE_AND_VERIFY_12 | op::WRITE_AND_VERIFY_16 => {
             no_protect(c)?;
-            let (lba, blocks) = match opcode {
-                op::WRITE_AND_VERIFY_10 => (u64::from(be32(&c[2..6])), be16(&c[7..9])),
-                op::WRITE_AND_VERIFY_12 => (u64::from(be32(&c[2..6])), be32(&c[6..10])),
-                _ => (be64(&c[2..10]), be32(&c[10..14])),
-            };
+            let (lba, blocks) = lba_and_blocks(c);
             // BYTCHK other than 0 and 1 is reserved here.
             if (c[1] >> 1) & 0x03 > 1 || blocks > g.max_transfer_blocks() {
                 return Err(Sense::invalid_field_in_cdb());
@@ -443,20 +416,14 @@ fn decode_full(g: &Geometry, cdb: &[u8]) -> Result<Cmd, Sense> {
             Ok(Cmd::WriteVerify { lba, blocks })
         }
         op::SYNCHRONIZE_CACHE_10 | op::SYNCHRONIZE_CACHE_16 => {
-            let (lba, blocks) = if opcode == op::SYNCHRONIZE_CACHE_10 {
-                (u64::from(be32(&c[2..6])), u64::from(be16(&c[7..9])))
-            } else {
-                (be64(&c[2..10]), u64::from(be32(&c[10..14])))
-            };
+            let (lba, blocks) = lba_and_blocks(c);
+            let blocks = u64::from(blocks);
             range(g, lba, blocks)?;
             Ok(Cmd::SyncCache)
         }
         op::PRE_FETCH_10 | op::PRE_FETCH_16 => {
-            let (lba, blocks) = if opcode == op::PRE_FETCH_10 {
-                (u64::from(be32(&c[2..6])), u64::from(be16(&c[7..9])))
-            } else {
-                (be64(&c[2..10]), u64::from(be32(&c[10..14])))
-            };
+            let (lba, blocks) = lba_and_blocks(c);
+            let blocks = u64::from(blocks);
             range(g, lba, blocks)?;
             Ok(Cmd::PreFetch)
         }
@@ -473,11 +440,8 @@ fn decode_full(g: &Geometry, cdb: &[u8]) -> Result<Cmd, Sense> {
             })
         }
         op::WRITE_SAME_10 | op::WRITE_SAME_16 => {
-            let (lba, blocks) = if opcode == op::WRITE_SAME_10 {
-                (u64::from(be32(&c[2..6])), u64::from(be16(&c[7..9])))
-            } else {
-                (be64(&c[2..10]), u64::from(be32(&c[10..14])))
-            };
+            let (lba, blocks) = lba_and_blocks(c);
+            let blocks = u64::from(blocks);
             no_protect(c)?;
             let anchor = c[1] & 0x10 != 0;
             let unmap = c[1] & 0x08 != 0;
