@@ -72,6 +72,70 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 log() { printf 'build-guest: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
+# --- helpers of the base guest and the variants -------------------------------------------------
+
+# copy_with_libs ROOT BIN DEST: copies the host program BIN to ROOT/DEST and the shared libraries
+# it links to the same paths under ROOT.
+copy_with_libs() {
+    local root="$1" bin="$2" dest="$3" lib
+    cp -L "$bin" "$root$dest"
+    # ldd prints "name => /path (addr)" and "/lib64/ld-linux-x86-64.so.2 (addr)".
+    { ldd "$bin" 2>/dev/null || true; } | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}' |
+        while read -r lib; do
+            if [[ ! -e "$root$lib" ]]; then
+                mkdir -p "$root$(dirname "$lib")"
+                cp -L "$lib" "$root$lib"
+            fi
+        done
+}
+
+# variant_install_package PKG: installs the Debian package PKG (as root) for a variant's host
+# tools, refreshing the package lists only when the first try fails.
+variant_install_package() {
+    local pkg="$1"
+    [[ $(id -u) -eq 0 ]] || die "need root to apt-get install $pkg"
+    log "installing $pkg"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$pkg" \
+        >/dev/null 2>&1 || {
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$pkg" \
+            >/dev/null
+    }
+}
+
+# variant_cached NAME: no rebuild is asked for and $GUEST_DIR/NAME holds an initrd.img and a
+# manifest carrying every line NAME_inputs_key prints (the variant's cache key).
+variant_cached() {
+    local dir="$GUEST_DIR/$1" line
+    [[ "${STRATA_GUEST_REBUILD:-0}" != 1 ]] || return 1
+    [[ -f "$dir/manifest" && -f "$dir/initrd.img" ]] || return 1
+    while read -r line; do
+        grep -qxF "$line" "$dir/manifest" || return 1
+    done < <("$1_inputs_key")
+}
+
+# variant_pack ROOT WORK: WORK/initrd.img is the base initramfs with ROOT appended as a second
+# newc archive (the kernel unpacks both; later entries win).
+variant_pack() {
+    local root="$1" work="$2"
+    (cd "$root" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --quiet -R 0:0) \
+        >"$work/overlay.cpio"
+    cat "$GUEST_DIR/initrd.img" "$work/overlay.cpio" >"$work/initrd.img"
+}
+
+# variant_install NAME WORK: moves WORK's initrd.img and manifest (last: it marks the cache
+# complete) to $GUEST_DIR/NAME, removes WORK and drops the clean-up trap.
+variant_install() {
+    local dir="$GUEST_DIR/$1" work="$2"
+    mkdir -p "$dir"
+    rm -f "$dir/manifest"
+    mv "$work/initrd.img" "$dir/initrd.img"
+    mv "$work/manifest" "$dir/manifest"
+    rm -rf "$work"
+    trap - EXIT
+    log "$1 variant done: $(tr '\n' ' ' <"$dir/manifest")"
+}
+
 # --- fs variant (--fs) --------------------------------------------------------------------------
 FS_RECIPE="test-guest-fs-recipe-1"
 
@@ -82,36 +146,17 @@ fs_inputs_key() {
     echo "pjdfstest_script_sha256=$(sha256sum <"$HERE/build-pjdfstest.sh" | cut -d' ' -f1)"
 }
 
-fs_cache_complete() {
-    local fs_dir="$GUEST_DIR/fs" line
-    [[ -f "$fs_dir/manifest" && -f "$fs_dir/initrd.img" ]] || return 1
-    while read -r line; do
-        grep -qxF "$line" "$fs_dir/manifest" || return 1
-    done < <(fs_inputs_key)
-}
-
 build_fs_variant() {
-    local fs_dir="$GUEST_DIR/fs"
-    if [[ "${STRATA_GUEST_REBUILD:-0}" != 1 ]] && fs_cache_complete; then
-        return 0
-    fi
+    variant_cached fs && return 0
     exec 8>"$GUEST_DIR.fs.lock"
     flock 8
-    if [[ "${STRATA_GUEST_REBUILD:-0}" != 1 ]] && fs_cache_complete; then
-        return 0
-    fi
-    log "building the fs variant in $fs_dir"
+    # Another run may have built it while we waited for the lock.
+    variant_cached fs && return 0
+    log "building the fs variant in $GUEST_DIR/fs"
     local pjd
     pjd=$(bash "$HERE/build-pjdfstest.sh") || die "build-pjdfstest.sh failed"
     if ! command -v setfacl >/dev/null || ! command -v getfacl >/dev/null; then
-        [[ $(id -u) -eq 0 ]] || die "need root to apt-get install acl"
-        log "installing acl"
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends acl \
-            >/dev/null 2>&1 || {
-            apt-get update -qq
-            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends acl \
-                >/dev/null
-        }
+        variant_install_package acl
     fi
     command -v rustc >/dev/null || die "rustc not found (install the Rust toolchain)"
 
@@ -125,15 +170,9 @@ build_fs_variant() {
     rustc --edition 2021 -O -C target-feature=+crt-static -C strip=symbols \
         -o "$root/usr/bin/strata-fsutil" "$HERE/fsutil.rs" ||
         die "rustc fsutil.rs failed"
-    local bin lib
+    local bin
     for bin in setfacl getfacl; do
-        cp -L "$(command -v "$bin")" "$root/usr/bin/$bin"
-        { ldd "$(command -v "$bin")" 2>/dev/null || true; } |
-            awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}' |
-            while read -r lib; do
-                mkdir -p "$root$(dirname "$lib")"
-                cp -L "$lib" "$root$lib"
-            done
+        copy_with_libs "$root" "$(command -v "$bin")" "/usr/bin/$bin"
     done
     cat >"$root/etc/passwd" <<'EOF'
 root:x:0:0:root:/root:/bin/sh
@@ -169,22 +208,14 @@ entries = [
     ["tests", "tests"],
 ]
 EOF
-    (cd "$root" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --quiet -R 0:0) \
-        >"$work/overlay.cpio"
-    cat "$GUEST_DIR/initrd.img" "$work/overlay.cpio" >"$work/initrd.img"
+    variant_pack "$root" "$work"
     {
         fs_inputs_key
         echo "pjdfstest=$("$pjd" --version 2>/dev/null | head -1)"
         echo "acl=$(dpkg-query -W -f='${Version}' acl 2>/dev/null || echo unknown)"
         echo "initrd_bytes=$(stat -c %s "$work/initrd.img")"
     } >"$work/manifest"
-    mkdir -p "$fs_dir"
-    rm -f "$fs_dir/manifest"
-    mv "$work/initrd.img" "$fs_dir/initrd.img"
-    mv "$work/manifest" "$fs_dir/manifest"
-    rm -rf "$work"
-    trap - EXIT
-    log "fs variant done: $(tr '\n' ' ' <"$fs_dir/manifest")"
+    variant_install fs "$work"
 }
 
 # --- iscsi variant (--iscsi) --------------------------------------------------------------------
@@ -198,34 +229,15 @@ iscsi_inputs_key() {
     echo "base_manifest_sha256=$(sha256sum <"$GUEST_DIR/manifest" | cut -d' ' -f1)"
 }
 
-iscsi_cache_complete() {
-    local dir="$GUEST_DIR/iscsi" line
-    [[ -f "$dir/manifest" && -f "$dir/initrd.img" ]] || return 1
-    while read -r line; do
-        grep -qxF "$line" "$dir/manifest" || return 1
-    done < <(iscsi_inputs_key)
-}
-
 build_iscsi_variant() {
-    local dir="$GUEST_DIR/iscsi"
-    if [[ "${STRATA_GUEST_REBUILD:-0}" != 1 ]] && iscsi_cache_complete; then
-        return 0
-    fi
+    variant_cached iscsi && return 0
     exec 7>"$GUEST_DIR.iscsi.lock"
     flock 7
-    if [[ "${STRATA_GUEST_REBUILD:-0}" != 1 ]] && iscsi_cache_complete; then
-        return 0
-    fi
-    log "building the iscsi variant in $dir"
+    # Another run may have built it while we waited for the lock.
+    variant_cached iscsi && return 0
+    log "building the iscsi variant in $GUEST_DIR/iscsi"
     if ! command -v iscsiadm >/dev/null || ! command -v iscsid >/dev/null; then
-        [[ $(id -u) -eq 0 ]] || die "need root to apt-get install open-iscsi"
-        log "installing open-iscsi"
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends open-iscsi \
-            >/dev/null 2>&1 || {
-            apt-get update -qq
-            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-                open-iscsi >/dev/null
-        }
+        variant_install_package open-iscsi
     fi
     local kpkg kver
     kpkg=$(sed -n 's/^kernel_package=//p' "$GUEST_DIR/manifest")
@@ -265,15 +277,9 @@ build_iscsi_variant() {
     depmod -b "$root" "$kver"
 
     mkdir -p "$root"/{usr/sbin,etc/iscsi/nodes,etc/iscsi/send_targets,etc/iscsi/isns,run/lock/iscsi}
-    local bin lib
+    local bin
     for bin in iscsiadm iscsid; do
-        cp -L "$(command -v "$bin")" "$root/usr/sbin/$bin"
-        { ldd "$(command -v "$bin")" 2>/dev/null || true; } |
-            awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}' |
-            while read -r lib; do
-                mkdir -p "$root$(dirname "$lib")"
-                cp -L "$lib" "$root$lib"
-            done
+        copy_with_libs "$root" "$(command -v "$bin")" "/usr/sbin/$bin"
     done
     cat >"$root/etc/iscsi/iscsid.conf" <<'EOF'
 # Strata's iSCSI test guest: the test script starts iscsid itself; nodes log in only when
@@ -298,22 +304,14 @@ node.session.scan = auto
 EOF
     echo "InitiatorName=iqn.2026-12.org.strata:test-guest" >"$root/etc/iscsi/initiatorname.iscsi"
 
-    (cd "$root" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --quiet -R 0:0) \
-        >"$work/overlay.cpio"
-    cat "$GUEST_DIR/initrd.img" "$work/overlay.cpio" >"$work/initrd.img"
+    variant_pack "$root" "$work"
     {
         iscsi_inputs_key
         echo "open-iscsi=$(dpkg-query -W -f='${Version}' open-iscsi 2>/dev/null || echo unknown)"
         echo "modules_added=${added[*]}"
         echo "initrd_bytes=$(stat -c %s "$work/initrd.img")"
     } >"$work/manifest"
-    mkdir -p "$dir"
-    rm -f "$dir/manifest"
-    mv "$work/initrd.img" "$dir/initrd.img"
-    mv "$work/manifest" "$dir/manifest"
-    rm -rf "$work"
-    trap - EXIT
-    log "iscsi variant done: $(tr '\n' ' ' <"$dir/manifest")"
+    variant_install iscsi "$work"
 }
 
 case "${1:-}" in
@@ -424,20 +422,8 @@ depmod -b "$ROOT" "$KVER"
 grep -q virtio_blk "$ROOT/etc/strata-modules" || die "virtio_blk module not found"
 
 # --- busybox and fio (with its shared-library closure) ----------------------------------------
-copy_with_libs() {
-    local bin="$1" dest="$2" lib
-    cp -L "$bin" "$ROOT$dest"
-    # ldd prints "name => /path (addr)" and "/lib64/ld-linux-x86-64.so.2 (addr)".
-    { ldd "$bin" 2>/dev/null || true; } | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}' |
-        while read -r lib; do
-            if [[ ! -e "$ROOT$lib" ]]; then
-                mkdir -p "$ROOT$(dirname "$lib")"
-                cp -L "$lib" "$ROOT$lib"
-            fi
-        done
-}
-copy_with_libs /bin/busybox /bin/busybox
-copy_with_libs "$(command -v fio)" /usr/bin/fio
+copy_with_libs "$ROOT" /bin/busybox /bin/busybox
+copy_with_libs "$ROOT" "$(command -v fio)" /usr/bin/fio
 FIO_VERSION=$(fio --version)
 
 # --- init -------------------------------------------------------------------------------------
