@@ -33,7 +33,8 @@
 //! - [`used_ring`]: batched used-ring writes (one `idx` store and one notification decision per
 //!   reactor loop iteration).
 //! - `testing` (feature `test-utils`): a virtio-blk queue on a running reactor, driven like a
-//!   guest drives it, for backend tests here and in other crates.
+//!   guest drives it, for backend tests here and in other crates; and the counting global
+//!   allocator of the no-allocation-per-I/O tests.
 
 pub mod backend;
 pub mod blk;

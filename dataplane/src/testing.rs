@@ -4,6 +4,9 @@
 //! descriptors, publish the chain, kick, and wait for the used ring. Built only on the
 //! reactor's public API ([`ReactorHandle::spawn`], [`Command::AddPoller`] of a [`BlkQueue`], `stop_queue`, stats),
 //! so any backend crate can test its backend under a real reactor.
+//! [`count_alloc`] holds the counting global allocator of the no-allocation-per-I/O tests.
+
+pub mod count_alloc;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -1,15 +1,14 @@
 //! The steady-state request path allocates nothing per I/O.
 //!
-//! A counting global allocator (this test binary's own) counts every allocation in the process
-//! while a reactor serves batches of guest requests on a split virtqueue: once warmed up, ten
+//! A counting global allocator (`testing::count_alloc`, installed as this test binary's own)
+//! counts every allocation in the process while a reactor serves batches of guest requests on a split virtqueue: once warmed up, ten
 //! times more requests must not cost more allocations (the request slab, the completion array,
 //! the engine's rings and the reactor's tables are all preallocated).
 //!
 //! Everything runs in one `#[test]` so no other test thread allocates during the counted
 //! windows.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{fence, AtomicU64, Ordering};
+use std::sync::atomic::{fence, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,6 +18,7 @@ use dataplane::blk_queue::{BlkQueue, QueueRun};
 use dataplane::engine::EngineKind;
 use dataplane::reactor::{Command, ReactorHandle};
 use dataplane::stats::QueueStats;
+use dataplane::testing::count_alloc::{allocations, CountingAlloc};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::split::Descriptor;
@@ -27,37 +27,8 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-/// Counts allocations (alloc, alloc_zeroed, realloc) of the whole process.
-struct Counting;
-
-static ALLOCS: AtomicU64 = AtomicU64::new(0);
-
-// SAFETY: every method forwards to the system allocator with the caller's arguments unchanged;
-// counting is a relaxed atomic add with no other effect.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: forwarded as is; the caller upholds alloc's contract.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: forwarded as is; the caller upholds alloc_zeroed's contract.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: forwarded as is; the caller upholds realloc's contract.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: forwarded as is; the caller upholds dealloc's contract.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: CountingAlloc = CountingAlloc;
 
 /// Guest memory: descriptor table and rings at 0, headers at HDR_BASE, data at DATA_BASE.
 const MEM_BYTES: usize = 0x40_0000;
@@ -255,11 +226,11 @@ impl Rig {
 
     /// Allocations during `rounds` rounds.
     fn count(&mut self, rounds: u32) -> u64 {
-        let a = ALLOCS.load(Ordering::SeqCst);
+        let a = allocations();
         for _ in 0..rounds {
             self.round();
         }
-        ALLOCS.load(Ordering::SeqCst) - a
+        allocations() - a
     }
 }
 

@@ -1,59 +1,30 @@
 //! The steady-state iSCSI I/O path allocates nothing per command.
 //!
-//! A counting global allocator (this test binary's own) counts every allocation in the
-//! process while an initiator (written here so that it allocates nothing itself once logged
-//! in) runs 4 KiB READ and WRITE commands, several in flight, against a target served by a
-//! reactor: once warmed up, ten times more commands must not cost more allocations (task
-//! slots keep their buffers, the send queue and receive buffer are preallocated).
+//! A counting global allocator (dataplane's `testing::count_alloc`, installed as this test
+//! binary's own) counts every allocation in the process while an initiator (written here so
+//! that it allocates nothing itself once logged in) runs 4 KiB READ and WRITE commands,
+//! several in flight, against a target served by a reactor: once warmed up, ten times more
+//! commands must not cost more allocations (task slots keep their buffers, the send queue and
+//! receive buffer are preallocated).
 //!
 //! Everything runs in one `#[test]` so no other test thread allocates during the counted
 //! windows.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use dataplane::backend::RawBackend;
 use dataplane::engine::EngineKind;
 use dataplane::reactor::ReactorHandle;
+use dataplane::testing::count_alloc::{allocations, CountingAlloc};
 use san::scsi::{LogicalUnit, LuConfig};
 use san::target::Registry;
 use san::transport::IscsiServer;
 
-/// Counts allocations (alloc, alloc_zeroed, realloc) of the whole process.
-struct Counting;
-
-static ALLOCS: AtomicU64 = AtomicU64::new(0);
-
-// SAFETY: every method forwards to the system allocator with the caller's arguments unchanged;
-// counting is a relaxed atomic add with no other effect.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: forwarded as is; the caller upholds alloc's contract.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: forwarded as is; the caller upholds alloc_zeroed's contract.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: forwarded as is; the caller upholds realloc's contract.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: forwarded as is; the caller upholds dealloc's contract.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: CountingAlloc = CountingAlloc;
 
 const TARGET: &str = "iqn.2026-01.test:noalloc";
 /// Commands in flight per round.
@@ -225,11 +196,11 @@ fn iscsi_io_path_allocates_nothing_per_command() {
         ini.round();
     }
     let count = |ini: &mut Ini, rounds: u32| {
-        let before = ALLOCS.load(Ordering::Relaxed);
+        let before = allocations();
         for _ in 0..rounds {
             ini.round();
         }
-        ALLOCS.load(Ordering::Relaxed) - before
+        allocations() - before
     };
     let small = count(&mut ini, 10);
     let large = count(&mut ini, 100);
