@@ -432,14 +432,12 @@ impl Discovery {
     /// Appends a Reject of `bhs` (for instance after a data digest error, reason 0x02).
     pub fn reject(&mut self, bhs: &Bhs, reason: u8, out: &mut Vec<u8>) {
         let mut b = [0u8; BHS_LEN];
-        Reject {
+        Reject::of_header(
             reason,
-            stat_sn: self.next_stat_sn(),
-            exp_cmd_sn: self.exp_cmd_sn,
-            max_cmd_sn: self.max_cmd_sn(),
-            data_sn: 0,
-            data_len: BHS_LEN as u32,
-        }
+            self.next_stat_sn(),
+            self.exp_cmd_sn,
+            self.max_cmd_sn(),
+        )
         .write(&mut b);
         pdu::append_pdu(out, &b, bhs.as_bytes(), &self.framing());
     }
@@ -465,27 +463,21 @@ impl Discovery {
     }
 
     fn logout(&mut self, bhs: &Bhs, out: &mut Vec<u8>) -> DiscoveryStep {
-        // §11.14.1 reasons: 0 close the session, 1 close a connection, 2 remove it for
-        // recovery (not supported at ERL 0).
-        let (response, step) = match bhs.logout_reason() {
-            0 => (0, DiscoveryStep::Close),
-            1 if bhs.cid() == self.cid => (0, DiscoveryStep::Close),
-            1 => (1, DiscoveryStep::Continue),
-            _ => (2, DiscoveryStep::Continue),
-        };
+        let answer = LogoutResponse::to_request(
+            bhs,
+            self.cid,
+            self.next_stat_sn(),
+            self.exp_cmd_sn,
+            self.max_cmd_sn(),
+        );
         let mut b = [0u8; BHS_LEN];
-        LogoutResponse {
-            response,
-            itt: bhs.itt(),
-            stat_sn: self.next_stat_sn(),
-            exp_cmd_sn: self.exp_cmd_sn,
-            max_cmd_sn: self.max_cmd_sn(),
-            time2wait: 0,
-            time2retain: 0,
-        }
-        .write(&mut b);
+        answer.write(&mut b);
         pdu::append_pdu(out, &b, &[], &self.framing());
-        step
+        if answer.response == 0 {
+            DiscoveryStep::Close
+        } else {
+            DiscoveryStep::Continue
+        }
     }
 }
 

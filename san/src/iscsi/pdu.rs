@@ -820,6 +820,34 @@ pub struct LogoutResponse {
 }
 
 impl LogoutResponse {
+    /// The answer to the Logout Request `req` received on connection `cid` (§11.14.1 reasons:
+    /// 0 closes the session, 1 a connection — this one, or another: CID not found — and 2
+    /// removes a connection for recovery, which ERL 0 does not support). Response 0 means this
+    /// connection ends once the answer is out.
+    pub fn to_request(
+        req: &Bhs,
+        cid: u16,
+        stat_sn: u32,
+        exp_cmd_sn: u32,
+        max_cmd_sn: u32,
+    ) -> LogoutResponse {
+        let response = match req.logout_reason() {
+            0 => 0,
+            1 if req.cid() == cid => 0,
+            1 => 1,
+            _ => 2,
+        };
+        LogoutResponse {
+            response,
+            itt: req.itt(),
+            stat_sn,
+            exp_cmd_sn,
+            max_cmd_sn,
+            time2wait: 0,
+            time2retain: 0,
+        }
+    }
+
     /// Writes the BHS.
     pub fn write(&self, b: &mut [u8; BHS_LEN]) {
         start(
@@ -854,6 +882,18 @@ pub struct Reject {
 }
 
 impl Reject {
+    /// A Reject whose data segment is the whole rejected header (all but a rejected SNACK).
+    pub fn of_header(reason: u8, stat_sn: u32, exp_cmd_sn: u32, max_cmd_sn: u32) -> Reject {
+        Reject {
+            reason,
+            stat_sn,
+            exp_cmd_sn,
+            max_cmd_sn,
+            data_sn: 0,
+            data_len: BHS_LEN as u32,
+        }
+    }
+
     /// Writes the BHS.
     pub fn write(&self, b: &mut [u8; BHS_LEN]) {
         start(

@@ -458,14 +458,12 @@ impl Session {
     fn reject(&mut self, reason: u8, bhs: &Bhs) {
         bump(&self.counters.rejects);
         let mut b = [0u8; BHS_LEN];
-        Reject {
+        Reject::of_header(
             reason,
-            stat_sn: self.next_stat_sn(),
-            exp_cmd_sn: self.exp_cmd_sn,
-            max_cmd_sn: self.max_cmd_sn(),
-            data_sn: 0,
-            data_len: BHS_LEN as u32,
-        }
+            self.next_stat_sn(),
+            self.exp_cmd_sn,
+            self.max_cmd_sn(),
+        )
         .write(&mut b);
         self.push(b, &bhs.0, false);
     }

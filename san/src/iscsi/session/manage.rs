@@ -291,25 +291,16 @@ impl Session {
         if !self.take_cmdsn(bhs) {
             return;
         }
-        let response = match bhs.logout_reason() {
-            0 => 0,
-            1 if bhs.cid() == self.setup.cid => 0,
-            1 => 1,
-            // Remove the connection for recovery: ERL 0 has none.
-            _ => 2,
-        };
+        let answer = LogoutResponse::to_request(
+            bhs,
+            self.setup.cid,
+            self.next_stat_sn(),
+            self.exp_cmd_sn,
+            self.max_cmd_sn(),
+        );
         let mut b = [0u8; BHS_LEN];
-        LogoutResponse {
-            response,
-            itt: bhs.itt(),
-            stat_sn: self.next_stat_sn(),
-            exp_cmd_sn: self.exp_cmd_sn,
-            max_cmd_sn: self.max_cmd_sn(),
-            time2wait: 0,
-            time2retain: 0,
-        }
-        .write(&mut b);
-        let close = response == 0;
+        answer.write(&mut b);
+        let close = answer.response == 0;
         self.push(b, &[], close);
         if close {
             self.closing = true;
