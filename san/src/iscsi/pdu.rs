@@ -535,18 +535,18 @@ pub fn append_pdu(out: &mut Vec<u8>, bhs: &[u8; BHS_LEN], data: &[u8], f: &Frami
 
 // ---- builders of target PDUs ----
 
-/// The StatSN, ExpCmdSN and MaxCmdSN a target PDU carries at bytes 24..36.
-type Sns = (u32, u32, u32);
-
-/// Clears `b` and writes the fields every target PDU shares (§11.2.1): opcode, flags,
-/// DataSegmentLength, Initiator Task Tag and the StatSN / ExpCmdSN / MaxCmdSN triple.
-fn start(b: &mut [u8; BHS_LEN], op: u8, flags: u8, data_len: u32, itt: u32, sns: Sns) {
+/// Clears `b` and writes the opcode, flags and DataSegmentLength.
+fn start(b: &mut [u8; BHS_LEN], op: u8, flags: u8, data_len: u32) {
     *b = [0; BHS_LEN];
     b[0] = op;
     b[1] = flags;
     put24(b, 5, data_len);
+}
+
+/// Writes the fields every target PDU carries after [`start`]'s (§11.2.1): the Initiator Task
+/// Tag and the StatSN / ExpCmdSN / MaxCmdSN triple.
+fn put_itt_sns(b: &mut [u8; BHS_LEN], itt: u32, stat_sn: u32, exp_cmd_sn: u32, max_cmd_sn: u32) {
     put32(b, 16, itt);
-    let (stat_sn, exp_cmd_sn, max_cmd_sn) = sns;
     put32(b, 24, stat_sn);
     put32(b, 28, exp_cmd_sn);
     put32(b, 32, max_cmd_sn);
@@ -611,15 +611,8 @@ impl ScsiResponse {
     pub fn write(&self, b: &mut [u8; BHS_LEN]) {
         let (u, n) = self.residual.bits_and_count();
         let (bu, bn) = self.bidi_residual.bits_and_count();
-        let flags = 0x80 | u | (bu << 2);
-        start(
-            b,
-            opcode::SCSI_RESP,
-            flags,
-            self.data_len,
-            self.itt,
-            (self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn),
-        );
+        start(b, opcode::SCSI_RESP, 0x80 | u | (bu << 2), self.data_len);
+        put_itt_sns(b, self.itt, self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn);
         b[2] = self.response;
         b[3] = self.status;
         put32(b, 36, self.exp_data_sn);
@@ -675,13 +668,10 @@ impl DataIn {
             flags |= 0x01 | bits;
             count = n;
         }
-        let stat_sn = if self.status.is_some() {
-            self.stat_sn
-        } else {
-            0
-        };
-        let sns = (stat_sn, self.exp_cmd_sn, self.max_cmd_sn);
-        start(b, opcode::DATA_IN, flags, self.data_len, self.itt, sns);
+        // StatSN only with the status.
+        let stat_sn = self.status.map_or(0, |_| self.stat_sn);
+        start(b, opcode::DATA_IN, flags, self.data_len);
+        put_itt_sns(b, self.itt, stat_sn, self.exp_cmd_sn, self.max_cmd_sn);
         if let Some(st) = self.status {
             b[3] = st;
         }
@@ -718,14 +708,8 @@ pub struct R2t {
 impl R2t {
     /// Writes the BHS.
     pub fn write(&self, b: &mut [u8; BHS_LEN]) {
-        start(
-            b,
-            opcode::R2T,
-            0x80,
-            0,
-            self.itt,
-            (self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn),
-        );
+        start(b, opcode::R2T, 0x80, 0);
+        put_itt_sns(b, self.itt, self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn);
         put_lun_ttt(b, self.lun, self.ttt);
         put32(b, 36, self.r2t_sn);
         put32(b, 40, self.buffer_offset);
@@ -755,14 +739,8 @@ pub struct NopIn {
 impl NopIn {
     /// Writes the BHS.
     pub fn write(&self, b: &mut [u8; BHS_LEN]) {
-        start(
-            b,
-            opcode::NOP_IN,
-            0x80,
-            self.data_len,
-            self.itt,
-            (self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn),
-        );
+        start(b, opcode::NOP_IN, 0x80, self.data_len);
+        put_itt_sns(b, self.itt, self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn);
         put_lun_ttt(b, self.lun, self.ttt);
     }
 }
@@ -787,14 +765,8 @@ pub struct TmResponse {
 impl TmResponse {
     /// Writes the BHS.
     pub fn write(&self, b: &mut [u8; BHS_LEN]) {
-        start(
-            b,
-            opcode::TMF_RESP,
-            0x80,
-            0,
-            self.itt,
-            (self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn),
-        );
+        start(b, opcode::TMF_RESP, 0x80, 0);
+        put_itt_sns(b, self.itt, self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn);
         b[2] = self.response;
     }
 }
@@ -820,10 +792,8 @@ pub struct LogoutResponse {
 }
 
 impl LogoutResponse {
-    /// The answer to the Logout Request `req` received on connection `cid` (§11.14.1 reasons:
-    /// 0 closes the session, 1 a connection — this one, or another: CID not found — and 2
-    /// removes a connection for recovery, which ERL 0 does not support). Response 0 means this
-    /// connection ends once the answer is out.
+    /// The answer to Logout Request `req` on connection `cid` (§11.14.1): response 0 (this
+    /// connection ends), 1 (CID not found) or 2 (recovery: not at ERL 0).
     pub fn to_request(
         req: &Bhs,
         cid: u16,
@@ -850,14 +820,8 @@ impl LogoutResponse {
 
     /// Writes the BHS.
     pub fn write(&self, b: &mut [u8; BHS_LEN]) {
-        start(
-            b,
-            opcode::LOGOUT_RESP,
-            0x80,
-            0,
-            self.itt,
-            (self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn),
-        );
+        start(b, opcode::LOGOUT_RESP, 0x80, 0);
+        put_itt_sns(b, self.itt, self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn);
         b[2] = self.response;
         put16(b, 40, self.time2wait);
         put16(b, 42, self.time2retain);
@@ -896,13 +860,13 @@ impl Reject {
 
     /// Writes the BHS.
     pub fn write(&self, b: &mut [u8; BHS_LEN]) {
-        start(
+        start(b, opcode::REJECT, 0x80, self.data_len);
+        put_itt_sns(
             b,
-            opcode::REJECT,
-            0x80,
-            self.data_len,
             RESERVED_TAG,
-            (self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn),
+            self.stat_sn,
+            self.exp_cmd_sn,
+            self.max_cmd_sn,
         );
         b[2] = self.reason;
         put32(b, 36, self.data_sn);
@@ -938,13 +902,13 @@ pub struct AsyncMessage {
 impl AsyncMessage {
     /// Writes the BHS.
     pub fn write(&self, b: &mut [u8; BHS_LEN]) {
-        start(
+        start(b, opcode::ASYNC, 0x80, self.data_len);
+        put_itt_sns(
             b,
-            opcode::ASYNC,
-            0x80,
-            self.data_len,
             RESERVED_TAG,
-            (self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn),
+            self.stat_sn,
+            self.exp_cmd_sn,
+            self.max_cmd_sn,
         );
         b[8..16].copy_from_slice(&self.lun.to_be_bytes());
         b[36] = self.event;
@@ -982,14 +946,8 @@ impl TextResponse {
     /// Writes the BHS.
     pub fn write(&self, b: &mut [u8; BHS_LEN]) {
         let flags = if self.final_ { 0x80 } else { 0 } | if self.cont { 0x40 } else { 0 };
-        start(
-            b,
-            opcode::TEXT_RESP,
-            flags,
-            self.data_len,
-            self.itt,
-            (self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn),
-        );
+        start(b, opcode::TEXT_RESP, flags, self.data_len);
+        put_itt_sns(b, self.itt, self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn);
         put_lun_ttt(b, self.lun, self.ttt);
     }
 }
@@ -1039,14 +997,8 @@ impl LoginResponse {
         if self.cont {
             flags |= 0x40;
         }
-        start(
-            b,
-            opcode::LOGIN_RESP,
-            flags,
-            self.data_len,
-            self.itt,
-            (self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn),
-        );
+        start(b, opcode::LOGIN_RESP, flags, self.data_len);
+        put_itt_sns(b, self.itt, self.stat_sn, self.exp_cmd_sn, self.max_cmd_sn);
         b[2] = self.version_max;
         b[3] = self.version_active;
         b[8..14].copy_from_slice(&self.isid);
