@@ -417,14 +417,7 @@ impl LogicalUnit {
                             next: i + 1,
                             count: list.count,
                         };
-                        st.seg = Seg {
-                            kind: SegKind::Discard,
-                            off,
-                            len,
-                            buf_at: 0,
-                            done: 0,
-                            bounced: false,
-                        };
+                        st.seg = Seg::new(SegKind::Discard, off, len, 0);
                         self.drive(task, cx, None)
                     }
                 }
@@ -445,14 +438,7 @@ impl LogicalUnit {
                 let off = lba * bs as u64;
                 let total = blocks * bs as u64;
                 if zero && self.ident.thin {
-                    st.seg = Seg {
-                        kind: SegKind::Zero { unmap },
-                        off,
-                        len: total,
-                        buf_at: 0,
-                        done: 0,
-                        bounced: false,
-                    };
+                    st.seg = Seg::new(SegKind::Zero { unmap }, off, total, 0);
                     st.job = Job::Idle;
                     return self.drive(task, cx, None);
                 }
@@ -467,14 +453,7 @@ impl LogicalUnit {
                     let more = buf.len().min(chunk - buf.len());
                     buf.extend_from_within(..more);
                 }
-                st.seg = Seg {
-                    kind: SegKind::Write,
-                    off,
-                    len: chunk as u64,
-                    buf_at: 0,
-                    done: 0,
-                    bounced: false,
-                };
+                st.seg = Seg::new(SegKind::Write, off, chunk as u64, 0);
                 st.job = Job::WriteSame {
                     next: off + chunk as u64,
                     end: off + total,
@@ -522,12 +501,5 @@ impl LogicalUnit {
 
 /// A read or write step of `n` bytes at block `lba`, data at `buf_at`.
 fn seg(kind: SegKind, lba: u64, bs: usize, n: usize, buf_at: usize) -> Seg {
-    Seg {
-        kind,
-        off: lba * bs as u64,
-        len: n as u64,
-        buf_at,
-        done: 0,
-        bounced: false,
-    }
+    Seg::new(kind, lba * bs as u64, n as u64, buf_at)
 }

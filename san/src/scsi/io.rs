@@ -65,6 +65,21 @@ pub(crate) struct Seg {
     pub(crate) bounced: bool,
 }
 
+impl Seg {
+    /// A step of `len` bytes at disk byte `off`, data at `task.buf[buf_at..]`, nothing of it
+    /// done yet.
+    pub(crate) fn new(kind: SegKind, off: u64, len: u64, buf_at: usize) -> Seg {
+        Seg {
+            kind,
+            off,
+            len,
+            buf_at,
+            done: 0,
+            bounced: false,
+        }
+    }
+}
+
 /// What a command does after its current step.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) enum Job {
@@ -288,14 +303,7 @@ impl LogicalUnit {
                         return Next::Finish(check(Sense::miscompare(d as u64)));
                     }
                     st.job = Job::Caw { n, stage: 1, fua };
-                    *seg = Seg {
-                        kind: SegKind::Write,
-                        off: seg.off,
-                        len: n as u64,
-                        buf_at: n,
-                        done: 0,
-                        bounced: false,
-                    };
+                    *seg = Seg::new(SegKind::Write, seg.off, n as u64, n);
                     Next::Issue
                 }
                 1 if fua => {
@@ -315,14 +323,7 @@ impl LogicalUnit {
                         *d |= *m;
                     }
                     st.job = Job::OrWrite { n, stage: 1, fua };
-                    *seg = Seg {
-                        kind: SegKind::Write,
-                        off: seg.off,
-                        len: n as u64,
-                        buf_at: 0,
-                        done: 0,
-                        bounced: false,
-                    };
+                    *seg = Seg::new(SegKind::Write, seg.off, n as u64, 0);
                     Next::Issue
                 }
                 1 if fua => {
@@ -344,27 +345,13 @@ impl LogicalUnit {
                     next: next + len,
                     end,
                 };
-                *seg = Seg {
-                    kind: SegKind::Write,
-                    off: next,
-                    len,
-                    buf_at: 0,
-                    done: 0,
-                    bounced: false,
-                };
+                *seg = Seg::new(SegKind::Write, next, len, 0);
                 Next::Issue
             }
             Job::Unmap { next, count } => match self.next_unmap(&task.buf, next, count) {
                 Some((i, off, len)) => {
                     st.job = Job::Unmap { next: i + 1, count };
-                    *seg = Seg {
-                        kind: SegKind::Discard,
-                        off,
-                        len,
-                        buf_at: 0,
-                        done: 0,
-                        bounced: false,
-                    };
+                    *seg = Seg::new(SegKind::Discard, off, len, 0);
                     Next::Issue
                 }
                 None => Next::Finish(good(0)),
