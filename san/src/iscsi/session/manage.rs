@@ -197,25 +197,13 @@ impl Session {
             }
             // TARGET WARM RESET
             6 => {
-                for i in 0..TASKS_MAX {
-                    self.abort_task(i as u16);
-                }
-                self.refresh_luns();
-                for (_, u) in self.luns.iter() {
-                    u.reset(&self.nexus, true);
-                }
+                self.reset_target(false);
                 0
             }
             // TARGET COLD RESET: a warm reset, then every connection of the target ends —
             // this one once the answer is out, the others when they see the reset.
             7 => {
-                for i in 0..TASKS_MAX {
-                    self.abort_task(i as u16);
-                }
-                self.refresh_luns();
-                for (_, u) in self.luns.iter() {
-                    u.cold_reset(&self.nexus);
-                }
+                self.reset_target(true);
                 cold = true;
                 0
             }
@@ -234,6 +222,21 @@ impl Session {
             close: cold,
         });
         self.check_tmf();
+    }
+
+    /// TARGET WARM or COLD RESET: every task of the session aborted, then every unit reset.
+    fn reset_target(&mut self, cold: bool) {
+        for i in 0..TASKS_MAX {
+            self.abort_task(i as u16);
+        }
+        self.refresh_luns();
+        for (_, u) in self.luns.iter() {
+            if cold {
+                u.cold_reset(&self.nexus);
+            } else {
+                u.reset(&self.nexus, true);
+            }
+        }
     }
 
     /// Answers the pending task management requests, in order, once no aborted task is in
