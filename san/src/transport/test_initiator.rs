@@ -197,6 +197,19 @@ impl Initiator {
         self.itt
     }
 
+    /// A request header: byte 0 (opcode, with the I bit), byte 1 (flags), a fresh ITT (also
+    /// returned), CmdSN and ExpStatSN.
+    fn request(&mut self, op: u8, flags: u8) -> ([u8; BHS_LEN], u32) {
+        let mut b = [0u8; BHS_LEN];
+        b[0] = op;
+        b[1] = flags;
+        let itt = self.next_itt();
+        put32(&mut b, 16, itt);
+        put32(&mut b, 24, self.cmd_sn);
+        put32(&mut b, 28, self.exp_stat_sn);
+        (b, itt)
+    }
+
     /// Logs in (operational stage straight to full feature); returns the final response's
     /// status (class << 8 | detail) and the negotiated keys.
     pub fn login(&mut self, target: Option<&str>, extra: &[(&str, &str)]) -> (u16, Vec<u8>) {
@@ -254,16 +267,11 @@ impl Initiator {
         read: bool,
         write: bool,
     ) -> [u8; BHS_LEN] {
-        let mut b = [0u8; BHS_LEN];
-        b[0] = 0x01;
-        b[1] = 0x80 | if read { 0x40 } else { 0 } | if write { 0x20 } else { 0 } | 1;
+        let flags = 0x80 | if read { 0x40 } else { 0 } | if write { 0x20 } else { 0 } | 1;
+        let (mut b, _) = self.request(0x01, flags);
         b[8..16].copy_from_slice(&lun.to_be_bytes());
-        let itt = self.next_itt();
-        put32(&mut b, 16, itt);
         put32(&mut b, 20, edtl);
-        put32(&mut b, 24, self.cmd_sn);
         self.cmd_sn = self.cmd_sn.wrapping_add(1);
-        put32(&mut b, 28, self.exp_stat_sn);
         b[32..32 + cdb.len()].copy_from_slice(cdb);
         b
     }
@@ -358,14 +366,8 @@ impl Initiator {
 
     /// NOP-Out ping with data; returns the NOP-In.
     pub fn nop(&mut self, data: &[u8]) -> Pdu {
-        let mut b = [0u8; BHS_LEN];
-        b[0] = 0x40; // immediate NOP-Out
-        b[1] = 0x80;
-        let itt = self.next_itt();
-        put32(&mut b, 16, itt);
+        let (mut b, itt) = self.request(0x40, 0x80); // immediate NOP-Out
         put32(&mut b, 20, 0xffff_ffff);
-        put32(&mut b, 24, self.cmd_sn);
-        put32(&mut b, 28, self.exp_stat_sn);
         self.send(b, data);
         let p = self.recv();
         assert_eq!(p.opcode(), 0x20);
@@ -375,13 +377,7 @@ impl Initiator {
 
     /// Logout (close the session); returns the response code.
     pub fn logout(&mut self) -> u8 {
-        let mut b = [0u8; BHS_LEN];
-        b[0] = 0x46;
-        b[1] = 0x80;
-        let itt = self.next_itt();
-        put32(&mut b, 16, itt);
-        put32(&mut b, 24, self.cmd_sn);
-        put32(&mut b, 28, self.exp_stat_sn);
+        let (b, _) = self.request(0x46, 0x80);
         self.send(b, &[]);
         let p = self.recv();
         assert_eq!(p.opcode(), 0x26);
@@ -390,14 +386,8 @@ impl Initiator {
 
     /// Text request (SendTargets=All); returns the answer's text.
     pub fn send_targets(&mut self) -> Vec<u8> {
-        let mut b = [0u8; BHS_LEN];
-        b[0] = 0x44;
-        b[1] = 0x80;
-        let itt = self.next_itt();
-        put32(&mut b, 16, itt);
+        let (mut b, _) = self.request(0x44, 0x80);
         put32(&mut b, 20, 0xffff_ffff);
-        put32(&mut b, 24, self.cmd_sn);
-        put32(&mut b, 28, self.exp_stat_sn);
         self.send(b, b"SendTargets=All\0");
         let p = self.recv();
         assert_eq!(p.opcode(), 0x24);
@@ -406,15 +396,9 @@ impl Initiator {
 
     /// Task management request; returns the response code.
     pub fn tmf(&mut self, function: u8, lun: u64, rtt: u32) -> u8 {
-        let mut b = [0u8; BHS_LEN];
-        b[0] = 0x42;
-        b[1] = 0x80 | function;
+        let (mut b, _) = self.request(0x42, 0x80 | function);
         b[8..16].copy_from_slice(&lun.to_be_bytes());
-        let itt = self.next_itt();
-        put32(&mut b, 16, itt);
         put32(&mut b, 20, rtt);
-        put32(&mut b, 24, self.cmd_sn);
-        put32(&mut b, 28, self.exp_stat_sn);
         self.send(b, &[]);
         let p = self.recv();
         assert_eq!(p.opcode(), 0x22);
