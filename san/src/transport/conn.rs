@@ -83,21 +83,7 @@ impl ConnShared {
     /// (AsyncEvent 1, target requests logout) on its next iteration, which this wakes.
     pub fn request_logout(&self) {
         self.logout.store(true, Ordering::Release);
-        let now = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 1,
-        };
-        let period = libc::timespec {
-            tv_sec: TICK.as_secs() as libc::time_t,
-            tv_nsec: 0,
-        };
-        let spec = libc::itimerspec {
-            it_interval: period,
-            it_value: now,
-        };
-        // SAFETY: spec is a valid itimerspec for a timerfd this struct owns a descriptor of;
-        // the old value is not asked for.
-        unsafe { libc::timerfd_settime(self.timer.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
+        arm_tick(self.timer.as_raw_fd(), true);
     }
 
     /// Ends the connection: its receive completes and the poller winds down.
@@ -188,19 +174,35 @@ pub fn timerfd() -> std::io::Result<OwnedFd> {
     }
     // SAFETY: fd is a fresh descriptor owned by nobody else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    if arm_tick(fd.as_raw_fd(), false) != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+/// Arms the keepalive timer `fd` to expire every [`TICK`], the first time at once (`now`) or
+/// after a period; returns timerfd_settime's result.
+fn arm_tick(fd: RawFd, now: bool) -> libc::c_int {
     let period = libc::timespec {
         tv_sec: TICK.as_secs() as libc::time_t,
         tv_nsec: 0,
     };
+    let first = if now {
+        // The smallest non-zero value: zero would disarm the timer.
+        libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 1,
+        }
+    } else {
+        period
+    };
     let spec = libc::itimerspec {
         it_interval: period,
-        it_value: period,
+        it_value: first,
     };
-    // SAFETY: spec is a valid itimerspec; the old value is not asked for.
-    if unsafe { libc::timerfd_settime(fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(fd)
+    // SAFETY: spec is a valid itimerspec and `fd` a timerfd the caller holds; the old value is
+    // not asked for.
+    unsafe { libc::timerfd_settime(fd, 0, &spec, std::ptr::null_mut()) }
 }
 
 fn epoll_ctl(ep: RawFd, op: i32, fd: RawFd, events: u32) {
