@@ -515,6 +515,17 @@ impl Seed {
         }
         self
     }
+    /// The opening of a CHAP login (`flags`: staying in the security stage): the names and
+    /// AuthMethod, then CHAP_A=5 (MD5).
+    fn chap_start(&mut self, flags: u8, target: &str, methods: &str) -> &mut Self {
+        let names = [
+            ("InitiatorName", INI),
+            ("TargetName", target),
+            ("AuthMethod", methods),
+        ];
+        self.request(flags, &names, None)
+            .request(flags, &[("CHAP_A", "5")], None)
+    }
     fn chap(&mut self, flags: u8, right: bool, mutual: Option<&[u8]>) -> &mut Self {
         self.0
             .u8(2)
@@ -627,31 +638,13 @@ pub fn seeds() -> Vec<Vec<u8>> {
             .finish(),
         // One-way CHAP.
         Seed::new(0)
-            .request(
-                sec_stay,
-                &[
-                    ("InitiatorName", INI),
-                    ("TargetName", CHAP_T),
-                    ("AuthMethod", "CHAP,None"),
-                ],
-                None,
-            )
-            .request(sec_stay, &[("CHAP_A", "5")], None)
+            .chap_start(sec_stay, CHAP_T, "CHAP,None")
             .chap(sec_go, true, None)
             .request(op_go, OPS, None)
             .finish(),
         // Mutual CHAP, with limits the target proposes.
         Seed::new(2)
-            .request(
-                sec_stay,
-                &[
-                    ("InitiatorName", INI),
-                    ("TargetName", MUTUAL),
-                    ("AuthMethod", "CHAP"),
-                ],
-                None,
-            )
-            .request(sec_stay, &[("CHAP_A", "5")], None)
+            .chap_start(sec_stay, MUTUAL, "CHAP")
             .chap(sec_go, true, Some(&[0x11; 16]))
             .request(op_go, &[("HeaderDigest", "None")], None)
             .request(
@@ -666,16 +659,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
             .finish(),
         // Wrong secret; a private target; operational stage first on a CHAP target.
         Seed::new(0)
-            .request(
-                sec_stay,
-                &[
-                    ("InitiatorName", INI),
-                    ("TargetName", CHAP_T),
-                    ("AuthMethod", "CHAP"),
-                ],
-                None,
-            )
-            .request(sec_stay, &[("CHAP_A", "5")], None)
+            .chap_start(sec_stay, CHAP_T, "CHAP")
             .chap(sec_go, false, None)
             .request(op_go, OPS, None)
             .finish(),
