@@ -70,6 +70,24 @@ impl Default for Req {
     }
 }
 
+impl Req {
+    /// The operational stage, moving to full feature phase.
+    fn operational() -> Self {
+        Req {
+            csg: 1,
+            nsg: 3,
+            ..Req::default()
+        }
+    }
+    /// The security stage, not moving on.
+    fn staying() -> Self {
+        Req {
+            transit: false,
+            ..Req::default()
+        }
+    }
+}
+
 fn bhs(r: &Req, data_len: usize) -> Bhs {
     let mut b = [0u8; BHS_LEN];
     b[0] = 0x40 | r.op;
@@ -217,15 +235,7 @@ fn normal_login_without_authentication() {
 
     let mut ops = OPEN_ISCSI_OPS.to_vec();
     ops.push(("X-com.example.foo", "1"));
-    let (step, r) = send(
-        &mut l,
-        &Req {
-            csg: 1,
-            nsg: 3,
-            ..Req::default()
-        },
-        &ops,
-    );
+    let (step, r) = send(&mut l, &Req::operational(), &ops);
     assert_eq!(r.status(), 0);
     assert!(r.bhs.login_transit());
     assert_eq!((r.bhs.login_csg(), r.bhs.login_nsg()), (1, 3));
@@ -289,11 +299,7 @@ fn login_straight_into_operational_stage_with_digests() {
     let mut l = Login::new(config(LoginOffer::default()));
     let (step, r) = send(
         &mut l,
-        &Req {
-            csg: 1,
-            nsg: 3,
-            ..Req::default()
-        },
+        &Req::operational(),
         &[
             ("InitiatorName", INI),
             ("TargetName", OPEN),
@@ -318,11 +324,7 @@ fn digests_follow_the_offer_and_bad_values_are_rejected() {
     }));
     let (step, r) = send(
         &mut l,
-        &Req {
-            csg: 1,
-            nsg: 3,
-            ..Req::default()
-        },
+        &Req::operational(),
         &[
             ("InitiatorName", INI),
             ("TargetName", OPEN),
@@ -371,11 +373,7 @@ fn discovery_session() {
     assert_eq!(r.get("TargetPortalGroupTag"), None);
     let (step, r) = send(
         &mut l,
-        &Req {
-            csg: 1,
-            nsg: 3,
-            ..Req::default()
-        },
+        &Req::operational(),
         &[
             ("HeaderDigest", "None"),
             ("MaxBurstLength", "262144"),
@@ -508,26 +506,11 @@ fn stage_must_follow_the_agreed_transition() {
         ("TargetName", OPEN),
         ("AuthMethod", "None"),
     ];
-    let (step, r) = send(
-        &mut l,
-        &Req {
-            transit: false,
-            ..Req::default()
-        },
-        &first,
-    );
+    let (step, r) = send(&mut l, &Req::staying(), &first);
     assert!(matches!(step, LoginStep::Continue));
     assert!(!r.bhs.login_transit());
     // The target did not agree to leave the security stage.
-    let (step, r) = send(
-        &mut l,
-        &Req {
-            csg: 1,
-            nsg: 3,
-            ..Req::default()
-        },
-        &[],
-    );
+    let (step, r) = send(&mut l, &Req::operational(), &[]);
     failed(&step, &r, status::INITIATOR_ERROR);
 }
 
@@ -551,29 +534,14 @@ fn chap_start(l: &mut Login, target: &str) -> Resp {
     assert!(matches!(step, LoginStep::Continue));
     assert_eq!(r.get("AuthMethod"), Some("CHAP"));
     assert!(!r.bhs.login_transit(), "no transit before CHAP completes");
-    let (step, r) = send(
-        l,
-        &Req {
-            transit: false,
-            ..Req::default()
-        },
-        &[("CHAP_A", "7,5")],
-    );
+    let (step, r) = send(l, &Req::staying(), &[("CHAP_A", "7,5")]);
     assert!(matches!(step, LoginStep::Continue));
     assert_eq!(r.get("CHAP_A"), Some("5"));
     r
 }
 
 fn finish_operational(l: &mut Login) -> Established {
-    let (step, r) = send(
-        l,
-        &Req {
-            csg: 1,
-            nsg: 3,
-            ..Req::default()
-        },
-        OPEN_ISCSI_OPS,
-    );
+    let (step, r) = send(l, &Req::operational(), OPEN_ISCSI_OPS);
     assert_eq!(r.status(), 0);
     established(step)
 }
@@ -742,11 +710,7 @@ fn chap_target_refuses_skipped_or_out_of_order_security() {
     let mut l = Login::new(cfg.clone());
     let (step, r) = send(
         &mut l,
-        &Req {
-            csg: 1,
-            nsg: 3,
-            ..Req::default()
-        },
+        &Req::operational(),
         &[("InitiatorName", INI), ("TargetName", CHAP_T)],
     );
     failed(&step, &r, status::AUTH_FAILURE);
@@ -774,10 +738,7 @@ fn chap_target_refuses_skipped_or_out_of_order_security() {
     let mut l = Login::new(cfg.clone());
     send(
         &mut l,
-        &Req {
-            transit: false,
-            ..Req::default()
-        },
+        &Req::staying(),
         &[
             ("InitiatorName", INI),
             ("TargetName", CHAP_T),
@@ -793,15 +754,7 @@ fn chap_target_refuses_skipped_or_out_of_order_security() {
     // Moving to the operational stage in the middle of CHAP.
     let mut l = Login::new(cfg);
     chap_start(&mut l, CHAP_T);
-    let (step, r) = send(
-        &mut l,
-        &Req {
-            csg: 1,
-            nsg: 3,
-            ..Req::default()
-        },
-        &[],
-    );
+    let (step, r) = send(&mut l, &Req::operational(), &[]);
     failed(&step, &r, status::AUTH_FAILURE);
 }
 
@@ -853,10 +806,7 @@ fn oversized_text_and_endless_logins_fail() {
     assert_eq!(last, Some(status::INITIATOR_ERROR));
 
     let mut l = Login::new(cfg);
-    let stay = Req {
-        transit: false,
-        ..Req::default()
-    };
+    let stay = Req::staying();
     send(
         &mut l,
         &stay,
@@ -881,11 +831,7 @@ fn target_proposes_limits_below_the_defaults() {
         immediate_data: false,
         ..LoginOffer::default()
     }));
-    let ff = Req {
-        csg: 1,
-        nsg: 3,
-        ..Req::default()
-    };
+    let ff = Req::operational();
     let (step, r) = send(&mut l, &ff, &[("InitiatorName", INI), ("TargetName", OPEN)]);
     assert!(matches!(step, LoginStep::Continue));
     assert!(!r.bhs.login_transit(), "the target waits for the answers");
@@ -943,11 +889,7 @@ fn tsih_skips_zero() {
         let mut l = Login::new(cfg.clone());
         let (step, _) = send(
             &mut l,
-            &Req {
-                csg: 1,
-                nsg: 3,
-                ..Req::default()
-            },
+            &Req::operational(),
             &[("InitiatorName", INI), ("TargetName", OPEN)],
         );
         tsihs.push(established(step).tsih);
@@ -965,11 +907,7 @@ fn rejected_limits_are_not_proposed_again() {
     }));
     let (step, r) = send(
         &mut l,
-        &Req {
-            csg: 1,
-            nsg: 3,
-            ..Req::default()
-        },
+        &Req::operational(),
         &[
             ("InitiatorName", INI),
             ("TargetName", OPEN),
