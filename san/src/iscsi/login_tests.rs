@@ -162,6 +162,13 @@ fn send_raw(l: &mut Login, r: &Req, data: &[u8]) -> (LoginStep, Resp) {
     )
 }
 
+/// A login straight into the operational stage of the open target: the names, then `keys`.
+fn send_operational(l: &mut Login, keys: &[(&str, &str)]) -> (LoginStep, Resp) {
+    let mut pairs = vec![("InitiatorName", INI), ("TargetName", OPEN)];
+    pairs.extend_from_slice(keys);
+    send(l, &Req::operational(), &pairs)
+}
+
 fn failed(step: &LoginStep, resp: &Resp, st: u16) {
     assert!(matches!(step, LoginStep::Failed), "{step:?}");
     assert_eq!(resp.status(), st, "status");
@@ -297,12 +304,9 @@ fn normal_login_without_authentication() {
 #[test]
 fn login_straight_into_operational_stage_with_digests() {
     let mut l = Login::new(config(LoginOffer::default()));
-    let (step, r) = send(
+    let (step, r) = send_operational(
         &mut l,
-        &Req::operational(),
         &[
-            ("InitiatorName", INI),
-            ("TargetName", OPEN),
             ("HeaderDigest", "CRC32C,None"),
             ("DataDigest", "None,CRC32C"),
             ("MaxRecvDataSegmentLength", "0x2000"),
@@ -322,12 +326,9 @@ fn digests_follow_the_offer_and_bad_values_are_rejected() {
         digests: false,
         ..LoginOffer::default()
     }));
-    let (step, r) = send(
+    let (step, r) = send_operational(
         &mut l,
-        &Req::operational(),
         &[
-            ("InitiatorName", INI),
-            ("TargetName", OPEN),
             ("HeaderDigest", "CRC32C,None"),
             ("DataDigest", "CRC32C"),
             ("MaxRecvDataSegmentLength", "100"),
@@ -905,12 +906,9 @@ fn rejected_limits_are_not_proposed_again() {
         immediate_data: false,
         ..LoginOffer::default()
     }));
-    let (step, r) = send(
+    let (step, r) = send_operational(
         &mut l,
-        &Req::operational(),
         &[
-            ("InitiatorName", INI),
-            ("TargetName", OPEN),
             ("MaxBurstLength", "1"),
             ("FirstBurstLength", "x"),
             ("ImmediateData", "Perhaps"),
