@@ -1,7 +1,7 @@
 //! Socket operations (recv, sendmsg) on every engine, over a Unix socketpair.
 
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
@@ -22,6 +22,25 @@ fn reap_one(e: &mut dyn IoEngine) -> Completion {
         assert!(Instant::now() < deadline, "no completion");
         std::thread::sleep(Duration::from_millis(1));
     }
+}
+
+/// The completion of operation `user_data` with `result`.
+fn done(user_data: u64, result: i32) -> Completion {
+    Completion { user_data, result }
+}
+
+/// Pushes a receive into all of `buf` on `fd`.
+///
+/// # Safety
+/// `buf` must stay valid and unmoved until the completion is reaped.
+unsafe fn push_recv(e: &mut dyn IoEngine, fd: RawFd, buf: &mut [u8], user_data: u64) {
+    let op = IoOp::Recv {
+        fd,
+        buf: buf.as_mut_ptr(),
+        len: buf.len() as u32,
+    };
+    // SAFETY: the caller keeps buf valid until the completion is reaped.
+    unsafe { e.push(op, user_data) }.expect("push recv");
 }
 
 fn msghdr(iov: &[libc::iovec]) -> libc::msghdr {
@@ -61,13 +80,7 @@ fn round_trip(e: &mut dyn IoEngine) {
     }
     .expect("push send");
     let c = reap_one(e);
-    assert_eq!(
-        c,
-        Completion {
-            user_data: 1,
-            result: 108
-        }
-    );
+    assert_eq!(c, done(1, 108));
     let mut got = [0u8; 108];
     b.read_exact(&mut got).expect("read");
     assert_eq!(&got[..8], b"header--");
@@ -76,48 +89,15 @@ fn round_trip(e: &mut dyn IoEngine) {
     b.write_all(b"ping").expect("write");
     let mut buf = [0u8; 64];
     // SAFETY: buf lives until the completion is reaped below.
-    unsafe {
-        e.push(
-            IoOp::Recv {
-                fd: a.as_raw_fd(),
-                buf: buf.as_mut_ptr(),
-                len: 64,
-            },
-            2,
-        )
-    }
-    .expect("push recv");
+    unsafe { push_recv(e, a.as_raw_fd(), &mut buf, 2) };
     let c = reap_one(e);
-    assert_eq!(
-        c,
-        Completion {
-            user_data: 2,
-            result: 4
-        }
-    );
+    assert_eq!(c, done(2, 4));
     assert_eq!(&buf[..4], b"ping");
 
     drop(b);
     // SAFETY: as above.
-    unsafe {
-        e.push(
-            IoOp::Recv {
-                fd: a.as_raw_fd(),
-                buf: buf.as_mut_ptr(),
-                len: 64,
-            },
-            3,
-        )
-    }
-    .expect("push recv");
-    assert_eq!(
-        reap_one(e),
-        Completion {
-            user_data: 3,
-            result: 0
-        },
-        "EOF"
-    );
+    unsafe { push_recv(e, a.as_raw_fd(), &mut buf, 3) };
+    assert_eq!(reap_one(e), done(3, 0), "EOF");
     // SAFETY: as above.
     unsafe {
         e.push(
@@ -152,17 +132,7 @@ fn sync_recv_without_data_is_eagain() {
     let mut e = SyncEngine::new();
     let mut buf = [0u8; 8];
     // SAFETY: buf outlives the synchronous operation.
-    unsafe {
-        e.push(
-            IoOp::Recv {
-                fd: a.as_raw_fd(),
-                buf: buf.as_mut_ptr(),
-                len: 8,
-            },
-            9,
-        )
-    }
-    .expect("push");
+    unsafe { push_recv(&mut e, a.as_raw_fd(), &mut buf, 9) };
     assert_eq!(reap_one(&mut e).result, -libc::EAGAIN);
 }
 
@@ -175,52 +145,20 @@ fn uring_recv_waits_for_data() {
     let (a, mut b) = UnixStream::pair().expect("socketpair");
     let mut buf = [0u8; 8];
     // SAFETY: buf lives until the completion is reaped below.
-    unsafe {
-        e.push(
-            IoOp::Recv {
-                fd: a.as_raw_fd(),
-                buf: buf.as_mut_ptr(),
-                len: 8,
-            },
-            5,
-        )
-    }
-    .expect("push");
+    unsafe { push_recv(&mut e, a.as_raw_fd(), &mut buf, 5) };
     e.submit().expect("submit");
     std::thread::sleep(Duration::from_millis(20));
     let mut out = [Completion::default(); 1];
     assert_eq!(e.reap(&mut out), 0, "nothing to receive yet");
     assert_eq!(e.in_flight(), 1);
     b.write_all(b"late").expect("write");
-    assert_eq!(
-        reap_one(&mut e),
-        Completion {
-            user_data: 5,
-            result: 4
-        }
-    );
+    assert_eq!(reap_one(&mut e), done(5, 4));
     // shutdown(2) completes an in-flight receive (how a connection poller stops).
     // SAFETY: as above.
-    unsafe {
-        e.push(
-            IoOp::Recv {
-                fd: a.as_raw_fd(),
-                buf: buf.as_mut_ptr(),
-                len: 8,
-            },
-            6,
-        )
-    }
-    .expect("push");
+    unsafe { push_recv(&mut e, a.as_raw_fd(), &mut buf, 6) };
     e.submit().expect("submit");
     a.shutdown(std::net::Shutdown::Both).expect("shutdown");
-    assert_eq!(
-        reap_one(&mut e),
-        Completion {
-            user_data: 6,
-            result: 0
-        }
-    );
+    assert_eq!(reap_one(&mut e), done(6, 0));
 }
 
 #[test]
@@ -229,17 +167,7 @@ fn fault_engine_fails_socket_ops() {
     let mut e = FaultEngine::new(FaultPlan::Sockets, libc::ECONNRESET);
     let mut buf = [0u8; 8];
     // SAFETY: buf outlives the operation (failed at push time).
-    unsafe {
-        e.push(
-            IoOp::Recv {
-                fd: a.as_raw_fd(),
-                buf: buf.as_mut_ptr(),
-                len: 8,
-            },
-            7,
-        )
-    }
-    .expect("push");
+    unsafe { push_recv(&mut e, a.as_raw_fd(), &mut buf, 7) };
     assert_eq!(reap_one(&mut e).result, -libc::ECONNRESET);
     assert_eq!(e.injected, 1);
 }
