@@ -74,6 +74,16 @@ impl Default for Pdu {
     }
 }
 
+impl Pdu {
+    /// A Text Request carrying `pairs` (`;`-separated), the other fields the defaults.
+    fn text(pairs: &str) -> Pdu {
+        Pdu {
+            data: text(pairs),
+            ..Pdu::default()
+        }
+    }
+}
+
 fn wire(p: &Pdu, f: &Framing) -> Vec<u8> {
     let mut b = [0u8; BHS_LEN];
     b[0] = p.op | if p.immediate { 0x40 } else { 0 };
@@ -119,13 +129,7 @@ fn u32_at(b: &Bhs, at: usize) -> u32 {
 fn send_targets_all_lists_visible_targets_and_usable_portals() {
     let reg = registry(2);
     let mut d = session(&reg, SessionParams::default());
-    let (step, pdus) = send(
-        &mut d,
-        &Pdu {
-            data: text("SendTargets=All;"),
-            ..Pdu::default()
-        },
-    );
+    let (step, pdus) = send(&mut d, &Pdu::text("SendTargets=All;"));
     assert_eq!(step, DiscoveryStep::Continue);
     assert_eq!(pdus.len(), 1);
     let (h, data) = &pdus[0];
@@ -152,10 +156,7 @@ fn send_targets_by_name_and_unknown_keys() {
     let mut d = session(&reg, SessionParams::default());
     let (_, pdus) = send(
         &mut d,
-        &Pdu {
-            data: text("SendTargets=iqn.2026-01.test:T001;X-foo=1;"),
-            ..Pdu::default()
-        },
+        &Pdu::text("SendTargets=iqn.2026-01.test:T001;X-foo=1;"),
     );
     let body = String::from_utf8(pdus[0].1.clone()).expect("utf8");
     assert!(body.starts_with("TargetName=iqn.2026-01.test:t001\0"));
@@ -183,13 +184,7 @@ fn long_answers_continue_with_a_target_transfer_tag() {
         ..SessionParams::default()
     };
     let mut d = session(&reg, params);
-    let (_, mut pdus) = send(
-        &mut d,
-        &Pdu {
-            data: text("SendTargets=All;"),
-            ..Pdu::default()
-        },
-    );
+    let (_, mut pdus) = send(&mut d, &Pdu::text("SendTargets=All;"));
     let mut whole = Vec::new();
     let mut rounds = 0;
     let mut cmdsn = 21;
@@ -390,13 +385,7 @@ fn responses_carry_the_negotiated_digests() {
     let mut d = session(&reg, params);
     assert!(d.framing().header_digest && d.framing().data_digest);
     // `send` frames the responses with digests checked.
-    let (_, pdus) = send(
-        &mut d,
-        &Pdu {
-            data: text("SendTargets=All;"),
-            ..Pdu::default()
-        },
-    );
+    let (_, pdus) = send(&mut d, &Pdu::text("SendTargets=All;"));
     assert!(!pdus[0].1.is_empty());
     // A data digest error reported by the caller.
     let mut out = Vec::new();
@@ -409,13 +398,7 @@ fn responses_carry_the_negotiated_digests() {
 fn a_frame_outside_its_buffer_closes() {
     let reg = registry(0);
     let mut d = session(&reg, SessionParams::default());
-    let bytes = wire(
-        &Pdu {
-            data: text("SendTargets=All;"),
-            ..Pdu::default()
-        },
-        &d.framing(),
-    );
+    let bytes = wire(&Pdu::text("SendTargets=All;"), &d.framing());
     let fr = frame(&bytes, &d.framing()).expect("ok").expect("complete");
     let mut out = Vec::new();
     assert_eq!(d.on_pdu(&fr, &bytes[..50], &mut out), DiscoveryStep::Close);
@@ -511,13 +494,7 @@ fn a_wildcard_portal_is_named_by_the_connection_address() {
     let reg = registry(1);
     let local: std::net::SocketAddr = "198.51.100.7:3260".parse().expect("addr");
     let mut d = session(&reg, SessionParams::default()).with_local_address(local);
-    let (_, pdus) = send(
-        &mut d,
-        &Pdu {
-            data: text("SendTargets=All;"),
-            ..Pdu::default()
-        },
-    );
+    let (_, pdus) = send(&mut d, &Pdu::text("SendTargets=All;"));
     let body = String::from_utf8(pdus[0].1.clone()).expect("utf8");
     assert!(
         body.contains("TargetAddress=198.51.100.7:3260,3\0"),
@@ -527,13 +504,7 @@ fn a_wildcard_portal_is_named_by_the_connection_address() {
     // Another port: that listener is not the one the connection came in on.
     let other: std::net::SocketAddr = "198.51.100.7:3261".parse().expect("addr");
     let mut d = session(&reg, SessionParams::default()).with_local_address(other);
-    let (_, pdus) = send(
-        &mut d,
-        &Pdu {
-            data: text("SendTargets=All;"),
-            ..Pdu::default()
-        },
-    );
+    let (_, pdus) = send(&mut d, &Pdu::text("SendTargets=All;"));
     let body = String::from_utf8(pdus[0].1.clone()).expect("utf8");
     assert!(!body.contains(",3\0"), "{body}");
 }
