@@ -537,6 +537,16 @@ fn write_waiting_for_data(d: &mut Driven, itt: u32, sn: u32) -> [u8; 4] {
 }
 
 /// The Data-Out answering `ttt` for command `itt` (4096 bytes, final).
+/// Immediate data allowed (the PROUT parameter lists use it), unsolicited Data-Out not: a
+/// write sending no immediate data waits for an R2T.
+fn r2t_params() -> SessionParams {
+    SessionParams {
+        immediate_data: true,
+        initial_r2t: true,
+        ..SessionParams::default()
+    }
+}
+
 fn data_out(d: &mut Driven, itt: u32, ttt: [u8; 4]) {
     let mut o = [0u8; BHS_LEN];
     o[0] = 0x05;
@@ -548,14 +558,7 @@ fn data_out(d: &mut Driven, itt: u32, ttt: [u8; 4]) {
 
 #[test]
 fn preempt_and_abort_aborts_the_preempted_nexus_tasks() {
-    // Immediate data for the PROUT parameter lists; the writes send none, so they wait for
-    // an R2T.
-    let params = SessionParams {
-        immediate_data: true,
-        initial_r2t: true,
-        ..SessionParams::default()
-    };
-    let mut a = Driven::new(params);
+    let mut a = Driven::new(r2t_params());
     let mut b = a.peer([0x40, 0, 0, 0, 0, 2]);
     let mut c = a.peer([0x40, 0, 0, 0, 0, 3]);
     a.clear_ua(0);
@@ -605,14 +608,7 @@ fn preempt_and_abort_aborts_the_preempted_nexus_tasks() {
 
 #[test]
 fn a_logical_unit_reset_aborts_other_nexuses_tasks() {
-    // Immediate data for the PROUT parameter lists; the writes send none, so they wait for
-    // an R2T.
-    let params = SessionParams {
-        immediate_data: true,
-        initial_r2t: true,
-        ..SessionParams::default()
-    };
-    let mut a = Driven::new(params);
+    let mut a = Driven::new(r2t_params());
     let mut b = a.peer([0x40, 0, 0, 0, 0, 2]);
     a.clear_ua(0);
     b.clear_ua(0);
@@ -639,11 +635,7 @@ fn a_logical_unit_reset_aborts_other_nexuses_tasks() {
 
 #[test]
 fn a_data_out_out_of_sequence_ends_its_command_at_once() {
-    let params = SessionParams {
-        immediate_data: true,
-        initial_r2t: true,
-        ..SessionParams::default()
-    };
+    let params = r2t_params();
     let mut d = Driven::new(params);
     d.clear_ua(0);
     for (itt, sn, datasn) in [(1u32, 1u32, 1u32), (2, 2, 27), (3, 3, u32::MAX)] {
@@ -675,11 +667,7 @@ fn a_data_out_out_of_sequence_ends_its_command_at_once() {
 
 #[test]
 fn a_data_out_with_a_data_digest_error_ends_its_command() {
-    let mut d = Driven::new(SessionParams {
-        immediate_data: true,
-        initial_r2t: true,
-        ..SessionParams::default()
-    });
+    let mut d = Driven::new(r2t_params());
     d.clear_ua(0);
     let ttt = write_waiting_for_data(&mut d, 1, 1);
     let mut o = [0u8; BHS_LEN];
@@ -705,11 +693,7 @@ fn a_data_out_with_a_data_digest_error_ends_its_command() {
 
 #[test]
 fn a_command_reusing_an_active_itt_is_rejected_as_task_in_progress() {
-    let mut d = Driven::new(SessionParams {
-        immediate_data: true,
-        initial_r2t: true,
-        ..SessionParams::default()
-    });
+    let mut d = Driven::new(r2t_params());
     d.clear_ua(0);
     let ttt = write_waiting_for_data(&mut d, 5, 1);
     // Another command with ITT 5 while the write waits for its data.
