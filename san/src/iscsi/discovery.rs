@@ -449,15 +449,13 @@ impl Discovery {
         }
         let echo = &data[..data.len().min(self.params.max_send_data_segment as usize)];
         let mut b = [0u8; BHS_LEN];
-        NopIn {
-            lun: bhs.lun(),
-            itt: bhs.itt(),
-            ttt: RESERVED_TAG,
-            stat_sn: self.next_stat_sn(),
-            exp_cmd_sn: self.exp_cmd_sn,
-            max_cmd_sn: self.max_cmd_sn(),
-            data_len: echo.len() as u32,
-        }
+        NopIn::echo(
+            bhs,
+            echo.len() as u32,
+            self.next_stat_sn(),
+            self.exp_cmd_sn,
+            self.max_cmd_sn(),
+        )
         .write(&mut b);
         pdu::append_pdu(out, &b, echo, &self.framing());
     }

@@ -9,6 +9,8 @@
 //! - [`login`]: the login state machine of one connection: security negotiation (None, CHAP
 //!   one-way and mutual), operational negotiation, stage transitions, the target and access
 //!   checks.
+//! - [`replies`]: answers both session kinds build alike (Reject of a header, NOP-In echo,
+//!   Logout Response).
 //! - [`discovery`]: the full-feature phase of a discovery session (SendTargets, logout, NOP).
 //! - [`session`]: the full-feature phase of a normal session's connection: CmdSN window, task
 //!   slots, immediate and unsolicited data, R2T/Data-Out, Data-In with status, task
@@ -18,5 +20,6 @@ pub mod discovery;
 pub mod login;
 pub mod params;
 pub mod pdu;
+pub mod replies;
 pub mod session;
 pub mod text;

@@ -792,32 +792,6 @@ pub struct LogoutResponse {
 }
 
 impl LogoutResponse {
-    /// The answer to Logout Request `req` on connection `cid` (§11.14.1): response 0 (this
-    /// connection ends), 1 (CID not found) or 2 (recovery: not at ERL 0).
-    pub fn to_request(
-        req: &Bhs,
-        cid: u16,
-        stat_sn: u32,
-        exp_cmd_sn: u32,
-        max_cmd_sn: u32,
-    ) -> LogoutResponse {
-        let response = match req.logout_reason() {
-            0 => 0,
-            1 if req.cid() == cid => 0,
-            1 => 1,
-            _ => 2,
-        };
-        LogoutResponse {
-            response,
-            itt: req.itt(),
-            stat_sn,
-            exp_cmd_sn,
-            max_cmd_sn,
-            time2wait: 0,
-            time2retain: 0,
-        }
-    }
-
     /// Writes the BHS.
     pub fn write(&self, b: &mut [u8; BHS_LEN]) {
         start(b, opcode::LOGOUT_RESP, 0x80, 0);
@@ -846,18 +820,6 @@ pub struct Reject {
 }
 
 impl Reject {
-    /// A Reject whose data segment is the whole rejected header (all but a rejected SNACK).
-    pub fn of_header(reason: u8, stat_sn: u32, exp_cmd_sn: u32, max_cmd_sn: u32) -> Reject {
-        Reject {
-            reason,
-            stat_sn,
-            exp_cmd_sn,
-            max_cmd_sn,
-            data_sn: 0,
-            data_len: BHS_LEN as u32,
-        }
-    }
-
     /// Writes the BHS.
     pub fn write(&self, b: &mut [u8; BHS_LEN]) {
         start(b, opcode::REJECT, 0x80, self.data_len);

@@ -17,15 +17,13 @@ impl Session {
         }
         let mut b = [0u8; BHS_LEN];
         let data = &data[..data.len().min(self.p.max_send_data_segment as usize)];
-        NopIn {
-            lun: bhs.lun(),
-            itt: bhs.itt(),
-            ttt: RESERVED_TAG,
-            stat_sn: self.next_stat_sn(),
-            exp_cmd_sn: self.exp_cmd_sn,
-            max_cmd_sn: self.max_cmd_sn(),
-            data_len: data.len() as u32,
-        }
+        NopIn::echo(
+            bhs,
+            data.len() as u32,
+            self.next_stat_sn(),
+            self.exp_cmd_sn,
+            self.max_cmd_sn(),
+        )
         .write(&mut b);
         self.push(b, data, false);
     }
