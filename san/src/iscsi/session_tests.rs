@@ -547,6 +547,21 @@ fn r2t_params() -> SessionParams {
     }
 }
 
+/// Sends TMF `function` (ITT 9, CmdSN 1) and checks it is answered "function complete".
+fn tmf_done(d: &mut Driven, function: u8) {
+    let mut tmf = [0u8; BHS_LEN];
+    tmf[0] = 0x42;
+    tmf[1] = 0x80 | function;
+    tmf[16..20].copy_from_slice(&9u32.to_be_bytes());
+    tmf[24..28].copy_from_slice(&1u32.to_be_bytes());
+    d.feed(tmf, &[]);
+    let pdus = d.take_pdus();
+    assert!(
+        pdus.iter().any(|(h, _)| h[0] == 0x22 && h[2] == 0),
+        "TMF done"
+    );
+}
+
 fn data_out(d: &mut Driven, itt: u32, ttt: [u8; 4]) {
     let mut o = [0u8; BHS_LEN];
     o[0] = 0x05;
@@ -614,17 +629,7 @@ fn a_logical_unit_reset_aborts_other_nexuses_tasks() {
     b.clear_ua(0);
     let ttt = write_waiting_for_data(&mut a, 1, 1);
     // LOGICAL UNIT RESET from B.
-    let mut tmf = [0u8; BHS_LEN];
-    tmf[0] = 0x42;
-    tmf[1] = 0x80 | 5;
-    tmf[16..20].copy_from_slice(&9u32.to_be_bytes());
-    tmf[24..28].copy_from_slice(&1u32.to_be_bytes());
-    b.feed(tmf, &[]);
-    let pdus = b.take_pdus();
-    assert!(
-        pdus.iter().any(|(h, _)| h[0] == 0x22 && h[2] == 0),
-        "TMF done"
-    );
+    tmf_done(&mut b, 5);
     a.settle();
     data_out(&mut a, 1, ttt);
     assert_eq!(
@@ -724,17 +729,7 @@ fn a_target_cold_reset_ends_every_connection() {
     a.feed(command(1, 1, 0, false, &[0x16, 0, 0, 0, 0, 0]), &[]);
     assert_eq!(response_of(&a.take_pdus(), 1), Some((0, 0, 0)));
     // TARGET COLD RESET from B: answered, then B's connection ends.
-    let mut tmf = [0u8; BHS_LEN];
-    tmf[0] = 0x42;
-    tmf[1] = 0x80 | 7;
-    tmf[16..20].copy_from_slice(&9u32.to_be_bytes());
-    tmf[24..28].copy_from_slice(&1u32.to_be_bytes());
-    b.feed(tmf, &[]);
-    let pdus = b.take_pdus();
-    assert!(
-        pdus.iter().any(|(h, _)| h[0] == 0x22 && h[2] == 0),
-        "TMF done"
-    );
+    tmf_done(&mut b, 7);
     assert!(b.s.finished(), "B's connection ends after the answer");
     assert!(!b.s.can_take());
     // A's connection ends on its next iteration.
