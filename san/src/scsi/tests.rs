@@ -647,7 +647,8 @@ fn verify_compares_and_reports_the_offset() {
     assert_eq!(h.run(&read10(20, 4), &[]).data, data);
 }
 
-fn caw(lba: u64, blocks: u8) -> [u8; 16] {
+/// COMPARE AND WRITE of `blocks` at `lba`.
+pub(crate) fn caw(lba: u64, blocks: u8) -> [u8; 16] {
     let mut c = [0u8; 16];
     c[0] = 0x89;
     c[2..10].copy_from_slice(&lba.to_be_bytes());

@@ -11,7 +11,7 @@ use vmfs::fs::{Datastore, MkfsOptions};
 use vmfs_disk::VmfsBackend;
 
 use super::sense::key;
-use super::tests::{nexus, read10, write10, Harness};
+use super::tests::{caw, nexus, read10, write10, Harness};
 use super::*;
 
 const MIB: u64 = 1 << 20;
@@ -35,14 +35,6 @@ fn unit(ds_bytes: u64, disk_bytes: u64) -> Harness {
     )
     .unwrap();
     Harness::new(Arc::new(lu), nexus("iqn.2026-01.test:a", 1)).ready()
-}
-
-fn caw(lba: u64, blocks: u8) -> [u8; 16] {
-    let mut c = [0u8; 16];
-    c[0] = 0x89;
-    c[2..10].copy_from_slice(&lba.to_be_bytes());
-    c[13] = blocks;
-    c
 }
 
 #[test]
