@@ -29,6 +29,16 @@ fn done(user_data: u64, result: i32) -> Completion {
     Completion { user_data, result }
 }
 
+/// Pushes a sendmsg of `msg` on `fd`.
+///
+/// # Safety
+/// `msg`, its gather list and the bytes it names must stay valid until the completion is
+/// reaped.
+unsafe fn push_send(e: &mut dyn IoEngine, fd: RawFd, msg: &libc::msghdr, user_data: u64) {
+    // SAFETY: the caller keeps msg and what it points to valid until the completion is reaped.
+    unsafe { e.push(IoOp::Send { fd, msg }, user_data) }.expect("push send");
+}
+
 /// Pushes a receive into all of `buf` on `fd`.
 ///
 /// # Safety
@@ -69,16 +79,7 @@ fn round_trip(e: &mut dyn IoEngine) {
     ];
     let m = msghdr(&iov);
     // SAFETY: m, iov, head and body live until the completion is reaped below.
-    unsafe {
-        e.push(
-            IoOp::Send {
-                fd: a.as_raw_fd(),
-                msg: &m,
-            },
-            1,
-        )
-    }
-    .expect("push send");
+    unsafe { push_send(e, a.as_raw_fd(), &m, 1) };
     let c = reap_one(e);
     assert_eq!(c, done(1, 108));
     let mut got = [0u8; 108];
@@ -99,16 +100,7 @@ fn round_trip(e: &mut dyn IoEngine) {
     unsafe { push_recv(e, a.as_raw_fd(), &mut buf, 3) };
     assert_eq!(reap_one(e), done(3, 0), "EOF");
     // SAFETY: as above.
-    unsafe {
-        e.push(
-            IoOp::Send {
-                fd: a.as_raw_fd(),
-                msg: &m,
-            },
-            4,
-        )
-    }
-    .expect("push send");
+    unsafe { push_send(e, a.as_raw_fd(), &m, 4) };
     assert_eq!(reap_one(e).result, -libc::EPIPE);
 }
 
