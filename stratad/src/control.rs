@@ -1,11 +1,14 @@
 //! The JSON-RPC 2.0 control socket (`--control PATH`, the `jsonrpc` crate): one request per
 //! line, one response per line, on a Unix socket. This module owns stratad's method table.
 //!
-//! Methods: `stratad_stats` (reactor, disk and share counters, and with `--port` the packet
-//! queues' counters (`packet_queues`) and the XDP steering program's per interface
-//! (`steering`)); the datastore methods of `stratad-rpc` (`datastore_info`, `datastore_ls`,
-//! `datastore_mkdir`, `datastore_disk_create`, `datastore_disk_delete`,
-//! `datastore_disk_resize`: the same table stratactl runs offline); `rpc_get_methods`.
+//! Methods: `stratad_stats` (reactor, disk and share counters, the iSCSI server's
+//! (`iscsi`), and with `--port` the packet queues' counters (`packet_queues`) and the XDP
+//! steering program's per interface (`steering`)); the datastore methods of `stratad-rpc`
+//! (`datastore_info`, `datastore_ls`, `datastore_mkdir`, `datastore_disk_create`,
+//! `datastore_disk_delete`, `datastore_disk_resize`: the same table stratactl runs
+//! offline); the iSCSI target methods (`iscsi_get_targets`, `iscsi_target_create`,
+//! `iscsi_target_delete`, `iscsi_target_lun_add`, `iscsi_target_lun_remove`: crate::iscsi);
+//! `rpc_get_methods`.
 //! `stratactl --control PATH ...` is the client.
 
 use std::path::Path;
@@ -40,6 +43,9 @@ pub struct Control {
     pub shares: Vec<file_server::share::Share>,
     /// Disks exported by name and the iSCSI targets.
     pub exports: Arc<crate::iscsi::Exports>,
+    /// The iSCSI server's counters (`--iscsi-portal`): logins, sessions, commands, and every
+    /// rejected or dropped PDU and connection.
+    pub iscsi: Option<san::transport::IscsiStatsHandle>,
 }
 
 impl Control {
@@ -52,6 +58,7 @@ impl Control {
             ports,
             shares,
             exports,
+            iscsi,
         } = self;
         m.add(
             STRATAD_STATS,
@@ -61,6 +68,7 @@ impl Control {
                 v["packet_queues"] = queues;
                 v["steering"] = steering;
                 v["shares"] = Value::Array(shares.iter().map(share_json).collect());
+                v["iscsi"] = iscsi.as_ref().map_or(Value::Null, |h| json!(h.stats()));
                 Ok(v)
             },
         );
@@ -210,6 +218,7 @@ mod tests {
             ports: crate::ports::PortCounters::default(),
             shares: Vec::new(),
             exports: std::sync::Arc::new(crate::iscsi::Exports::new(Vec::new(), None)),
+            iscsi: None,
         }
     }
 
@@ -240,6 +249,7 @@ mod tests {
             assert!(v[k].is_array(), "{k}: {v}");
         }
         assert_eq!(v["reactors"].as_array().map(Vec::len), Some(1));
+        assert!(v["iscsi"].is_null(), "no portal, no iSCSI counters: {v}");
         let e = m
             .call(stratad_rpc::DATASTORE_INFO, json!({}))
             .expect_err("no datastore");

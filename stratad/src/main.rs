@@ -585,6 +585,7 @@ fn run(args: Args) -> Result<(), MainError> {
                     ports: ports.counters.clone(),
                     shares: shares.clone(),
                     exports: exports.clone(),
+                    iscsi: iscsi_server.as_ref().map(|s| s.stats_handle()),
                 },
                 access,
             )

@@ -193,6 +193,7 @@ fn traffic_counted_in_host_ns(v: &Veth, backend: &str) {
             ports: ports.counters.clone(),
             shares: Vec::new(),
             exports: std::sync::Arc::new(crate::iscsi::Exports::new(Vec::new(), None)),
+            iscsi: None,
         },
         dataplane::server::SocketAccess::default(),
     )

@@ -100,7 +100,7 @@ pub struct LoginCounters {
 }
 
 /// A snapshot of the server's counters.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct IscsiStats {
     /// Connections accepted.
     pub connections: u64,
@@ -161,6 +161,46 @@ pub(crate) struct Shared {
     pub(crate) sessions: Mutex<HashMap<SessionKey, Arc<ConnShared>>>,
     /// Per reactor: its link and how many connections it serves.
     pub(crate) reactors: Vec<(ReactorLink, Arc<AtomicUsize>)>,
+}
+
+/// Reads an [`IscsiServer`]'s counters from any thread, for as long as it is held.
+#[derive(Debug, Clone)]
+pub struct IscsiStatsHandle {
+    shared: Arc<Shared>,
+}
+
+impl IscsiStatsHandle {
+    /// The counters now.
+    pub fn stats(&self) -> IscsiStats {
+        let l = &self.shared.login;
+        let s = &self.shared.session;
+        let c = &self.shared.conn;
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        IscsiStats {
+            connections: g(&l.accepted),
+            half_open: g(&l.half_open),
+            half_open_dropped: g(&l.half_open_dropped),
+            login_timeouts: g(&l.login_timeouts),
+            logins_ok: g(&l.logins_ok),
+            logins_failed: g(&l.logins_failed),
+            login_protocol_errors: g(&l.login_protocol_errors),
+            discovery_sessions: g(&l.discovery_sessions),
+            sessions: g(&c.sessions),
+            sessions_reinstated: g(&l.sessions_reinstated),
+            sessions_refused: g(&l.sessions_refused),
+            connections_lost: g(&c.connections_lost),
+            commands: g(&s.commands),
+            pdus_rejected: g(&s.rejects),
+            cmdsn_dropped: g(&s.cmdsn_dropped),
+            data_digest_errors: g(&s.data_digest_errors),
+            header_digest_errors: g(&s.header_digest_errors),
+            protocol_errors: g(&s.protocol_errors),
+            task_management: g(&s.task_management),
+            tasks_aborted: g(&s.tasks_aborted),
+            keepalive_timeouts: g(&s.keepalive_timeouts),
+            target_removed: g(&s.target_removed),
+        }
+    }
 }
 
 /// The iSCSI target server (see the module comment).
@@ -234,33 +274,13 @@ impl IscsiServer {
 
     /// The counters now.
     pub fn stats(&self) -> IscsiStats {
-        let l = &self.shared.login;
-        let s = &self.shared.session;
-        let c = &self.shared.conn;
-        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        IscsiStats {
-            connections: g(&l.accepted),
-            half_open: g(&l.half_open),
-            half_open_dropped: g(&l.half_open_dropped),
-            login_timeouts: g(&l.login_timeouts),
-            logins_ok: g(&l.logins_ok),
-            logins_failed: g(&l.logins_failed),
-            login_protocol_errors: g(&l.login_protocol_errors),
-            discovery_sessions: g(&l.discovery_sessions),
-            sessions: g(&c.sessions),
-            sessions_reinstated: g(&l.sessions_reinstated),
-            sessions_refused: g(&l.sessions_refused),
-            connections_lost: g(&c.connections_lost),
-            commands: g(&s.commands),
-            pdus_rejected: g(&s.rejects),
-            cmdsn_dropped: g(&s.cmdsn_dropped),
-            data_digest_errors: g(&s.data_digest_errors),
-            header_digest_errors: g(&s.header_digest_errors),
-            protocol_errors: g(&s.protocol_errors),
-            task_management: g(&s.task_management),
-            tasks_aborted: g(&s.tasks_aborted),
-            keepalive_timeouts: g(&s.keepalive_timeouts),
-            target_removed: g(&s.target_removed),
+        self.stats_handle().stats()
+    }
+
+    /// A handle that reads the counters from another thread (the control socket's).
+    pub fn stats_handle(&self) -> IscsiStatsHandle {
+        IscsiStatsHandle {
+            shared: self.shared.clone(),
         }
     }
 
