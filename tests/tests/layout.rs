@@ -77,9 +77,11 @@ fn is_test_path(rel: &Path) -> bool {
     rel.components().any(|c| {
         let c = c.as_os_str().to_string_lossy();
         c == "tests" || c.ends_with("_tests") || c == "benches" || c == "examples"
-    }) || rel
-        .file_name()
-        .is_some_and(|n| n.to_string_lossy().ends_with("_tests.rs"))
+    }) || rel.file_name().is_some_and(|n| {
+        // `mod tests;` in a file of its own (`tests.rs`) or a `*_tests.rs` beside the code.
+        let n = n.to_string_lossy();
+        n == "tests.rs" || n.ends_with("_tests.rs")
+    })
 }
 
 fn rust_sources(dir: &Path, out: &mut Vec<PathBuf>) {
