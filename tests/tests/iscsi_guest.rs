@@ -52,7 +52,13 @@ start_iscsid() {
     sleep 1
 }
 stop_iscsid() {
+    # iscsid sometimes ignores SIGTERM after a logout (seen in CI: the guest then waited here
+    # until the test's 300 s deadline): 3 s of grace, then SIGKILL.
     kill $ISCSID 2>/dev/null
+    n=0
+    while kill -0 $ISCSID 2>/dev/null; do
+        n=$((n + 1)); [ $n -gt 30 ] && { kill -9 $ISCSID 2>/dev/null; break; }; sleep 0.1
+    done
     wait $ISCSID 2>/dev/null
     rm -rf /etc/iscsi/nodes/* /etc/iscsi/send_targets/* /etc/iscsi/isns/*
 }
