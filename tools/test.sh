@@ -39,7 +39,7 @@ cargo test --workspace --release --no-fail-fast
 
 step "unit and property tests with overflow checks (profile checked)"
 cargo test --profile checked --lib --no-fail-fast -p vmfs -p vmfs-disk -p dataplane \
-    -p file-server -p posix-perm -p fabric-nameserver
+    -p file-server -p posix-perm -p fabric-nameserver -p san
 cargo test --profile checked -p stratad --bin stratad spec::
 
 step "layout: dataplane without vmfs; stratad without the packet path needs no clang"
